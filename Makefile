@@ -1,0 +1,27 @@
+# The two commands: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test install clean
+
+# PIP_FIND_LINKS is cleared on purpose: some machines carry a local CPU-only torch wheel whose
+# version (+cpu) would be picked over the registry's, and registry torchvision wheels do not import with it.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	PIP_FIND_LINKS= $(BIN)/pip install --quiet --upgrade pip
+	PIP_FIND_LINKS= $(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/forgesim demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

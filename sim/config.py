@@ -1,0 +1,395 @@
+"""Typed, frozen configuration for one forgesim run.
+
+Every section is a frozen dataclass with defaults, a one-line help per field (``metadata["help"]``)
+and checks in ``__post_init__`` that raise one ``ValueError`` naming the field and what is allowed,
+in the manner of peft's ``LoraConfig`` and nanoGPT's ``GPTConfig``. ``SimConfig`` composes the
+sections; it loads from YAML/JSON and takes ``section.field=value`` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig", "ModelConfig", "LoraConfig", "TrainConfig", "DistillConfig", "MergeConfig",
+    "ScheduleConfig", "RuntimeConfig", "SimConfig", "load_config", "apply_overrides",
+    "config_from_dict", "config_to_dict", "config_hash",
+]
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line help text (shown by ``forgesim config --help``)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults so configs stay hashable")
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    _check(value in choices, name, f"one of {', '.join(choices)}", value)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _f("synthetic", "dataset registry key: synthetic, digits or medmnist")
+    data_dir: str | None = _f(None, "directory with MedMNIST .npz files (medmnist only)")
+    tasks: tuple[str, ...] = _f((), "task names to use, in order; empty = the dataset's default tasks")
+    n_tasks: int = _f(4, "number of tasks when `tasks` is empty (synthetic: generated modalities; digits: 5 max)")
+    institutions: int = _f(12, "number of institutions; institution i holds task i % n_tasks at site i // n_tasks")
+    img_size: int = _f(32, "image side in pixels fed to the model (images are resized to it)")
+    train_per_class: int = _f(160, "synthetic: training images per class per site (other datasets: a cap, 0 = all)")
+    val_per_class: int = _f(16, "synthetic: validation images per class per site")
+    test_per_class: int = _f(40, "synthetic: test images per class per site")
+    dirichlet_alpha: float = _f(1.0, "label skew across sites: Dirichlet concentration per class (0 = no skew)")
+    site_shift: float = _f(1.0, "strength of per-site appearance shift (stain/colour, contrast, blur, noise); 0 = none")
+    rare_prevalence: float = _f(0.0, "if > 0, the last class of every task is subsampled to this prevalence")
+
+    def __post_init__(self) -> None:
+        from sim.data import DATASETS  # registry lives with the loaders
+
+        _choice("data.name", self.name, DATASETS)
+        _check(self.n_tasks >= 1, "data.n_tasks", "an integer >= 1", self.n_tasks)
+        _check(self.institutions >= 1, "data.institutions", "an integer >= 1", self.institutions)
+        _check(8 <= self.img_size <= 512, "data.img_size", "an integer in [8, 512]", self.img_size)
+        for name in ("train_per_class", "val_per_class", "test_per_class"):
+            value = getattr(self, name)
+            _check(value >= 0, f"data.{name}", "an integer >= 0", value)
+        _check(self.dirichlet_alpha >= 0 and math.isfinite(self.dirichlet_alpha), "data.dirichlet_alpha",
+               "a finite number >= 0", self.dirichlet_alpha)
+        _check(0 <= self.site_shift <= 3, "data.site_shift", "a number in [0, 3]", self.site_shift)
+        _check(0 <= self.rare_prevalence < 0.5, "data.rare_prevalence", "a number in [0, 0.5)", self.rare_prevalence)
+        _check(len(set(self.tasks)) == len(self.tasks), "data.tasks", "a list of distinct names", self.tasks)
+        if self.name == "medmnist":
+            _check(bool(self.data_dir), "data.data_dir", "a directory of MedMNIST .npz files for data.name=medmnist",
+                   self.data_dir)
+
+    @property
+    def task_count(self) -> int:
+        return len(self.tasks) if self.tasks else self.n_tasks
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("vit_tiny_patch16_224", "timm ViT architecture name; the fields below override its shape")
+    patch_size: int = _f(4, "ViT patch size in pixels")
+    embed_dim: int = _f(96, "ViT width")
+    depth: int = _f(4, "number of transformer blocks")
+    num_heads: int = _f(3, "attention heads per block")
+    mlp_ratio: float = _f(2.0, "MLP hidden width / embed_dim")
+    checkpoint: str | None = _f(None, "local path of pretrained backbone weights (.pt/.pth/.safetensors); "
+                                      "None = forgesim's own cached pretraining")
+    pretrain_steps: int = _f(600, "optimizer steps of forgesim's one-time foundation pretraining")
+    pretrain_batch: int = _f(128, "batch size of the foundation pretraining")
+    pretrain_lr: float = _f(2e-3, "learning rate of the foundation pretraining")
+    cache_dir: str | None = _f(None, "foundation cache directory; None = $FORGESIM_CACHE or ~/.cache/forgesim")
+    head: str = _f("prototype", "prototype (frozen class prototypes, cosine / tau) or linear (per-task heads)")
+    tau: float = _f(0.07, "temperature of the cosine prototype head")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "a timm model name", self.name)
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "pretrain_batch"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"model.{name}", "an integer >= 1", value)
+        _check(self.embed_dim % self.num_heads == 0, "model.num_heads", f"a divisor of model.embed_dim "
+               f"({self.embed_dim})", self.num_heads)
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", "a number > 0", self.mlp_ratio)
+        _check(self.pretrain_steps >= 0, "model.pretrain_steps", "an integer >= 0", self.pretrain_steps)
+        _check(self.pretrain_lr > 0, "model.pretrain_lr", "a number > 0", self.pretrain_lr)
+        _choice("model.head", self.head, ("prototype", "linear"))
+        _check(0 < self.tau <= 10, "model.tau", "a number in (0, 10]", self.tau)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank r")
+    alpha: float = _f(16.0, "LoRA alpha; the update is B A * alpha / r")
+    dropout: float = _f(0.0, "dropout on the LoRA input during training")
+    target_modules: tuple[str, ...] = _f(("qkv",), "module names in each ViT block to adapt (qkv, proj, fc1, fc2)")
+    layers: tuple[int, ...] = _f((), "indices of the blocks to adapt; empty = all blocks")
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", "an integer >= 1", self.rank)
+        _check(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
+        _check(0 <= self.dropout < 1, "lora.dropout", "a number in [0, 1)", self.dropout)
+        allowed = ("qkv", "proj", "fc1", "fc2")
+        _check(len(self.target_modules) > 0 and all(m in allowed for m in self.target_modules),
+               "lora.target_modules", f"a non-empty list from {', '.join(allowed)}", self.target_modules)
+        _check(all(i >= 0 for i in self.layers), "lora.layers", "a list of block indices >= 0", self.layers)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = _f("adamw", "local optimizer: adamw or sgd")
+    lr: float = _f(3e-3, "local learning rate")
+    steps: int = _f(150, "local optimizer steps per contribution")
+    batch_size: int = _f(64, "local batch size")
+    weight_decay: float = _f(0.0, "weight decay of the local optimizer")
+    augment: bool = _f(True, "random flips and shifts during local training")
+
+    def __post_init__(self) -> None:
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "a finite number > 0", self.lr)
+        _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
+        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = _f("dm", "distiller: dm (distribution matching), random, herding or noise")
+    ipc: int = _f(10, "distilled images per class")
+    iterations: int = _f(200, "dm: optimisation steps of the synthetic images")
+    lr_img: float = _f(1.0, "dm: learning rate of the synthetic images")
+    real_batch: int = _f(64, "dm: real images sampled per class per step")
+    embed: str = _f("convnet", "dm: embedding network, convnet (random ConvNet each step) or foundation")
+    init: str = _f("real", "dm: initialise synthetic images from real samples or noise")
+    dsa: bool = _f(True, "dm: differentiable siamese augmentation")
+
+    def __post_init__(self) -> None:
+        _choice("distill.method", self.method, ("dm", "random", "herding", "noise"))
+        _check(self.ipc >= 1, "distill.ipc", "an integer >= 1", self.ipc)
+        _check(self.iterations >= 0, "distill.iterations", "an integer >= 0", self.iterations)
+        _check(self.lr_img > 0, "distill.lr_img", "a number > 0", self.lr_img)
+        _check(self.real_batch >= 1, "distill.real_batch", "an integer >= 1", self.real_batch)
+        _choice("distill.embed", self.embed, ("convnet", "foundation"))
+        _choice("distill.init", self.init, ("real", "noise"))
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    strategies: tuple[str, ...] = _f(("fusion", "mixture", "svd", "ties"), "merge strategies kept as branches")
+    optimizer: str = _f("NGOpt", "nevergrad optimizer for coefficient search (NGOpt, Shiwa, Cobyla, CMA, OnePlusOne)")
+    budget: int = _f(40, "evaluations of the coefficient search")
+    bound: float = _f(1.5, "coefficients are searched in [-bound, bound]")
+    l1: float = _f(0.05, "L1 penalty on the coefficients in the search objective")
+    granularity: str = _f("adapter", "one coefficient per adapter, or per layer")
+    density: float = _f(0.5, "ties/dare/magnitude_prune: fraction of entries kept")
+    svd_threshold: float = _f(0.9, "svd: keep singular values up to this cumulative share")
+    svd_rank: int = _f(0, "svd: cap on the merged rank; 0 = no cap")
+
+    def __post_init__(self) -> None:
+        _check(len(self.strategies) > 0, "merge.strategies", "a non-empty list", self.strategies)
+        _check(len(set(self.strategies)) == len(self.strategies), "merge.strategies", "distinct names",
+               self.strategies)
+        _check(self.budget >= 1, "merge.budget", "an integer >= 1", self.budget)
+        _check(self.bound > 0, "merge.bound", "a number > 0", self.bound)
+        _check(self.l1 >= 0, "merge.l1", "a number >= 0", self.l1)
+        _choice("merge.granularity", self.granularity, ("adapter", "layer"))
+        _check(0 < self.density <= 1, "merge.density", "a number in (0, 1]", self.density)
+        _check(0 < self.svd_threshold <= 1, "merge.svd_threshold", "a number in (0, 1]", self.svd_threshold)
+        _check(self.svd_rank >= 0, "merge.svd_rank", "an integer >= 0", self.svd_rank)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    arrival: str = _f("poisson", "arrival process: poisson, uniform, periodic or trace")
+    contributions: int = _f(2, "contributions per institution")
+    rate: float = _f(1.0, "mean contributions per institution per unit of virtual time")
+    speed_sigma: float = _f(0.5, "poisson: lognormal sigma of institution speeds (heterogeneous hospitals)")
+    init_from: str = _f("base", "base (every adapter starts from the foundation) or main (pulled main branch)")
+    trace: str | None = _f(None, "trace: CSV file with columns institution,time")
+
+    def __post_init__(self) -> None:
+        _choice("schedule.arrival", self.arrival, ("poisson", "uniform", "periodic", "trace"))
+        _check(self.contributions >= 1, "schedule.contributions", "an integer >= 1", self.contributions)
+        _check(self.rate > 0, "schedule.rate", "a number > 0", self.rate)
+        _check(self.speed_sigma >= 0, "schedule.speed_sigma", "a number >= 0", self.speed_sigma)
+        _choice("schedule.init_from", self.init_from, ("base", "main"))
+        if self.arrival == "trace":
+            _check(bool(self.trace), "schedule.trace", "a CSV path when schedule.arrival=trace", self.trace)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = _f("cpu", "torch device for training/evaluation tasks: cpu, cuda or cuda:N")
+    workers: int = _f(2, "pooled torch worker processes")
+    num_cpus: float = _f(1.0, "CPUs reserved per torch task")
+    num_gpus: float = _f(0.0, "GPUs (fractional allowed) reserved per torch task")
+    threads: int = _f(1, "torch intra-op threads per worker")
+    clock: str = _f("virtual", "virtual (deterministic order) or wall (arrival order)")
+    address: str | None = _f(None, "Ray address of an existing cluster; None = RAY_ADDRESS or a local Ray")
+    eval_every: int = _f(0, "evaluate every k accepted commits (0 = only at the end)")
+
+    def __post_init__(self) -> None:
+        _check(self.device == "cpu" or self.device.startswith("cuda"), "runtime.device", "cpu, cuda or cuda:N",
+               self.device)
+        _check(self.workers >= 1, "runtime.workers", "an integer >= 1", self.workers)
+        _check(self.num_cpus >= 0, "runtime.num_cpus", "a number >= 0", self.num_cpus)
+        _check(self.num_gpus >= 0, "runtime.num_gpus", "a number >= 0", self.num_gpus)
+        _check(self.threads >= 1, "runtime.threads", "an integer >= 1", self.threads)
+        _choice("runtime.clock", self.clock, ("virtual", "wall"))
+        _check(self.eval_every >= 0, "runtime.eval_every", "an integer >= 0", self.eval_every)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int = _f(0, "master seed: data, schedule, training and search derive their seeds from it")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _check(self.data.institutions >= self.data.task_count, "data.institutions",
+               f"at least the number of tasks ({self.data.task_count})", self.data.institutions)
+
+    def replace(self, **sections: Any) -> "SimConfig":
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(SimConfig).items() if name != "seed"}
+
+
+# --------------------------------------------------------------------------------------------
+# Coercion: YAML/JSON/CLI values → the declared field types, with errors naming the field
+# --------------------------------------------------------------------------------------------
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, inner[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            if isinstance(value, (int, str)):
+                return int(value)
+        except ValueError:
+            pass
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _section_from_dict(cls: type, prefix: str, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix} must be a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{prefix}.{unknown[0]} is not a field; known fields: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{prefix}.{k}", hints[k], v) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict[str, Any] | None) -> SimConfig:
+    """Build a validated ``SimConfig`` from nested plain values (as loaded from YAML/JSON)."""
+    d = dict(d or {})
+    unknown = sorted(set(d) - set(SECTIONS) - {"seed"})
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a config section; known: seed, {', '.join(SECTIONS)}")
+    kwargs: dict[str, Any] = {}
+    if "seed" in d:
+        kwargs["seed"] = _coerce("seed", int, d["seed"])
+    for name, cls in SECTIONS.items():
+        if name in d and d[name] is not None:
+            kwargs[name] = _section_from_dict(cls, name, d[name])
+    return SimConfig(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def load_config(path: str | Path) -> SimConfig:
+    """Load a YAML or JSON config file; errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections")
+    return config_from_dict(raw)
+
+
+def apply_overrides(cfg: SimConfig, overrides: typing.Iterable[str]) -> SimConfig:
+    """Apply ``section.field=value`` overrides (values parsed as YAML scalars/lists)."""
+    d = config_to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if key == "seed":
+            d["seed"] = value
+            continue
+        section, dot, name = key.partition(".")
+        if not dot or section not in SECTIONS:
+            raise ValueError(f"override {item!r}: {key} is not section.field; sections: {', '.join(SECTIONS)}")
+        d[section][name] = value
+    return config_from_dict(d)
+
+
+def config_hash(*parts: Any, length: int = 16) -> str:
+    """Stable short hash of config sections (dataclasses or plain values), for cache keys."""
+    import hashlib
+
+    blob = json.dumps([config_to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

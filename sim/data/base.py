@@ -1,0 +1,91 @@
+"""Array containers and helpers shared by the dataset loaders."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def derive_rng(seed: int, *keys: object) -> np.random.Generator:
+    """An independent, reproducible generator for (seed, *keys); no global RNG state is touched."""
+    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit integer seed derived from (seed, *keys), e.g. for ``torch.Generator.manual_seed``."""
+    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images ``x`` uint8 (n, 3, S, S) and integer labels ``y`` (n,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.shape[1] != 3 or self.x.dtype != np.uint8:
+            raise ValueError(f"Split.x must be uint8 (n, 3, S, S), got {self.x.dtype} {self.x.shape}")
+        if self.y.shape != (self.x.shape[0],):
+            raise ValueError(f"Split.y must have shape ({self.x.shape[0]},), got {self.y.shape}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+    @staticmethod
+    def concat(parts: list["Split"]) -> "Split":
+        return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+
+    def class_counts(self, n_classes: int) -> np.ndarray:
+        return np.bincount(self.y, minlength=n_classes)
+
+
+@dataclass(frozen=True)
+class TaskPool:
+    """One task before it is split across sites."""
+
+    name: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+
+
+def to_rgb_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """(n, H, W) / (n, H, W, 1) / (n, H, W, 3) / (n, 3, H, W) uint8-like → uint8 (n, 3, H, W)."""
+    a = np.asarray(images)
+    if a.ndim == 3:
+        a = np.repeat(a[:, None], 3, axis=1)
+    elif a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
+        a = np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+        a = a.transpose(0, 3, 1, 2)
+    elif a.ndim == 4 and a.shape[1] in (1, 3):
+        a = np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a
+    else:
+        raise ValueError(f"{name} must have shape (n, H, W), (n, H, W, 1|3) or (n, 1|3, H, W), got {a.shape}")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def resize_uint8(x: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (n, 3, H, W) to (n, 3, size, size) with antialiased bilinear interpolation."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for start in range(0, len(x), 2048):  # chunks bound peak memory for large files
+        t = torch.from_numpy(x[start:start + 2048]).float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(t.round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 3, size, size), np.uint8)

@@ -1,0 +1,54 @@
+"""Evaluation: class probabilities of (foundation + adapter) on a split, accuracy and macro AUC."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sim.data.base import Split
+from sim.model import Adapter, Foundation, logits_from_features
+
+
+def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
+    return float(np.mean(proba.argmax(axis=1) == y)) if len(y) else math.nan
+
+
+def macro_auc(y: np.ndarray, proba: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present (binary: AUC of the positive class).
+
+    A class absent from ``y`` (or the only class present) has no AUC and is left out; NaN if none remain.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    k = proba.shape[1]
+    if k == 2:
+        return float(roc_auc_score(y, proba[:, 1])) if len(np.unique(y)) == 2 else math.nan
+    scores = [roc_auc_score(y == c, proba[:, c]) for c in range(k) if 0 < np.sum(y == c) < len(y)]
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def chance_accuracy(n_classes: int) -> float:
+    """Expected accuracy of guessing uniformly at random."""
+    return 1.0 / n_classes
+
+
+@torch.no_grad()
+def predict_proba(foundation: Foundation, adapter: Adapter | None, x: np.ndarray, task: str,
+                  classes: Sequence[str], batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities (n, K) of ``task``'s classes for uint8 images ``x`` (n, 3, S, S)."""
+    weights = foundation.merged_weights(adapter) if adapter is not None else None
+    head = adapter.head if adapter is not None else None
+    out = []
+    for start in range(0, len(x), batch_size):
+        feats = foundation.features(torch.from_numpy(x[start:start + batch_size]), weights)
+        out.append(torch.softmax(logits_from_features(feats, task, classes, foundation.cfg.tau, head), dim=1))
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(classes)), np.float32)
+
+
+def evaluate(foundation: Foundation, adapter: Adapter | None, split: Split, task: str,
+             classes: Sequence[str]) -> dict[str, float]:
+    """``{acc, auc, n}`` of the foundation (+ adapter) on one split of one task."""
+    proba = predict_proba(foundation, adapter, split.x, task, classes)
+    return {"acc": accuracy(split.y, proba), "auc": macro_auc(split.y, proba), "n": int(len(split))}

@@ -1,0 +1,450 @@
+"""The frozen foundation model (a timm ViT + a frozen head) and LoRA adapters in peft's format.
+
+* ``Foundation``: a timm ViT with ``num_classes=0`` (pooled features), frozen, plus a fingerprint
+  (hash of its weights) that travels with every adapter trained on it.
+* Heads: by default a frozen *class-prototype* head, the stand-in for CLIP's text embeddings in
+  MedForge: class ``task/name`` has a fixed unit vector seeded from its name, and
+  ``logits = cos(features, prototypes) / tau``. Optionally per-task linear heads (Med-LEGO protocol),
+  trained with the adapter and carried in ``Adapter.head``.
+* ``Adapter``: LoRA factors keyed exactly as peft saves them
+  (``base_model.model.blocks.0.attn.qkv.lora_A.weight``: (r, in); ``...lora_B.weight``: (out, r)),
+  with the update ``ΔW = B A · alpha / r``. Saved as a standard peft adapter dir that
+  ``peft.PeftModel.from_pretrained`` loads onto the same timm model.
+* The default foundation is pretrained once by forgesim on the public synthetic ``shapes`` corpus
+  (classes disjoint from every task) and cached on disk keyed by its config.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from sim.config import LoraConfig, ModelConfig, config_hash
+
+PEFT_PREFIX = "base_model.model."
+# forgesim's short names for the adaptable linear layers of a timm ViT block
+MODULE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+# ------------------------------------------------------------------------------------------
+# Foundation
+# ------------------------------------------------------------------------------------------
+def create_backbone(cfg: ModelConfig, img_size: int) -> torch.nn.Module:
+    """The timm ViT of ``cfg`` with pooled-feature output (no classifier), randomly initialised."""
+    import timm
+
+    try:
+        return timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=img_size,
+                                 patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                                 num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        raise ValueError(f"model.name {cfg.name!r} with these overrides is not a usable timm ViT: {exc}") from None
+
+
+def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
+    """Hash of the frozen weights (names, shapes, bytes): the base every adapter must match."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Foundation:
+    """Frozen backbone + head settings. ``features`` takes images in [0, 1], (B, 3, S, S)."""
+
+    backbone: torch.nn.Module
+    cfg: ModelConfig
+    img_size: int
+    fingerprint: str
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.num_features
+
+    def block_count(self) -> int:
+        return len(self.backbone.blocks)
+
+    def weight(self, module: str) -> torch.Tensor:
+        """Frozen weight (out, in) of a module path like ``blocks.0.attn.qkv``."""
+        return self.backbone.get_submodule(module).weight
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return (x.to(self.device) - PIXEL_MEAN) / PIXEL_STD
+
+    def features(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pooled features (B, D); ``weights`` ({module.weight: W'}, see ``merged_weights``) replace frozen ones."""
+        x = self.normalize(x)
+        if not weights:
+            return self.backbone(x)
+        return torch.func.functional_call(self.backbone, weights, (x,), strict=False)
+
+    def merged_weights(self, adapter: "Adapter") -> dict[str, torch.Tensor]:
+        """{module.weight: W + ΔW} for every module the adapter touches."""
+        adapter.check_base(self)
+        return {f"{m}.weight": self.weight(m) + adapter.delta(m).to(self.device) for m in adapter.modules()}
+
+
+@functools.lru_cache(maxsize=256)
+def _prototypes(task: str, classes: tuple[str, ...], dim: int) -> torch.Tensor:
+    rows = []
+    for name in classes:
+        seed = int.from_bytes(hashlib.sha256(f"{task}/{name}".encode()).digest()[:8], "little") >> 1
+        g = torch.Generator().manual_seed(seed)
+        rows.append(torch.randn(dim, generator=g))
+    return F.normalize(torch.stack(rows), dim=1)
+
+
+def prototypes(task: str, classes: Sequence[str], dim: int) -> torch.Tensor:
+    """Fixed unit vectors (K, D), one per class, seeded from ``task/class`` (CLIP text-embedding stand-in)."""
+    return _prototypes(task, tuple(classes), dim).clone()
+
+
+def logits_from_features(feats: torch.Tensor, task: str, classes: Sequence[str], tau: float,
+                         head: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, K) logits: cosine to class prototypes / tau, or a per-task linear head when given."""
+    if head is not None:
+        return F.linear(feats, head["weight"].to(feats.device), head["bias"].to(feats.device))
+    protos = prototypes(task, classes, feats.shape[1]).to(feats.device)
+    return F.normalize(feats, dim=1) @ protos.T / tau
+
+
+# ------------------------------------------------------------------------------------------
+# Foundation loading: a local checkpoint, or forgesim's cached pretraining
+# ------------------------------------------------------------------------------------------
+_LOADED: dict[tuple, Foundation] = {}
+
+
+def cache_dir(cfg: ModelConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("FORGESIM_CACHE") or Path.home() / ".cache" / "forgesim"
+    return Path(root)
+
+
+def foundation_key(cfg: ModelConfig, img_size: int) -> str:
+    """Cache key: everything that changes the pretrained weights (not the head or the cache dir)."""
+    arch = {k: getattr(cfg, k) for k in ("name", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                                         "pretrain_steps", "pretrain_batch", "pretrain_lr")}
+    return config_hash(arch, img_size, "shapes-v1")
+
+
+def foundation_path(cfg: ModelConfig, img_size: int) -> Path:
+    return cache_dir(cfg) / f"foundation-{foundation_key(cfg, img_size)}.safetensors"
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Backbone weights from a .safetensors or torch file (raw, ``state_dict`` or ``model`` nesting)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model.checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
+        raise ValueError(f"model.checkpoint {path} is not a readable checkpoint: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.checkpoint {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("head.")}
+
+
+def _load_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, model has {tuple(own[wrong[0]].shape)}")
+        raise ValueError(f"{source} does not fit model {backbone.__class__.__name__} of this config: {detail}")
+    backbone.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock so that concurrent workers pretrain the foundation once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_foundation(cfg: ModelConfig, img_size: int, device: str = "cpu") -> Foundation:
+    """The frozen foundation of ``cfg``; cached per process and, for forgesim's pretraining, on disk."""
+    key = (cfg, img_size, device)
+    if key in _LOADED:
+        return _LOADED[key]
+    backbone = create_backbone(cfg, img_size)
+    if cfg.checkpoint:
+        _load_into(backbone, read_checkpoint(cfg.checkpoint), f"model.checkpoint {cfg.checkpoint}")
+    else:
+        path = foundation_path(cfg, img_size)
+        with _file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                state = pretrain_foundation(cfg, img_size)
+                tmp = path.with_suffix(".tmp")
+                save_file(state, str(tmp), metadata={"forgesim": "foundation", "key": path.stem})
+                os.replace(tmp, path)
+        _load_into(backbone, load_file(str(path)), f"cached foundation {path}")
+    backbone.requires_grad_(False).eval().to(device)
+    fp = fingerprint_state(backbone.state_dict())
+    foundation = Foundation(backbone, cfg, img_size, fp, torch.device(device))
+    _LOADED[key] = foundation
+    return foundation
+
+
+def pretrain_foundation(cfg: ModelConfig, img_size: int, log: Any = None) -> dict[str, torch.Tensor]:
+    """Supervised pretraining of the backbone on the public ``shapes`` corpus; returns its state dict."""
+    from sim.data.synthetic import SHAPE_CLASSES, make_pretraining_corpus
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)  # timm initialises weights from the global RNG; pin it for a reproducible cache
+    backbone = create_backbone(cfg, img_size)
+    corpus = make_pretraining_corpus(min(12000, max(1000, cfg.pretrain_steps * cfg.pretrain_batch // 4)),
+                                     img_size, seed=0)
+    x, y = torch.from_numpy(corpus.x), torch.from_numpy(corpus.y)
+    head = torch.nn.Linear(backbone.num_features, len(SHAPE_CLASSES))
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.pretrain_lr, total_steps=max(cfg.pretrain_steps, 1),
+                                                pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    backbone.train()
+    for step in range(cfg.pretrain_steps):
+        idx = torch.randint(len(y), (cfg.pretrain_batch,), generator=g)
+        xb = augment(x[idx].float() / 255.0, g)
+        loss = F.cross_entropy(head(backbone((xb - PIXEL_MEAN) / PIXEL_STD)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log is not None and (step % 100 == 0 or step == cfg.pretrain_steps - 1):
+            log(f"pretrain step {step + 1}/{cfg.pretrain_steps} loss {loss.item():.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+    return {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+
+
+def augment(x: torch.Tensor, g: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and shifts (reflect-padded crops) of float (B, C, S, S), seeded by ``g``."""
+    b, _, s, _ = x.shape
+    flip = torch.rand(b, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+    oy, ox = torch.randint(0, 2 * shift + 1, (2, b), generator=g)
+    rows = (oy[:, None] + torch.arange(s))[:, :, None]          # (B, S, 1)
+    cols = (ox[:, None] + torch.arange(s))[:, None, :]          # (B, 1, S)
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------
+# Adapters
+# ------------------------------------------------------------------------------------------
+def target_module_names(lora: LoraConfig, n_blocks: int) -> list[str]:
+    """Module paths (``blocks.i.attn.qkv``) that ``lora`` adapts in a ViT of ``n_blocks`` blocks."""
+    layers = lora.layers or tuple(range(n_blocks))
+    bad = [i for i in layers if i >= n_blocks]
+    if bad:
+        raise ValueError(f"lora.layers holds block {bad[0]} but the model has {n_blocks} blocks")
+    return [f"blocks.{i}.{MODULE_PATHS[m]}" for i in layers for m in lora.target_modules]
+
+
+@dataclass
+class Adapter:
+    """LoRA factors in peft key format, their scaling, and the base they were trained on.
+
+    ``weights[f"base_model.model.{module}.lora_A.weight"]``: (r, in);
+    ``weights[f"base_model.model.{module}.lora_B.weight"]``: (out, r).
+    ``ΔW(module) = B @ A * alpha(module) / r(module)``; r and alpha may differ per module
+    (``rank_pattern`` / ``alpha_pattern``, as in peft) for merges that produce uneven ranks.
+    """
+
+    weights: dict[str, torch.Tensor]
+    alpha: float
+    base_fingerprint: str | None = None
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in self.weights:
+            if not (key.startswith(PEFT_PREFIX) and (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"))):
+                raise ValueError(f"adapter key {key!r} is not a peft LoRA key "
+                                 f"({PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+        for m in self.modules():
+            a, b = self.factors(m)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(f"adapter module {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                                 f"do not form a low-rank pair")
+
+    def modules(self) -> list[str]:
+        mods = {k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in self.weights}
+        return sorted(mods, key=_module_order)
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return (self.weights[f"{PEFT_PREFIX}{module}.lora_A.weight"],
+                    self.weights[f"{PEFT_PREFIX}{module}.lora_B.weight"])
+        except KeyError:
+            raise ValueError(f"adapter has no complete lora_A/lora_B pair for module {module}") from None
+
+    def rank(self, module: str) -> int:
+        return self.factors(module)[0].shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.rank(m) for m in self.modules())
+
+    def scaling(self, module: str) -> float:
+        return self.alpha_pattern.get(module, self.alpha) / self.rank(module)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """ΔW (out, in) = B A · alpha / r."""
+        a, b = self.factors(module)
+        return (b.float() @ a.float()) * self.scaling(module)
+
+    def check_base(self, foundation: Foundation) -> None:
+        if self.base_fingerprint is not None and self.base_fingerprint != foundation.fingerprint:
+            raise ValueError(f"adapter was trained on base {self.base_fingerprint}, "
+                             f"this foundation is {foundation.fingerprint}")
+
+    def num_bytes(self) -> int:
+        tensors = list(self.weights.values()) + list((self.head or {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to_peft_config(self, dropout: float = 0.0):
+        """The ``peft.LoraConfig`` that reproduces this adapter's modules, ranks and scalings."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        mods = self.modules()
+        ranks = {m: self.rank(m) for m in mods}
+        base_r = max(set(ranks.values()), key=list(ranks.values()).count)
+        return PeftLoraConfig(
+            r=base_r, lora_alpha=self.alpha, lora_dropout=dropout, bias="none",
+            target_modules="^(" + "|".join(m.replace(".", r"\.") for m in mods) + ")$",
+            rank_pattern={m: r for m, r in ranks.items() if r != base_r},
+            alpha_pattern=dict(self.alpha_pattern),
+        )
+
+
+def _module_order(module: str) -> tuple:
+    parts = module.split(".")
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
+def new_adapter(foundation: Foundation, lora: LoraConfig, seed: int) -> Adapter:
+    """Fresh LoRA: A ~ Kaiming-uniform (peft's default init), B = 0, from a private ``torch.Generator``."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for m in target_module_names(lora, foundation.block_count()):
+        out_f, in_f = foundation.weight(m).shape
+        bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
+        weights[f"{PEFT_PREFIX}{m}.lora_A.weight"] = (torch.rand(lora.rank, in_f, generator=g) * 2 - 1) * bound
+        weights[f"{PEFT_PREFIX}{m}.lora_B.weight"] = torch.zeros(out_f, lora.rank)
+    return Adapter(weights, float(lora.alpha), foundation.fingerprint)
+
+
+# ------------------------------------------------------------------------------------------
+# peft adapter dirs
+# ------------------------------------------------------------------------------------------
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+META_FILE = "forgesim_adapter.json"
+
+
+def save_adapter(adapter: Adapter, out_dir: str | Path) -> Path:
+    """Write a standard peft adapter dir (+ forgesim's base fingerprint and metadata beside it)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter.to_peft_config().save_pretrained(str(out))
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.weights.items()}
+    metadata = {"format": "pt"}
+    if adapter.base_fingerprint:
+        metadata["forgesim_base_fingerprint"] = adapter.base_fingerprint
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata=metadata)
+    if adapter.head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.head.items()}, str(out / HEAD_WEIGHTS))
+    meta = {"base_fingerprint": adapter.base_fingerprint, "alpha": adapter.alpha,
+            "alpha_pattern": adapter.alpha_pattern, **adapter.meta}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read a peft adapter dir (written by forgesim or by peft itself) into an ``Adapter``."""
+    path = Path(path)
+    cfg_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise ValueError(f"{path} is not a peft adapter dir (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), "pt") as fh:
+            file_meta = fh.metadata() or {}
+            weights = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: unreadable adapter files: {exc}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    weights = {_normalise_key(k): v for k, v in weights.items()}
+    if cfg.get("use_rslora") or cfg.get("use_dora"):
+        raise ValueError(f"{path}: rsLoRA/DoRA adapters are not supported")
+    base_r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    adapter = Adapter(weights, alpha, file_meta.get("forgesim_base_fingerprint"))
+    # peft's scaling is alpha_pattern.get(module, alpha) / rank_pattern.get(module, r); express both per module.
+    for m in adapter.modules():
+        a_m = _pattern_value(cfg.get("alpha_pattern") or {}, m, alpha)
+        if a_m != alpha:
+            adapter.alpha_pattern[m] = a_m
+        declared_r = _pattern_value(cfg.get("rank_pattern") or {}, m, base_r)
+        if declared_r != adapter.rank(m):
+            raise ValueError(f"{path}: module {m} has rank {adapter.rank(m)} but the config declares {declared_r}")
+    if (path / HEAD_WEIGHTS).is_file():
+        adapter.head = load_file(str(path / HEAD_WEIGHTS))
+    if (path / META_FILE).is_file():
+        meta = json.loads((path / META_FILE).read_text())
+        adapter.meta = {k: v for k, v in meta.items() if k not in ("base_fingerprint", "alpha", "alpha_pattern")}
+        adapter.base_fingerprint = adapter.base_fingerprint or meta.get("base_fingerprint")
+    return adapter
+
+
+def _normalise_key(key: str) -> str:
+    """peft saves without the adapter name; accept ``.lora_A.default.weight`` too."""
+    return key.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight")
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    import re
+
+    for key, value in pattern.items():
+        if re.fullmatch(key, module) or re.search(rf"(^|\.){key}$", module):
+            return type(default)(value)
+    return default
+
