@@ -88,9 +88,10 @@ class Foundation:
         return self.backbone.get_submodule(module).weight
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] images → the backbone's input scale, on its device."""
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
-        return (x.to(self.device) - PIXEL_MEAN) / PIXEL_STD
+        return (x.float().to(self.device) - PIXEL_MEAN) / PIXEL_STD
 
     def features(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Pooled features (B, D); ``weights`` ({module.weight: W'}, see ``merged_weights``) replace frozen ones."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sim.config import LoraConfig, TrainConfig
-from sim.data.base import Split
+from sim.data.base import Split, to_unit_float
 from sim.model import Adapter, Foundation, augment, logits_from_features, new_adapter
 
 
@@ -63,7 +63,7 @@ def train_adapter(foundation: Foundation, split: Split, task: str, classes: Sequ
         losses = []
         for _ in range(cfg.steps):
             idx = torch.randint(len(y_all), (cfg.batch_size,), generator=g)
-            xb = x_all[idx].float() / 255.0                                  # (B, 3, S, S)
+            xb = to_unit_float(x_all[idx])                                   # (B, 3, S, S) in [0, 1]
             if cfg.augment:
                 xb = augment(xb, g)
             feats = model(foundation.normalize(xb))                          # (B, D)

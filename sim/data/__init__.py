@@ -12,14 +12,14 @@ from typing import Callable
 
 import numpy as np
 
-from sim.data.base import Split, TaskPool, derive_rng, resize_uint8, to_rgb_uint8
+from sim.data.base import DistilledSet, Split, TaskPool, derive_rng, derive_seed, resize_uint8, to_rgb_uint8, to_unit_float
 from sim.data.digits import load_digits_tasks
 from sim.data.medmnist import load_medmnist_tasks
 from sim.data.shift import apply_site_shift, sample_site_shift
 from sim.data.synthetic import load_synthetic_tasks
 
 __all__ = ["DATASETS", "get_dataset", "build_cohort", "Cohort", "Institution", "Split", "TaskPool",
-           "derive_rng", "resize_uint8", "to_rgb_uint8"]
+           "DistilledSet", "derive_rng", "derive_seed", "resize_uint8", "to_rgb_uint8", "to_unit_float"]
 
 # name -> loader(cfg: DataConfig, seed: int) -> list[TaskPool]
 DATASETS: dict[str, Callable] = {

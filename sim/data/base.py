@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,14 +24,15 @@ def derive_seed(seed: int, *keys: object) -> int:
 
 @dataclass(frozen=True)
 class Split:
-    """Images ``x`` uint8 (n, 3, S, S) and integer labels ``y`` (n,)."""
+    """Images ``x`` (n, 3, S, S) — uint8 in [0, 255] (real data) or float32 in [0, 1] (synthetic/distilled
+    images) — and integer labels ``y`` (n,)."""
 
     x: np.ndarray
     y: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.x.shape[1] != 3 or self.x.dtype != np.uint8:
-            raise ValueError(f"Split.x must be uint8 (n, 3, S, S), got {self.x.dtype} {self.x.shape}")
+        if self.x.ndim != 4 or self.x.shape[1] != 3 or self.x.dtype not in (np.uint8, np.float32):
+            raise ValueError(f"Split.x must be uint8 or float32 (n, 3, S, S), got {self.x.dtype} {self.x.shape}")
         if self.y.shape != (self.x.shape[0],):
             raise ValueError(f"Split.y must have shape ({self.x.shape[0]},), got {self.y.shape}")
 
@@ -47,6 +51,61 @@ class Split:
 
 
 @dataclass(frozen=True)
+class DistilledSet:
+    """A small labelled image set of one task that may leave an institution (or real data wrapped alike).
+
+    ``x`` float32 (n, 3, S, S) in [0, 1]; ``y`` int64 (n,) indexes ``classes``. This is also the proxy data
+    the merge actor searches coefficients on (the union of the distilled sets it has received).
+    """
+
+    task: str
+    classes: tuple[str, ...]
+    x: np.ndarray
+    y: np.ndarray
+    method: str = "dm"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        Split(self.x, self.y)  # same shape/dtype rules
+        if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.classes)):
+            raise ValueError(f"distilled set of task {self.task!r}: labels must index its {len(self.classes)} classes")
+
+    @property
+    def split(self) -> Split:
+        return Split(self.x, self.y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def num_bytes(self) -> int:
+        return int(self.x.nbytes + self.y.nbytes)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``distilled.npz``: images, labels, class_names, task, method (+ meta as JSON)."""
+        path = Path(path)
+        np.savez_compressed(path, images=self.x.astype(np.float32), labels=self.y.astype(np.int64),
+                            class_names=np.array(self.classes), task=np.array(self.task),
+                            method=np.array(self.method), meta=np.array(json.dumps(self.meta, default=str)))
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> "DistilledSet":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("images", "labels", "class_names", "task") if k not in z.files]
+                if missing:
+                    raise ValueError(f"{path}: missing key {missing[0]!r}")
+                x = z["images"]
+                x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+                return DistilledSet(str(z["task"]), tuple(str(c) for c in z["class_names"]), x,
+                                    z["labels"].astype(np.int64), str(z["method"]) if "method" in z.files else "?",
+                                    json.loads(str(z["meta"])) if "meta" in z.files else {})
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: not a readable distilled .npz: {exc}") from None
+
+
+@dataclass(frozen=True)
 class TaskPool:
     """One task before it is split across sites."""
 
@@ -55,6 +114,14 @@ class TaskPool:
     train: Split
     val: Split
     test: Split
+
+
+def to_unit_float(x):
+    """uint8 images → float32 in [0, 1]; float images pass through (numpy or torch)."""
+    import torch
+
+    t = torch.as_tensor(x)
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
 
 
 def to_rgb_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
