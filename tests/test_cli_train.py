@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from experiments.cli import build_parser, main
+
+
+def _tiny_args(tiny_cfg):
+    m, d = tiny_cfg.model, tiny_cfg.data
+    return ["--set", f"model.cache_dir={m.cache_dir}", "--set", f"model.embed_dim={m.embed_dim}",
+            "--set", f"model.depth={m.depth}", "--set", f"model.num_heads={m.num_heads}",
+            "--set", f"model.pretrain_steps={m.pretrain_steps}", "--set", f"model.pretrain_batch={m.pretrain_batch}",
+            "--set", f"data.img_size={d.img_size}", "--set", "data.n_tasks=2", "--set", "data.institutions=2",
+            "--set", "data.train_per_class=24", "--set", "data.test_per_class=8", "--set", "train.batch_size=16"]
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("train", "demo", "config"):
+        assert cmd in out
+
+
+def test_train_writes_adapter_and_metrics(tiny_cfg, tiny_foundation, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--task", "xray", "--rank", "2", "--steps", "5", "--seed", "1", "--out", str(out)]
+                + _tiny_args(tiny_cfg))
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("acc", "auc", "base_acc", "base_auc", "chance", "train_s"):
+        assert isinstance(metrics[key], float)
+    assert metrics["task"] == "xray" and metrics["rank"] == 2 and metrics["chance"] == pytest.approx(1 / 3)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "nope"], "--task 'nope' is not a task"),
+    (["--set", "lora.rank=0"], "lora.rank must be an integer >= 1"),
+    (["--set", "lora.rnk=3"], "lora.rnk is not a field"),
+    (["--data", "medmnist"], "data.data_dir"),
+    (["--data", "medmnist", "--data-dir", "/nonexistent"], "is not a directory"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_cfg, tmp_path, capsys, argv, message):
+    out = tmp_path / "o"
+    code = main(["train", "--out", str(out)] + _tiny_args(tiny_cfg) + argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("forgesim: error:") and message in err and err.count("\n") == 1
+
+
+def test_train_refuses_non_empty_out(tiny_cfg, tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("precious")
+    code = main(["train", "--out", str(tmp_path)] + _tiny_args(tiny_cfg))
+    assert code == 2 and "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_config_command_prints_yaml_and_fields(capsys):
+    assert main(["config", "--set", "lora.rank=3"]) == 0
+    assert "rank: 3" in capsys.readouterr().out
+    assert main(["config", "--fields"]) == 0
+    assert "lora.rank: int = 8" in capsys.readouterr().out

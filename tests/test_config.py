@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from sim.config import (DataConfig, LoraConfig, SimConfig, apply_overrides, config_from_dict, config_to_dict,
+                        load_config)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("lora.rank=0", "lora.rank"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("lora.target_modules=[qkv,nope]", "lora.target_modules"),
+    ("train.lr=-1", "train.lr"),
+    ("train.optimizer=adagrad", "train.optimizer"),
+    ("data.name=imagenet", "data.name"),
+    ("data.institutions=2", "data.institutions"),
+    ("data.rare_prevalence=0.7", "data.rare_prevalence"),
+    ("model.num_heads=5", "model.num_heads"),
+    ("model.head=mlp", "model.head"),
+    ("merge.density=0", "merge.density"),
+    ("merge.granularity=block", "merge.granularity"),
+    ("distill.ipc=0", "distill.ipc"),
+    ("schedule.init_from=nowhere", "schedule.init_from"),
+    ("runtime.clock=sundial", "runtime.clock"),
+    ("runtime.device=tpu", "runtime.device"),
+    ("lora.rank=abc", "lora.rank"),
+    ("seed=-3", "seed"),
+])
+def test_invalid_value_names_the_field(override, field):
+    with pytest.raises(ValueError) as err:
+        apply_overrides(SimConfig(), [override])
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_choice_error_lists_choices():
+    with pytest.raises(ValueError, match="one of adamw, sgd"):
+        apply_overrides(SimConfig(), ["train.optimizer=adagrad"])
+
+
+def test_unknown_field_and_section_are_named():
+    with pytest.raises(ValueError, match=r"^lora\.rnk is not a field"):
+        config_from_dict({"lora": {"rnk": 3}})
+    with pytest.raises(ValueError, match="^loras is not a config section"):
+        config_from_dict({"loras": {}})
+    with pytest.raises(ValueError, match="must look like section.field=value"):
+        apply_overrides(SimConfig(), ["lora.rank"])
+
+
+def test_overrides_coerce_types():
+    cfg = apply_overrides(SimConfig(), ["lora.rank=4", "lora.target_modules=qkv,fc1", "train.augment=false",
+                                        "data.tasks=[xray, fundus]", "model.checkpoint=none", "seed=7"])
+    assert cfg.lora.rank == 4 and cfg.lora.target_modules == ("qkv", "fc1")
+    assert cfg.train.augment is False and cfg.data.tasks == ("xray", "fundus")
+    assert cfg.model.checkpoint is None and cfg.seed == 7
+    assert cfg.lora.scaling == cfg.lora.alpha / 4
+
+
+def test_configs_are_frozen_and_hashable():
+    cfg = SimConfig()
+    with pytest.raises(Exception):
+        cfg.lora.rank = 3  # type: ignore[misc]
+    assert hash(cfg) == hash(SimConfig())
+
+
+def test_yaml_and_json_round_trip(tmp_path):
+    cfg = apply_overrides(SimConfig(), ["lora.rank=2", "data.n_tasks=2", "data.institutions=4"])
+    (tmp_path / "c.json").write_text(json.dumps(config_to_dict(cfg)))
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(tmp_path / "c.json") == cfg
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("lora: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "field.yaml").write_text("lora:\n  rank: -1\n")
+    with pytest.raises(ValueError, match=r"^lora\.rank must be an integer >= 1, got -1"):
+        load_config(tmp_path / "field.yaml")
+
+
+def test_sections_validate_directly():
+    with pytest.raises(ValueError, match="^data.data_dir"):
+        DataConfig(name="medmnist")
+    with pytest.raises(ValueError, match="^lora.alpha"):
+        LoraConfig(alpha=0)

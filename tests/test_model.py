@@ -1,0 +1,142 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sim import model as model_mod
+from sim.config import LoraConfig, ModelConfig
+from sim.model import (Adapter, create_backbone, load_adapter, load_foundation, new_adapter, prototypes,
+                       save_adapter, target_module_names)
+
+
+def _random_adapter(foundation, rank=4, seed=0, modules=("qkv",)):
+    adapter = new_adapter(foundation, LoraConfig(rank=rank, alpha=2.0 * rank, target_modules=modules), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for k, v in adapter.weights.items():  # a trained-looking adapter: B no longer zero
+        adapter.weights[k] = torch.randn(v.shape, generator=g) * 0.05
+    return adapter
+
+
+def test_prototypes_are_fixed_unit_vectors(tiny_foundation):
+    p = prototypes("xray", ["normal", "effusion"], 32)
+    assert torch.allclose(p.norm(dim=1), torch.ones(2))
+    assert torch.equal(p, prototypes("xray", ["normal", "effusion"], 32))
+    assert not torch.allclose(p[0], prototypes("fundus", ["normal"], 32)[0])
+
+
+def test_new_adapter_is_identity_and_seeded(tiny_foundation):
+    a = new_adapter(tiny_foundation, LoraConfig(rank=4), seed=1)
+    assert all(torch.count_nonzero(a.delta(m)) == 0 for m in a.modules())
+    assert torch.equal(a.weights[next(iter(a.weights))], new_adapter(tiny_foundation, LoraConfig(rank=4), 1)
+                       .weights[next(iter(a.weights))])
+    assert a.modules() == target_module_names(LoraConfig(rank=4), tiny_foundation.block_count())
+
+
+def test_layers_and_targets_select_modules(tiny_foundation):
+    lora = LoraConfig(target_modules=("qkv", "fc2"), layers=(1,))
+    assert target_module_names(lora, 2) == ["blocks.1.attn.qkv", "blocks.1.mlp.fc2"]
+    with pytest.raises(ValueError, match="lora.layers holds block 5"):
+        target_module_names(LoraConfig(layers=(5,)), 2)
+
+
+def test_adapter_dir_round_trip_and_peft_from_pretrained(tiny_foundation, tmp_path):
+    from peft import PeftModel
+
+    adapter = _random_adapter(tiny_foundation, modules=("qkv", "fc1"))
+    save_adapter(adapter, tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    back = load_adapter(tmp_path / "a")
+    assert back.base_fingerprint == tiny_foundation.fingerprint
+    assert set(back.weights) == set(adapter.weights)
+    for m in adapter.modules():
+        assert torch.allclose(back.delta(m), adapter.delta(m))
+
+    x = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        ours = tiny_foundation.features(x, tiny_foundation.merged_weights(back))
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_foundation.backbone), str(tmp_path / "a"))
+        peft_model.eval()
+        theirs = peft_model(tiny_foundation.normalize(x))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_uneven_ranks_survive_peft(tiny_foundation, tmp_path):
+    from peft import PeftModel
+
+    adapter = _random_adapter(tiny_foundation, rank=4)
+    first = adapter.modules()[0]
+    a, b = adapter.factors(first)
+    adapter.weights[f"base_model.model.{first}.lora_A.weight"] = a[:2].clone()
+    adapter.weights[f"base_model.model.{first}.lora_B.weight"] = b[:, :2].clone()
+    adapter.alpha_pattern[first] = 2.0
+    save_adapter(adapter, tmp_path / "u")
+    back = load_adapter(tmp_path / "u")
+    assert back.rank(first) == 2 and back.scaling(first) == pytest.approx(1.0)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_foundation.backbone), str(tmp_path / "u")).eval()
+        assert torch.allclose(tiny_foundation.features(x, tiny_foundation.merged_weights(adapter)),
+                              peft_model(tiny_foundation.normalize(x)), atol=1e-5)
+
+
+def test_bad_adapter_dirs(tmp_path, tiny_foundation):
+    with pytest.raises(ValueError, match="not a peft adapter dir"):
+        load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="not a peft LoRA key"):
+        Adapter({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, 1.0)
+    other = _random_adapter(tiny_foundation)
+    other.base_fingerprint = "0" * 16
+    with pytest.raises(ValueError, match="trained on base 0000000000000000"):
+        tiny_foundation.merged_weights(other)
+
+
+def test_checkpoint_loading_from_saved_files(tiny_cfg, tmp_path):
+    torch.manual_seed(5)
+    backbone = create_backbone(tiny_cfg.model, 16)
+    state = backbone.state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    for name in ("w.pt", "w.safetensors"):
+        cfg = ModelConfig(**{**tiny_cfg.model.__dict__, "checkpoint": str(tmp_path / name)})
+        f = load_foundation(cfg, 16)
+        assert all(torch.equal(f.backbone.state_dict()[k], v) for k, v in state.items())
+        assert not any(p.requires_grad for p in f.backbone.parameters())
+    wrong = ModelConfig(**{**tiny_cfg.model.__dict__, "embed_dim": 64, "checkpoint": str(tmp_path / "w.pt")})
+    with pytest.raises(ValueError, match="does not fit model"):
+        load_foundation(wrong, 16)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_foundation(ModelConfig(**{**tiny_cfg.model.__dict__, "checkpoint": str(tmp_path / "x.pt")}), 16)
+
+
+def test_foundation_cache_is_reused(tiny_cfg, tiny_foundation, monkeypatch):
+    path = model_mod.foundation_path(tiny_cfg.model, 16)
+    assert path.is_file()
+    model_mod._LOADED.clear()  # forget the in-process copy: the next load must come from disk
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained again although the cache exists")
+
+    monkeypatch.setattr(model_mod, "pretrain_foundation", no_pretraining)
+    again = load_foundation(tiny_cfg.model, 16)
+    assert again.fingerprint == tiny_foundation.fingerprint
+    # a different architecture is a different cache entry
+    assert model_mod.foundation_path(ModelConfig(**{**tiny_cfg.model.__dict__, "depth": 3}), 16) != path
+
+
+def test_fingerprint_tracks_weights(tiny_foundation):
+    state = {k: v.clone() for k, v in tiny_foundation.backbone.state_dict().items()}
+    assert model_mod.fingerprint_state(state) == tiny_foundation.fingerprint
+    first = next(iter(state))
+    state[first] = state[first] + 1e-3
+    assert model_mod.fingerprint_state(state) != tiny_foundation.fingerprint
+
+
+def test_augment_is_seeded():
+    x = torch.rand(4, 3, 8, 8)
+    a = model_mod.augment(x, torch.Generator().manual_seed(0))
+    b = model_mod.augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape
+    np.testing.assert_allclose(a.mean().item(), x.mean().item(), atol=0.1)
