@@ -63,3 +63,14 @@ def test_config_command_prints_yaml_and_fields(capsys):
     assert "rank: 3" in capsys.readouterr().out
     assert main(["config", "--fields"]) == 0
     assert "lora.rank: int = 8" in capsys.readouterr().out
+
+
+def test_demo_writes_run_dir_with_figure_and_report(tiny_cfg, tiny_foundation, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--set", "train.steps=3"] + _tiny_args(tiny_cfg)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"histology", "xray"}
+    for name in ("config.yaml", "report.md", "cross_task_acc.png", "cross_task_acc.pdf"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "adapters" / "xray" / "adapter_model.safetensors").is_file()
+    assert "cross_task_acc.png" in (out / "report.md").read_text()
