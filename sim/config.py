@@ -21,7 +21,7 @@ import yaml
 __all__ = [
     "DataConfig", "ModelConfig", "LoraConfig", "TrainConfig", "DistillConfig", "MergeConfig",
     "ScheduleConfig", "RuntimeConfig", "SimConfig", "load_config", "apply_overrides",
-    "config_from_dict", "config_to_dict", "config_hash",
+    "config_from_dict", "config_to_dict", "config_hash", "DSA_FAMILIES",
 ]
 
 
@@ -154,6 +154,11 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
 
 
+# Families of Differentiable Siamese Augmentation; sim.distill.dsa's registry holds exactly these keys
+# (listed here so that validating a config does not import torch).
+DSA_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     method: str = _f("dm", "distiller: dm (distribution matching), random, herding or noise")
@@ -164,6 +169,15 @@ class DistillConfig:
     embed: str = _f("convnet", "dm: embedding network, convnet (random ConvNet each step) or foundation")
     init: str = _f("real", "dm: initialise synthetic images from real samples or noise")
     dsa: bool = _f(True, "dm: differentiable siamese augmentation")
+    dsa_strategy: str = _f("_".join(DSA_FAMILIES), "dm: DSA families joined by '_' (color, crop, cutout, flip, "
+                                                   "scale, rotate); one family is drawn per class per step")
+    embed_width: int = _f(128, "dm: channels of the random ConvNet embedding (DM paper: 128)")
+    embed_depth: int = _f(3, "dm: conv blocks of the random ConvNet (DM paper: 3; capped by the image side)")
+    audit_near: float = _f(0.5, "audit: an image is a near-copy if its distance to the nearest training image is "
+                                "below this share of the median real-to-real nearest-neighbour distance")
+    audit_ratio: float = _f(0.5, "audit: ...and below this share of its distance to the nearest held-out image")
+    audit_max_memorised: float = _f(0.0, "audit: flag the set if more than this share of its images are near-copies")
+    audit_max_auc: float = _f(0.6, "audit: flag the set if the membership-inference AUC exceeds this")
 
     def __post_init__(self) -> None:
         _choice("distill.method", self.method, ("dm", "random", "herding", "noise"))
@@ -173,6 +187,16 @@ class DistillConfig:
         _check(self.real_batch >= 1, "distill.real_batch", "an integer >= 1", self.real_batch)
         _choice("distill.embed", self.embed, ("convnet", "foundation"))
         _choice("distill.init", self.init, ("real", "noise"))
+        parts = self.dsa_strategy.split("_")
+        _check(all(p in DSA_FAMILIES for p in parts), "distill.dsa_strategy",
+               f"families from {', '.join(DSA_FAMILIES)} joined by '_'", self.dsa_strategy)
+        _check(self.embed_width >= 1, "distill.embed_width", "an integer >= 1", self.embed_width)
+        _check(self.embed_depth >= 1, "distill.embed_depth", "an integer >= 1", self.embed_depth)
+        _check(0 < self.audit_near <= 10, "distill.audit_near", "a number in (0, 10]", self.audit_near)
+        _check(0 < self.audit_ratio <= 1, "distill.audit_ratio", "a number in (0, 1]", self.audit_ratio)
+        _check(0 <= self.audit_max_memorised < 1, "distill.audit_max_memorised", "a number in [0, 1)",
+               self.audit_max_memorised)
+        _check(0.5 <= self.audit_max_auc <= 1, "distill.audit_max_auc", "a number in [0.5, 1]", self.audit_max_auc)
 
 
 @dataclass(frozen=True)
@@ -182,7 +206,10 @@ class MergeConfig:
     budget: int = _f(40, "evaluations of the coefficient search")
     bound: float = _f(1.5, "coefficients are searched in [-bound, bound]")
     l1: float = _f(0.05, "L1 penalty on the coefficients in the search objective")
-    granularity: str = _f("adapter", "one coefficient per adapter, or per layer")
+    granularity: str = _f("adapter", "one coefficient per adapter, or per layer (per adapted module; fusion and "
+                                     "parameter-space searches; mixture weights are always per adapter)")
+    search_mode: str = _f("sequential", "fusion/mixture: search two coefficients per arriving commit (MedForge), "
+                                        "or all N at once (global)")
     density: float = _f(0.5, "ties/dare/magnitude_prune: fraction of entries kept")
     svd_threshold: float = _f(0.9, "svd: keep singular values up to this cumulative share")
     svd_rank: int = _f(0, "svd: cap on the merged rank; 0 = no cap")
@@ -195,6 +222,7 @@ class MergeConfig:
         _check(self.bound > 0, "merge.bound", "a number > 0", self.bound)
         _check(self.l1 >= 0, "merge.l1", "a number >= 0", self.l1)
         _choice("merge.granularity", self.granularity, ("adapter", "layer"))
+        _choice("merge.search_mode", self.search_mode, ("sequential", "global"))
         _check(0 < self.density <= 1, "merge.density", "a number in (0, 1]", self.density)
         _check(0 < self.svd_threshold <= 1, "merge.svd_threshold", "a number in (0, 1]", self.svd_threshold)
         _check(self.svd_rank >= 0, "merge.svd_rank", "an integer >= 0", self.svd_rank)
