@@ -58,10 +58,12 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
 
 # name -> (help, add_arguments, run); each run(args) returns an exit code
 def _commands() -> dict[str, tuple[str, Callable, Callable]]:
-    from experiments import cmd_config, cmd_demo, cmd_train
+    from experiments import cmd_config, cmd_demo, cmd_distill, cmd_merge, cmd_train
 
     return {
         "train": (cmd_train.HELP, cmd_train.add_arguments, cmd_train.run),
+        "distill": (cmd_distill.HELP, cmd_distill.add_arguments, cmd_distill.run),
+        "merge": (cmd_merge.HELP, cmd_merge.add_arguments, cmd_merge.run),
         "demo": (cmd_demo.HELP, cmd_demo.add_arguments, cmd_demo.run),
         "config": (cmd_config.HELP, cmd_config.add_arguments, cmd_config.run),
     }

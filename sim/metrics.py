@@ -37,7 +37,14 @@ def chance_accuracy(n_classes: int) -> float:
 @torch.no_grad()
 def predict_proba(foundation: Foundation, adapter: Adapter | None, x: np.ndarray, task: str,
                   classes: Sequence[str], batch_size: int = 512) -> np.ndarray:
-    """Softmax probabilities (n, K) of ``task``'s classes for uint8 images ``x`` (n, 3, S, S)."""
+    """Softmax probabilities (n, K) of ``task``'s classes for uint8 images ``x`` (n, 3, S, S).
+
+    ``adapter`` may also be a ``sim.merge.Mixture`` (output-level merge of N adapters, evaluated batched).
+    """
+    from sim.merge.mixture import Mixture, mixture_proba
+
+    if isinstance(adapter, Mixture):
+        return mixture_proba(foundation, adapter, x, task, classes, batch_size=max(1, batch_size // 2))
     weights = foundation.merged_weights(adapter) if adapter is not None else None
     head = adapter.head if adapter is not None else None
     out = []

@@ -1,0 +1,125 @@
+"""``forgesim merge``: merge peft LoRA adapter dirs offline with one strategy of ``sim.merge``."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from experiments.cli import CLIError, add_config_args, prepare_out_dir, resolve_config
+from sim.config import config_to_dict
+from sim.data.base import DistilledSet
+from sim.merge import STRATEGIES, Mixture, check_compatible, merge, save_mixture
+from sim.model import Adapter, Foundation, load_adapter, load_foundation, save_adapter
+
+HELP = "merge peft LoRA adapter dirs with one strategy; writes a peft adapter dir (or a mixture dir) and merge.json"
+
+FLAGS = {"seed": "seed", "density": "merge.density", "svd_threshold": "merge.svd_threshold", "rank": "merge.svd_rank",
+         "optimizer": "merge.optimizer", "budget": "merge.budget", "search_mode": "merge.search_mode",
+         "granularity": "merge.granularity"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", required=True, metavar="NAME",
+                   help=f"merge strategy: {', '.join(STRATEGIES)}")
+    p.add_argument("--adapters", required=True, nargs="+", metavar="DIR",
+                   help="peft adapter dirs (written by forgesim or by peft itself), in arrival order")
+    p.add_argument("--weights", metavar="W1,W2,...",
+                   help="one weight per adapter (default: the strategy's own, 1/N or 1; see sim.merge)")
+    p.add_argument("--density", type=float, help="ties/dare/magnitude_prune: fraction of entries kept (merge.density)")
+    p.add_argument("--svd-threshold", type=float,
+                   help="svd: cumulative singular-value share kept (merge.svd_threshold)")
+    p.add_argument("--rank", type=int, help="svd: cap on the merged rank, 0 = none (merge.svd_rank)")
+    p.add_argument("--proxy", nargs="+", metavar="FILE.npz", default=[],
+                   help="distilled sets (distilled.npz): search the coefficients on them with nevergrad (fusion and "
+                        "mixture: merge.search_mode; other strategies: all N weights at once). Needs the foundation "
+                        "the adapters were trained on: give its --config (model and data.img_size). Without --proxy "
+                        "fusion and mixture use --weights or 1/N")
+    p.add_argument("--optimizer", help="nevergrad optimizer of the search (merge.optimizer)")
+    p.add_argument("--budget", type=int, help="evaluations of the search (merge.budget)")
+    p.add_argument("--search-mode", choices=("sequential", "global"), help="fusion/mixture search (merge.search_mode)")
+    p.add_argument("--granularity", choices=("adapter", "layer"), help="one coefficient per adapter or per module "
+                                                                       "(merge.granularity)")
+    add_config_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+
+
+def parse_weights(text: str | None, n: int) -> np.ndarray | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise CLIError(f"--weights needs {n} finite numbers (one per adapter), got {text!r}")
+    return np.asarray(values)
+
+
+def load_adapters(dirs: list[str]) -> list[Adapter]:
+    adapters = []
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise CLIError(f"--adapters {d} is not a directory")
+        adapters.append(load_adapter(d))
+    return adapters
+
+
+def check_fits(foundation: Foundation, adapters: list[Adapter]) -> None:
+    """Every adapter matches the foundation's fingerprint (where recorded) and its module shapes."""
+    for i, a in enumerate(adapters):
+        a.check_base(foundation)
+        for m in a.modules():
+            try:
+                shape = tuple(foundation.weight(m).shape)
+            except AttributeError:
+                raise ValueError(f"adapter {i} targets {m}, which the foundation of this config "
+                                 f"does not have") from None
+            own = (a.factors(m)[1].shape[0], a.factors(m)[0].shape[1])
+            if own != shape:
+                raise ValueError(f"adapter {i} module {m} has shape {own}; the foundation's weight is {shape}")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Step 1: check every input before anything is written.
+    cfg = resolve_config(args, FLAGS)
+    if args.strategy not in STRATEGIES:
+        raise CLIError(f"--strategy {args.strategy!r} is unknown; known: {', '.join(STRATEGIES)}")
+    adapters = load_adapters(args.adapters)
+    weights = parse_weights(args.weights, len(adapters))
+    check_compatible(adapters, same_modules=args.strategy != "mixture",
+                     same_ranks=args.strategy in ("lora_avg", "fusion"))
+    foundation, proxy = None, [DistilledSet.load(f) for f in args.proxy]
+    if proxy:
+        if weights is not None:
+            raise CLIError("--weights and --proxy exclude each other: give weights, or let the search find them")
+        from sim.coefficients import get_optimizer
+
+        get_optimizer(cfg.merge.optimizer)
+        foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+        check_fits(foundation, adapters)
+    out = prepare_out_dir(args.out, args.overwrite)
+    # Step 2: merge.
+    result = merge(args.strategy, adapters, weights, cfg=cfg.merge, foundation=foundation, proxy=proxy or None,
+                   seed=cfg.seed, search=bool(proxy))
+    # Step 3: write the merged predictor and how it was made.
+    if isinstance(result.merged, Mixture):
+        save_mixture(result.merged, out)
+    else:
+        save_adapter(result.merged, out)
+    summary = {"strategy": args.strategy, "adapters": [str(Path(d).resolve()) for d in args.adapters],
+               "proxy": [str(Path(f).resolve()) for f in args.proxy], "seed": cfg.seed,
+               "coefficients": None if result.coefficients is None else np.asarray(result.coefficients).tolist(),
+               "trace": result.trace, "stages": result.stages, "merge_s": result.merge_s,
+               "record": result.record(), "merge_config": config_to_dict(cfg.merge)}
+    (out / "merge.json").write_text(json.dumps(summary, indent=2, default=str))
+    rec = result.record()
+    what = (f"mixture of {len(result.merged.adapters)} adapters" if isinstance(result.merged, Mixture)
+            else f"adapter of max rank {rec['max_rank']}")
+    search = (f" | search {rec['initial_objective']:.4f} -> {rec['objective']:.4f} in {rec['evaluations']} evals"
+              if result.trace else "")
+    print(f"{args.strategy}: {len(adapters)} adapters -> {what} in {result.merge_s:.2f}s{search} -> {out}")
+    return 0

@@ -1,0 +1,204 @@
+"""Gradient-free search of merge coefficients on proxy data (the distilled sets the merge actor received).
+
+MedForge (arXiv 2502.16055, official code) searches its Fusion/Mixture coefficients with nevergrad's ``NGOpt``,
+budget 40, bounds ±1.5, init 0.5, minimising ``loss on distilled data + 0.05 · mean |w|`` (LoraHub's recipe,
+Huang et al., arXiv 2307.13269); its paper names Shiwa and Cobyla. Here:
+
+* ``search_coefficients(loss, init, ...)`` — nevergrad minimisation of ``loss(w) + l1 · mean|w|`` over a box,
+  seeded through the parametrization's ``random_state``. The initial point is evaluated first (it counts towards
+  the budget), so the result is never worse than the start; the best *evaluated* point is returned (the
+  objective is deterministic) with the objective trace.
+* ``prepare_proxy`` / ``proxy_loss`` — the cross-entropy objective: the union of distilled sets, each scored on
+  its own task's classes, mean CE per set, then the mean over sets (as MedForge's ``get_loss`` does). Images are
+  normalised and concatenated once, so one evaluation is one batched forward pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sim.data.base import DistilledSet
+from sim.model import Adapter, Foundation, logits_from_features
+
+# Names documented and tested; any other name in ``nevergrad.optimizers.registry`` works as well.
+OPTIMIZERS = ("NGOpt", "Shiwa", "Cobyla", "CMA", "OnePlusOne", "TwoPointsDE", "PSO", "RandomSearch")
+
+
+def get_optimizer(name: str) -> type:
+    """The nevergrad optimizer class registered as ``name``; a typo lists the common names."""
+    import nevergrad as ng
+
+    try:
+        return ng.optimizers.registry[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r} (merge.optimizer); known: {', '.join(OPTIMIZERS)} "
+                         f"or any name in nevergrad.optimizers.registry") from None
+
+
+def l1_penalty(w: np.ndarray, l1: float) -> float:
+    """``l1 · mean |w|`` — MedForge's ``get_regular`` (0.05 · mean of absolute coefficients)."""
+    return float(l1 * np.mean(np.abs(w))) if np.size(w) else 0.0
+
+
+@dataclass
+class SearchResult:
+    """Best coefficients found, their objective, and the objective of every evaluation in order."""
+
+    coefficients: np.ndarray
+    objective: float
+    initial_objective: float
+    trace: list[float]
+    optimizer: str
+    budget: int
+    seed: int
+    search_s: float
+
+    def record(self) -> dict:
+        return {"optimizer": self.optimizer, "budget": self.budget, "evaluations": len(self.trace),
+                "objective": self.objective, "initial_objective": self.initial_objective, "search_s": self.search_s}
+
+
+def search_coefficients(loss: Callable[[np.ndarray], float], init: np.ndarray, *, optimizer: str = "NGOpt",
+                        budget: int = 40, bound: float = 1.5, l1: float = 0.05, seed: int = 0,
+                        penalised: Callable[[np.ndarray], np.ndarray] | None = None) -> SearchResult:
+    """Minimise ``loss(w) + l1 · mean|w|`` over w in [-bound, bound]^shape(init), ``budget`` evaluations.
+
+    Args:
+        loss: data loss of coefficients shaped like ``init`` (e.g. cross-entropy on proxy data).
+        init: start point (MedForge: 0.5 each); clipped into the box and evaluated first.
+        optimizer: nevergrad optimizer name (``get_optimizer``).
+        budget: total evaluations, the initial point included.
+        bound: half-width of the search box.
+        l1: weight of the L1 penalty.
+        seed: seeds the optimizer (``parametrization.random_state``).
+        penalised: maps w to the coefficients the L1 penalty is taken on (default w itself; MedForge's
+            sequential Mixture penalises the weights over all contributors, ``[a · w_prev, b]``).
+    Returns:
+        ``SearchResult`` with the best evaluated coefficients (shaped like ``init``) and the objective trace.
+    """
+    import nevergrad as ng
+
+    if budget < 1:
+        raise ValueError(f"merge.budget must be an integer >= 1, got {budget!r}")
+    opt_cls = get_optimizer(optimizer)
+    t0 = time.perf_counter()
+    init = np.clip(np.asarray(init, dtype=np.float64), -bound, bound)
+
+    def objective(w: np.ndarray) -> float:
+        value = float(loss(w)) + l1_penalty(penalised(w) if penalised is not None else w, l1)
+        return value if np.isfinite(value) else float("inf")
+
+    best_w, best = init.copy(), objective(init)
+    trace = [best]
+    if budget > 1:
+        param = ng.p.Array(init=init, lower=-bound, upper=bound)
+        param.random_state = np.random.RandomState(seed % 2**32)
+        opt = opt_cls(parametrization=param, budget=budget - 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nevergrad/scipy chatter about bounds and injected points
+            for _ in range(budget - 1):
+                cand = opt.ask()
+                value = objective(cand.value)
+                opt.tell(cand, value)
+                trace.append(value)
+                if value < best:
+                    best, best_w = value, np.array(cand.value, dtype=np.float64)
+    return SearchResult(best_w, best, trace[0], trace, optimizer, budget, seed, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------
+# Proxy data and the cross-entropy objective
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProxySet:
+    """One distilled set inside ``ProxyData``: rows ``start:stop`` of its images, scored on ``classes``."""
+
+    task: str
+    classes: tuple[str, ...]
+    start: int
+    stop: int
+    y: torch.Tensor
+    key: str
+    head: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ProxyData:
+    """The union of distilled sets, normalised for the foundation and concatenated: x (n, 3, S, S)."""
+
+    x: torch.Tensor
+    sets: list[ProxySet] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def set_key(ds: DistilledSet) -> str:
+    """Content hash of a distilled set (task, classes, images, labels): caches per-set results."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(repr((ds.task, ds.classes, ds.x.shape)).encode())
+    h.update(np.ascontiguousarray(ds.x).tobytes())
+    h.update(np.ascontiguousarray(ds.y).tobytes())
+    return h.hexdigest()
+
+
+def prepare_proxy(foundation: Foundation, proxy: Sequence[DistilledSet],
+                  heads: Mapping[str, dict[str, torch.Tensor]] | None = None) -> ProxyData:
+    """Check, normalise and concatenate the distilled sets once; ``heads`` maps task → linear head (optional)."""
+    if len(proxy) == 0:
+        raise ValueError("coefficient search needs proxy data (at least one distilled set)")
+    xs, sets, start = [], [], 0
+    for ds in proxy:
+        if ds.x.shape[-1] != foundation.img_size or ds.x.shape[-2] != foundation.img_size:
+            raise ValueError(f"proxy set of task {ds.task!r} has {ds.x.shape[-1]} px images; "
+                             f"the foundation takes {foundation.img_size} px")
+        if len(ds) == 0:
+            continue
+        xs.append(foundation.normalize(torch.from_numpy(ds.x)))
+        y = torch.from_numpy(ds.y.astype(np.int64)).to(foundation.device)
+        sets.append(ProxySet(ds.task, tuple(ds.classes), start, start + len(ds), y, set_key(ds),
+                             (heads or {}).get(ds.task)))
+        start += len(ds)
+    if not sets:
+        raise ValueError("coefficient search needs proxy data; all distilled sets are empty")
+    return ProxyData(torch.cat(xs), sets)
+
+
+@torch.inference_mode()
+def proxy_features(foundation: Foundation, data: ProxyData, weights: dict[str, torch.Tensor] | None = None,
+                   batch_size: int = 512) -> torch.Tensor:
+    """Pooled features (n, D) of all proxy images; ``weights`` replace frozen ones (``Foundation.merged_weights``)."""
+    out = []
+    for i in range(0, len(data), batch_size):
+        xb = data.x[i:i + batch_size]                                            # (b, 3, S, S), normalised
+        out.append(torch.func.functional_call(foundation.backbone, weights, (xb,), strict=False)
+                   if weights else foundation.backbone(xb))
+    return torch.cat(out)
+
+
+def features_cross_entropy(foundation: Foundation, data: ProxyData, feats: torch.Tensor) -> float:
+    """Mean over sets of the mean cross-entropy of each set's images on its own task's classes."""
+    losses = []
+    for s in data.sets:
+        logits = logits_from_features(feats[s.start:s.stop], s.task, s.classes, foundation.cfg.tau, s.head)
+        losses.append(F.cross_entropy(logits, s.y))
+    return float(torch.stack(losses).mean())
+
+
+def proxy_loss(foundation: Foundation, data: ProxyData, adapter: Adapter | None) -> float:
+    """Cross-entropy on the proxy data of foundation + ``adapter`` (one batched forward pass)."""
+    weights = foundation.merged_weights(adapter) if adapter is not None else None
+    return features_cross_entropy(foundation, data, proxy_features(foundation, data, weights))
+
+
+def probabilities_cross_entropy(probs: Sequence[torch.Tensor], data: ProxyData, eps: float = 1e-8) -> float:
+    """Mean over sets of ``-mean log q_y`` for class probabilities ``probs[k]`` (n_k, K_k) of set k."""
+    losses = [-torch.log(p.gather(1, s.y[:, None]).clamp_min(eps)).mean() for p, s in zip(probs, data.sets)]
+    return float(torch.stack(losses).mean())

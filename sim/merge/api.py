@@ -1,0 +1,248 @@
+"""The entry points the merge actor and the CLI call: ``merge`` (one shot) and ``merge_step`` (as commits arrive)."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from sim.coefficients import ProxyData, SearchResult, get_optimizer, prepare_proxy, proxy_loss, search_coefficients
+from sim.config import MergeConfig
+from sim.data.base import DistilledSet, derive_seed
+from sim.merge.base import Weights, check_compatible, collect_heads, default_weights
+from sim.merge.fusion import fusion, fusion_loss, fusion_weights_after
+from sim.merge.mixture import Mixture, ProbabilityCache, mixture_loss
+from sim.model import Adapter, Foundation
+
+SEQUENTIAL = ("fusion", "mixture")   # strategies MedForge merges as commits arrive, with searched coefficients
+Proxy = Sequence[DistilledSet] | ProxyData | None
+
+
+@dataclass
+class MergeResult:
+    """A merged predictor and how it was obtained.
+
+    ``coefficients``: the weights over the contributors, (N,) or (N, M), or ``None`` for the strategy's documented
+    default. ``trace``: the search objective (CE + L1) of every evaluation, all stages in order ([] without search).
+    ``stages``: one dict per search (``SearchResult.record()`` + the stage's coefficients).
+    """
+
+    strategy: str
+    merged: Adapter | Mixture
+    coefficients: np.ndarray | None
+    trace: list[float] = field(default_factory=list)
+    merge_s: float = 0.0
+    stages: list[dict] = field(default_factory=list)
+
+    def record(self) -> dict:
+        """Flat summary for logs and records."""
+        rec = {"strategy": self.strategy, "merge_s": self.merge_s, "evaluations": len(self.trace),
+               "n_contributors": (len(self.merged.adapters) if isinstance(self.merged, Mixture)
+                                  else self.merged.meta.get("n_contributors", 1)),
+               "storage_bytes": self.merged.num_bytes()}
+        if self.trace:
+            last = self.stages[-1]
+            rec |= {"objective": last["objective"], "initial_objective": last["initial_objective"]}
+        if isinstance(self.merged, Adapter):
+            rec["max_rank"] = self.merged.max_rank
+        return rec
+
+
+def _strategy_options(fn: Callable, cfg: MergeConfig, seed: int) -> dict:
+    """The config values a strategy function takes, by its keyword names."""
+    values = {"density": cfg.density, "threshold": cfg.svd_threshold, "rank": cfg.svd_rank, "seed": seed}
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in params}
+
+
+def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[Adapter]) -> ProxyData:
+    if foundation is None or proxy is None or (not isinstance(proxy, ProxyData) and len(proxy) == 0):
+        raise ValueError("a coefficient search needs the foundation and proxy data (distilled sets)")
+    for a in adapters:
+        a.check_base(foundation)
+    return proxy if isinstance(proxy, ProxyData) else prepare_proxy(foundation, proxy, collect_heads(adapters))
+
+
+def _search(loss: Callable, init: np.ndarray, cfg: MergeConfig, seed: int, **kw) -> SearchResult:
+    return search_coefficients(loss, init, optimizer=cfg.optimizer, budget=cfg.budget, bound=cfg.bound, l1=cfg.l1,
+                               seed=seed, **kw)
+
+
+def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *, cfg: MergeConfig | None = None,
+          foundation: Foundation | None = None, proxy: Proxy = None, seed: int = 0,
+          search: bool | None = None) -> MergeResult:
+    """Merge ``adapters`` with ``strategy`` in one call.
+
+    Args:
+        strategy: a key of ``STRATEGIES``.
+        adapters: the contributors, in arrival order.
+        weights: explicit coefficients, (N,) or (N, M); ``None`` = searched (if searching) or the default.
+        cfg: density, svd threshold/rank and the search settings (optimizer, budget, bound, l1, granularity,
+            search_mode).
+        foundation, proxy: needed to search coefficients (cross-entropy on the distilled sets).
+        seed: seeds DARE's random drop and the search.
+        search: search coefficients; default: yes for fusion and mixture when no ``weights`` are given and
+            foundation and proxy are. Fusion/mixture follow ``cfg.search_mode`` (sequential = fold ``merge_step``
+            over the adapters, every stage seeing all of ``proxy``; global = all N at once); any other strategy
+            searches its N (or N × M) weights globally.
+    """
+    from sim.merge import get_strategy
+
+    cfg = cfg or MergeConfig()
+    fn = get_strategy(strategy)
+    t0 = time.perf_counter()
+    if search is None:
+        search = strategy in SEQUENTIAL and weights is None and foundation is not None and bool(proxy)
+    if not search:
+        merged = fn(adapters, weights, **_strategy_options(fn, cfg, seed))
+        coeffs = None if weights is None else np.asarray(weights, dtype=np.float64)
+        return MergeResult(strategy, merged, coeffs, merge_s=time.perf_counter() - t0)
+    # Check everything before the first evaluation: optimizer name, compatibility, bases, proxy images.
+    get_optimizer(cfg.optimizer)
+    check_compatible(adapters, same_modules=strategy != "mixture", same_ranks=strategy in ("fusion", "lora_avg"))
+    data = _proxy_data(foundation, proxy, adapters)
+    if strategy in SEQUENTIAL and cfg.search_mode == "sequential":
+        result = _merge_sequentially(strategy, adapters, foundation, data, cfg, seed)
+    else:
+        result = _merge_global(strategy, fn, adapters, foundation, data, cfg, seed)
+    result.merge_s = time.perf_counter() - t0
+    return result
+
+
+def _merge_sequentially(strategy: str, adapters: Sequence[Adapter], foundation: Foundation, data: ProxyData,
+                        cfg: MergeConfig, seed: int) -> MergeResult:
+    """Fold ``merge_step`` over the adapters in order; every stage searches on all of ``data``."""
+    state = start_sequence(strategy)
+    for i, a in enumerate(adapters):
+        state = merge_step(state, a, foundation=foundation, proxy=data, cfg=cfg, seed=derive_seed(seed, "stage", i))
+    trace = [v for st in state.stages for v in st["trace"]]
+    return MergeResult(strategy, state.merged, state.coefficients, trace,
+                       stages=[{k: v for k, v in st.items() if k != "trace"} for st in state.stages])
+
+
+def _merge_global(strategy: str, fn: Callable, adapters: Sequence[Adapter], foundation: Foundation,
+                  data: ProxyData, cfg: MergeConfig, seed: int) -> MergeResult:
+    """Search all N (per-layer: N × M) coefficients at once, starting from the strategy's default weights."""
+    n, n_modules = len(adapters), len(adapters[0].modules())
+    init = default_weights(strategy, n)
+    if cfg.granularity == "layer" and strategy != "mixture":
+        init = np.repeat(init[:, None], n_modules, axis=1)
+    options = _strategy_options(fn, cfg, seed)
+    if strategy == "mixture":   # per-adapter probabilities do not depend on w: one batched pass, then sums
+        loss = mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
+    elif strategy == "fusion":
+        loss = fusion_loss(foundation, data, adapters)
+    else:
+        loss = lambda w: proxy_loss(foundation, data, fn(adapters, w, **options))  # noqa: E731
+    res = _search(loss, init, cfg, seed)
+    return MergeResult(strategy, fn(adapters, res.coefficients, **options), res.coefficients, res.trace,
+                       stages=[res.record() | {"coefficients": res.coefficients.tolist()}])
+
+
+# ------------------------------------------------------------------------------------------
+# Sequential merging as commits arrive (MedForge's Fusion and Mixture)
+# ------------------------------------------------------------------------------------------
+@dataclass
+class SequentialState:
+    """One branch merged commit by commit.
+
+    ``merged``: the current predictor; ``coefficients``: its weights over all contributors so far, (N,) or (N, M);
+    ``adapters``: the contributors a mixture keeps (fusion keeps only ``merged``); ``stages``: one dict per
+    commit (stage coefficients, objective, trace, merge_s). ``cache`` holds the mixture's per-adapter proxy
+    probabilities between stages.
+    """
+
+    strategy: str
+    merged: Adapter | Mixture | None = None
+    coefficients: np.ndarray | None = None
+    adapters: list[Adapter] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    cache: ProbabilityCache = field(default_factory=ProbabilityCache, repr=False)
+
+    @property
+    def n(self) -> int:
+        return 0 if self.coefficients is None else len(self.coefficients)
+
+    @property
+    def result(self) -> MergeResult:
+        """The latest stage as a ``MergeResult`` (its trace and merge time only)."""
+        if self.merged is None:
+            raise ValueError(f"the {self.strategy} sequence has no commit yet")
+        last = self.stages[-1]
+        return MergeResult(self.strategy, self.merged, self.coefficients, list(last["trace"]), last["merge_s"],
+                           [{k: v for k, v in last.items() if k != "trace"}])
+
+
+def start_sequence(strategy: str) -> SequentialState:
+    """An empty branch for ``strategy`` (fusion or mixture)."""
+    if strategy not in SEQUENTIAL:
+        raise ValueError(f"sequential merging is defined for {', '.join(SEQUENTIAL)}, not {strategy!r}")
+    return SequentialState(strategy)
+
+
+def merge_step(state: SequentialState, adapter: Adapter, *, foundation: Foundation | None = None, proxy: Proxy = None,
+               cfg: MergeConfig | None = None, seed: int = 0) -> SequentialState:
+    """Merge one arriving commit into a fusion/mixture branch; returns the new state (``state`` is not changed).
+
+    Stage k (k ≥ 1 contributors already merged) searches two coefficients (a, b), init 0.5 each, on ``proxy`` (the
+    distilled sets received so far): fusion ``merged ← a · merged + b · adapter`` on A and B; mixture
+    ``w ← [a · w, b]``. Without foundation or proxy there is no search and (a, b) = (k/(k+1), 1/(k+1)), i.e. the
+    running mean. The first commit is taken as it is (weight 1).
+    """
+    cfg = cfg or MergeConfig()
+    t0 = time.perf_counter()
+    k = state.n
+    # Step 1: who takes part, and can they be merged.
+    if state.strategy == "fusion":
+        pool = [adapter] if k == 0 else [state.merged, adapter]
+        check_compatible(pool, same_ranks=True)
+    else:
+        pool = state.adapters + [adapter]
+        check_compatible(pool, same_modules=False)
+    # Step 2: the stage coefficients (a, b) and the weights over all contributors.
+    per_layer = cfg.granularity == "layer" and state.strategy == "fusion"
+    n_modules = len(adapter.modules())
+    if k == 0:
+        stage, res = np.ones((1, n_modules) if per_layer else (1,)), None
+        coefficients = stage.copy()
+    else:
+        prev = state.coefficients
+        if per_layer and prev.ndim == 1:
+            prev = np.repeat(prev[:, None], n_modules, axis=1)
+        to_weights = lambda ab: fusion_weights_after(prev, np.asarray(ab, dtype=np.float64))  # noqa: E731
+        stage, res = _stage_coefficients(state, pool, to_weights, foundation, proxy, cfg, seed, per_layer, n_modules)
+        coefficients = to_weights(stage)
+    # Step 3: the merged predictor.
+    if state.strategy == "fusion":
+        merged: Adapter | Mixture = adapter if k == 0 else fusion(pool, stage)
+        if k > 0:
+            merged.meta["n_contributors"] = k + 1          # the pool is (merged so far, new) but holds k + 1
+        adapters: list[Adapter] = []
+    else:
+        merged, adapters = Mixture(pool, coefficients, {"merge_strategy": "mixture", "n_contributors": len(pool)}), pool
+    record = {"stage": k, "coefficients": np.asarray(stage).tolist(), "trace": res.trace if res else [],
+              **(res.record() if res else {}), "merge_s": time.perf_counter() - t0}
+    return dataclasses.replace(state, merged=merged, coefficients=coefficients, adapters=adapters,
+                               stages=state.stages + [record])
+
+
+def _stage_coefficients(state: SequentialState, pool: list[Adapter], to_weights: Callable,
+                        foundation: Foundation | None, proxy: Proxy, cfg: MergeConfig, seed: int, per_layer: bool,
+                        n_modules: int) -> tuple[np.ndarray, SearchResult | None]:
+    """Search (a, b) from MedForge's init 0.5 — or, without foundation or proxy, the running mean (k/(k+1), 1/(k+1))."""
+    shape = (2, n_modules) if per_layer else (2,)
+    if foundation is None or proxy is None:
+        k = state.n
+        stage = np.array([k / (k + 1), 1 / (k + 1)])
+        return (np.repeat(stage[:, None], n_modules, axis=1) if per_layer else stage), None
+    get_optimizer(cfg.optimizer)
+    data = _proxy_data(foundation, proxy, pool)
+    if state.strategy == "fusion":
+        res = _search(fusion_loss(foundation, data, pool), np.full(shape, 0.5), cfg, seed)
+    else:
+        probs = state.cache.probabilities(foundation, pool, data)
+        res = _search(mixture_loss(probs, data, to_weights), np.full(shape, 0.5), cfg, seed, penalised=to_weights)
+    return res.coefficients, res

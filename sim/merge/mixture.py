@@ -1,0 +1,217 @@
+"""MedForge's Mixture (Tan et al., "MedForge", arXiv 2502.16055; official code ``model_mixture.py``), space: output.
+
+A ``Mixture`` keeps all N adapters and predicts ``q ∝ max(0, Σ w_i softmax(logits of adapter i))``: for
+non-negative weights summing to 1 this is exactly Σ w_i p_i; otherwise it is renormalised per row (negative mass
+clipped) so that it stays a distribution, which the cross-entropy objective scores. MedForge searches the
+weights sequentially: at each new commit two coefficients (a, b) give ``w ← [a · w_prev, b]`` (it rescales the
+previous weights every stage); the ``global`` mode searches all N at once.
+
+The N adapters are evaluated batched: their merged weights ``W + ΔW_i`` are stacked and one
+``torch.vmap(functional_call)`` pass runs all of them (in chunks bounded by ``max_weight_bytes``); attention
+runs unfused inside vmap because the fused CPU kernel has no batching rule. During a search the per-adapter
+probabilities on the proxy data do not depend on w, so they are computed once (``ProbabilityCache``) and each
+evaluation is a weighted sum.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from sim.coefficients import ProxyData, probabilities_cross_entropy
+from sim.merge.base import Weights, check_compatible, collect_heads, common_base
+from sim.model import Adapter, Foundation, load_adapter, logits_from_features, save_adapter
+
+MIXTURE_FILE = "mixture.json"
+
+
+@dataclass
+class Mixture:
+    """Output-level predictor: N adapters and their weights (N,)."""
+
+    adapters: list[Adapter]
+    weights: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weights = np.asarray(self.weights, dtype=np.float64).reshape(-1)
+        if len(self.adapters) == 0 or len(self.weights) != len(self.adapters):
+            raise ValueError(f"a mixture needs one weight per adapter, got {len(self.weights)} weights for "
+                             f"{len(self.adapters)} adapters")
+        if not np.isfinite(self.weights).all():
+            raise ValueError("mixture weights must be finite")
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return common_base(self.adapters)
+
+    def check_base(self, foundation: Foundation) -> None:
+        for a in self.adapters:
+            a.check_base(foundation)
+
+    def num_bytes(self) -> int:
+        return sum(a.num_bytes() for a in self.adapters)
+
+
+def mixture(adapters: Sequence[Adapter], weights: Weights = None) -> Mixture:
+    """MedForge Mixture with given weights, space output: Σ w_i softmax(logits_i); default w_i = 1/N.
+
+    Adapters may target different modules; their bases must agree. Per-layer weights are not defined here.
+    """
+    check_compatible(adapters, same_modules=False)
+    n = len(adapters)
+    w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) != n:
+        raise ValueError(f"mixture weights must have {n} entries (one per adapter), got shape {w.shape}")
+    return Mixture(list(adapters), w, {"merge_strategy": "mixture", "n_contributors": n})
+
+
+def combine_probabilities(probs: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(N, n, K) per-adapter probabilities and (N,) weights → (n, K) mixture distribution (see module doc)."""
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=probs.device)
+    mixed = torch.einsum("i,ink->nk", w, probs).clamp_min(0.0)                   # (n, K)
+    total = mixed.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(mixed, 1.0 / mixed.shape[1])
+    return torch.where(total > 1e-12, mixed / total.clamp_min(1e-12), uniform)
+
+
+# ------------------------------------------------------------------------------------------
+# Batched evaluation of N adapters
+# ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _unfused_attention(backbone: torch.nn.Module) -> Iterator[None]:
+    """timm attention with explicit matmuls (vmap has no batching rule for the fused CPU kernel)."""
+    mods = [m for m in backbone.modules() if hasattr(m, "fused_attn")]
+    before = [m.fused_attn for m in mods]
+    for m in mods:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, value in zip(mods, before):
+            m.fused_attn = value
+
+
+def stacked_weights(foundation: Foundation, adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """{module.weight: (N, out, in)} = W + ΔW_i for every module any adapter touches (W where one does not)."""
+    for a in adapters:
+        a.check_base(foundation)
+    own = [set(a.modules()) for a in adapters]
+    out = {}
+    for m in sorted(set().union(*own)):
+        w = foundation.weight(m)                                                        # (out, in)
+        out[f"{m}.weight"] = torch.stack([w + a.delta(m).to(w.device) if m in mods else w
+                                          for a, mods in zip(adapters, own)])
+    return out
+
+
+@torch.inference_mode()
+def adapter_features(foundation: Foundation, adapters: Sequence[Adapter], x: torch.Tensor, *,
+                     images_per_pass: int = 1024, max_weight_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Pooled features (N, n, D) of normalised images ``x`` (n, 3, S, S) under each adapter, batched with vmap."""
+    per_adapter = sum(foundation.weight(m).numel() * 4 for m in {m for a in adapters for m in a.modules()})
+    chunk = max(1, int(max_weight_bytes // max(per_adapter, 1)))
+    backbone = foundation.backbone
+
+    def forward(weights: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(backbone, weights, (xb,), strict=False)
+
+    parts = []
+    with _unfused_attention(backbone):
+        for c in range(0, len(adapters), chunk):
+            stacked = stacked_weights(foundation, adapters[c:c + chunk])                # (n_c, out, in) each
+            n_c = len(adapters[c:c + chunk])
+            step = max(1, images_per_pass // n_c)
+            feats = [torch.vmap(forward, in_dims=(0, None))(stacked, x[i:i + step])     # (n_c, b, D)
+                     for i in range(0, x.shape[0], step)]
+            parts.append(torch.cat(feats, dim=1))
+    return torch.cat(parts, dim=0)
+
+
+def adapter_probabilities(foundation: Foundation, feats: torch.Tensor, task: str, classes: Sequence[str],
+                          head: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, n, D) features → (N, n, K) class probabilities on ``task``'s classes."""
+    n_adapters, n, d = feats.shape
+    logits = logits_from_features(feats.reshape(n_adapters * n, d), task, classes, foundation.cfg.tau, head)
+    return torch.softmax(logits, dim=1).reshape(n_adapters, n, -1)
+
+
+@torch.inference_mode()
+def mixture_proba(foundation: Foundation, mix: Mixture, x: np.ndarray, task: str, classes: Sequence[str],
+                  batch_size: int = 256) -> np.ndarray:
+    """Mixture class probabilities (n, K) for images ``x`` (n, 3, S, S), uint8 or float in [0, 1]."""
+    head = collect_heads(mix.adapters).get(task)
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = foundation.normalize(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])))
+        probs = adapter_probabilities(foundation, adapter_features(foundation, mix.adapters, xb), task, classes, head)
+        out.append(combine_probabilities(probs, mix.weights))
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(classes)), np.float32)
+
+
+class ProbabilityCache:
+    """Per-(adapter, proxy set) probabilities, computed batched and kept across search stages.
+
+    Entries are keyed by the adapter's identity and the set's content hash; the cache holds a reference to each
+    adapter so that identities stay unique.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[int, str], tuple[Adapter, torch.Tensor]] = {}
+
+    def probabilities(self, foundation: Foundation, adapters: Sequence[Adapter], data: ProxyData) -> list[torch.Tensor]:
+        """For each proxy set, (N, n_s, K_s) probabilities of the N adapters (missing ones computed in one pass)."""
+        out = []
+        for s in data.sets:
+            missing = [a for a in adapters if (id(a), s.key) not in self._store]
+            if missing:
+                feats = adapter_features(foundation, missing, data.x[s.start:s.stop])
+                probs = adapter_probabilities(foundation, feats, s.task, s.classes, s.head)
+                for a, p in zip(missing, probs):
+                    self._store[(id(a), s.key)] = (a, p)
+            out.append(torch.stack([self._store[(id(a), s.key)][1] for a in adapters]))
+        return out
+
+
+def mixture_loss(probs: list[torch.Tensor], data: ProxyData,
+                 to_weights: Callable[[np.ndarray], np.ndarray] = lambda w: w) -> Callable[[np.ndarray], float]:
+    """Cross-entropy of the mixture on the proxy data as a function of the searched coefficients.
+
+    ``to_weights`` maps searched coefficients to weights over all N adapters (sequential: ``[a · w_prev, b]``).
+    """
+    def loss(c: np.ndarray) -> float:
+        w = to_weights(np.asarray(c, dtype=np.float64))
+        return probabilities_cross_entropy([combine_probabilities(p, w) for p in probs], data)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------
+# Files: a dir of adapters plus mixture.json
+# ------------------------------------------------------------------------------------------
+def save_mixture(mix: Mixture, out_dir: str | Path) -> Path:
+    """Write ``adapter_000/ … adapter_{N-1}/`` (peft adapter dirs) and ``mixture.json`` with the weights."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"adapter_{i:03d}" for i in range(len(mix.adapters))]
+    for name, a in zip(names, mix.adapters):
+        save_adapter(a, out / name)
+    doc = {"format": "forgesim-mixture", "strategy": "mixture", "adapters": names,
+           "weights": [float(w) for w in mix.weights], "base_fingerprint": mix.base_fingerprint, "meta": mix.meta}
+    (out / MIXTURE_FILE).write_text(json.dumps(doc, indent=2, default=str))
+    return out
+
+
+def load_mixture(path: str | Path) -> Mixture:
+    """Read a dir written by ``save_mixture``."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / MIXTURE_FILE).read_text())
+        names, weights = doc["adapters"], doc["weights"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path} is not a mixture dir (needs a readable {MIXTURE_FILE}): {exc}") from None
+    return Mixture([load_adapter(path / n) for n in names], np.asarray(weights), doc.get("meta") or {})

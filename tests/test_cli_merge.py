@@ -1,0 +1,181 @@
+"""``forgesim merge``: round trips over peft adapter dirs, mixtures, proxy search, and clean failures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from experiments.cli import main
+from sim.config import MergeConfig, config_to_dict
+from sim.data.base import DistilledSet
+from sim.merge import load_mixture, merge
+from sim.model import PEFT_PREFIX, Adapter, load_adapter, save_adapter
+
+MODULES = ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny forward passes: one intra-op thread is much faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_adapter(seed: int, r: int = 3, out_f: int = 96, in_f: int = 32, base: str | None = "base0",
+                 modules: tuple[str, ...] = MODULES, alpha: float = 6.0) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for m in modules:
+        w[f"{PEFT_PREFIX}{m}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * 0.1
+        w[f"{PEFT_PREFIX}{m}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.1
+    return Adapter(w, alpha, base, meta={"task": "t"})
+
+
+def write(tmp_path, name: str, adapter: Adapter) -> str:
+    return str(save_adapter(adapter, tmp_path / name))
+
+
+def write_peft_dir(tmp_path, seed: int) -> tuple[str, Adapter]:
+    """An adapter dir written by peft itself (no forgesim metadata), and the same factors as an Adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.ModuleDict({"blocks": torch.nn.ModuleList(
+        [torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"qkv": torch.nn.Linear(32, 96)})}) for _ in range(2)])})
+    peft_model = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=["qkv"]))
+    like = make_adapter(seed)
+    with torch.no_grad():
+        for m in MODULES:
+            layer = peft_model.base_model.model.get_submodule(m)
+            layer.lora_A["default"].weight.copy_(like.factors(m)[0])
+            layer.lora_B["default"].weight.copy_(like.factors(m)[1])
+    out = tmp_path / f"peft{seed}"
+    peft_model.save_pretrained(str(out))
+    assert not (out / "forgesim_adapter.json").exists()
+    return str(out), like
+
+
+def test_svd_round_trip(tmp_path, capsys):
+    # Prepare
+    adapters = [make_adapter(i) for i in range(3)]
+    dirs = [write(tmp_path, f"a{i}", a) for i, a in enumerate(adapters)]
+    out = tmp_path / "merged"
+    # Execute
+    code = main(["merge", "--strategy", "svd", "--adapters", *dirs, "--svd-threshold", "0.8", "--rank", "4",
+                 "--out", str(out)])
+    # Assert: the written peft dir holds what the library computes, and merge.json says how
+    assert code == 0
+    merged = load_adapter(out)
+    expected = merge("svd", adapters, cfg=MergeConfig(svd_threshold=0.8, svd_rank=4)).merged
+    for m in MODULES:
+        torch.testing.assert_close(merged.delta(m), expected.delta(m))
+        assert merged.rank(m) <= 4 and merged.scaling(m) == 1.0
+    assert merged.base_fingerprint == "base0"
+    summary = json.loads((out / "merge.json").read_text())
+    assert summary["strategy"] == "svd" and summary["merge_config"]["svd_rank"] == 4
+    assert "svd: 3 adapters -> adapter of max rank" in capsys.readouterr().out
+
+
+def test_peft_written_dirs_and_weights(tmp_path):
+    # Prepare: one dir from peft itself (no base fingerprint), one from forgesim
+    peft_dir, peft_like = write_peft_dir(tmp_path, seed=7)
+    ours = make_adapter(8)
+    # Execute
+    code = main(["merge", "--strategy", "task_arithmetic", "--adapters", peft_dir, write(tmp_path, "b", ours),
+                 "--weights", "0.5,2", "--out", str(tmp_path / "out")])
+    # Assert
+    assert code == 0
+    merged = load_adapter(tmp_path / "out")
+    for m in MODULES:
+        torch.testing.assert_close(merged.delta(m), 0.5 * peft_like.delta(m) + 2.0 * ours.delta(m),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_mixture_writes_its_adapters_and_weights(tmp_path):
+    adapters = [make_adapter(i) for i in range(2)]
+    dirs = [write(tmp_path, f"a{i}", a) for i, a in enumerate(adapters)]
+    code = main(["merge", "--strategy", "mixture", "--adapters", *dirs, "--weights", "0.25,0.75",
+                 "--out", str(tmp_path / "mix")])
+    assert code == 0
+    mix = load_mixture(tmp_path / "mix")
+    np.testing.assert_allclose(mix.weights, [0.25, 0.75])
+    doc = json.loads((tmp_path / "mix" / "mixture.json").read_text())
+    assert doc["adapters"] == ["adapter_000", "adapter_001"]
+    torch.testing.assert_close(mix.adapters[1].delta(MODULES[0]), adapters[1].delta(MODULES[0]))
+
+
+@pytest.fixture()
+def search_inputs(tmp_path, tiny_cfg, tiny_foundation, tiny_cohort):
+    """Adapters on the tiny foundation, a proxy .npz and the config file that rebuilds that foundation."""
+    shape = tuple(tiny_foundation.weight(MODULES[0]).shape)
+    dirs = [write(tmp_path, f"a{i}", make_adapter(i, out_f=shape[0], in_f=shape[1],
+                                                   base=tiny_foundation.fingerprint)) for i in range(3)]
+    inst = tiny_cohort.institutions[0]
+    proxy = DistilledSet(inst.task, inst.classes, inst.train.x[:12].astype(np.float32) / 255.0, inst.train.y[:12])
+    proxy_file = str(proxy.save(tmp_path / "distilled.npz"))
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(config_to_dict(tiny_cfg)))
+    return dirs, proxy_file, str(cfg_file)
+
+
+@pytest.mark.parametrize("strategy", ["fusion", "mixture"])
+def test_search_on_proxy_data(strategy, tmp_path, search_inputs):
+    dirs, proxy_file, cfg_file = search_inputs
+    out = tmp_path / "searched"
+    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, "--proxy", proxy_file, "--config", cfg_file,
+                 "--budget", "5", "--seed", "3", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "merge.json").read_text())
+    assert len(summary["trace"]) == 2 * 5 and len(summary["stages"]) == 3      # sequential: 2 searches of 5
+    assert len(summary["coefficients"]) == 3
+    assert summary["record"]["objective"] <= summary["record"]["initial_objective"]
+
+
+def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
+    good = [write(tmp_path, f"g{i}", make_adapter(i)) for i in range(2)]
+    dirs, proxy_file, cfg_file = search_inputs
+    return {
+        "shape": (["--strategy", "ties", "--adapters", good[0], write(tmp_path, "s", make_adapter(5, out_f=90))],
+                  "different shapes"),
+        "base": (["--strategy", "svd", "--adapters", good[0], write(tmp_path, "b", make_adapter(5, base="zzz"))],
+                 "different bases"),
+        "modules": (["--strategy", "task_arithmetic", "--adapters", good[0],
+                     write(tmp_path, "m", make_adapter(5, modules=MODULES[:1]))], "different modules"),
+        "ranks": (["--strategy", "lora_avg", "--adapters", good[0], write(tmp_path, "r", make_adapter(5, r=4))],
+                  "equal ranks"),
+        "weights": (["--strategy", "svd", "--adapters", *good, "--weights", "1,2,3"], "needs 2 finite numbers"),
+        "strategy": (["--strategy", "avg", "--adapters", *good], "unknown; known: lora_avg"),
+        "missing": (["--strategy", "svd", "--adapters", good[0], str(tmp_path / "nope")], "is not a directory"),
+        "not_peft": (["--strategy", "svd", "--adapters", good[0], str(tmp_path)], "is not a peft adapter dir"),
+        "density": (["--strategy", "ties", "--adapters", *good, "--density", "1.5"], "merge.density must be"),
+        "foundation": (["--strategy", "fusion", "--adapters", *good, "--proxy", proxy_file, "--config", cfg_file],
+                       "trained on base base0"),
+        "optimizer": (["--strategy", "fusion", "--adapters", *dirs, "--proxy", proxy_file, "--config", cfg_file,
+                       "--optimizer", "Nope"], "unknown optimizer"),
+    }
+
+
+@pytest.mark.parametrize("case", ["shape", "base", "modules", "ranks", "weights", "strategy", "missing", "not_peft",
+                                  "density", "foundation", "optimizer"])
+def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, search_inputs, capsys):
+    args, message = _bad_cases(tmp_path, search_inputs)[case]
+    out = tmp_path / "out"
+    code = main(["merge", *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("forgesim: error: ") and len(err.splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_non_empty_out_is_refused(tmp_path, capsys):
+    dirs = [write(tmp_path, f"a{i}", make_adapter(i)) for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["merge", "--strategy", "svd", "--adapters", *dirs, "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -1,0 +1,371 @@
+"""Merge strategies: registry-wide properties, hand-computed tiny cases, cross-checks against peft."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from sim.config import MergeConfig
+from sim.data.base import derive_seed
+from sim.merge import (STRATEGIES, Mixture, get_strategy, load_mixture, merge, merge_step, mixture_proba,
+                       save_mixture, start_sequence)
+from sim.merge.mixture import adapter_features, combine_probabilities
+from sim.merge.svd import kept_rank, lowrank_svd, stacked_factors
+from sim.metrics import predict_proba
+from sim.model import PEFT_PREFIX, Adapter, load_adapter, save_adapter
+
+MODULES = ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
+
+
+def make_adapter(seed: int, r: int = 3, out_f: int = 12, in_f: int = 8, alpha: float = 6.0,
+                 modules: tuple[str, ...] = MODULES, base: str | None = "base0", scale: float = 1.0) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for m in modules:
+        w[f"{PEFT_PREFIX}{m}.lora_A.weight"] = torch.randn(r, in_f, generator=g)
+        w[f"{PEFT_PREFIX}{m}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * scale
+    return Adapter(w, alpha, base)
+
+
+def from_delta(*deltas: list[list[float]]) -> list[Adapter]:
+    """Adapters whose ΔW of one module is exactly the given matrix (A = I, B = ΔW, alpha = r → scaling 1)."""
+    out = []
+    for d in deltas:
+        b = torch.tensor(d, dtype=torch.float32)
+        r = b.shape[1]
+        out.append(Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.eye(r),
+                            f"{PEFT_PREFIX}m.lora_B.weight": b}, float(r), None))
+    return out
+
+
+def delta_of(merged, module: str) -> torch.Tensor:
+    return merged.delta(module)
+
+
+# Everything the strategies take from the config, with density 1 so that pruning methods keep every entry.
+KEEP_ALL = MergeConfig(density=1.0, svd_threshold=1.0)
+HOMOGENEITY = {"lora_avg": 2, "fusion": 2, "mixture": 0}         # merged(c·w) = c^degree · merged(w); others 1
+NOT_PERMUTATION_INVARIANT = {"dare_linear", "dare_ties"}           # random drop masks follow the adapter order
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These tests run many tiny forward passes; on a busy 2-core machine one intra-op thread is much faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ------------------------------------------------------------------------------------------
+# Registry-wide properties
+# ------------------------------------------------------------------------------------------
+def test_get_strategy_lists_known_names_on_typo():
+    with pytest.raises(ValueError, match="unknown merge strategy 'svdd'; known: lora_avg, fusion, mixture"):
+        get_strategy("svdd")
+    assert get_strategy("ties") is STRATEGIES["ties"]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategy_properties(name, tiny_foundation):
+    # Prepare: three adapters on the tiny foundation's qkv shapes, different alphas
+    shape = tuple(tiny_foundation.weight(MODULES[0]).shape)
+    adapters = [make_adapter(i, out_f=shape[0], in_f=shape[1], alpha=4.0 + 2 * i, scale=0.05,
+                             base=tiny_foundation.fingerprint) for i in range(3)]
+    w = np.array([0.5, 0.3, 0.2])
+    x = np.random.default_rng(0).random((6, 3, 16, 16), dtype=np.float32)
+
+    def outputs(result):
+        if isinstance(result, Mixture):
+            return torch.from_numpy(predict_proba(tiny_foundation, result, x, "t", ("a", "b", "c")))
+        return torch.stack([result.delta(m) for m in MODULES])
+
+    # Execute
+    merged = merge(name, adapters, w, cfg=MergeConfig(density=0.6), seed=3).merged
+    single = merge(name, adapters[:1], cfg=KEEP_ALL).merged
+    scaled = merge(name, adapters, 2.0 * w, cfg=MergeConfig(density=0.6), seed=3).merged
+    order = [2, 0, 1]
+    permuted = merge(name, [adapters[i] for i in order], w[order], cfg=MergeConfig(density=0.6), seed=3).merged
+
+    # Assert: finite; one contributor gives back its own ΔW (its own predictions for the mixture)
+    assert torch.isfinite(outputs(merged)).all()
+    if isinstance(single, Mixture):
+        own = predict_proba(tiny_foundation, adapters[0], x, "t", ("a", "b", "c"))
+        np.testing.assert_allclose(outputs(single).numpy(), own, atol=1e-5)
+    else:
+        torch.testing.assert_close(outputs(single), torch.stack([adapters[0].delta(m) for m in MODULES]),
+                                   atol=1e-4, rtol=1e-4)
+        assert single.base_fingerprint == tiny_foundation.fingerprint
+    # weights: scaling all of them by 2 scales the result by 2^degree (as each docstring states)
+    degree = HOMOGENEITY.get(name, 1)
+    torch.testing.assert_close(outputs(scaled), 2.0 ** degree * outputs(merged), atol=1e-4, rtol=1e-4)
+    # permuting contributors together with their weights changes nothing, except DARE's random masks
+    if name not in NOT_PERMUTATION_INVARIANT:
+        torch.testing.assert_close(outputs(permuted), outputs(merged), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"mixture"}))
+def test_parameter_space_result_saves_as_peft_dir_with_right_scaling(name, tmp_path):
+    from peft import get_peft_model
+
+    # Prepare: uneven ranks come out of svd; everything else has one rank
+    adapters = [make_adapter(i, r=2 + i, alpha=3.0) for i in range(3)] if name not in ("lora_avg", "fusion") \
+        else [make_adapter(i, alpha=3.0 + i) for i in range(3)]
+    merged = merge(name, adapters, cfg=MergeConfig(svd_threshold=0.8)).merged
+
+    # Execute: write, read back, and let peft build its LoRA layers from the written config
+    save_adapter(merged, tmp_path / "m")
+    back = load_adapter(tmp_path / "m")
+    model = get_peft_model(torch.nn.ModuleDict({"blocks": torch.nn.ModuleList(
+        [torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"qkv": torch.nn.Linear(8, 12)})}) for _ in range(2)])}),
+        back.to_peft_config())
+
+    # Assert: same ΔW after the round trip, and peft's own scaling per module equals ours
+    for m in MODULES:
+        torch.testing.assert_close(back.delta(m), merged.delta(m))
+        layer = model.base_model.model.get_submodule(m)
+        assert layer.scaling["default"] == pytest.approx(merged.scaling(m))
+        assert layer.r["default"] == merged.rank(m)
+
+
+# ------------------------------------------------------------------------------------------
+# Hand-computed tiny cases
+# ------------------------------------------------------------------------------------------
+def test_task_arithmetic_hand_computed():
+    # Prepare: ΔW_1 = [[1, 0], [0, 0]], ΔW_2 = [[0, 0], [0, 2]] from rank-1 factors, alpha = r = 1
+    a1 = Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.tensor([[1.0, 0.0]]),
+                  f"{PEFT_PREFIX}m.lora_B.weight": torch.tensor([[1.0], [0.0]])}, 1.0)
+    a2 = Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.tensor([[0.0, 1.0]]),
+                  f"{PEFT_PREFIX}m.lora_B.weight": torch.tensor([[0.0], [2.0]])}, 1.0)
+    # Execute
+    merged = STRATEGIES["task_arithmetic"]([a1, a2], [0.5, 2.0])
+    avg = STRATEGIES["lora_avg"]([a1, a2])
+    # Assert: 0.5 ΔW_1 + 2 ΔW_2; the factor average instead mixes cross terms B_i A_j (Med-LEGO eq. 2)
+    torch.testing.assert_close(merged.delta("m"), torch.tensor([[0.5, 0.0], [0.0, 4.0]]))
+    torch.testing.assert_close(avg.delta("m"), torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
+
+
+def test_magmax_hand_computed():
+    # Prepare
+    adapters = from_delta([[1.0, -3.0], [2.0, 0.0]], [[-2.0, 1.0], [1.5, 0.5]])
+    # Execute
+    merged = STRATEGIES["magmax"](adapters)
+    weighted = STRATEGIES["magmax"](adapters, [1.0, 3.0])
+    # Assert: per entry the value of largest magnitude, after weighting; |-3| = |3 · 1| is a tie, the first wins
+    torch.testing.assert_close(merged.delta("m"), torch.tensor([[-2.0, -3.0], [2.0, 0.5]]))
+    torch.testing.assert_close(weighted.delta("m"), torch.tensor([[-6.0, -3.0], [4.5, 1.5]]))
+
+
+def test_ties_hand_computed():
+    # Prepare: density 0.5 keeps the 2 largest entries of each 2x2 ΔW
+    adapters = from_delta([[1.0, -3.0], [2.0, 0.0]], [[-2.0, 1.0], [1.5, 0.5]])
+    # Execute
+    merged = STRATEGIES["ties"](adapters, density=0.5)
+    # Assert: trimmed [[0,-3],[2,0]] and [[-2,0],[1.5,0]]; elected signs [[-,-],[+,+]]; disjoint mean
+    torch.testing.assert_close(merged.delta("m"), torch.tensor([[-2.0, -3.0], [1.75, 0.0]]))
+
+
+def test_svd_threshold_and_rank_hand_computed():
+    # Prepare: ΔW = diag(3, 1): singular-value shares 0.75, 1.0
+    adapters = from_delta([[3.0, 0.0], [0.0, 1.0]])
+    # Execute
+    low = STRATEGIES["svd"](adapters, threshold=0.7)
+    full = STRATEGIES["svd"](adapters, threshold=0.9)
+    capped = STRATEGIES["svd"](adapters, threshold=1.0, rank=1)
+    # Assert
+    torch.testing.assert_close(low.delta("m"), torch.tensor([[3.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(full.delta("m"), torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(capped.delta("m"), torch.tensor([[3.0, 0.0], [0.0, 0.0]]))
+    assert (low.rank("m"), full.rank("m"), capped.rank("m")) == (1, 2, 1)
+    assert low.scaling("m") == 1.0
+
+
+def test_kept_rank_edges():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])                       # shares 0.4, 0.7, 0.9, 1.0
+    assert [kept_rank(s, v) for v in (0.3, 0.4, 0.41, 0.9, 0.95, 1.0)] == [1, 1, 2, 3, 4, 4]
+    assert kept_rank(s, 1.0, rank=2) == 2
+    assert kept_rank(torch.tensor([5.0, 1e-9]), 1.0) == 1        # round-off is not rank
+    assert kept_rank(torch.zeros(3), 0.9) == 1                   # an all-zero update still has a factor
+
+
+def test_mixture_combination_hand_computed():
+    probs = torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]]])           # (N=2, n=1, K=2)
+    torch.testing.assert_close(combine_probabilities(probs, [0.5, 0.5]), torch.tensor([[0.55, 0.45]]))
+    torch.testing.assert_close(combine_probabilities(probs, [1.0, -1.0]), torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(combine_probabilities(probs, [0.0, 0.0]), torch.tensor([[0.5, 0.5]]))
+
+
+def test_incompatible_adapters_are_rejected():
+    a = make_adapter(0)
+    with pytest.raises(ValueError, match="different bases"):
+        merge("svd", [a, make_adapter(1, base="other")])
+    with pytest.raises(ValueError, match="shapes"):
+        merge("ties", [a, make_adapter(1, out_f=10)])
+    with pytest.raises(ValueError, match="different modules"):
+        merge("task_arithmetic", [a, make_adapter(1, modules=MODULES[:1])])
+    with pytest.raises(ValueError, match="equal ranks"):
+        merge("lora_avg", [a, make_adapter(1, r=4)])
+    with pytest.raises(ValueError, match="3 entries"):
+        merge("svd", [a, make_adapter(1), make_adapter(2)], [0.5, 0.5])
+    merge("svd", [a, make_adapter(1, r=5)])                      # ranks may differ in ΔW space
+
+
+# ------------------------------------------------------------------------------------------
+# SVD: the QR path equals a dense SVD
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, r, out_f, in_f", [(3, 4, 40, 30),      # R = 12 < 30: QR of the stacked factors
+                                              (5, 8, 40, 30),      # R = 40 >= 30: Gram MᵀM
+                                              (5, 8, 30, 40)])     # R = 40 >= 30, out < in: Gram M Mᵀ
+def test_svd_lowrank_path_equals_dense_svd(n, r, out_f, in_f):
+    # Prepare
+    adapters = [make_adapter(i, r=r, out_f=out_f, in_f=in_f, alpha=float(r + i)) for i in range(n)]
+    w = torch.linspace(0.2, 1.0, n)
+    b_cat, a_cat = stacked_factors(adapters, MODULES[0], w)
+    dense = sum(wi * a.delta(MODULES[0]) for wi, a in zip(w.tolist(), adapters))
+    # Execute
+    left, s, right = lowrank_svd(b_cat, a_cat)
+    merged = STRATEGIES["svd"](adapters, w, threshold=0.9)
+    exact = STRATEGIES["svd"](adapters, w, threshold=1.0)
+    # Assert: same singular values, same kept rank, same truncated matrix as a dense SVD; v = 1 keeps M
+    ud, sd, vhd = torch.linalg.svd(dense, full_matrices=False)
+    tol = {"atol": 1e-4 * float(sd[0]), "rtol": 1e-4}
+    q = min(s.shape[0], sd.shape[0])
+    torch.testing.assert_close(s[:q], sd[:q], **tol)
+    assert float(torch.cat([s[q:], sd[q:], torch.zeros(1)]).max()) < 1e-4 * float(sd[0])
+    k = kept_rank(sd, 0.9)
+    assert merged.rank(MODULES[0]) == k
+    torch.testing.assert_close(merged.delta(MODULES[0]), ud[:, :k] @ torch.diag(sd[:k]) @ vhd[:k], **tol)
+    torch.testing.assert_close(exact.delta(MODULES[0]), dense, **tol)
+    torch.testing.assert_close(left @ right, dense, **tol)
+
+
+# ------------------------------------------------------------------------------------------
+# Cross-checks against peft where the definitions agree
+# ------------------------------------------------------------------------------------------
+def _peft_merge(adapters: list[Adapter], weights: list[float], combination: str, **kw) -> dict[str, torch.Tensor]:
+    """ΔW per module of peft's ``add_weighted_adapter`` on a model of Linear(8, 12) layers."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    base = torch.nn.ModuleDict({"blocks": torch.nn.ModuleList(
+        [torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"qkv": torch.nn.Linear(8, 12)})}) for _ in range(2)])})
+    model = get_peft_model(base, adapters[0].to_peft_config(), adapter_name="a0")
+    for i, a in enumerate(adapters):
+        if i:
+            model.add_adapter(f"a{i}", a.to_peft_config())
+        set_peft_model_state_dict(model, a.weights, adapter_name=f"a{i}")
+    model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], weights, "merged",
+                               combination_type=combination, **kw)
+    return {m: model.base_model.model.get_submodule(m).get_delta_weight("merged").detach() for m in MODULES}
+
+
+def test_svd_matches_peft_svd():
+    adapters = [make_adapter(i, r=3, alpha=2.0 + i) for i in range(3)]
+    w = [0.5, 1.0, -0.7]
+    ours = STRATEGIES["svd"](adapters, w, threshold=1.0, rank=4)
+    theirs = _peft_merge(adapters, w, "svd", svd_rank=4)
+    for m in MODULES:
+        torch.testing.assert_close(ours.delta(m), theirs[m], atol=1e-4, rtol=1e-4)
+
+
+def test_task_arithmetic_matches_peft_cat():
+    adapters = [make_adapter(i, r=2, alpha=1.0 + i) for i in range(3)]   # Σ r = 6 < 8: stacked factors
+    w = [0.3, -1.2, 0.8]
+    ours = STRATEGIES["task_arithmetic"](adapters, w)
+    theirs = _peft_merge(adapters, w, "cat")
+    for m in MODULES:
+        torch.testing.assert_close(ours.delta(m), theirs[m], atol=1e-5, rtol=1e-5)
+    assert ours.rank(MODULES[0]) == 6
+
+
+def test_lora_avg_matches_peft_linear_with_squared_weights():
+    # peft's "linear" scales A and B by sqrt(w_i · s_i); ours scales both by w_i: same for w_peft = w² (w > 0)
+    adapters = [make_adapter(i, alpha=6.0) for i in range(3)]
+    w = [0.2, 0.5, 0.9]
+    ours = STRATEGIES["lora_avg"](adapters, w)
+    theirs = _peft_merge(adapters, [x * x for x in w], "linear")
+    for m in MODULES:
+        torch.testing.assert_close(ours.delta(m), theirs[m], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
+def test_delta_space_methods_match_peft_svd_variants_at_full_rank(name):
+    # peft's "<name>_svd" applies merge_utils.<name> to the ΔW_i, then an SVD; at rank min(out, in) it is exact
+    adapters = [make_adapter(i, alpha=2.0 + i) for i in range(3)]
+    w = [1.0, 0.6, 0.8]
+    ours = STRATEGIES[name](adapters, w, density=0.4)
+    theirs = _peft_merge(adapters, w, f"{name}_svd", svd_rank=8, density=0.4)
+    for m in MODULES:
+        torch.testing.assert_close(ours.delta(m), theirs[m], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_applies_merge_utils_to_delta_with_a_per_module_seed(name):
+    adapters = [make_adapter(i) for i in range(3)]
+    w = torch.tensor([0.5, 0.25, 1.0])
+    ours = STRATEGIES[name](adapters, w, density=0.3, seed=11)
+    again = STRATEGIES[name](adapters, w, density=0.3, seed=11)
+    other = STRATEGIES[name](adapters, w, density=0.3, seed=12)
+    for m in MODULES:
+        torch.manual_seed(derive_seed(11, "dare", m))
+        expected = getattr(merge_utils, name)([a.delta(m) for a in adapters], w, 0.3)
+        torch.testing.assert_close(ours.delta(m), expected)
+        torch.testing.assert_close(again.delta(m), ours.delta(m))
+        assert not torch.allclose(other.delta(m), ours.delta(m))
+
+
+# ------------------------------------------------------------------------------------------
+# Mixture: batched evaluation, predictions, files
+# ------------------------------------------------------------------------------------------
+def test_mixture_is_batched_and_equals_the_weighted_average(tiny_foundation, tmp_path):
+    # Prepare
+    shape = tuple(tiny_foundation.weight(MODULES[0]).shape)
+    adapters = [make_adapter(i, out_f=shape[0], in_f=shape[1], scale=0.05, base=tiny_foundation.fingerprint)
+                for i in range(3)]
+    x = np.random.default_rng(1).random((5, 3, 16, 16), dtype=np.float32)
+    classes = ("a", "b", "c")
+    # Execute
+    feats = adapter_features(tiny_foundation, adapters, tiny_foundation.normalize(torch.from_numpy(x)),
+                             max_weight_bytes=1)                      # chunks of one adapter exercise the chunking
+    mix = STRATEGIES["mixture"](adapters, [0.2, 0.3, 0.5])
+    proba = mixture_proba(tiny_foundation, mix, x, "t", classes)
+    save_mixture(mix, tmp_path / "mix")
+    back = load_mixture(tmp_path / "mix")
+    # Assert: the vmap pass equals one forward per adapter; Σ w_i p_i; the files round-trip
+    for i, a in enumerate(adapters):
+        torch.testing.assert_close(feats[i], tiny_foundation.features(torch.from_numpy(x),
+                                                                      tiny_foundation.merged_weights(a)),
+                                   atol=1e-4, rtol=1e-4)
+    expected = sum(w * predict_proba(tiny_foundation, a, x, "t", classes) for w, a in zip(mix.weights, adapters))
+    np.testing.assert_allclose(proba, expected, atol=1e-5)
+    np.testing.assert_allclose(back.weights, mix.weights)
+    np.testing.assert_allclose(mixture_proba(tiny_foundation, back, x, "t", classes), proba, atol=1e-6)
+    assert (tmp_path / "mix" / "adapter_002" / "adapter_config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# Sequential merging without search: the running mean
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["adapter", "layer"])
+def test_sequential_fusion_without_proxy_is_the_running_mean(granularity):
+    adapters = [make_adapter(i) for i in range(4)]
+    cfg = MergeConfig(granularity=granularity)
+    state = start_sequence("fusion")
+    for a in adapters:
+        state = merge_step(state, a, cfg=cfg)
+    expected = STRATEGIES["lora_avg"](adapters)
+    np.testing.assert_allclose(np.asarray(state.coefficients).reshape(4, -1), 0.25)
+    for m in MODULES:
+        torch.testing.assert_close(state.merged.delta(m), expected.delta(m), atol=1e-5, rtol=1e-5)
+    assert len(state.stages) == 4 and state.result.merged is state.merged
+
+
+def test_sequential_mixture_without_proxy_keeps_every_adapter():
+    adapters = [make_adapter(i) for i in range(3)]
+    state = start_sequence("mixture")
+    for a in adapters:
+        state = merge_step(state, a)
+    assert isinstance(state.merged, Mixture) and state.merged.adapters == adapters
+    np.testing.assert_allclose(state.merged.weights, [1 / 3] * 3)
+    with pytest.raises(ValueError, match="sequential merging is defined for fusion, mixture"):
+        start_sequence("svd")
