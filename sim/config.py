@@ -230,21 +230,43 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    arrival: str = _f("poisson", "arrival process: poisson, uniform, periodic or trace")
-    contributions: int = _f(2, "contributions per institution")
-    rate: float = _f(1.0, "mean contributions per institution per unit of virtual time")
-    speed_sigma: float = _f(0.5, "poisson: lognormal sigma of institution speeds (heterogeneous hospitals)")
+    arrival: str = _f("poisson", "arrival process of contribution start times: poisson, uniform, periodic or trace")
+    contributions: int = _f(2, "contributions per institution (trace: ignored, each institution has its CSV rows)")
+    rate: float = _f(1.0, "mean contribution starts per institution per unit of virtual time (trace: ignored)")
+    speed_sigma: float = _f(0.5, "lognormal sigma of institution speeds (heterogeneous hospitals); 0 = all speed 1")
     init_from: str = _f("base", "base (every adapter starts from the foundation) or main (pulled main branch)")
-    trace: str | None = _f(None, "trace: CSV file with columns institution,time")
+    trace: str | None = _f(None, "trace: CSV file with columns institution,time (one row per contribution start)")
+    train_time: float = _f(1.0, "mean virtual duration of one local training (divided by the institution's speed)")
+    straggler_prob: float = _f(0.0, "probability that a contribution straggles (its training takes longer)")
+    straggler_factor: float = _f(3.0, "training duration multiplier of a straggling contribution")
+    dropout: float = _f(0.0, "probability, before each contribution after an institution's first, that it leaves "
+                             "for good")
+    commit_delay: float = _f(0.0, "mean of the exponential delay between end of training and the commit's arrival")
+    max_staleness: int = _f(-1, "the merge actor rejects commits staler than this (commits merged since the pull); "
+                                "-1 = unlimited")
+    staleness_weighting: bool = _f(False, "weight a commit by 1 / (1 + staleness) in merges")
+    pull_strategy: str = _f("", "init_from=main: merge strategy whose branch is pulled; empty = the first "
+                                "parameter-space entry of merge.strategies")
+    wall_scale: float = _f(0.05, "runtime.clock=wall: seconds of real time per unit of virtual time")
 
     def __post_init__(self) -> None:
         _choice("schedule.arrival", self.arrival, ("poisson", "uniform", "periodic", "trace"))
         _check(self.contributions >= 1, "schedule.contributions", "an integer >= 1", self.contributions)
-        _check(self.rate > 0, "schedule.rate", "a number > 0", self.rate)
-        _check(self.speed_sigma >= 0, "schedule.speed_sigma", "a number >= 0", self.speed_sigma)
+        _check(0 < self.rate < math.inf, "schedule.rate", "a finite number > 0", self.rate)
+        _check(0 <= self.speed_sigma < math.inf, "schedule.speed_sigma", "a finite number >= 0", self.speed_sigma)
         _choice("schedule.init_from", self.init_from, ("base", "main"))
         if self.arrival == "trace":
             _check(bool(self.trace), "schedule.trace", "a CSV path when schedule.arrival=trace", self.trace)
+        _check(0 < self.train_time < math.inf, "schedule.train_time", "a finite number > 0", self.train_time)
+        _check(0 <= self.straggler_prob <= 1, "schedule.straggler_prob", "a number in [0, 1]", self.straggler_prob)
+        _check(1 <= self.straggler_factor < math.inf, "schedule.straggler_factor", "a finite number >= 1",
+               self.straggler_factor)
+        # 1 is allowed: every institution then makes exactly one contribution (the first is never dropped).
+        _check(0 <= self.dropout <= 1, "schedule.dropout", "a number in [0, 1]", self.dropout)
+        _check(0 <= self.commit_delay < math.inf, "schedule.commit_delay", "a finite number >= 0", self.commit_delay)
+        _check(self.max_staleness >= -1, "schedule.max_staleness", "-1 (unlimited) or an integer >= 0",
+               self.max_staleness)
+        _check(0 < self.wall_scale < math.inf, "schedule.wall_scale", "a finite number > 0", self.wall_scale)
 
 
 @dataclass(frozen=True)
