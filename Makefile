@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/forgesim demo --out $(DEMO_OUT)
+	$(BIN)/forgesim run --preset demo --out $(DEMO_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -43,7 +43,7 @@ def main() -> None:
     foundation = load_foundation(cfg.model, cfg.data.img_size)
     d = cfg.distill
     print(f"default dm: embed {d.embed} (width {d.embed_width}, depth {d.embed_depth}), init {d.init}, "
-          f"{d.iterations} iterations, lr_img {d.lr_img} ({d.optimizer}), real_batch {d.real_batch}, "
+          f"{d.iterations} iterations, lr_img {d.lr_img} (SGD, momentum 0.5), real_batch {d.real_batch}, "
           f"DSA {d.dsa_strategy if d.dsa else 'off'}; {args.threads} thread(s), {os.cpu_count()} cores")
 
     # The headline number: one default dm distillation at IPC 10 for one institution.

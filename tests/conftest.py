@@ -38,3 +38,27 @@ def tiny_cohort(tiny_cfg):
     from sim.data import build_cohort
 
     return build_cohort(tiny_cfg.data, tiny_cfg.seed)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole suite (never a cluster per test)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run_cfg(tiny_cfg):
+    """``tiny_cfg`` sized for a whole simulation in seconds: 4 institutions × 2 contributions, 4 strategies."""
+    import dataclasses
+
+    return tiny_cfg.replace(
+        distill=dataclasses.replace(tiny_cfg.distill, ipc=2, iterations=3, embed_width=8, real_batch=8),
+        merge=dataclasses.replace(tiny_cfg.merge, strategies=("fusion", "mixture", "svd", "ties"), budget=3),
+        schedule=dataclasses.replace(tiny_cfg.schedule, contributions=2),
+        runtime=dataclasses.replace(tiny_cfg.runtime, workers=2, eval_every=4),
+    )

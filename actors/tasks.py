@@ -1,0 +1,87 @@
+"""Torch work as Ray tasks on pooled workers: one contribution, one evaluation.
+
+Each worker process keeps the foundation (``sim.model.load_foundation`` caches per process) and the evaluation
+cohort (``_cohort``, cached per config) between tasks, so a task pays only for its own work. Tasks run inside the
+run's placement group (``actors.runner``), whose bundles are the worker pool: ``runtime.workers`` bundles of
+``runtime.num_cpus`` CPUs and ``runtime.num_gpus`` GPUs each.
+"""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import ray
+
+from sim.config import SimConfig, config_from_dict, config_hash
+
+
+@lru_cache(maxsize=4)
+def _config(blob: str) -> SimConfig:
+    import json
+
+    return config_from_dict(json.loads(blob))
+
+
+def _setup(cfg: SimConfig):
+    """The foundation of ``cfg`` on this process (loaded once), torch threads as configured."""
+    import torch
+
+    from sim.model import load_foundation
+
+    torch.set_num_threads(cfg.runtime.threads)
+    return load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+
+
+@lru_cache(maxsize=2)
+def _cohort_cached(key: str, blob: str):
+    from sim.data import build_cohort
+
+    cfg = _config(blob)
+    return build_cohort(cfg.data, cfg.seed)
+
+
+def _cohort(blob: str):
+    cfg = _config(blob)
+    return _cohort_cached(config_hash(cfg.data, cfg.seed), blob)
+
+
+@ray.remote(max_retries=2)
+def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None):
+    """Train + distil one contribution (``sim.contribute.contribute``); returns the ``Commit``.
+
+    ``pulled`` = ``(version, adapter)`` from the merge actor with ``init_from: main``, else ``None``.
+    """
+    from sim.contribute import contribute
+
+    t0 = time.perf_counter()
+    cfg = _config(cfg_blob)
+    foundation = _setup(cfg)
+    version, adapter = pulled if pulled is not None else (0, None)
+    commit = contribute(foundation, inst, cfg, contribution, adapter, version)
+    commit.meta["task_s"] = time.perf_counter() - t0
+    commit.meta["worker_pid"] = __import__("os").getpid()
+    return commit
+
+
+@ray.remote(max_retries=2)
+def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int) -> list[dict]:
+    """Every strategy of ``snapshot`` on every task in ``tasks`` (``sim.evaluation.evaluate_snapshot``)."""
+    from sim.evaluation import evaluate_snapshot
+
+    t0 = time.perf_counter()
+    cfg = _config(cfg_blob)
+    records = evaluate_snapshot(_setup(cfg), snapshot, _cohort(cfg_blob), tasks, version)
+    busy = time.perf_counter() - t0
+    return [r | {"busy_s": busy / max(1, len(records))} for r in records]
+
+
+@ray.remote(max_retries=2)
+def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
+    """The ``individual`` reference: each institution's latest adapter on its own test split."""
+    from sim.evaluation import evaluate_individual
+
+    t0 = time.perf_counter()
+    cfg = _config(cfg_blob)
+    records = evaluate_individual(_setup(cfg), adapters, _cohort(cfg_blob))
+    busy = time.perf_counter() - t0
+    return [r | {"busy_s": busy / max(1, len(records))} for r in records]

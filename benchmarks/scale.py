@@ -1,0 +1,108 @@
+"""Scaling of one simulation on this machine: N institutions × 2 contributions, default model.
+
+    .venv/bin/python benchmarks/scale.py [--sizes 10,25,50] [--strategies fusion,mixture,svd] [--workers 2]
+                                         [--compare-strategies] [--set section.field=value ...]
+
+Per N: wall time, actor start-up time (merge actor + N institution actors until all answer), peak total memory
+of all Ray processes and the driver (RSS sampled every 0.25 s), and parallel efficiency = Σ busy seconds of torch
+tasks (training+distillation per contribution, evaluations) ÷ (wall × cores). Runs use the ``demo`` preset's
+training/distillation/search sizes with N institutions (4 tasks), a local embedded Ray with ``--workers`` pooled
+workers, and one evaluation at the end. ``--compare-strategies`` also times the smallest N with only the first
+strategy, for the "3 strategies cost ≤ 1.3× one" check (training is paid once per run either way).
+Targets at N = 50: peak memory ≤ 8 GB, start-up ≤ 30 s, efficiency ≥ 0.75.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from actors.runner import run_simulation  # noqa: E402
+from experiments.presets import demo  # noqa: E402
+from sim.config import apply_overrides  # noqa: E402
+
+
+class MemorySampler(threading.Thread):
+    """Peak of the summed RSS of the driver and every Ray process (raylet, GCS, workers, actors)."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.period, self.peak, self._stop = period, 0, threading.Event()
+
+    def total(self) -> int:
+        rss = psutil.Process().memory_info().rss
+        for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.pid != os.getpid() and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                                             or "ray/_private" in cmd or "default_worker.py" in cmd
+                                             or "dashboard" in cmd or (p.info["name"] or "").startswith("ray::")):
+                    rss += p.info["memory_info"].rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
+                pass
+        return rss
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.total())
+            time.sleep(self.period)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join()
+        return self.peak
+
+
+def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[str]) -> dict:
+    cfg = demo()
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, institutions=n),
+                      merge=dataclasses.replace(cfg.merge, strategies=strategies),
+                      runtime=dataclasses.replace(cfg.runtime, workers=workers, eval_every=0))
+    cfg = apply_overrides(cfg, overrides)
+    sampler = MemorySampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory() as out:
+        summary = run_simulation(cfg, Path(out) / "run")
+    peak = sampler.stop()
+    cores = os.cpu_count() or 1
+    return {"n": n, "strategies": ",".join(strategies), "wall_s": summary["wall_s"], "startup_s": summary["startup_s"],
+            "peak_gb": peak / 2**30, "busy_s": summary["busy_s"], "efficiency": summary["busy_s"] / (summary["wall_s"] * cores),
+            "commits": summary["commits_accepted"],
+            "acc": {s: round(v["acc"], 3) for s, v in summary["strategies"].items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10,25,50")
+    ap.add_argument("--strategies", default="fusion,mixture,svd")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--compare-strategies", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    strategies = tuple(args.strategies.split(","))
+    print(f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; demo preset sizes, "
+          f"{args.workers} workers, strategies {strategies}")
+    print("| N | strategies | commits | wall s | start-up s | peak GB | busy s | efficiency | final acc |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    runs = [(n, strategies) for n in sizes]
+    if args.compare_strategies:
+        runs.insert(1, (sizes[0], strategies[:1]))
+    for n, strats in runs:
+        r = one_run(n, strats, args.workers, args.overrides)
+        print(f"| {r['n']} | {r['strategies']} | {r['commits']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
+              f"{r['peak_gb']:.2f} | {r['busy_s']:.1f} | {r['efficiency']:.2f} | {r['acc']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

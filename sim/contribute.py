@@ -1,0 +1,84 @@
+"""One contribution of one institution: pull → local training → distillation → a ``Commit``.
+
+This is the torch work an institution hands to a pooled worker (``actors.tasks``); it is plain Python and is
+tested without Ray. The institution's private splits go in; only the adapter, the distilled set and a few local
+numbers come out (``Commit``), which is all the merge actor ever sees.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sim.config import LoraConfig, SimConfig
+from sim.data import Institution
+from sim.distill import distill
+from sim.metrics import evaluate
+from sim.model import PEFT_PREFIX, Adapter, Foundation, target_module_names
+from sim.schedule import Contribution
+from sim.store import Commit
+from sim.train import train_adapter
+
+
+def project_adapter(adapter: Adapter, foundation: Foundation, lora: LoraConfig) -> Adapter:
+    """``adapter`` as a LoRA of the configured rank, modules and alpha — the start of a contribution that pulls main.
+
+    A pulled branch may have another rank (svd, ΔW-space merges are dense). Per module, the best rank-r
+    approximation of its ΔW (truncated SVD) is split evenly between the factors, with the configured scaling
+    s = alpha / r: ``B = U_r √S_r / √s``, ``A = √S_r V_rᵀ / √s``, so ``s B A`` is that approximation. A branch that
+    already has the configured form (fusion, lora_avg) is returned unchanged. Modules the branch does not adapt
+    start fresh at zero (B = 0).
+    """
+    modules = target_module_names(lora, foundation.block_count())
+    if (adapter.modules() == modules and all(adapter.rank(m) == lora.rank for m in modules)
+            and all(abs(adapter.scaling(m) - lora.alpha / lora.rank) < 1e-9 for m in modules)):
+        return adapter
+    s, weights = lora.alpha / lora.rank, {}
+    for m in modules:
+        out_f, in_f = foundation.weight(m).shape
+        if m in adapter.modules():
+            u, sv, vh = torch.linalg.svd(adapter.delta(m).float(), full_matrices=False)   # (out, q), (q,), (q, in)
+            k = min(lora.rank, sv.shape[0])
+            root = (sv[:k] / s).sqrt()
+            a = torch.zeros(lora.rank, in_f)
+            b = torch.zeros(out_f, lora.rank)
+            a[:k], b[:, :k] = root[:, None] * vh[:k], u[:, :k] * root
+        else:
+            a, b = torch.zeros(lora.rank, in_f), torch.zeros(out_f, lora.rank)
+        weights[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a
+        weights[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b
+    return Adapter(weights, float(lora.alpha), foundation.fingerprint)
+
+
+def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contribution: Contribution,
+               pulled: Adapter | None = None, pulled_version: int = 0) -> Commit:
+    """Train an adapter on ``inst``'s private training split and distil it, as scheduled by ``contribution``.
+
+    Args:
+        foundation: the frozen backbone (cached per worker process).
+        inst: the institution's private data.
+        cfg: the run's config (lora, train, distill, model.head).
+        contribution: its id, seed and virtual times.
+        pulled: the main branch adapter pulled at ``t_pull`` (``schedule.init_from: main``); ``None`` = the foundation.
+        pulled_version: the main version ``pulled`` is, recorded so the merge actor can compute staleness.
+    Returns:
+        The ``Commit``: adapter, distilled set and local numbers (val accuracy, times, losses).
+    """
+    if contribution.institution != inst.id:
+        raise ValueError(f"contribution {contribution.id} belongs to institution {contribution.institution}, "
+                         f"not {inst.id}")
+    t0 = time.perf_counter()
+    # Step 1: local training from the foundation or from the pulled main branch.
+    init = project_adapter(pulled, foundation, cfg.lora) if pulled is not None else None
+    result = train_adapter(foundation, inst.train, inst.task, inst.classes, cfg.lora, cfg.train, contribution.seed,
+                           init=init, head=cfg.model.head)
+    # Step 2: the institution checks its adapter on its own validation split.
+    local = evaluate(foundation, result.adapter, inst.val, inst.task, inst.classes)
+    # Step 3: distil the private training split: what is sent instead of images.
+    distilled = distill(inst.train, inst.task, inst.classes, cfg.distill, contribution.seed, foundation)
+    meta = {"train_s": result.stats["train_s"], "train_loss_first": result.stats["loss_first"],
+            "train_loss_last": result.stats["loss_last"], "distill_s": distilled.meta["distill_s"],
+            "val_acc": local["acc"], "val_auc": local["auc"], "busy_s": time.perf_counter() - t0,
+            "straggler": contribution.straggler, "seed": contribution.seed}
+    return Commit(contribution.id, inst.id, inst.task, tuple(inst.classes), result.adapter, distilled,
+                  pulled_version, contribution.t_pull, contribution.t_commit, meta)
