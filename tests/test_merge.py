@@ -317,7 +317,7 @@ def test_dare_applies_merge_utils_to_delta_with_a_per_module_seed(name):
 # ------------------------------------------------------------------------------------------
 # Mixture: batched evaluation, predictions, files
 # ------------------------------------------------------------------------------------------
-def test_mixture_is_batched_and_equals_the_weighted_average(tiny_foundation, tmp_path):
+def test_mixture_equals_the_weighted_average(tiny_foundation, tmp_path):
     # Prepare
     shape = tuple(tiny_foundation.weight(MODULES[0]).shape)
     adapters = [make_adapter(i, out_f=shape[0], in_f=shape[1], scale=0.05, base=tiny_foundation.fingerprint)
@@ -326,12 +326,12 @@ def test_mixture_is_batched_and_equals_the_weighted_average(tiny_foundation, tmp
     classes = ("a", "b", "c")
     # Execute
     feats = adapter_features(tiny_foundation, adapters, tiny_foundation.normalize(torch.from_numpy(x)),
-                             max_weight_bytes=1)                      # chunks of one adapter exercise the chunking
+                             batch_size=2)                            # batches of 2 images exercise the batching
     mix = STRATEGIES["mixture"](adapters, [0.2, 0.3, 0.5])
     proba = mixture_proba(tiny_foundation, mix, x, "t", classes)
     save_mixture(mix, tmp_path / "mix")
     back = load_mixture(tmp_path / "mix")
-    # Assert: the vmap pass equals one forward per adapter; Σ w_i p_i; the files round-trip
+    # Assert: the batched pass equals one forward per adapter; Σ w_i p_i; the files round-trip
     for i, a in enumerate(adapters):
         torch.testing.assert_close(feats[i], tiny_foundation.features(torch.from_numpy(x),
                                                                       tiny_foundation.merged_weights(a)),

@@ -6,19 +6,17 @@ clipped) so that it stays a distribution, which the cross-entropy objective scor
 weights sequentially: at each new commit two coefficients (a, b) give ``w ← [a · w_prev, b]`` (it rescales the
 previous weights every stage); the ``global`` mode searches all N at once.
 
-The N adapters are evaluated batched: their merged weights ``W + ΔW_i`` are stacked and one
-``torch.vmap(functional_call)`` pass runs all of them (in chunks bounded by ``max_weight_bytes``); attention
-runs unfused inside vmap because the fused CPU kernel has no batching rule. During a search the per-adapter
+The N adapters are evaluated one after the other with their merged weights ``W + ΔW_i`` (inference costs N
+forward passes per image: the price of an output-space merge). During a search the per-adapter
 probabilities on the proxy data do not depend on w, so they are computed once (``ProbabilityCache``) and each
 evaluation is a weighted sum.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -83,54 +81,21 @@ def combine_probabilities(probs: torch.Tensor, weights: torch.Tensor | np.ndarra
 # ------------------------------------------------------------------------------------------
 # Batched evaluation of N adapters
 # ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _unfused_attention(backbone: torch.nn.Module) -> Iterator[None]:
-    """timm attention with explicit matmuls (vmap has no batching rule for the fused CPU kernel)."""
-    mods = [m for m in backbone.modules() if hasattr(m, "fused_attn")]
-    before = [m.fused_attn for m in mods]
-    for m in mods:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m, value in zip(mods, before):
-            m.fused_attn = value
-
-
-def stacked_weights(foundation: Foundation, adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
-    """{module.weight: (N, out, in)} = W + ΔW_i for every module any adapter touches (W where one does not)."""
-    for a in adapters:
-        a.check_base(foundation)
-    own = [set(a.modules()) for a in adapters]
-    out = {}
-    for m in sorted(set().union(*own)):
-        w = foundation.weight(m)                                                        # (out, in)
-        out[f"{m}.weight"] = torch.stack([w + a.delta(m).to(w.device) if m in mods else w
-                                          for a, mods in zip(adapters, own)])
-    return out
-
-
 @torch.inference_mode()
 def adapter_features(foundation: Foundation, adapters: Sequence[Adapter], x: torch.Tensor, *,
-                     images_per_pass: int = 1024, max_weight_bytes: int = 256 * 2**20) -> torch.Tensor:
-    """Pooled features (N, n, D) of normalised images ``x`` (n, 3, S, S) under each adapter, batched with vmap."""
-    per_adapter = sum(foundation.weight(m).numel() * 4 for m in {m for a in adapters for m in a.modules()})
-    chunk = max(1, int(max_weight_bytes // max(per_adapter, 1)))
+                     batch_size: int = 512) -> torch.Tensor:
+    """Pooled features (N, n, D) of normalised images ``x`` (n, 3, S, S) under each adapter.
+
+    One adapter at a time with its merged weights ``W + ΔW_i`` and the fused attention kernel: on CPU this is
+    ≈1.7× faster than stacking the N weight sets under ``torch.vmap`` (which needs unfused attention).
+    """
     backbone = foundation.backbone
-
-    def forward(weights: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(backbone, weights, (xb,), strict=False)
-
-    parts = []
-    with _unfused_attention(backbone):
-        for c in range(0, len(adapters), chunk):
-            stacked = stacked_weights(foundation, adapters[c:c + chunk])                # (n_c, out, in) each
-            n_c = len(adapters[c:c + chunk])
-            step = max(1, images_per_pass // n_c)
-            feats = [torch.vmap(forward, in_dims=(0, None))(stacked, x[i:i + step])     # (n_c, b, D)
-                     for i in range(0, x.shape[0], step)]
-            parts.append(torch.cat(feats, dim=1))
-    return torch.cat(parts, dim=0)
+    out = []
+    for a in adapters:
+        weights = foundation.merged_weights(a)
+        out.append(torch.cat([torch.func.functional_call(backbone, weights, (x[i:i + batch_size],), strict=False)
+                              for i in range(0, x.shape[0], batch_size)]))
+    return torch.stack(out)
 
 
 def adapter_probabilities(foundation: Foundation, feats: torch.Tensor, task: str, classes: Sequence[str],
