@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/forgesim run --preset demo --out $(DEMO_OUT) --overwrite
+	$(BIN)/forgesim report $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

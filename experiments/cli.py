@@ -59,6 +59,7 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
 # name -> (help, add_arguments, run); each run(args) returns an exit code
 def _commands() -> dict[str, tuple[str, Callable, Callable]]:
     from experiments import cmd_config, cmd_demo, cmd_distill, cmd_merge, cmd_run, cmd_train
+    from experiments import cmd_report
 
     return {
         "run": (cmd_run.HELP, cmd_run.add_arguments, cmd_run.run),
@@ -67,6 +68,7 @@ def _commands() -> dict[str, tuple[str, Callable, Callable]]:
         "merge": (cmd_merge.HELP, cmd_merge.add_arguments, cmd_merge.run),
         "demo": (cmd_demo.HELP, cmd_demo.add_arguments, cmd_demo.run),
         "config": (cmd_config.HELP, cmd_config.add_arguments, cmd_config.run),
+        "report": (cmd_report.HELP, cmd_report.add_arguments, cmd_report.run),
     }
 
 

@@ -1,0 +1,611 @@
+"""One function per figure: records (DataFrames) in, a PNG and a PDF out.
+
+Every function takes the tables it needs and an output dir, and returns a ``FigureResult`` (paths, the axis labels,
+the legend entries and a caption), or ``None`` when its data does not exist — so a report shows a figure only when
+there is something to show. Lines are means over seeds with a 95% t confidence band of the mean where there are
+several seeds (``analysis.load.mean_ci``). Figures are built on ``matplotlib.figure.Figure`` (Agg canvas), never
+through pyplot, so no global state or display is touched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from analysis.load import REFERENCES, mean_ci
+
+__all__ = ["FigureResult", "strategy_color", "plot_scaling", "plot_cost", "mixture_breakeven", "plot_orders",
+           "plot_forgetting", "plot_ipc", "plot_rank", "plot_timeline", "plot_progress", "DEFAULT_MAX_MS_PER_POINT"]
+
+DPI = 150
+# Mixture "pays" while each accuracy point (pp) it adds over Fusion costs at most this many ms of inference/image.
+DEFAULT_MAX_MS_PER_POINT = 1.0
+
+_KNOWN = ("lora_avg", "fusion", "mixture", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+          "magmax", "svd")
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
+_REF_STYLE = {"base": ("0.55", ":"), "individual": ("0.1", "--"), "joint": ("#8c2d04", "-.")}
+ACC_LABEL = "ACC (mean over tasks, fraction)"
+AUC_LABEL = "AUC (macro one-vs-rest, mean over tasks)"
+
+
+@dataclass
+class FigureResult:
+    """What a figure function wrote and what the figure says (for tests and captions)."""
+
+    name: str
+    paths: list[Path]
+    axes_labels: list[tuple[str, str]]   # (xlabel, ylabel) of every labelled axes
+    legend_labels: list[str]
+    caption: str
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def png(self) -> Path:
+        return next(p for p in self.paths if p.suffix == ".png")
+
+
+def strategy_color(name: str, others: Sequence[str] = ()) -> str:
+    """A fixed colour per strategy (the same in every figure); unknown names take the next free colours."""
+    if name in _KNOWN:
+        return _PALETTE[_KNOWN.index(name)]
+    extra = [s for s in dict.fromkeys(others) if s not in _KNOWN]
+    i = extra.index(name) if name in extra else len(extra)
+    return _PALETTE[(len(_KNOWN) + i) % len(_PALETTE)]
+
+
+def _save(fig: Figure, out_dir: Path, name: str, caption: str, notes: dict | None = None) -> FigureResult:
+    """Write ``name``.png and .pdf and collect the labels and legend entries."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes if ax.get_xlabel() or ax.get_ylabel()]
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    entries = list(dict.fromkeys(t.get_text() for lg in legends for t in lg.get_texts()))
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=DPI, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return FigureResult(name, paths, labels, entries, caption, notes or {})
+
+
+def _strategies(df: pd.DataFrame) -> list[str]:
+    return [s for s in dict.fromkeys(df["strategy"]) if s not in REFERENCES]
+
+
+def _line_ci(ax: Axes, df: pd.DataFrame, x: str, y: str, label: str, color: str, style: str = "-",
+             marker: str = "o") -> bool:
+    """Mean of ``y`` per ``x`` over rows (seeds), with a 95% CI band where a point has several rows."""
+    stats = mean_ci(df, [x], y)
+    if stats.empty:
+        return False
+    ax.plot(stats[x], stats["mean"], style, color=color, marker=marker, ms=4, lw=1.6, label=label)
+    if (stats["n"] > 1).any():
+        ax.fill_between(stats[x], stats["lo"], stats["hi"], color=color, alpha=0.18, lw=0)
+    return True
+
+
+def _per_trial(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """One row per trial (reference and trial-level columns repeat over a trial's strategy rows)."""
+    key = "trial_id" if "trial_id" in df.columns else None
+    return df.drop_duplicates(key) if key else df.drop_duplicates([c for c in cols if c in df.columns])
+
+
+def _references(ax: Axes, df: pd.DataFrame, x: str, metric: str) -> None:
+    """Dashed reference curves (``base_acc``, ``individual_acc``, ``joint_acc`` …) over ``x``."""
+    trials = _per_trial(df, [x, "seed"])
+    for ref in REFERENCES:
+        col = f"{ref}_{metric}"
+        if col in trials.columns and trials[col].notna().any():
+            color, style = _REF_STYLE[ref]
+            _line_ci(ax, trials, x, col, f"{ref} (reference)", color, style, marker="")
+
+
+def _seed_note(df: pd.DataFrame) -> str:
+    n = df["seed"].nunique() if "seed" in df.columns else 1
+    return (f"Lines: mean over {n} seeds; bands: 95% t confidence interval of the mean."
+            if n > 1 else "One seed: no confidence band.")
+
+
+def _fig_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for the whole figure, below the panels, entries in first-seen order, rows of balanced length."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    # entry width ≈ handle + gap + 0.075 in per character at the default font size
+    needed = sum(0.45 + 0.075 * len(lab) for lab in labels)
+    rows = max(1, math.ceil(needed / (0.95 * fig.get_figwidth())))
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=math.ceil(len(labels) / rows),
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
+    # room under the panels for tick labels, the x label and the legend's rows (in inches)
+    fig.subplots_adjust(bottom=(0.8 + 0.27 * rows) / fig.get_figheight())
+
+
+def _log_y(ax: Axes) -> None:
+    """Log y axis with plain-number labels at 1, 2, 5 × 10^k (readable without reading exponents)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+# 1. scaling -------------------------------------------------------------------------------------------------------
+def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contributors") -> FigureResult | None:
+    """Mean ACC and AUC vs number of contributors, per strategy, with base/individual/joint references.
+
+    Args:
+        results: sweep rows (one per trial × strategy) with ``x``, ``strategy``, ``acc``, ``auc`` and optionally
+            ``seed`` and reference columns ``base_acc``, ``individual_auc``, ….
+        out_dir: where ``scaling.png``/``.pdf`` go.
+    Returns:
+        The figure's result, or None without at least two values of ``x``.
+    """
+    if results.empty or x not in results.columns or results[x].nunique() < 2:
+        return None
+    fig = Figure(figsize=(11, 4.4))
+    axes = fig.subplots(1, 2)
+    strategies = _strategies(results)
+    for ax, metric, label in zip(axes, ("acc", "auc"), (ACC_LABEL, AUC_LABEL)):
+        for s in strategies:
+            _line_ci(ax, results[results["strategy"] == s], x, metric, s, strategy_color(s, strategies))
+        _references(ax, results, x, metric)
+        ax.set_xlabel("contributors (institutions)")
+        ax.set_ylabel(label)
+        ax.set_xticks(sorted(results[x].unique()))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Accuracy")
+    axes[1].set_title("AUC")
+    _fig_legend(fig, axes)
+    caption = ("Scaling: final ACC (left) and macro AUC (right), each the mean over tasks, against the number of "
+               "contributing institutions, per merge strategy; dashed/dotted curves are the references (base = "
+               f"foundation without adapter, individual = each task's own adapter, joint = centralised). "
+               f"{_seed_note(results)}")
+    return _save(fig, Path(out_dir), "scaling", caption)
+
+
+# 2. cost ----------------------------------------------------------------------------------------------------------
+def mixture_breakeven(results: pd.DataFrame, max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT,
+                      x: str = "contributors") -> pd.DataFrame:
+    """Mixture's accuracy gain over Fusion and its extra inference cost, per contributor count.
+
+    Rule: at each ``x``, gain = mean ACC(mixture) − mean ACC(fusion) in percentage points (pp), extra = mean
+    inference ms/image(mixture) − (fusion). Mixture *pays* at ``x`` when gain > 0 and extra / gain ≤
+    ``max_ms_per_point``. Returns columns ``x``, ``gain_pp``, ``extra_ms``, ``ms_per_pp`` (NaN when gain ≤ 0),
+    ``pays``; empty without both strategies.
+    """
+    need = {"acc", "infer_ms_per_image", "strategy", x}
+    if results.empty or not need <= set(results.columns) or not {"mixture", "fusion"} <= set(results["strategy"]):
+        return pd.DataFrame(columns=[x, "gain_pp", "extra_ms", "ms_per_pp", "pays"])
+    means = results[results["strategy"].isin(("mixture", "fusion"))].groupby([x, "strategy"])[
+        ["acc", "infer_ms_per_image"]].mean().unstack("strategy").dropna()
+    out = pd.DataFrame({x: means.index,
+                        "gain_pp": 100 * (means[("acc", "mixture")] - means[("acc", "fusion")]).to_numpy(),
+                        "extra_ms": (means[("infer_ms_per_image", "mixture")]
+                                     - means[("infer_ms_per_image", "fusion")]).to_numpy()})
+    out["ms_per_pp"] = np.where(out["gain_pp"] > 0, out["extra_ms"] / out["gain_pp"].where(out["gain_pp"] > 0),
+                                np.nan)
+    out["pays"] = (out["gain_pp"] > 0) & (out["ms_per_pp"] <= max_ms_per_point)
+    return out.reset_index(drop=True)
+
+
+def _stops_paying(table: pd.DataFrame, x: str) -> float | None:
+    """Smallest ``x`` from which Mixture does not pay at any larger tested ``x`` (None if it pays at the last)."""
+    if table.empty or bool(table["pays"].iloc[-1]):
+        return None
+    paying = table.index[table["pays"]]
+    first_bad = paying.max() + 1 if len(paying) else 0
+    return float(table[x].iloc[first_bad])
+
+
+def plot_cost(results: pd.DataFrame, out_dir: str | Path, max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT,
+              x: str = "contributors") -> FigureResult | None:
+    """Storage (MB), merge time (s per commit) and inference (ms/image) vs contributors, per strategy; plus
+    Mixture's accuracy gain over Fusion, marking where it stops paying for its inference cost (``mixture_breakeven``).
+    """
+    cost_cols = [c for c in ("storage_bytes", "merge_s", "infer_ms_per_image") if c in results.columns]
+    if results.empty or x not in results.columns or results[x].nunique() < 2 or not cost_cols:
+        return None
+    df = results.assign(storage_mb=results["storage_bytes"] / 1e6) if "storage_bytes" in results else results
+    panels = [(c, lab) for c, lab in (("storage_mb", "storage of the merged predictor (MB)"),
+                                      ("merge_s", "merge time per commit (s)"),
+                                      ("infer_ms_per_image", "inference time (ms / image)")) if c in df.columns]
+    table = mixture_breakeven(results, max_ms_per_point, x)
+    stop = _stops_paying(table, x)
+    fig = Figure(figsize=(11, 8.2))
+    axes = list(fig.subplots(2, 2).ravel())
+    strategies = _strategies(df)
+    for ax, (col, label) in zip(axes, panels):
+        for s in strategies:
+            _line_ci(ax, df[df["strategy"] == s], x, col, s, strategy_color(s, strategies))
+        values = df[col].dropna()
+        if len(values) and (values > 0).all() and values.max() / values.min() > 20:
+            _log_y(ax)
+        ax.set_ylabel(label)
+    gain_ax = axes[3]
+    if not table.empty:
+        gain_ax.axhline(0, color="0.5", lw=0.8)
+        gain_ax.plot(table[x], table["gain_pp"], "-s", color="0.15", ms=4, label="Mixture − Fusion ACC gain")
+        for _, r in table.iterrows():
+            text = f"{r['ms_per_pp']:.2g} ms/pp" if r["gain_pp"] > 0 else "no gain"
+            gain_ax.annotate(text, (r[x], r["gain_pp"]), textcoords="offset points", xytext=(0, 7), ha="center",
+                             fontsize=7, color="0.2")
+        low, high = min(0.0, table["gain_pp"].min()), max(0.0, table["gain_pp"].max())
+        gain_ax.set_ylim(low - 0.08 * (high - low + 1e-9), high + 0.2 * (high - low + 1e-9))
+        gain_ax.margins(x=0.08)
+        gain_ax.set_ylabel("Mixture − Fusion ACC (percentage points)")
+    else:
+        gain_ax.axis("off")
+        gain_ax.text(0.5, 0.5, "Mixture and Fusion not both in this sweep", ha="center", va="center",
+                     transform=gain_ax.transAxes, color="0.4")
+    for ax in axes[:len(panels)] + ([gain_ax] if not table.empty else []):
+        ax.set_xlabel("contributors (institutions)")
+        ax.set_xticks(sorted(df[x].unique()))
+        ax.grid(alpha=0.3)
+        if stop is not None:
+            ax.axvline(stop, color="#b2182b", ls=":", lw=1.5, label=f"Mixture stops paying (n ≥ {stop:g})")
+    for ax in axes[len(panels):3]:
+        ax.axis("off")
+    _fig_legend(fig, axes)
+    if table.empty:
+        verdict = "Mixture and Fusion are not both present, so no break-even is marked."
+    elif stop is None:
+        verdict = "Mixture pays at the largest contributor count tested, so no break-even is marked."
+    else:
+        verdict = f"By this rule Mixture stops paying from {stop:g} contributors on (red dotted line)."
+    caption = ("Cost: storage of the merged predictor (MB), mean merge time per commit (s) and inference time "
+               "(ms per test image) against the number of contributors, per strategy (log scale where values span "
+               "more than 20×). Bottom right: Mixture's ACC gain over Fusion in percentage points (pp), annotated with "
+               "the extra inference ms/image it costs per pp. Rule: Mixture pays at n contributors when its gain "
+               f"is > 0 and costs at most {max_ms_per_point:g} ms/image per pp; it stops paying at the smallest n "
+               f"from which it pays at no larger n tested. {verdict} {_seed_note(results)}")
+    return _save(fig, Path(out_dir), "cost", caption, {"breakeven": stop, "max_ms_per_point": max_ms_per_point})
+
+
+# 3. order sensitivity ---------------------------------------------------------------------------------------------
+def _order_range(g: pd.DataFrame, metric: str) -> float:
+    """max − min over merge orders; with several seeds, the mean over seeds of the per-seed range."""
+    if "seed" in g.columns and g["seed"].nunique() > 1:
+        return float(g.groupby("seed")[metric].agg(lambda v: v.max() - v.min()).mean())
+    return float(g[metric].max() - g[metric].min())
+
+
+def plot_orders(orders: pd.DataFrame, out_dir: str | Path) -> FigureResult | None:
+    """Final AUC and ACC across merge orders, per strategy: points over a box, the range (max − min) written on.
+
+    Args:
+        orders: one row per order × strategy (``order`` 0 = the original order), with ``acc`` and ``auc``.
+    """
+    if orders is None or orders.empty or orders["order"].nunique() < 2:
+        return None
+    strategies = _strategies(orders)
+    fig = Figure(figsize=(max(7.0, 1.6 * len(strategies) * 2 + 2), 4.6))
+    axes = fig.subplots(1, 2)
+    rng = np.random.default_rng(0)    # fixed jitter: the figure is reproducible
+    for ax, metric, label in zip(axes, ("auc", "acc"), (AUC_LABEL, ACC_LABEL)):
+        data = [orders.loc[orders["strategy"] == s, metric].dropna().to_numpy() for s in strategies]
+        box = ax.boxplot(data, positions=range(len(strategies)), widths=0.55, showfliers=False, patch_artist=True,
+                         medianprops={"color": "0.15"})
+        for patch, s in zip(box["boxes"], strategies):
+            patch.set(facecolor=(*to_rgb(strategy_color(s, strategies)), 0.18), edgecolor="0.3")
+        for i, s in enumerate(strategies):
+            g = orders[orders["strategy"] == s]
+            jitter = rng.uniform(-0.17, 0.17, len(g))
+            ax.scatter(i + jitter, g[metric], s=14, color=strategy_color(s, strategies), alpha=0.8, zorder=3,
+                       edgecolor="none", label="one merge order")
+            first = g[g["order"] == 0]
+            if len(first):
+                ax.scatter(np.full(len(first), i), first[metric], marker="*", s=110, color="black", zorder=4,
+                           label="original order (0)")
+        top, bottom = orders[metric].max(), orders[metric].min()
+        pad = max(top - bottom, 0.02)
+        for i, s in enumerate(strategies):
+            g = orders[orders["strategy"] == s]
+            ax.text(i, g[metric].max() + 0.06 * pad, f"range {_order_range(g, metric):.3f}", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_ylim(bottom - 0.1 * pad, top + 0.22 * pad)
+        ax.set_xticks(range(len(strategies)), strategies, rotation=20 if len(strategies) > 5 else 0)
+        ax.set_xlabel("merge strategy")
+        ax.set_ylabel(f"final {label}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_title("AUC across merge orders")
+    axes[1].set_title("ACC across merge orders")
+    handles = [Line2D([], [], marker="o", ls="", color="0.4", ms=5, label="one merge order"),
+               Line2D([], [], marker="*", ls="", color="black", ms=10, label="original order (0)")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.01))
+    fig.subplots_adjust(bottom=0.2 if len(strategies) <= 5 else 0.26)
+    n_orders = orders["order"].nunique()
+    caption = (f"Merge-order sensitivity: the final AUC (left) and ACC (right) of each strategy when the same "
+               f"commits are merged in {n_orders} different orders (order 0 = the original arrival order, star). "
+               "Boxes: quartiles over orders; the number above each box is the range (max − min) over orders"
+               + (", averaged over seeds." if "seed" in orders.columns and orders["seed"].nunique() > 1 else "."))
+    return _save(fig, Path(out_dir), "orders", caption)
+
+
+# 4. forgetting ----------------------------------------------------------------------------------------------------
+def _heatmap(ax: Axes, g: pd.DataFrame, tasks: list[str], versions: list[int], cmap, annotate: bool):
+    grid = g.pivot_table(index="task", columns="version", values="acc").reindex(index=tasks, columns=versions)
+    values = np.ma.masked_invalid(grid.to_numpy(float))
+    im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    if annotate:
+        for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
+            if not math.isnan(v):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.55 else "black")
+    step = max(1, math.ceil(len(versions) / 6))
+    ax.set_xticks(range(0, len(versions), step), [str(v) for v in versions[::step]])
+    ax.set_yticks(range(len(tasks)), tasks)
+    return im
+
+
+def plot_forgetting(history: pd.DataFrame | None, bars: pd.DataFrame | None, out_dir: str | Path
+                    ) -> FigureResult | None:
+    """Per strategy, a task × merge-event (main version) accuracy heatmap; and forgetting / BWT bars.
+
+    Args:
+        history: evaluations during a run (``strategy``, ``task``, ``version``, ``acc``), or None.
+        bars: ``strategy``, ``forgetting``, ``bwt``: one row per run (seed); several rows give a 95% CI error bar.
+    """
+    has_heat = history is not None and not history.empty and history["version"].nunique() >= 1
+    has_bars = bars is not None and not bars.empty and bars[["forgetting", "bwt"]].notna().any().any()
+    if not has_heat and not has_bars:
+        return None
+    strategies = _strategies(history) if has_heat else []
+    ncols = max(1, min(len(strategies), 4))
+    nrows = math.ceil(len(strategies) / ncols) if strategies else 0
+    fig = Figure(figsize=(max(9.0, 3.4 * ncols + 1.2), 2.9 * nrows + (3.6 if has_bars else 0.6)))
+    grid = fig.add_gridspec(nrows + (1 if has_bars else 0), ncols + 1,
+                            width_ratios=[1] * ncols + [0.05],
+                            height_ratios=[1] * nrows + ([1.15] if has_bars else []), hspace=0.55, wspace=0.3)
+    if has_heat:
+        import matplotlib
+
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.92")
+        tasks = list(dict.fromkeys(history.sort_values("version", kind="stable")["task"]))   # order of arrival
+        versions = sorted(int(v) for v in history["version"].unique())
+        im = None
+        for i, s in enumerate(strategies):
+            ax = fig.add_subplot(grid[i // ncols, i % ncols])
+            im = _heatmap(ax, history[history["strategy"] == s], tasks, versions, cmap, len(versions) <= 12)
+            ax.set_title(s, fontsize=10)
+            ax.set_xlabel("main version (accepted commits)")
+            ax.set_ylabel("task" if i % ncols == 0 else "")
+            if i % ncols:
+                ax.set_yticklabels([])
+        cax = fig.add_subplot(grid[:nrows, ncols])
+        fig.colorbar(im, cax=cax, label="test accuracy (fraction)")
+    if has_bars:
+        ax = fig.add_subplot(grid[nrows, :ncols] if has_heat else grid[0, :ncols])
+        names = _strategies(bars)
+        pos = np.arange(len(names))
+        for k, (col, label, hatch) in enumerate((("forgetting", "forgetting (best earlier − final ACC)", ""),
+                                                 ("bwt", "BWT (final − first ACC)", "//"))):
+            stats = mean_ci(bars, ["strategy"], col).set_index("strategy").reindex(names)
+            err = np.vstack([stats["mean"] - stats["lo"], stats["hi"] - stats["mean"]])
+            ax.bar(pos + (k - 0.5) * 0.38, stats["mean"], width=0.38, label=label, hatch=hatch,
+                   color=[strategy_color(s, names) for s in names], alpha=0.9 if k == 0 else 0.45,
+                   edgecolor="0.2", yerr=err if (stats["n"] > 1).any() else None, capsize=3)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(pos, names)
+        ax.set_xlabel("merge strategy")
+        ax.set_ylabel("accuracy change (fraction)")
+        # the bars take their strategy's colour: the legend tells the two kinds by fill and hatch only
+        ax.legend(handles=[Patch(facecolor="0.45", edgecolor="0.2", label="forgetting (best earlier − final ACC)"),
+                           Patch(facecolor="0.85", edgecolor="0.2", hatch="//", label="BWT (final − first ACC)")],
+                  loc="best", fontsize=8, frameon=True, framealpha=0.9)
+        ax.grid(alpha=0.3, axis="y")
+    caption = ""
+    if has_heat:
+        caption += ("Forgetting: each heatmap shows one strategy's test accuracy per task (rows, in order of "
+                    "arrival) at each evaluation of the main branch (columns: main version = number of accepted commits; grey = task "
+                    "not yet seen). ")
+    if has_bars:
+        caption += ("Bars: forgetting = mean over tasks of (best earlier accuracy − final accuracy), higher is worse; "
+                    "BWT (backward transfer) = mean over tasks of (final − first accuracy), negative means forgetting"
+                    + ("; error bars: 95% CI over seeds." if len(bars) > bars["strategy"].nunique() else "."))
+    return _save(fig, Path(out_dir), "forgetting", caption)
+
+
+# 5. IPC -----------------------------------------------------------------------------------------------------------
+def plot_ipc(results: pd.DataFrame, out_dir: str | Path, x: str = "ipc") -> FigureResult | None:
+    """ACC vs images per class (IPC) per strategy, with distillation fidelity and privacy (MIA AUC) panels."""
+    if results.empty or x not in results.columns or results[x].nunique() < 2:
+        return None
+    extra = [c for c in ("distill_fidelity", "mia_auc") if c in results.columns and results[c].notna().any()]
+    fig = Figure(figsize=(5.2 * (1 + len(extra)), 4.4))
+    axes = list(np.atleast_1d(fig.subplots(1, 1 + len(extra))))
+    strategies = _strategies(results)
+    for s in strategies:
+        _line_ci(axes[0], results[results["strategy"] == s], x, "acc", s, strategy_color(s, strategies))
+    _references(axes[0], results, x, "acc")
+    axes[0].set_ylabel(ACC_LABEL)
+    axes[0].set_title("Accuracy")
+    for ax, col in zip(axes[1:], extra):
+        per_strategy = "trial_id" in results.columns and results.groupby("trial_id")[col].nunique().max() > 1
+        if per_strategy:
+            for s in strategies:
+                _line_ci(ax, results[results["strategy"] == s], x, col, s, strategy_color(s, strategies))
+        else:
+            _line_ci(ax, _per_trial(results, [x, "seed"]), x, col, "distilled sets (all strategies)", "0.25")
+        if col == "distill_fidelity":
+            ax.axhline(1.0, color="0.5", ls="--", lw=1, label="fidelity 1 = as good as real data")
+            ax.set_ylabel("distillation fidelity (ACC distilled / ACC real)")
+            ax.set_title("Fidelity")
+        else:
+            ax.axhline(0.5, color="0.5", ls="--", lw=1, label="MIA AUC 0.5 = no membership leak")
+            ax.set_ylabel("membership-inference AUC")
+            ax.set_title("Privacy")
+    for ax in axes:
+        ax.set_xlabel("images per class (IPC)")
+        ax.set_xticks(sorted(results[x].unique()))
+        ax.grid(alpha=0.3)
+    _fig_legend(fig, axes)
+    caption = ("Distillation budget: final ACC (mean over tasks) against the number of distilled images per class "
+               "(IPC) each institution commits, per strategy, with references"
+               + ("; distillation fidelity (accuracy of an adapter trained on the distilled set / on the real "
+                  "training split, 1 = lossless)" if "distill_fidelity" in extra else "")
+               + ("; privacy as membership-inference AUC of real training images against the distilled set "
+                  "(0.5 = no leak, higher = leak)" if "mia_auc" in extra else "")
+               + f". {_seed_note(results)}")
+    return _save(fig, Path(out_dir), "ipc", caption)
+
+
+# 6. rank ----------------------------------------------------------------------------------------------------------
+def plot_rank(results: pd.DataFrame, out_dir: str | Path, x: str = "rank") -> FigureResult | None:
+    """ACC and storage (MB) of the merged predictor vs LoRA rank, per strategy."""
+    if results.empty or x not in results.columns or results[x].nunique() < 2:
+        return None
+    df = results.assign(storage_mb=results["storage_bytes"] / 1e6) if "storage_bytes" in results else results
+    panels = [("acc", ACC_LABEL)] + ([("storage_mb", "storage of the merged predictor (MB)")]
+                                     if "storage_mb" in df.columns else [])
+    fig = Figure(figsize=(5.4 * len(panels), 4.4))
+    axes = list(np.atleast_1d(fig.subplots(1, len(panels))))
+    strategies = _strategies(df)
+    ranks = sorted(df[x].unique())
+    for ax, (col, label) in zip(axes, panels):
+        for s in strategies:
+            _line_ci(ax, df[df["strategy"] == s], x, col, s, strategy_color(s, strategies))
+        if col == "acc":
+            _references(ax, df, x, "acc")
+        elif (df[col].dropna() > 0).all():
+            _log_y(ax)
+        if min(ranks) > 0 and max(ranks) / min(ranks) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [f"{r:g}" for r in ranks])
+        ax.minorticks_off()
+        ax.set_xlabel("LoRA rank r")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    _fig_legend(fig, axes)
+    caption = ("LoRA rank: final ACC (mean over tasks) and storage of the merged predictor (MB, log scale) against "
+               f"the adapters' rank r, per strategy. {_seed_note(results)}")
+    return _save(fig, Path(out_dir), "rank", caption)
+
+
+# 7. timeline ------------------------------------------------------------------------------------------------------
+def plot_timeline(contribs: pd.DataFrame, out_dir: str | Path, time_label: str = "virtual time (units)"
+                  ) -> FigureResult | None:
+    """Each institution's training spans (pull → commit) and commit marks over time; staleness histogram.
+
+    Args:
+        contribs: ``analysis.load.contributions(events)``.
+        time_label: the x-axis label (virtual or wall time and its unit).
+    """
+    spans = contribs.dropna(subset=["t_pull"]) if not contribs.empty else contribs
+    if spans.empty:
+        return None
+    stale = contribs.loc[contribs["status"] == "accepted", "staleness"].dropna()
+    insts = sorted(int(i) for i in spans["institution"].dropna().unique())
+    tasks = sorted(t for t in spans["task"].dropna().unique())
+    task_color = {t: _PALETTE[(i + 10) % len(_PALETTE)] if len(tasks) > 10 else _PALETTE[i]
+                  for i, t in enumerate(tasks)}
+    height = max(3.6, 0.24 * len(insts) + 1.8)
+    fig = Figure(figsize=(13, height))
+    grid = fig.add_gridspec(1, 2, width_ratios=[3.2, 1], wspace=0.25)
+    ax = fig.add_subplot(grid[0, 0])
+    # Step 1: the spans, coloured by task.
+    work = spans[spans["status"] != "dropout"]
+    for _, r in work.iterrows():
+        color = task_color.get(r["task"], "0.6")
+        end = r["t_commit"] if not math.isnan(r["t_commit"]) else r["t_pull"]
+        ax.hlines(r["institution"], r["t_pull"], end, color=color, lw=5, alpha=0.75)
+    # a pull tick separates back-to-back contributions of one institution
+    ax.scatter(work["t_pull"], work["institution"], marker="|", s=90, color="0.25", zorder=3, label="pull")
+    # Step 2: the commit marks by verdict, and dropouts.
+    marks = (("accepted", "o", "black", "commit accepted"), ("rejected", "X", "#d62728", "commit rejected"),
+             ("pending", "o", "0.6", "commit (no verdict)"), ("dropout", "x", "0.35", "dropout"))
+    handles = [Patch(color=task_color[t], alpha=0.75, label=f"training: {t}") for t in tasks]
+    handles.append(Line2D([], [], marker="|", ls="", color="0.25", ms=9, label="pull"))
+    for status, marker, color, label in marks:
+        g = spans[spans["status"] == status]
+        if g.empty:
+            continue
+        t = g["t_pull"] if status == "dropout" else g["t_commit"]
+        ax.scatter(t, g["institution"], marker=marker, s=22, color=color, zorder=3, label=label)
+        handles.append(Line2D([], [], marker=marker, ls="", color=color, label=label))
+    step = max(1, math.ceil(len(insts) / 30))
+    ax.set_yticks(insts[::step], [f"inst {i}" for i in insts[::step]], fontsize=8)
+    ax.set_ylim(max(insts) + 0.7, min(insts) - 0.7)
+    ax.set_xlabel(time_label)
+    ax.set_ylabel("institution")
+    ax.set_title("Training spans (pull → commit) and commits")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.14 if len(insts) < 15 else -0.08),
+              ncol=math.ceil(len(handles) / math.ceil(len(handles) / 6)), fontsize=8, frameon=False)
+    # Step 3: staleness of the accepted commits.
+    hx = fig.add_subplot(grid[0, 1])
+    if len(stale):
+        top = int(stale.max())
+        bins = np.arange(-0.5, top + 1.5, max(1, math.ceil((top + 1) / 25)))
+        hx.hist(stale, bins=bins, color="#4c72b0", edgecolor="white")
+        hx.axvline(stale.mean(), color="#b2182b", ls="--", lw=1.4, label=f"mean {stale.mean():.1f}")
+        hx.yaxis.set_major_locator(MaxNLocator(integer=True))
+        hx.set_ylim(0, hx.get_ylim()[1] * 1.15)   # room for the legend above the bars
+        hx.legend(fontsize=8, loc="upper right", frameon=True, framealpha=0.9)
+    else:
+        hx.text(0.5, 0.5, "no staleness recorded", ha="center", va="center", transform=hx.transAxes, color="0.4")
+    hx.set_xlabel("staleness (commits merged between pull and commit)")
+    hx.set_ylabel("accepted commits (count)")
+    hx.set_title("Staleness")
+    hx.grid(alpha=0.3, axis="y")
+    caption = ("Timeline: each institution's local training spans, from pulling the main branch (tick) to "
+               f"committing (marker: the merge actor's verdict), coloured by task; x axis: {time_label}. Right: the "
+               "staleness of the accepted commits, i.e. how many commits were merged between a contribution's pull "
+               "and its own merge (dashed: mean).")
+    return _save(fig, Path(out_dir), "timeline", caption)
+
+
+# 8. progress of one run -------------------------------------------------------------------------------------------
+def plot_progress(history: pd.DataFrame, references: dict, out_dir: str | Path) -> FigureResult | None:
+    """Mean ACC and AUC over the evaluated tasks at each main version, per strategy, with the references' levels.
+
+    Args:
+        history: evaluations during a run (``strategy``, ``task``, ``version``, ``acc``, ``auc``).
+        references: ``summary["references"]`` (``{name: {acc, auc}}``), drawn as horizontal lines.
+    """
+    if history is None or history.empty or history["version"].nunique() < 2:
+        return None
+    means = history.groupby(["strategy", "version"], sort=False)[["acc", "auc"]].mean().reset_index()
+    n_tasks = history.groupby("version")["task"].nunique()
+    fig = Figure(figsize=(11, 4.4))
+    axes = fig.subplots(1, 2)
+    strategies = _strategies(history)
+    for ax, metric, label in zip(axes, ("acc", "auc"), (ACC_LABEL, AUC_LABEL)):
+        for s in strategies:
+            g = means[means["strategy"] == s].sort_values("version")
+            ax.plot(g["version"], g[metric], "-o", ms=4, color=strategy_color(s, strategies), label=s)
+        for ref in REFERENCES:
+            value = (references or {}).get(ref, {}).get(metric)
+            if value is not None and not math.isnan(value):
+                color, style = _REF_STYLE[ref]
+                ax.axhline(value, color=color, ls=style, lw=1.3, label=f"{ref} (reference)")
+        ax.set_xlabel("main version (accepted commits)")
+        ax.set_ylabel(label.replace("mean over tasks", "mean over tasks seen"))
+        versions = sorted(means["version"].unique())
+        if len(versions) <= 12:
+            ax.set_xticks(versions)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Accuracy as commits arrive")
+    axes[1].set_title("AUC as commits arrive")
+    _fig_legend(fig, axes)
+    varying = n_tasks.nunique() > 1
+    caption = ("Progress of the run: ACC and macro AUC of each strategy's main branch at each evaluation, the mean "
+               "over the tasks evaluated at that version"
+               + (f" (their number grows from {n_tasks.iloc[0]} to {n_tasks.iloc[-1]} as new tasks arrive, so early "
+                  "points average fewer tasks)" if varying else "")
+               + "; horizontal lines: the references on all tasks at the end of the run.")
+    return _save(fig, Path(out_dir), "progress", caption)

@@ -1,0 +1,478 @@
+"""A run dir or a sweep dir → ``figures/`` (PNG + PDF) + ``report.md`` + a self-contained ``report.html``.
+
+The report holds what a paper would print: the strategy × task ACC/AUC table (MedForge Table 1, Med-LEGO
+Table 1) with the references as extra rows and the best strategy per column in bold, the cost table, the
+order-sensitivity table (MedForge Table 2), run facts, and each figure with a caption saying what it shows.
+``report.md`` links the PNGs under ``figures/``; ``report.html`` embeds them as base64, so it can be mailed alone.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from analysis import figures as F
+from analysis.load import (REFERENCES, RunData, SweepData, contributions, cost_table, dir_kind, eval_history,
+                           load_run, load_sweep, study_rows, strategy_task_table)
+
+__all__ = ["Table", "Report", "build_report", "run_report", "sweep_report", "FIGURE_NAMES"]
+
+FIGURE_NAMES = ("scaling", "cost", "orders", "forgetting", "ipc", "rank", "timeline", "progress")
+
+
+@dataclass
+class Table:
+    """A table ready to print: two-level header (``group``, ``sub``), string cells, bold cells, italic rows."""
+
+    title: str
+    columns: list[tuple[str, str]]            # (group, sub); group "" for a plain column
+    rows: list[list[str]]
+    bold: set[tuple[int, int]] = field(default_factory=set)
+    italic_rows: set[int] = field(default_factory=set)
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """An ordered list of blocks: ``("h", level, text)``, ``("p", text)``, ``("table", Table)``,
+    ``("fig", FigureResult)``."""
+
+    title: str
+    blocks: list[tuple] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("h", level, text))
+
+    def para(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, table: Table | None) -> None:
+        if table is not None and table.rows:
+            self.blocks.append(("table", table))
+
+    def figure(self, result: F.FigureResult | None) -> None:
+        if result is not None:
+            self.blocks.append(("fig", result))
+
+    @property
+    def figures(self) -> list[F.FigureResult]:
+        return [b[1] for b in self.blocks if b[0] == "fig"]
+
+
+# Tables -----------------------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}g}" if abs(x) >= 1000 or (x != 0 and abs(x) < 10 ** -(digits - 1)) else f"{x:.{digits}f}"
+
+
+def _best(values: Sequence[float], higher: bool = True) -> set[int]:
+    """Indices of the best finite value (ties all win)."""
+    finite = [(i, v) for i, v in enumerate(values) if v is not None and not math.isnan(v)]
+    if not finite:
+        return set()
+    target = (max if higher else min)(v for _, v in finite)
+    return {i for i, v in finite if v == target}
+
+
+def task_table(summary: dict) -> Table | None:
+    """Strategy × task ACC/AUC (%), references as italic extra rows, best strategy per column in bold."""
+    wide = strategy_task_table(summary)
+    if wide.empty:
+        return None
+    columns = [("", "predictor")] + [("mean" if t == "mean" else t, f"{m.upper()} (%)") for t, m in wide.columns]
+    rows, italic = [], set()
+    kinds = [k for _, k in wide.index]
+    for r, ((name, kind), values) in enumerate(wide.iterrows()):
+        rows.append([name + (" (reference)" if kind == "reference" else "")] + [_pct(v) for v in values])
+        if kind == "reference":
+            italic.add(r)
+    bold = set()
+    for c, col in enumerate(wide.columns, start=1):
+        strat = [wide[col].iloc[i] if k == "strategy" else math.nan for i, k in enumerate(kinds)]
+        bold |= {(r, c) for r in _best(strat)}
+    return Table("Final accuracy per task (strategy × task)", columns, rows, bold, italic,
+                 "ACC and macro one-vs-rest AUC in %, on each task's test split at the end of the run; mean = mean "
+                 "over tasks. Bold: the best merge strategy per column; references (italic: base = foundation "
+                 "without adapter, individual = each task's own adapter, joint = centralised training) are bounds "
+                 "and are not ranked.")
+
+
+def cost_summary_table(summary: dict) -> Table | None:
+    """Per strategy: storage, merge time, inference time, forgetting and BWT of one run."""
+    df = cost_table(summary)
+    if df.empty:
+        return None
+    spec = [("storage (MB)", "storage_mb", False), ("merge s / commit", "merge_s", False),
+            ("merge s total", "merge_s_total", False), ("inference ms / image", "infer_ms_per_image", False),
+            ("forgetting", "forgetting", False), ("BWT", "bwt", True)]
+    rows = [[s] + [_fmt(v) for v in r] for s, r in zip(df["strategy"], df[[c for _, c, _ in spec]].to_numpy())]
+    bold = {(r, c) for c, (_, col, higher) in enumerate(spec, start=1) for r in _best(list(df[col]), higher)}
+    return Table("Cost and stability per strategy", [("", "strategy")] + [("", lab) for lab, _, _ in spec], rows,
+                 bold, note="Storage of the final merged predictor; merge time of one update (mean over commits) "
+                            "and in total; inference per test image at the final evaluation; forgetting and BWT "
+                            "as in the forgetting figure. Bold: best per column (lowest cost and forgetting, "
+                            "highest BWT).")
+
+
+def facts_table(run: RunData) -> Table:
+    """Key facts of one run: commits, timings, efficiency, and the config knobs that matter for reading it."""
+    s, cfg = run.summary, run.config or {}
+    get = lambda section, key: (cfg.get(section) or {}).get(key, "–")   # noqa: E731
+    staleness = s.get("staleness") or {}
+    facts = [("run id", s.get("run_id", "–")), ("institutions", s.get("n_institutions", "–")),
+             ("contributions scheduled", s.get("n_contributions", "–")),
+             ("commits accepted / rejected", f"{s.get('commits_accepted', '–')} / {s.get('commits_rejected', '–')}"),
+             ("wall time (s)", _fmt(s.get("wall_s"), 1)), ("startup (s)", _fmt(s.get("startup_s"), 1)),
+             ("busy worker time (s)", _fmt(s.get("busy_s"), 1)),
+             ("parallel efficiency", _fmt(s.get("parallel_efficiency"), 2)),
+             ("staleness mean / max (commits)", f"{_fmt(staleness.get('mean'), 1)} / {staleness.get('max', '–')}"),
+             ("seed", s.get("seed", "–")), ("clock", s.get("clock", "–")), ("contributions start from",
+                                                                            s.get("init_from", "–")),
+             ("data", f"{get('data', 'name')}, {get('data', 'n_tasks')} tasks"),
+             ("LoRA rank", get("lora", "rank")),
+             ("distillation", f"{get('distill', 'method')}, IPC {get('distill', 'ipc')}"),
+             ("strategies", ", ".join(run.strategies))]
+    return Table("Run facts", [("", "fact"), ("", "value")], [[k, str(v)] for k, v in facts],
+                 note="Parallel efficiency = busy worker time / (worker CPU slots × wall time, startup included).")
+
+
+def _mean_sd(v: pd.Series) -> str:
+    v = v.dropna()
+    if v.empty:
+        return "–"
+    return f"{100 * v.mean():.1f}" + (f" ± {100 * v.std(ddof=1):.1f}" if len(v) > 1 else "")
+
+
+def sweep_table(df: pd.DataFrame, x: str, x_label: str, metric: str = "acc") -> Table | None:
+    """Strategies (and references) × values of ``x``: mean ± sd over seeds of ``metric`` in %."""
+    if df.empty:
+        return None
+    xs = sorted(df[x].unique())
+    strategies = [s for s in dict.fromkeys(df["strategy"]) if s not in REFERENCES]
+    rows, italic, means = [], set(), []
+    for s in strategies:
+        g = df[df["strategy"] == s]
+        rows.append([s] + [_mean_sd(g.loc[g[x] == v, metric]) for v in xs])
+        means.append([g.loc[g[x] == v, metric].mean() for v in xs])
+    trials = df.drop_duplicates("trial_id") if "trial_id" in df.columns else df
+    for ref in REFERENCES:
+        col = f"{ref}_{metric}"
+        if col in trials.columns and trials[col].notna().any():
+            italic.add(len(rows))
+            rows.append([f"{ref} (reference)"] + [_mean_sd(trials.loc[trials[x] == v, col]) for v in xs])
+    bold = {(r, c + 1) for c in range(len(xs)) for r in _best([m[c] for m in means])}
+    n_seeds = df["seed"].nunique() if "seed" in df.columns else 1
+    return Table(f"{metric.upper()} (%) by {x_label}", [("", "strategy")] + [(x_label, f"{v:g}") for v in xs],
+                 rows, bold, italic, f"Mean ± sd over {n_seeds} seed(s) of the final {metric.upper()} (mean over "
+                                     "tasks), in %. Bold: best strategy per column.")
+
+
+def orders_table(orders: pd.DataFrame) -> Table | None:
+    """MedForge Table 2 as numbers: per strategy, mean ± sd, range over orders, and the original order's score."""
+    if orders is None or orders.empty:
+        return None
+    rows, ranges = [], []
+    for s in [s for s in dict.fromkeys(orders["strategy"]) if s not in REFERENCES]:
+        g = orders[orders["strategy"] == s]
+        row, rr = [s], []
+        for metric in ("auc", "acc"):
+            spread = F._order_range(g, metric)
+            first = g.loc[g["order"] == 0, metric]
+            row += [_mean_sd(g[metric]), f"{100 * spread:.1f}", _pct(first.mean()) if len(first) else "–"]
+            rr.append(spread)
+        rows.append(row)
+        ranges.append(rr)
+    columns = [("", "strategy")] + [(m, sub) for m in ("AUC (%)", "ACC (%)")
+                                    for sub in ("mean ± sd", "range", "original order")]
+    bold = {(r, 2) for r in _best([x[0] for x in ranges], False)} | {(r, 5) for r in _best([x[1] for x in ranges],
+                                                                                          False)}
+    return Table("Merge-order sensitivity", columns, rows, bold,
+                 note=f"Over {orders['order'].nunique()} merge orders of the same commits: mean ± sd, range "
+                      "(max − min, in points of %) and the score of the original order (0). Bold: the least "
+                      "order-sensitive strategy.")
+
+
+def orders_task_table(per_task: pd.DataFrame | None) -> Table | None:
+    """Range (max − min over orders) of the AUC per strategy × task, in points of %."""
+    if per_task is None or per_task.empty or not {"strategy", "task", "order", "auc"} <= set(per_task.columns):
+        return None
+    spread = per_task.groupby(["strategy", "task"], sort=False)["auc"].agg(lambda v: v.max() - v.min()).unstack()
+    tasks = list(spread.columns)
+    rows = [[s] + [f"{100 * v:.1f}" for v in spread.loc[s]] for s in spread.index]
+    return Table("Merge-order sensitivity per task", [("", "strategy")] + [("AUC range", t) for t in tasks], rows,
+                 note="Range (max − min over merge orders) of each task's AUC, in points of %.")
+
+
+# Report bodies ----------------------------------------------------------------------------------------------------
+def _time_label(run: RunData) -> str:
+    """The schedule's times are virtual; with the wall clock, institutions slept ``wall_scale`` s per unit."""
+    schedule = run.config.get("schedule") or {}
+    train_time, scale = schedule.get("train_time"), schedule.get("wall_scale")
+    if (run.summary.get("clock") or (run.config.get("runtime") or {}).get("clock")) == "wall" and scale:
+        return f"scheduled virtual time (units; wall clock: 1 unit = {scale:g} s)"
+    return (f"virtual time (units; schedule.train_time = {train_time:g})" if isinstance(train_time, (int, float))
+            else "virtual time (units)")
+
+
+def run_report(run: RunData, fig_dir: Path) -> Report:
+    """The report of one run dir."""
+    rep = Report(f"forgesim report — run {run.summary.get('run_id', run.path.name)}")
+    rep.para(f"Source: run dir `{run.path}`.")
+    # Step 1: facts and the paper tables.
+    rep.heading("Run")
+    rep.table(facts_table(run))
+    rep.heading("Results")
+    rep.table(task_table(run.summary))
+    rep.table(cost_summary_table(run.summary))
+    # Step 2: figures from the records.
+    history = eval_history(run.metrics)
+    bars = _forgetting_bars(run.summary)
+    rep.heading("Figures")
+    rep.figure(F.plot_progress(history, run.summary.get("references") or {}, fig_dir))
+    rep.figure(F.plot_forgetting(history, bars, fig_dir))
+    rep.figure(F.plot_timeline(contributions(run.events), fig_dir, _time_label(run)))
+    return rep
+
+
+def _forgetting_bars(summary: dict) -> pd.DataFrame:
+    """Forgetting/BWT rows of one run's summary (one row per strategy)."""
+    df = cost_table(summary)
+    return df[["strategy", "forgetting", "bwt"]] if not df.empty else df
+
+
+def sweep_report(sweep: SweepData, fig_dir: Path, max_ms_per_point: float = F.DEFAULT_MAX_MS_PER_POINT) -> Report:
+    """The report of one sweep dir: one section per study whose data exists."""
+    rep = Report(f"forgesim report — sweep {sweep.path.name}")
+    res = sweep.results
+    # Step 1: what the sweep holds.
+    facts = [("source", str(sweep.path))]
+    if res is not None and not res.empty:
+        facts += [("trials", res["trial_id"].nunique() if "trial_id" in res.columns else len(res)),
+                  ("studies", ", ".join(map(str, dict.fromkeys(res["study"]))) if "study" in res.columns else "–"),
+                  ("seeds", res["seed"].nunique() if "seed" in res.columns else "–"),
+                  ("strategies", ", ".join(s for s in dict.fromkeys(res["strategy"]) if s not in REFERENCES))]
+    if sweep.orders is not None:
+        facts.append(("merge orders", sweep.orders["order"].nunique()))
+    rep.heading("Sweep")
+    rep.table(Table("Sweep facts", [("", "fact"), ("", "value")], [[k, str(v)] for k, v in facts]))
+    # Step 2: one section per study that has data.
+    scaling = study_rows(res, "scaling", "contributors")
+    if not scaling.empty:
+        rep.heading("Scaling with the number of contributors")
+        rep.figure(F.plot_scaling(scaling, fig_dir))
+        rep.table(sweep_table(scaling, "contributors", "contributors", "acc"))
+        rep.table(sweep_table(scaling, "contributors", "contributors", "auc"))
+        rep.heading("Cost")
+        cost = F.plot_cost(scaling, fig_dir, max_ms_per_point)
+        rep.figure(cost)
+        table = F.mixture_breakeven(scaling, max_ms_per_point)
+        if not table.empty:
+            rep.table(Table("Mixture vs Fusion", [("", "contributors"), ("", "ACC gain (pp)"),
+                                                  ("", "extra inference ms / image"), ("", "ms per pp"),
+                                                  ("", "pays")],
+                            [[f"{r.contributors:g}", f"{r.gain_pp:.1f}", _fmt(r.extra_ms), _fmt(r.ms_per_pp),
+                              "yes" if r.pays else "no"] for r in table.itertuples()],
+                            note=f"Mixture pays when its gain is > 0 and costs ≤ {max_ms_per_point:g} ms/image "
+                                 "per percentage point."))
+    if sweep.orders is not None:
+        rep.heading("Merge-order sensitivity")
+        rep.figure(F.plot_orders(sweep.orders, fig_dir))
+        rep.table(orders_table(sweep.orders))
+        rep.table(orders_task_table(sweep.orders_per_task))
+    _forgetting_section(rep, sweep, fig_dir)
+    ipc = study_rows(res, "ipc", "ipc")
+    if not ipc.empty:
+        rep.heading("Distillation budget (IPC), fidelity and privacy")
+        rep.figure(F.plot_ipc(ipc, fig_dir))
+        rep.table(sweep_table(ipc, "ipc", "IPC", "acc"))
+    rank = study_rows(res, "rank", "rank")
+    if not rank.empty:
+        rep.heading("LoRA rank")
+        rep.figure(F.plot_rank(rank, fig_dir))
+        rep.table(sweep_table(rank, "rank", "rank", "acc"))
+    if len(rep.blocks) <= 2:
+        rep.para("This sweep holds no study with at least two values of its variable, so there is nothing to plot.")
+    return rep
+
+
+def _forgetting_section(rep: Report, sweep: SweepData, fig_dir: Path) -> None:
+    """Forgetting bars from the sweep's rows, the heatmap from the study's first run dir (if it was kept)."""
+    res = sweep.results
+    if res is None or not {"forgetting", "bwt"} <= set(res.columns):
+        return
+    rows = res[res["study"] == "forgetting"] if "study" in res.columns else res
+    rows = rows.dropna(subset=["forgetting", "bwt"], how="all")
+    if rows.empty:
+        return
+    history = None
+    runs = sweep.run_dirs("forgetting")
+    if runs:
+        history = eval_history(load_run(runs[0]).metrics)
+    rep.heading("Forgetting")
+    result = F.plot_forgetting(history, rows[["strategy", "forgetting", "bwt"] + (["seed"] if "seed" in rows else [])],
+                               fig_dir)
+    if result is not None and runs:
+        result.caption += f" Heatmaps: the run in `{runs[0].relative_to(sweep.path)}`."
+    rep.figure(result)
+
+
+# Rendering --------------------------------------------------------------------------------------------------------
+def _md_cell(text: str, bold: bool, italic: bool) -> str:
+    text = text.replace("|", "\\|")
+    if bold:
+        text = f"**{text}**"
+    return f"*{text}*" if italic else text
+
+
+def table_md(t: Table) -> str:
+    header = [f"{g} {s}".strip() if g else s for g, s in t.columns]
+    lines = [f"**{t.title}**", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(":--" if i == 0 else "--:" for i in range(len(header))) + "|"]
+    for r, row in enumerate(t.rows):
+        lines.append("| " + " | ".join(_md_cell(v, (r, c) in t.bold, r in t.italic_rows)
+                                       for c, v in enumerate(row)) + " |")
+    if t.note:
+        lines += ["", t.note]
+    return "\n".join(lines)
+
+
+def table_html(t: Table) -> str:
+    esc = html.escape
+    out = [f'<table><caption>{esc(t.title)}</caption><thead>']
+    if any(g for g, _ in t.columns):
+        out.append("<tr>")
+        i = 0
+        while i < len(t.columns):
+            g = t.columns[i][0]
+            span = 1
+            while i + span < len(t.columns) and g and t.columns[i + span][0] == g:
+                span += 1
+            out.append(f'<th colspan="{span}" class="group">{esc(g)}</th>' if span > 1 or g else "<th></th>")
+            i += span
+        out.append("</tr>")
+    out.append("<tr>" + "".join(f"<th>{esc(s)}</th>" for _, s in t.columns) + "</tr></thead><tbody>")
+    for r, row in enumerate(t.rows):
+        cls = ' class="ref"' if r in t.italic_rows else ""
+        cells = []
+        for c, v in enumerate(row):
+            v = esc(v)
+            cells.append(f"<td>{'<b>' + v + '</b>' if (r, c) in t.bold else v}</td>")
+        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    if t.note:
+        out.append(f'<p class="note">{esc(t.note)}</p>')
+    return "\n".join(out)
+
+
+def _inline_md(text: str) -> str:
+    """HTML for a paragraph with `code` spans (the only markdown our paragraphs use)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_md(rep: Report, out: Path) -> str:
+    lines, n = [f"# {rep.title}", ""], 0
+    for block in rep.blocks:
+        if block[0] == "h":
+            lines += ["#" * block[1] + " " + block[2], ""]
+        elif block[0] == "p":
+            lines += [block[1], ""]
+        elif block[0] == "table":
+            lines += [table_md(block[1]), ""]
+        else:
+            n += 1
+            fig = block[1]
+            rel = fig.png.relative_to(out) if fig.png.is_relative_to(out) else fig.png
+            pdf = fig.paths[1].relative_to(out) if fig.paths[1].is_relative_to(out) else fig.paths[1]
+            lines += [f"![Figure {n}: {fig.name}]({rel.as_posix()})", "",
+                      f"*Figure {n} ({fig.name}; [PDF]({pdf.as_posix()})).* {fig.caption}", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1.5em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; border-bottom: 2px solid #333; padding-bottom: .2em; }
+h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1em 0 .3em; font-size: .9em; }
+caption { caption-side: top; text-align: left; font-weight: bold; padding-bottom: .3em; }
+th, td { padding: .25em .6em; border-bottom: 1px solid #ddd; text-align: right; }
+th { background: #f3f3f3; } th.group { text-align: center; border-bottom: 1px solid #999; }
+td:first-child, th:first-child { text-align: left; }
+tr.ref td { font-style: italic; color: #555; } tr.ref:first-of-type td, tr:not(.ref) + tr.ref td
+{ border-top: 1.5px solid #888; }
+p.note { font-size: .85em; color: #555; margin-top: 0; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .9em; color: #333; margin-top: .4em; }
+code { background: #f4f4f4; padding: 0 .2em; }
+"""
+
+
+def render_html(rep: Report) -> str:
+    body, n = [f"<h1>{html.escape(rep.title)}</h1>"], 0
+    for block in rep.blocks:
+        if block[0] == "h":
+            body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif block[0] == "p":
+            body.append(f"<p>{_inline_md(block[1])}</p>")
+        elif block[0] == "table":
+            body.append(table_html(block[1]))
+        else:
+            n += 1
+            fig = block[1]
+            raw = fig.png.read_bytes()
+            # show every figure at the same scale (its size at 96 css px per inch), shrunk only to fit the page
+            width = round(int.from_bytes(raw[16:20], "big") * 96 / F.DPI)
+            data = base64.b64encode(raw).decode("ascii")
+            body.append(f'<figure id="fig-{fig.name}"><img alt="Figure {n}: {fig.name}" width="{width}" '
+                        f'src="data:image/png;base64,{data}"><figcaption><b>Figure {n}.</b> '
+                        f"{_inline_md(fig.caption)}</figcaption></figure>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(rep.title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(path: str | Path, out: str | Path | None = None,
+                 max_ms_per_point: float = F.DEFAULT_MAX_MS_PER_POINT) -> Path:
+    """Write ``figures/``, ``report.md`` and ``report.html`` for a run dir or a sweep dir; return report.html's path.
+
+    Args:
+        path: a run dir (holds summary.json) or a sweep dir (holds results.parquet or orders.parquet).
+        out: output dir (default ``path/report``); figures of an earlier report there are replaced.
+        max_ms_per_point: the cost figure's rule for when Mixture stops paying (see ``figures.mixture_breakeven``).
+    Raises:
+        ValueError: ``path`` is neither a run dir nor a sweep dir, or ``out`` is a file.
+    """
+    # Step 1: what kind of dir, and where the report goes.
+    src = Path(path)
+    kind = dir_kind(src)
+    if kind is None:
+        what = "does not exist" if not src.exists() else "is not a directory" if not src.is_dir() else \
+            "is neither a run dir (summary.json) nor a sweep dir (results.parquet or orders.parquet)"
+        raise ValueError(f"{src} {what}")
+    dest = Path(out) if out is not None else src / "report"
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"--out {dest} exists and is not a directory")
+    fig_dir = dest / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for name in FIGURE_NAMES:   # a figure whose data is gone must not survive from an earlier report
+        for suffix in (".png", ".pdf"):
+            (fig_dir / f"{name}{suffix}").unlink(missing_ok=True)
+    # Step 2: load the records and build the figures and tables.
+    rep = run_report(load_run(src), fig_dir) if kind == "run" else sweep_report(load_sweep(src), fig_dir,
+                                                                                 max_ms_per_point)
+    # Step 3: render.
+    (dest / "report.md").write_text(render_md(rep, dest))
+    html_path = dest / "report.html"
+    html_path.write_text(render_html(rep))
+    return html_path

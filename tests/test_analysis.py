@@ -1,0 +1,348 @@
+"""analysis: figures from small hand-made records tables, the report from a synthetic run dir and sweep dir,
+``forgesim report`` and the HTML report in headless Chromium (skipped where chromium is not installed)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import build_report
+from analysis import figures as F
+from analysis.browser import broken_images, find_chromium, screenshot
+from analysis.load import (contributions, dir_kind, eval_history, load_run, load_sweep, mean_ci,
+                           strategy_task_table, study_rows)
+from analysis.report import task_table
+from experiments.cli import main
+
+STRATEGIES = ("fusion", "mixture", "svd")
+TASKS = ("xray", "histology")
+
+
+# Records builders ---------------------------------------------------------------------------------------------------
+def sweep_results() -> pd.DataFrame:
+    """Scaling (2, 4, 8, 16 contributors), IPC, rank and forgetting studies, 3 seeds, 3 strategies.
+
+    Mixture's gain over Fusion is 8 − 0.5·n pp and its extra inference 0.9·(n − 1) ms: 0.13, 0.45 ms/pp at n = 2, 4
+    (pays), 1.58 ms/pp at 8 and no gain at 16 (does not pay): it stops paying at n = 8.
+    """
+    rows, trial = [], 0
+    for study, x, values in (("scaling", "contributors", (2, 4, 8, 16)), ("ipc", "ipc", (1, 5, 10)),
+                             ("rank", "rank", (2, 4, 8, 16)), ("forgetting", "contributors", (8,))):
+        for v in values:
+            for seed in range(3):
+                trial += 1
+                n = v if x == "contributors" else 8
+                noise = 0.01 * (seed - 1)
+                base = {"trial_id": f"t{trial:03d}", "study": study, "seed": seed, "contributors": n,
+                        "rank": v if x == "rank" else 8, "ipc": v if x == "ipc" else 5, "wall_s": 10.0,
+                        "base_acc": 0.40, "base_auc": 0.60, "individual_acc": 0.90 + noise, "individual_auc": 0.97,
+                        "joint_acc": 0.85, "joint_auc": 0.95, "distill_fidelity": 0.5 + 0.04 * v if x == "ipc" else
+                        math.nan, "mia_auc": 0.5 + 0.01 * v if x == "ipc" else math.nan}
+                fusion_acc = 0.55 + noise
+                accs = {"fusion": fusion_acc, "mixture": fusion_acc + (8 - 0.5 * n) / 100, "svd": 0.50 + noise}
+                infer = {"fusion": 0.9, "mixture": 0.9 * n, "svd": 0.9}
+                for s in STRATEGIES:
+                    rows.append(base | {"strategy": s, "acc": accs[s], "auc": accs[s] + 0.2,
+                                        "forgetting": 0.05 + 0.02 * STRATEGIES.index(s) + noise,
+                                        "bwt": -0.01 * STRATEGIES.index(s), "merge_s": 0.01 * n,
+                                        "storage_bytes": 49152 * (n if s == "mixture" else 1) * base["rank"] / 8,
+                                        "infer_ms_per_image": infer[s]})
+    return pd.DataFrame(rows)
+
+
+def orders_table() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """6 merge orders × 3 strategies; fusion's AUC spans 0.70..0.75 (range 0.05), svd's is constant."""
+    rows, per_task = [], []
+    for order in range(6):
+        for s in STRATEGIES:
+            auc = {"fusion": 0.70 + 0.01 * order, "mixture": 0.80 + 0.002 * order, "svd": 0.72}[s]
+            rows.append({"order": order, "strategy": s, "acc": auc - 0.2, "auc": auc})
+            per_task += [{"order": order, "strategy": s, "task": t, "acc": auc - 0.2, "auc": auc} for t in TASKS]
+    return pd.DataFrame(rows), pd.DataFrame(per_task)
+
+
+def run_records() -> tuple[dict, pd.DataFrame, pd.DataFrame, dict]:
+    """A tiny run: 2 institutions × 2 contributions, one commit rejected, evaluations at versions 1 and 3."""
+    metrics = []
+    for version, seen in ((1, TASKS[:1]), (3, TASKS)):
+        for s in STRATEGIES[:2]:
+            for t in seen:
+                acc = 0.6 + 0.1 * (t == "xray") - 0.05 * (version == 3) * (s == "fusion")
+                metrics.append({"run_id": "r1", "event": "eval", "version": version, "strategy": s, "task": t,
+                                "acc": acc, "auc": acc + 0.2, "n": 40, "infer_s": 0.04})
+    for ref, acc in (("base", 0.4), ("individual", 0.9)):
+        metrics += [{"run_id": "r1", "event": "eval", "version": -1, "strategy": ref, "task": t, "acc": acc,
+                     "auc": acc + 0.05, "n": 40, "infer_s": 0.02} for t in TASKS]
+    metrics = pd.DataFrame(metrics)
+    final = metrics[metrics["version"] == 3]
+    block = lambda g: {"acc": g["acc"].mean(), "auc": g["auc"].mean(),   # noqa: E731
+                       "per_task": {r.task: {"acc": r.acc, "auc": r.auc} for r in g.itertuples()}}
+    summary = {"run_id": "r1", "n_institutions": 2, "n_contributions": 4, "commits_accepted": 3,
+               "commits_rejected": 1, "wall_s": 12.0, "startup_s": 1.0, "busy_s": 20.0, "parallel_efficiency": 0.83,
+               "seed": 0, "clock": "virtual", "init_from": "base", "staleness": {"mean": 0.67, "max": 1},
+               "strategies": {s: block(final[final["strategy"] == s]) | {
+                   "forgetting": 0.05 if s == "fusion" else 0.0, "bwt": -0.05 if s == "fusion" else None,
+                   "storage_bytes": 49152 * (1 + 2 * (s == "mixture")), "merge_s": 0.1, "merge_s_total": 0.3,
+                   "infer_ms_per_image": 1.0, "version": 3} for s in STRATEGIES[:2]},
+               "references": {r: block(metrics[metrics["strategy"] == r]) for r in ("base", "individual")}}
+    sched = []
+    for inst, spans in ((0, ((0.1, 1.0), (1.0, 2.2))), (1, ((0.3, 1.5), (1.6, 2.0)))):
+        for k, (t0, t1) in enumerate(spans):
+            cid = f"inst{inst:03d}-{k:02d}"
+            sched += [{"source": "schedule", "event": "pull", "t_virtual": t0, "institution": inst,
+                       "contribution": cid},
+                      {"source": "schedule", "event": "commit", "t_virtual": t1, "institution": inst,
+                       "contribution": cid}]
+    actor = [{"source": "merge_actor", "event": "accepted", "id": cid, "institution": inst, "task": TASKS[inst],
+              "seq": seq, "version": seq, "staleness": st, "pulled_version": seq - 1 - st, "t_pull": t0,
+              "t_commit": t1} for seq, (cid, inst, st, t0, t1) in enumerate(
+        (("inst000-00", 0, 0, 0.1, 1.0), ("inst001-00", 1, 1, 0.3, 1.5), ("inst001-01", 1, 1, 1.6, 2.0)), start=1)]
+    actor += [{"source": "merge_actor", "event": "rejected", "id": "inst000-01", "reason": "nan in adapter"},
+              {"source": "merge_actor", "event": "merged", "seq": 1, "id": "inst000-00", "strategy": "svd",
+               "merge_s": 0.1, "storage_bytes": 1000}]
+    events = pd.DataFrame(sched + actor).assign(run_id="r1")
+    config = {"seed": 0, "data": {"name": "synthetic", "n_tasks": 2}, "lora": {"rank": 8},
+              "distill": {"method": "dm", "ipc": 5}, "schedule": {"train_time": 1.0}, "runtime": {"clock": "virtual"}}
+    return summary, metrics, events, config
+
+
+def write_run(path, with_nan: bool = True):
+    summary, metrics, events, config = run_records()
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps(summary))    # JSON null stands for NaN
+    metrics.to_parquet(path / "metrics.parquet")
+    events.to_parquet(path / "events.parquet")
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def write_sweep(path, with_run: bool = True):
+    path.mkdir(parents=True)
+    results = sweep_results()
+    if with_run:   # the forgetting study's first trial kept its run dir
+        write_run(path / "trials" / "t-forget")
+        results["run_dir"] = np.where(results["study"] == "forgetting", "trials/t-forget", None)
+    results.to_parquet(path / "results.parquet")
+    orders, per_task = orders_table()
+    orders.to_parquet(path / "orders.parquet")
+    per_task.to_parquet(path / "orders_per_task.parquet")
+    return path
+
+
+def assert_written(result: F.FigureResult) -> None:
+    assert [p.suffix for p in result.paths] == [".png", ".pdf"]
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in result.paths)
+    assert result.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.caption
+
+
+# Tables and statistics ----------------------------------------------------------------------------------------------
+def test_mean_ci_is_a_t_interval_over_seeds():
+    # Prepare: values 1, 2, 3 → mean 2, sd 1, t(0.975, 2) = 4.303
+    df = pd.DataFrame({"x": [1, 1, 1, 2], "v": [1.0, 2.0, 3.0, 5.0]})
+    # Execute
+    stats = mean_ci(df, ["x"], "v").set_index("x")
+    # Assert
+    assert stats.loc[1, "mean"] == 2.0 and stats.loc[1, "n"] == 3
+    assert stats.loc[1, "hi"] - 2.0 == pytest.approx(4.303 / math.sqrt(3))
+    assert stats.loc[2, "lo"] == stats.loc[2, "hi"] == 5.0   # one seed: no band
+
+
+def test_mixture_breakeven_rule():
+    table = F.mixture_breakeven(study_rows(sweep_results(), "scaling", "contributors")).set_index("contributors")
+    assert table.loc[2, "gain_pp"] == pytest.approx(7.0) and table.loc[2, "extra_ms"] == pytest.approx(0.9)
+    assert table.loc[8, "ms_per_pp"] == pytest.approx(6.3 / 4.0)
+    assert list(table["pays"]) == [True, True, False, False]
+    assert math.isnan(table.loc[16, "ms_per_pp"])            # no gain: no price per point
+
+
+def test_task_table_marks_best_strategy_not_references():
+    summary, *_ = run_records()
+    wide = strategy_task_table(summary)
+    assert [p for p, _ in wide.index] == ["fusion", "mixture", "base", "individual"]
+    table = task_table(summary)
+    mean_acc = [c for c, (g, s) in enumerate(table.columns) if g == "mean" and s.startswith("ACC")][0]
+    # mixture beats fusion on the mean; individual (0.9) is higher still but is a reference, not ranked
+    assert (1, mean_acc) in table.bold and (3, mean_acc) not in table.bold
+    assert table.italic_rows == {2, 3}
+    assert table.rows[1][mean_acc] == "65.0"
+
+
+def test_contributions_join_schedule_and_verdicts():
+    *_, events, _ = run_records()
+    c = contributions(events).set_index("id")
+    assert c.loc["inst000-01", "status"] == "rejected" and c.loc["inst000-01", "t_commit"] == 2.2
+    assert c.loc["inst001-01", "status"] == "accepted" and c.loc["inst001-01", "task"] == "histology"
+    assert len(c) == 4
+
+
+# Figures ------------------------------------------------------------------------------------------------------------
+def test_plot_scaling(tmp_path):
+    result = F.plot_scaling(study_rows(sweep_results(), "scaling", "contributors"), tmp_path)
+    assert_written(result)
+    assert result.axes_labels == [("contributors (institutions)", F.ACC_LABEL),
+                                  ("contributors (institutions)", F.AUC_LABEL)]
+    assert result.legend_labels == ["fusion", "mixture", "svd", "base (reference)", "individual (reference)",
+                                    "joint (reference)"]
+    assert "3 seeds" in result.caption
+
+
+def test_plot_cost_marks_where_mixture_stops_paying(tmp_path):
+    result = F.plot_cost(study_rows(sweep_results(), "scaling", "contributors"), tmp_path)
+    assert_written(result)
+    assert result.notes["breakeven"] == 8
+    ylabels = [y for _, y in result.axes_labels]
+    assert ylabels == ["storage of the merged predictor (MB)", "merge time per commit (s)",
+                       "inference time (ms / image)", "Mixture − Fusion ACC (percentage points)"]
+    assert {"fusion", "mixture", "svd", "Mixture stops paying (n ≥ 8)"} <= set(result.legend_labels)
+    assert "from 8 contributors on" in result.caption
+
+
+def test_plot_orders(tmp_path):
+    orders, _ = orders_table()
+    result = F.plot_orders(orders, tmp_path)
+    assert_written(result)
+    assert result.axes_labels == [("merge strategy", "final " + F.AUC_LABEL),
+                                  ("merge strategy", "final " + F.ACC_LABEL)]
+    assert result.legend_labels == ["one merge order", "original order (0)"]
+    assert F._order_range(orders[orders["strategy"] == "fusion"], "auc") == pytest.approx(0.05)
+
+
+def test_plot_forgetting_heatmaps_and_bars(tmp_path):
+    summary, metrics, *_ = run_records()
+    bars = pd.DataFrame([{"strategy": s, "forgetting": v["forgetting"], "bwt": v["bwt"]}
+                         for s, v in summary["strategies"].items()])
+    result = F.plot_forgetting(eval_history(metrics), bars, tmp_path)
+    assert_written(result)
+    assert ("main version (accepted commits)", "task") in result.axes_labels
+    assert ("", "test accuracy (fraction)") in result.axes_labels                        # colour bar
+    assert ("merge strategy", "accuracy change (fraction)") in result.axes_labels
+    assert result.legend_labels == ["forgetting (best earlier − final ACC)", "BWT (final − first ACC)"]
+
+
+def test_plot_ipc_with_fidelity_and_privacy(tmp_path):
+    result = F.plot_ipc(study_rows(sweep_results(), "ipc", "ipc"), tmp_path)
+    assert_written(result)
+    assert [y for _, y in result.axes_labels] == [F.ACC_LABEL, "distillation fidelity (ACC distilled / ACC real)",
+                                                  "membership-inference AUC"]
+    assert {x for x, _ in result.axes_labels} == {"images per class (IPC)"}
+    assert {"fusion", "distilled sets (all strategies)", "MIA AUC 0.5 = no membership leak"} <= set(
+        result.legend_labels)
+
+
+def test_plot_rank(tmp_path):
+    result = F.plot_rank(study_rows(sweep_results(), "rank", "rank"), tmp_path)
+    assert_written(result)
+    assert result.axes_labels == [("LoRA rank r", F.ACC_LABEL), ("LoRA rank r", "storage of the merged predictor (MB)")]
+    assert {"fusion", "mixture", "svd", "base (reference)"} <= set(result.legend_labels)
+
+
+def test_plot_timeline(tmp_path):
+    *_, events, _ = run_records()
+    result = F.plot_timeline(contributions(events), tmp_path, "virtual time (units)")
+    assert_written(result)
+    assert result.axes_labels == [("virtual time (units)", "institution"),
+                                  ("staleness (commits merged between pull and commit)", "accepted commits (count)")]
+    assert {"training: xray", "training: histology", "commit accepted", "commit rejected", "mean 0.7"} <= set(
+        result.legend_labels)
+
+
+def test_plot_progress(tmp_path):
+    summary, metrics, *_ = run_records()
+    result = F.plot_progress(eval_history(metrics), summary["references"], tmp_path)
+    assert_written(result)
+    assert result.axes_labels[0][0] == "main version (accepted commits)"
+    assert result.legend_labels == ["fusion", "mixture", "base (reference)", "individual (reference)"]
+
+
+def test_figures_absent_without_their_data(tmp_path):
+    one_point = sweep_results().query("study == 'scaling' and contributors == 4")
+    assert F.plot_scaling(one_point, tmp_path) is None and F.plot_cost(one_point, tmp_path) is None
+    assert F.plot_ipc(pd.DataFrame(), tmp_path) is None and F.plot_rank(one_point, tmp_path) is None
+    assert F.plot_orders(orders_table()[0].query("order == 0"), tmp_path) is None
+    assert F.plot_forgetting(None, None, tmp_path) is None
+    assert F.plot_timeline(contributions(pd.DataFrame()), tmp_path) is None
+    assert not list(tmp_path.iterdir())
+
+
+# Reports and the CLI ------------------------------------------------------------------------------------------------
+def test_report_from_run_dir(tmp_path):
+    run = write_run(tmp_path / "run")
+    assert dir_kind(run) == "run" and load_run(run).strategies == ["fusion", "mixture"]
+    html = build_report(run)
+    assert html == run / "report" / "report.html"
+    figs = sorted(p.name for p in (run / "report" / "figures").iterdir())
+    assert figs == sorted(f"{n}.{ext}" for n in ("progress", "forgetting", "timeline") for ext in ("png", "pdf"))
+    md = (run / "report" / "report.md").read_text()
+    assert "![Figure 1: progress](figures/progress.png)" in md
+    assert "| fusion |" in md and "| *individual (reference)* |" in md and "**65.0**" in md
+    assert "| commits accepted / rejected | 3 / 1 |" in md
+    text = html.read_text()
+    assert text.count("data:image/png;base64,") == 3 and "figures/" not in text.split("<body>")[1]
+
+
+def test_report_from_sweep_dir(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep")
+    data = load_sweep(sweep)
+    assert dir_kind(sweep) == "sweep" and data.run_dirs("forgetting") == [sweep / "trials" / "t-forget"]
+    html = build_report(sweep, tmp_path / "out")
+    names = {p.stem for p in (tmp_path / "out" / "figures").glob("*.png")}
+    assert names == {"scaling", "cost", "orders", "forgetting", "ipc", "rank"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Merge-order sensitivity" in md and "Mixture vs Fusion" in md and "trials/t-forget" in md
+    assert html.read_text().count("data:image/png;base64,") == 6
+
+
+def test_cli_report(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    code = main(["report", str(run), "--out", str(tmp_path / "rep")])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "rep" / "report.html")
+    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "figures" / "timeline.pdf").is_file()
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: p, "is neither a run dir (no summary.json) nor a sweep dir"),
+    (lambda p: p / "missing", "does not exist"),
+])
+def test_cli_report_bad_dir(tmp_path, capsys, make, expected):
+    (tmp_path / "notes.txt").write_text("not a run")
+    code = main(["report", str(make(tmp_path))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("forgesim: error: ") and expected in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_report_bad_records(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "summary.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_analysis_never_imports_the_simulation():
+    import subprocess
+    import sys
+
+    code = ("import sys, analysis, analysis.browser; "
+            "print(sorted(m for m in ('torch', 'ray', 'sim', 'actors') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# The HTML in a real browser -----------------------------------------------------------------------------------------
+@pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)")
+def test_html_report_renders_in_chromium(tmp_path):
+    html = build_report(write_run(tmp_path / "run"))
+    total, broken = broken_images(html)
+    assert total == 3 and broken == []
+    shot = screenshot(html, tmp_path / "shot.png", height=1500)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    # the check does see a broken image
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><head></head><body><img alt="gone" src="missing.png"></body></html>')
+    assert broken_images(bad) == (1, ["gone"])
