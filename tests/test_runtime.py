@@ -147,3 +147,40 @@ def test_killed_merge_actor_comes_back_with_every_acknowledged_commit(merge_acto
     assert again["event"] == "accepted" and again["duplicate"] and ray.get(actor.ping.remote()) == 2
     accepted = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in accepted if r["event"] == "accepted") == sorted(c.id for c in commits)
+
+
+def test_replay_with_the_original_order_reproduces_the_run(run_two_workers, tmp_path):
+    from experiments.cli import main
+
+    # Prepare
+    out, summary = run_two_workers
+    # Execute: 3 orders via the CLI
+    code = main(["replay", str(out), "--orders", "3", "--strategies", "fusion,mixture,svd", "--out",
+                 str(tmp_path / "orders")])
+    # Assert: order 0 = the run's final per-task metrics; every order × strategy has a row
+    assert code == 0
+    rows = pd.read_parquet(tmp_path / "orders" / "orders.parquet")
+    per_task = pd.read_parquet(tmp_path / "orders" / "orders_per_task.parquet")
+    assert len(rows) == 9 and set(rows.order) == {0, 1, 2}
+    for s in ("fusion", "mixture", "svd"):
+        got = per_task[(per_task.order == 0) & (per_task.strategy == s)].set_index("task")
+        for task, m in summary["strategies"][s]["per_task"].items():
+            assert got.loc[task, "acc"] == pytest.approx(m["acc"], abs=1e-9), (s, task)
+            assert got.loc[task, "auc"] == pytest.approx(m["auc"], abs=1e-9), (s, task)
+    perms = json.loads((tmp_path / "orders" / "orders.json").read_text())["permutations"]
+    assert perms[0] == sorted(perms[0]) and perms[1] != perms[0]
+
+
+def test_replay_refuses_a_run_that_pulled_from_main(tmp_path, tiny_run_cfg, capsys):
+    import yaml
+
+    from experiments.cli import main
+    from sim.config import config_to_dict
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = tiny_run_cfg.replace(schedule=dataclasses.replace(tiny_run_cfg.schedule, init_from="main"))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (run_dir / "log.jsonl").write_text("")
+    assert main(["replay", str(run_dir), "--orders", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "init_from=base" in capsys.readouterr().err and not (tmp_path / "o").exists()
