@@ -4,7 +4,7 @@
                                          [--compare-strategies] [--set section.field=value ...]
 
 Per N: wall time, actor start-up time (merge actor + N institution actors until all answer), peak total memory
-of all Ray processes and the driver (RSS sampled every 0.25 s), and parallel efficiency = Σ busy seconds of torch
+of all Ray processes and the driver (PSS, and the RSS sum that over-counts shared pages, sampled every 1 s), and parallel efficiency = Σ busy seconds of torch
 tasks (training+distillation per contribution, evaluations) ÷ (wall × cores). Runs use the ``demo`` preset's
 training/distillation/search sizes with N institutions (4 tasks), a local embedded Ray with ``--workers`` pooled
 workers, and one evaluation at the end. ``--compare-strategies`` also times the smallest N with only the first
@@ -33,34 +33,49 @@ from sim.config import apply_overrides  # noqa: E402
 
 
 class MemorySampler(threading.Thread):
-    """Peak of the summed RSS of the driver and every Ray process (raylet, GCS, workers, actors)."""
+    """Peak total memory of the driver and every Ray process (raylet, GCS, workers, actors), sampled every
+    ``period`` s, two ways: summed RSS (counts pages shared between processes — libraries, the plasma store
+    mapping — once per process, so it over-states) and summed PSS (each shared page split among its users:
+    the machine's real footprint). PSS needs /proc/<pid>/smaps (Linux); elsewhere it reads as RSS."""
 
-    def __init__(self, period: float = 0.25) -> None:
+    def __init__(self, period: float = 1.0) -> None:
         super().__init__(daemon=True)
-        self.period, self.peak, self._stop = period, 0, threading.Event()
+        self.period, self.peak_rss, self.peak_pss, self._halt = period, 0, 0, threading.Event()
 
-    def total(self) -> int:
-        rss = psutil.Process().memory_info().rss
-        for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+    def processes(self) -> list[psutil.Process]:
+        out = [psutil.Process()]
+        for p in psutil.process_iter(["name", "cmdline"]):
             try:
                 cmd = " ".join(p.info["cmdline"] or [])
                 if p.pid != os.getpid() and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
                                              or "ray/_private" in cmd or "default_worker.py" in cmd
                                              or "dashboard" in cmd or (p.info["name"] or "").startswith("ray::")):
-                    rss += p.info["memory_info"].rss
+                    out.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
                 pass
-        return rss
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        rss = pss = 0
+        for p in self.processes():
+            try:
+                info = p.memory_full_info()
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return rss, pss
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.total())
+        while not self._halt.is_set():
+            rss, pss = self.totals()
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             time.sleep(self.period)
 
-    def stop(self) -> int:
-        self._stop.set()
+    def stop(self) -> tuple[int, int]:
+        self._halt.set()
         self.join()
-        return self.peak
+        return self.peak_rss, self.peak_pss
 
 
 def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[str]) -> dict:
@@ -73,10 +88,10 @@ def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[s
     sampler.start()
     with tempfile.TemporaryDirectory() as out:
         summary = run_simulation(cfg, Path(out) / "run")
-    peak = sampler.stop()
+    peak_rss, peak_pss = sampler.stop()
     cores = os.cpu_count() or 1
     return {"n": n, "strategies": ",".join(strategies), "wall_s": summary["wall_s"], "startup_s": summary["startup_s"],
-            "peak_gb": peak / 2**30, "busy_s": summary["busy_s"], "efficiency": summary["busy_s"] / (summary["wall_s"] * cores),
+            "peak_gb": peak_pss / 2**30, "peak_rss_gb": peak_rss / 2**30, "busy_s": summary["busy_s"], "efficiency": summary["busy_s"] / (summary["wall_s"] * cores),
             "commits": summary["commits_accepted"],
             "acc": {s: round(v["acc"], 3) for s, v in summary["strategies"].items()}}
 
@@ -92,16 +107,29 @@ def main() -> None:
     strategies = tuple(args.strategies.split(","))
     print(f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; demo preset sizes, "
           f"{args.workers} workers, strategies {strategies}")
-    print("| N | strategies | commits | wall s | start-up s | peak GB | busy s | efficiency | final acc |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| N | strategies | commits | wall s | start-up s | peak GB (PSS) | peak GB (RSS sum) | busy s | efficiency | "
+          "final acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     sizes = [int(s) for s in args.sizes.split(",")]
     runs = [(n, strategies) for n in sizes]
     if args.compare_strategies:
         runs.insert(1, (sizes[0], strategies[:1]))
+    results = []
     for n, strats in runs:
         r = one_run(n, strats, args.workers, args.overrides)
+        results.append(r)
         print(f"| {r['n']} | {r['strategies']} | {r['commits']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
-              f"{r['peak_gb']:.2f} | {r['busy_s']:.1f} | {r['efficiency']:.2f} | {r['acc']} |", flush=True)
+              f"{r['peak_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['busy_s']:.1f} | {r['efficiency']:.2f} | {r['acc']} |", flush=True)
+    big = [r for r in results if r["n"] == max(sizes) and r["strategies"] == ",".join(strategies)][0]
+    verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    print(f"targets at N={big['n']}: peak memory (PSS) <= 8 GB: {verdict(big['peak_gb'] <= 8)} ({big['peak_gb']:.2f}); "
+          f"start-up <= 30 s: {verdict(big['startup_s'] <= 30)} ({big['startup_s']:.1f}); "
+          f"efficiency >= 0.75: {verdict(big['efficiency'] >= 0.75)} ({big['efficiency']:.2f})")
+    if args.compare_strategies:
+        many, one = results[0], results[1]
+        ratio = many["wall_s"] / one["wall_s"]
+        print(f"{len(strategies)} strategies vs 1 at N={one['n']}: {ratio:.2f}x wall (target <= 1.3x: "
+              f"{verdict(ratio <= 1.3)})")
 
 
 if __name__ == "__main__":
