@@ -69,12 +69,12 @@ class MergeActor:
         return self.state.pull(strategy)
 
     def _evaluate(self) -> list[ray.ObjectRef]:
-        """One evaluation task per strategy (they run in parallel on the pool; a mixture of N adapters costs N
-        forward passes per image and would otherwise hold everything else up)."""
+        """One evaluation task per strategy × task, so they spread over the pool (a mixture of N adapters costs N
+        forward passes per image and would otherwise hold one worker while the others idle)."""
         version, snapshot = self.state.snapshot()
-        tasks = self.state.tasks_seen()
-        return [evaluate_task.options(**self.options).remote(self.cfg_blob, {s: p}, tasks, version)
-                for s, p in snapshot.items()]
+        refs = {s: ray.put({s: p}) for s, p in snapshot.items()}
+        return [evaluate_task.options(**self.options).remote(self.cfg_blob, refs[s], [task], version)
+                for s in snapshot for task in self.state.tasks_seen()]
 
     def finish(self, references: bool = True) -> dict:
         """Final evaluation (every strategy, plus ``base`` and ``individual``) and the main branch written to disk.
