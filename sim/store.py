@@ -12,9 +12,9 @@ Step 3  merge into every strategy's branch — tentatively: merges are pure, not
         that fails rejects the commit and changes no branch.
 Step 4  durable log (``CommitLog``): the commit dir is written to a temp dir and renamed into place, then the
         ``accepted`` line is appended and fsync'ed. Only then do the new branches replace the old ones and the
-        acknowledgement go out. A restarted actor (``MainState.restore``) reads the log, loads the commit dirs
-        it names (checking each against its content hash), removes orphan dirs of unacknowledged commits and
-        replays the merges, which are deterministic (seeds derived from the run seed, strategy and sequence).
+        acknowledgement go out. A restarted actor (``MainState.restore``) repairs the log (a torn last line,
+        orphan dirs of unacknowledged commits), loads the commit dirs it names (checking each against its
+        content hash) and replays the merges, which are deterministic (seeds derived from the run seed, strategy and sequence).
 
 Run dir layout written here: ``log.jsonl`` (one JSON record per line: ``accepted``, ``rejected``, ``merged``),
 ``commits/<seq>-<institution>/`` (peft adapter dir, ``distilled.npz``, ``meta.json``) and, at the end,
@@ -77,7 +77,7 @@ class Commit:
                 "pulled_version": self.pulled_version, "t_pull": self.t_pull, "t_commit": self.t_commit,
                 "adapter_bytes": self.adapter.num_bytes(), "distilled_bytes": self.distilled.num_bytes(),
                 "n_distilled": len(self.distilled), "distill_method": self.distilled.method,
-                "hash": self.content_hash()} | {k: v for k, v in self.meta.items() if _flat(v)}
+                "hash": self.content_hash()} | {k: v for k, v in self.meta.items() if is_flat(v)}
 
     def content_hash(self) -> str:
         """SHA-256 of what defines the commit: id, institution, task, classes, pulled version, adapter tensors
@@ -171,7 +171,7 @@ class CommitLog:
     # -- writing --------------------------------------------------------------------------
     def append(self, record: dict) -> dict:
         """Append one record as a JSON line and fsync it; returns the record."""
-        line = json.dumps(_plain(record), default=str)
+        line = json.dumps(json_safe(record), default=str)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
             fh.flush()
@@ -191,7 +191,7 @@ class CommitLog:
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(commit.adapter, tmp)
         commit.distilled.save(tmp / DISTILLED_FILE)
-        (tmp / META_FILE).write_text(json.dumps(_plain(commit.record() | {"seq": seq}), indent=2, default=str))
+        (tmp / META_FILE).write_text(json.dumps(json_safe(commit.record() | {"seq": seq}), indent=2, default=str))
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -206,35 +206,48 @@ class CommitLog:
         return self.append(record | {"dir": str(path.relative_to(self.dir))})
 
     # -- reading --------------------------------------------------------------------------
-    def read(self) -> list[dict]:
-        """All records. A torn last line (a crash mid-write: never acknowledged) is dropped from the file; a
-        corrupt line before the last is an error naming it."""
+    def _scan(self) -> tuple[list[dict], int, bool]:
+        """``(records, bytes of complete lines, torn)``: a torn last line (a crash mid-write, never acknowledged) is
+        left out; a corrupt line before the last is an error naming it."""
         if not self.path.exists():
-            return []
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
+            return [], 0, False
+        lines = self.path.read_bytes().split(b"\n")
         records, good_bytes = [], 0
         for i, line in enumerate(lines):
-            if not line.strip():
-                good_bytes += len(line) + 1
-                continue
-            last = i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1:])
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "event" not in rec:
-                    raise ValueError("not a log record")
-            except ValueError as exc:
-                if last:
-                    warnings.warn(f"{self.path}: dropping a torn last line ({len(line)} bytes): {exc}", stacklevel=2)
-                    with open(self.path, "r+b") as fh:
-                        fh.truncate(good_bytes)
-                    break
-                raise ValueError(f"{self.path}: line {i + 1} is corrupted ({exc}); the log cannot be replayed") from None
-            if i == len(lines) - 1:   # a complete record without its newline: finish the line
-                with open(self.path, "ab") as fh:
-                    fh.write(b"\n")
-            records.append(rec)
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or "event" not in rec:
+                        raise ValueError("not a log record")
+                except ValueError as exc:
+                    if all(not rest.strip() for rest in lines[i + 1:]):
+                        warnings.warn(f"{self.path}: ignoring a torn last line ({len(line)} bytes): {exc}",
+                                      stacklevel=3)
+                        return records, good_bytes, True
+                    raise ValueError(f"{self.path}: line {i + 1} is corrupted ({exc}); the log cannot be replayed"
+                                     ) from None
+                records.append(rec)
             good_bytes += len(line) + 1
+        return records, good_bytes, False
+
+    def read(self) -> list[dict]:
+        """All complete records, in order. Reading never changes the run dir (``repair`` does)."""
+        return self._scan()[0]
+
+    def repair(self) -> list[dict]:
+        """Before appending again after a crash: drop a torn last line, end the last record with its newline,
+        and remove commit dirs the log does not name (written, but never acknowledged). Returns the records."""
+        records, good_bytes, torn = self._scan()
+        if torn:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_bytes)
+        elif self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            with open(self.path, "ab") as fh:
+                fh.write(b"\n")
+        named = {r["dir"] for r in records if r.get("event") == "accepted"}
+        for p in self.commits_dir.iterdir():
+            if str(p.relative_to(self.dir)) not in named:
+                shutil.rmtree(p, ignore_errors=True)
         return records
 
     def load_commit(self, record: dict) -> Commit:
@@ -255,12 +268,8 @@ class CommitLog:
         return commit
 
     def load_commits(self, records: Sequence[dict]) -> list[Commit]:
-        """The accepted commits in sequence order; removes dirs the log does not name (unacknowledged)."""
+        """The accepted commits of ``records``, in sequence order."""
         accepted = [r for r in records if r.get("event") == "accepted"]
-        named = {r["dir"] for r in accepted}
-        for p in self.commits_dir.iterdir():
-            if str(p.relative_to(self.dir)) not in named:
-                shutil.rmtree(p, ignore_errors=True)
         return [self.load_commit(r) for r in sorted(accepted, key=lambda r: r["seq"])]
 
 
@@ -441,17 +450,13 @@ class MainState:
                 foundation: Foundation, strategies: Sequence[str] | None = None) -> "MainState":
         """Rebuild from the run dir's log: every acknowledged commit, the branches replayed in sequence order."""
         state = cls(run_dir, cfg, institutions, foundation, strategies)
-        records = state.log.read()
-        commits = state.log.load_commits(records)
+        records = state.log.repair()
         by_seq = {r["seq"]: r for r in records if r.get("event") == "accepted"}
-        for commit in commits:
+        for commit in state.log.load_commits(records):
             ack = by_seq[state.version + 1]
             update, merges = state.branches.propose(commit, ack["seq"], int(ack["staleness"]))
-            state.branches.apply(update)
-            state.version = ack["seq"]
-            state.commits.append(commit)
-            state.acks[commit.id] = ack
-        state._records = records
+            state._apply(commit, ack, update, merges)
+        state._records = records          # the log's own records (its merge records included), not the replay's
         return state
 
 
@@ -472,18 +477,19 @@ def save_main(snapshot: Mapping[str, Adapter | Mixture | None], out_dir: str | P
     return out
 
 
-def _flat(v) -> bool:
+def is_flat(v) -> bool:
+    """A value a flat record (a parquet column, a log field) can hold."""
     return v is None or isinstance(v, (str, int, float, bool))
 
 
-def _plain(value):
-    """JSON-safe: NaN/Inf → null, numpy scalars → Python."""
+def json_safe(value):
+    """JSON-safe records: NaN/Inf → null, numpy scalars → Python, keys → str (lists and tuples → lists)."""
     if isinstance(value, (np.floating, np.integer)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
