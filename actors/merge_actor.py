@@ -7,7 +7,6 @@ Restarted by Ray (``max_restarts``), it rebuilds its state from the run dir's lo
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

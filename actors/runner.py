@@ -26,7 +26,6 @@ import yaml
 
 from sim.config import SimConfig, config_to_dict
 from sim.data import build_cohort
-from sim.merge import SEQUENTIAL
 from sim.schedule import Schedule, build_schedule
 
 PACKAGES = ("sim", "actors", "experiments", "analysis")
@@ -241,15 +240,15 @@ def write_records(run_dir: Path, cfg: SimConfig, run_id: str, schedule: Schedule
     ``summary.json``."""
     import pandas as pd
 
-    from sim.evaluation import summarise_reference, summarise_strategies
+    from sim.evaluation import finite_mean, summarise_reference, summarise_strategies
+    from sim.store import is_flat, json_safe
 
     common = {"run_id": run_id}
     events = [common | {"source": "schedule", "t_wall": math.nan} | e for e in schedule.events()]
-    events += [common | {"source": "merge_actor"} | {k: v for k, v in r.items() if _flat(v)} for r in log]
+    events += [common | {"source": "merge_actor"} | {k: v for k, v in r.items() if is_flat(v)} for r in log]
     pd.DataFrame(events).to_parquet(run_dir / "events.parquet", index=False)
     metric_rows = [common | r for r in evals]
-    metric_rows += [common | {"event": "eval", "version": -1, "strategy": "base"} | r
-                    for r in base if True]
+    metric_rows += [common | {"event": "eval", "version": -1, "strategy": "base"} | r for r in base]
     metric_rows += [common | {"event": "eval", "version": -1, "strategy": "individual"} | r for r in individual]
     for r in metric_rows:
         r.pop("busy_s", None)
@@ -267,28 +266,8 @@ def write_records(run_dir: Path, cfg: SimConfig, run_id: str, schedule: Schedule
                                            storage),
         "references": {"base": summarise_reference([r | {"version": -1} for r in base]),
                        "individual": summarise_reference(individual)},
-        "staleness": {"mean": _mean([a.get("staleness") for a in accepted]),
+        "staleness": {"mean": finite_mean([a.get("staleness") for a in accepted]),
                       "max": max([a.get("staleness") or 0 for a in accepted], default=0)},
     }
-    (run_dir / "summary.json").write_text(json.dumps(_plain(summary), indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
     return summary
-
-
-def _flat(v) -> bool:
-    return v is None or isinstance(v, (str, int, float, bool))
-
-
-def _mean(values) -> float:
-    vals = [v for v in values if v is not None]
-    return float(sum(vals) / len(vals)) if vals else math.nan
-
-
-def _plain(value):
-    """JSON-safe: NaN → null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

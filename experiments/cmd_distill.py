@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from sim.data import Cohort, DistilledSet, Institution, build_cohort
 from sim.distill import distill
 from sim.distill.audit import audit_institution
 from sim.model import load_foundation
+from sim.store import json_safe
 
 HELP = "distil one institution's data (dm, random, herding, noise); writes distilled.npz, preview.png, audit.json"
 PREVIEW_MAX_COLS = 20
@@ -94,17 +94,6 @@ def save_preview(distilled: DistilledSet, path: Path, max_cols: int = PREVIEW_MA
     return path
 
 
-def _plain(value):
-    """JSON-safe values: NaN → null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, COMMON_FLAGS | {"method": "distill.method", "ipc": "distill.ipc"})
     check_out_dir(args.out, args.overwrite)
@@ -132,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "timings": {"distill_s": meta["distill_s"], "audit_s": audit_s, "total_s": time.perf_counter() - t0},
         "seed": cfg.seed, "base_fingerprint": foundation.fingerprint,
     }
-    (out / "audit.json").write_text(json.dumps(_plain(audit), indent=2))
+    (out / "audit.json").write_text(json.dumps(json_safe(audit), indent=2))
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     fid = "skipped" if report["fidelity"] is None else f"{report['fidelity']:.3f}"
     print(f"{inst.name} ({inst.task}) {cfg.distill.method} IPC {cfg.distill.ipc}: {len(distilled)} images in "

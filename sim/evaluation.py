@@ -95,10 +95,10 @@ def summarise_strategies(evals: Sequence[dict], merges: Sequence[dict], storage:
         times = [m["merge_s"] for m in merges if m.get("strategy") == strategy and "merge_s" in m]
         n_images = sum(r["n"] for r in final)
         out[strategy] = {
-            "acc": _mean(r["acc"] for r in final), "auc": _mean(r["auc"] for r in final),
+            "acc": finite_mean(r["acc"] for r in final), "auc": finite_mean(r["auc"] for r in final),
             "per_task": {r["task"]: {"acc": r["acc"], "auc": r["auc"]} for r in final},
             "forgetting": forgetting, "bwt": bwt, "storage_bytes": int(storage.get(strategy, 0)),
-            "merge_s": _mean(times), "merge_s_total": float(sum(times)),
+            "merge_s": finite_mean(times), "merge_s_total": float(sum(times)),
             "infer_ms_per_image": 1000 * sum(r["infer_s"] for r in final) / max(1, n_images),
             "version": final_v,
         }
@@ -107,10 +107,11 @@ def summarise_strategies(evals: Sequence[dict], merges: Sequence[dict], storage:
 
 def summarise_reference(records: Sequence[dict]) -> dict:
     """``{acc, auc, per_task}`` of a reference's records (one per task)."""
-    return {"acc": _mean(r["acc"] for r in records), "auc": _mean(r["auc"] for r in records),
+    return {"acc": finite_mean(r["acc"] for r in records), "auc": finite_mean(r["auc"] for r in records),
             "per_task": {r["task"]: {"acc": r["acc"], "auc": r["auc"]} for r in records}}
 
 
-def _mean(values) -> float:
+def finite_mean(values) -> float:
+    """Mean of the values that are neither None nor NaN; NaN when there are none."""
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(vals)) if vals else math.nan
