@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from sim.config import SimConfig, apply_overrides, load_config
+import yaml
+
+from sim.config import SimConfig, apply_overrides, config_from_dict, config_to_dict, load_config
 
 
 class CLIError(ValueError):
@@ -30,12 +32,24 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="directory of MedMNIST .npz files (data.data_dir)")
 
 
-def resolve_config(args: argparse.Namespace, flag_map: dict[str, str]) -> SimConfig:
-    """defaults < --config < flags in ``flag_map`` (arg name -> section.field) < --set."""
-    cfg = load_config(args.config) if getattr(args, "config", None) else SimConfig()
+def resolve_config(args: argparse.Namespace, flag_map: dict[str, str], base: SimConfig | None = None,
+                   extra: Sequence[str] = ()) -> SimConfig:
+    """``base`` (defaults, or a preset) < --config < flags in ``flag_map`` (arg name -> section.field) and
+    ``extra`` overrides < --set. Over a preset, the file's fields replace the preset's field by field."""
+    path = getattr(args, "config", None)
+    if base is None:
+        cfg = load_config(path) if path else SimConfig()
+    else:
+        cfg = base
+        if path:
+            load_config(path)                              # validates the file on its own, errors name the field
+            merged = config_to_dict(base)
+            for section, values in (yaml.safe_load(Path(path).read_text()) or {}).items():
+                merged[section] = merged[section] | values if isinstance(values, dict) else values
+            cfg = config_from_dict(merged)
     flags = [f"{field}={_yaml_value(getattr(args, arg))}" for arg, field in flag_map.items()
              if getattr(args, arg, None) is not None]
-    return apply_overrides(cfg, flags + list(getattr(args, "overrides", [])))
+    return apply_overrides(cfg, flags + list(extra) + list(getattr(args, "overrides", [])))
 
 
 def _yaml_value(value: object) -> str:

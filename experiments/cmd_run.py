@@ -5,10 +5,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-import yaml
-
-from experiments.cli import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir
-from sim.config import SimConfig, apply_overrides, config_to_dict, config_from_dict, load_config
+from experiments.cli import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir, resolve_config
+from sim.config import SimConfig
 
 RUN_DIR_MARKERS = ("config.yaml", "log.jsonl", "summary.json")
 HELP = "run one simulation (institution actors, merge actor, schedule) and write a run dir"
@@ -37,24 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> SimConfig:
     """preset (or defaults) < --config < flags < --set."""
     from experiments.presets import get_preset
-
-    cfg = get_preset(args.preset) if args.preset else SimConfig()
-    if args.config:
-        load_config(args.config)                          # validates the file on its own, errors name the field
-        raw = yaml.safe_load(open(args.config).read()) or {}
-        merged = config_to_dict(cfg)
-        for section, values in raw.items():               # the file's fields override the preset's, field by field
-            if isinstance(values, dict):
-                merged[section] = merged[section] | values
-            else:
-                merged[section] = values
-        cfg = config_from_dict(merged)
-    flags = [f"{field}={getattr(args, arg)}" for arg, field in FLAGS.items() if getattr(args, arg, None) is not None]
-    if args.strategies:
-        flags.append(f"merge.strategies=[{args.strategies}]")
-    cfg = apply_overrides(cfg, flags + list(args.overrides))
     from sim.merge import get_strategy
 
+    base = get_preset(args.preset) if args.preset else None
+    extra = [f"merge.strategies=[{args.strategies}]"] if args.strategies else []
+    cfg = resolve_config(args, FLAGS, base=base, extra=extra)
     for s in cfg.merge.strategies:
         get_strategy(s)
     return cfg
