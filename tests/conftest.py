@@ -62,3 +62,12 @@ def tiny_run_cfg(tiny_cfg):
         schedule=dataclasses.replace(tiny_cfg.schedule, contributions=2),
         runtime=dataclasses.replace(tiny_cfg.runtime, workers=2, eval_every=4),
     )
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of many tiny forward passes (much faster on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

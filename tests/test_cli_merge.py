@@ -16,14 +16,8 @@ from sim.model import PEFT_PREFIX, Adapter, load_adapter, save_adapter
 
 MODULES = ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny forward passes: one intra-op thread is much faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_adapter(seed: int, r: int = 3, out_f: int = 96, in_f: int = 32, base: str | None = "base0",

@@ -40,14 +40,8 @@ def trained(tiny_cfg, tiny_foundation, tiny_cohort):
     return out
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tests run many tiny forward passes; on a busy 2-core machine one intra-op thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------------------------
 # The search itself

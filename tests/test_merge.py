@@ -48,15 +48,8 @@ KEEP_ALL = MergeConfig(density=1.0, svd_threshold=1.0)
 HOMOGENEITY = {"lora_avg": 2, "fusion": 2, "mixture": 0}         # merged(c·w) = c^degree · merged(w); others 1
 NOT_PERMUTATION_INVARIANT = {"dare_linear", "dare_ties"}           # random drop masks follow the adapter order
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tests run many tiny forward passes; on a busy 2-core machine one intra-op thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------------------------
 # Registry-wide properties
