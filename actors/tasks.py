@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import ray
 
-from sim.config import SimConfig, config_from_dict, config_hash
+from sim.config import SimConfig, config_from_dict, config_hash, config_to_dict
 
 
 @lru_cache(maxsize=4)
@@ -57,7 +57,20 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None):
     cfg = _config(cfg_blob)
     foundation = _setup(cfg)
     version, adapter = pulled if pulled is not None else (0, None)
-    commit = contribute(foundation, inst, cfg, contribution, adapter, version)
+    if cfg.runtime.commit_cache:         # trained before with the same training-relevant config: load it
+        import dataclasses
+
+        from sim.cache import CommitCache, contribution_key
+
+        cache_key = contribution_key(cfg, contribution.id, contribution.seed, adapter)
+        commit, hit = CommitCache(cfg.runtime.commit_cache).get_or_make(
+            cache_key, lambda: contribute(foundation, inst, cfg, contribution, adapter, version))
+        # the schedule's times and the pulled version are this run's (training does not depend on them)
+        commit = dataclasses.replace(commit, pulled_version=version, t_pull=contribution.t_pull,
+                                     t_commit=contribution.t_commit,
+                                     meta=commit.meta | {"cache_hit": hit, "straggler": contribution.straggler})
+    else:
+        commit = contribute(foundation, inst, cfg, contribution, adapter, version)
     commit.meta["task_s"] = time.perf_counter() - t0
     commit.meta["worker_pid"] = __import__("os").getpid()
     return commit
@@ -85,3 +98,16 @@ def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
     records = evaluate_individual(_setup(cfg), adapters, _cohort(cfg_blob))
     busy = time.perf_counter() - t0
     return [r | {"busy_s": busy / max(1, len(records))} for r in records]
+
+
+@ray.remote(max_retries=2)
+def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = None) -> tuple[list, list, dict]:
+    """Re-merge a run's commits in the given orders (``sim.replay.replay``) with this worker's foundation."""
+    from sim.replay import load_replayable, replay
+
+    import json
+
+    loaded = load_replayable(run_dir)
+    cfg = loaded[0]
+    blob = json.dumps(config_to_dict(cfg))
+    return replay(run_dir, orders, strategies, foundation=_setup(cfg), cohort=_cohort(blob), loaded=loaded)

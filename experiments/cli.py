@@ -73,10 +73,11 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
 # name -> (help, add_arguments, run); each run(args) returns an exit code
 def _commands() -> dict[str, tuple[str, Callable, Callable]]:
     from experiments import cmd_config, cmd_demo, cmd_distill, cmd_merge, cmd_replay, cmd_run, cmd_train
-    from experiments import cmd_report
+    from experiments import cmd_report, cmd_sweep
 
     return {
         "run": (cmd_run.HELP, cmd_run.add_arguments, cmd_run.run),
+        "sweep": (cmd_sweep.HELP, cmd_sweep.add_arguments, cmd_sweep.run),
         "replay": (cmd_replay.HELP, cmd_replay.add_arguments, cmd_replay.run),
         "train": (cmd_train.HELP, cmd_train.add_arguments, cmd_train.run),
         "distill": (cmd_distill.HELP, cmd_distill.add_arguments, cmd_distill.run),

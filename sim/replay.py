@@ -10,6 +10,7 @@ exactly as the merge actor did (same merge seeds per sequence position) and is e
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
@@ -56,11 +57,19 @@ def permutation(n: int, order: int, seed: int) -> list[int]:
 
 
 def replay_order(cfg: SimConfig, commits: Sequence[Commit], order: Sequence[int], foundation,
-                 strategies: Sequence[str]) -> dict[str, tuple[object, float]]:
-    """Merge ``commits`` in ``order`` into one branch per strategy: ``{strategy: (predictor, merge seconds)}``."""
+                 strategies: Sequence[str], proxy_cache=None) -> dict[str, tuple[object, float]]:
+    """Merge ``commits`` in ``order`` into one branch per strategy: ``{strategy: (predictor, merge seconds)}``.
+
+    ``proxy_cache``: a ``sim.merge.mixture.ProbabilityCache`` shared by the orders of one replay — each adapter's
+    probabilities on each distilled set do not depend on the order, so the mixture search computes them once.
+    """
+    from sim.merge import start_sequence
+
     out = {}
     for s in strategies:
         branches = MainBranches((s,), cfg, foundation)
+        if s == "mixture" and proxy_cache is not None:
+            branches.states[s] = dataclasses.replace(start_sequence(s), cache=proxy_cache)
         t0 = time.perf_counter()
         for position, i in enumerate(order):
             update, _ = branches.propose(commits[i], position + 1, 0)
@@ -69,9 +78,10 @@ def replay_order(cfg: SimConfig, commits: Sequence[Commit], order: Sequence[int]
     return out
 
 
-def replay(run_dir: str | Path, orders: int, strategies: Sequence[str] | None = None, foundation=None,
+def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequence[str] | None = None, foundation=None,
            cohort=None, loaded: tuple[SimConfig, list[Commit]] | None = None) -> tuple[list[dict], list[dict], dict]:
-    """Re-merge ``run_dir``'s commits in ``orders`` orders.
+    """Re-merge ``run_dir``'s commits in ``orders`` orders (a count: orders ``0..orders-1``; or the order indices,
+    so that parts of one study can run in parallel).
 
     Returns ``(rows, per_task_rows, info)``: one row per order × strategy (``order, strategy, acc, auc, merge_s``),
     one per order × strategy × task, and ``{permutations, strategies, n_commits}``.
@@ -79,12 +89,13 @@ def replay(run_dir: str | Path, orders: int, strategies: Sequence[str] | None = 
     import torch
 
     from sim.data import build_cohort
-    from sim.evaluation import evaluate_snapshot
+    from sim.merge.mixture import ProbabilityCache
     from sim.merge import get_strategy
     from sim.model import load_foundation
 
-    if orders < 1:
-        raise ValueError(f"--orders must be >= 1, got {orders}")
+    order_ids = list(range(orders)) if isinstance(orders, int) else [int(k) for k in orders]
+    if not order_ids or min(order_ids) < 0:
+        raise ValueError(f"--orders must be >= 1 (order indices >= 0), got {orders}")
     cfg, commits = loaded or load_replayable(run_dir)
     strategies = tuple(strategies or cfg.merge.strategies)
     for s in strategies:
@@ -94,11 +105,12 @@ def replay(run_dir: str | Path, orders: int, strategies: Sequence[str] | None = 
     cohort = cohort or build_cohort(cfg.data, cfg.seed)
     tasks = list(dict.fromkeys(c.task for c in commits))
     rows, per_task, perms = [], [], []
-    for k in range(orders):
+    proxy_cache, evaluator = ProbabilityCache(), ReplayEvaluator(foundation, cohort, tasks)
+    for k in order_ids:
         order = permutation(len(commits), k, cfg.seed)
         perms.append(order)
-        merged = replay_order(cfg, commits, order, foundation, strategies)
-        records = evaluate_snapshot(foundation, {s: p for s, (p, _) in merged.items()}, cohort, tasks, len(commits))
+        merged = replay_order(cfg, commits, order, foundation, strategies, proxy_cache)
+        records = evaluator.records({s: p for s, (p, _) in merged.items()}, len(commits))
         for s in strategies:
             mine = [r for r in records if r["strategy"] == s]
             rows.append({"order": k, "strategy": s, "acc": float(np.mean([r["acc"] for r in mine])),
@@ -108,3 +120,59 @@ def replay(run_dir: str | Path, orders: int, strategies: Sequence[str] | None = 
                          for r in mine]
     return rows, per_task, {"permutations": perms, "strategies": list(strategies), "n_commits": len(commits),
                             "commit_ids": [c.id for c in commits]}
+
+
+class ReplayEvaluator:
+    """``evaluate_snapshot`` for many orders of the same commits: a mixture's per-adapter test probabilities do not
+    depend on the order (only its weights do), so they are computed once per adapter and task and combined with
+    each order's weights — in the same 256-image batches as ``sim.merge.mixture.mixture_proba``, so the numbers are
+    the ones a run's evaluation gives. Other predictors are evaluated as in a run."""
+
+    BATCH = 256
+
+    def __init__(self, foundation, cohort, tasks: Sequence[str]) -> None:
+        self.foundation, self.cohort, self.tasks = foundation, cohort, list(tasks)
+        self._probs: dict[tuple[int, str], tuple[object, list]] = {}     # (id(adapter), task) -> (adapter, chunks)
+
+    def _adapter_chunks(self, adapter, task: str, head) -> list:
+        import torch
+
+        from sim.merge.mixture import adapter_features, adapter_probabilities
+
+        key = (id(adapter), task)
+        if key not in self._probs:
+            x, classes = self.cohort.task_split(task, "test").x, self.cohort.task_classes[task]
+            chunks = []
+            with torch.inference_mode():
+                for start in range(0, len(x), self.BATCH):
+                    xb = self.foundation.normalize(torch.from_numpy(np.ascontiguousarray(x[start:start + self.BATCH])))
+                    feats = adapter_features(self.foundation, [adapter], xb)
+                    chunks.append(adapter_probabilities(self.foundation, feats, task, classes, head)[0])
+            self._probs[key] = (adapter, chunks)
+        return self._probs[key][1]
+
+    def _mixture_record(self, mix, task: str) -> dict:
+        import torch
+
+        from sim.merge.mixture import collect_heads, combine_probabilities
+        from sim.metrics import accuracy, macro_auc
+
+        t0 = time.perf_counter()
+        head = collect_heads(mix.adapters).get(task)
+        per_adapter = [self._adapter_chunks(a, task, head) for a in mix.adapters]
+        proba = torch.cat([combine_probabilities(torch.stack([c[j] for c in per_adapter]), mix.weights)
+                           for j in range(len(per_adapter[0]))]).cpu().numpy()
+        y = self.cohort.task_split(task, "test").y
+        return {"task": task, "acc": accuracy(y, proba), "auc": macro_auc(y, proba), "n": len(y),
+                "infer_s": time.perf_counter() - t0}
+
+    def records(self, snapshot: dict, version: int) -> list[dict]:
+        from sim.evaluation import evaluate_predictor
+        from sim.merge import Mixture
+
+        out = []
+        for strategy, predictor in snapshot.items():
+            recs = ([self._mixture_record(predictor, t) for t in self.tasks] if isinstance(predictor, Mixture)
+                    else evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks))
+            out += [{"event": "eval", "version": version, "strategy": strategy} | r for r in recs]
+        return out

@@ -187,18 +187,7 @@ class CommitLog:
     def write_commit(self, seq: int, commit: Commit) -> Path:
         """The commit's dir, complete or absent: written under a temp name, then renamed into place."""
         final = self.commits_dir / self.commit_dir_name(seq, commit)
-        tmp = self.commits_dir / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(commit.adapter, tmp)
-        commit.distilled.save(tmp / DISTILLED_FILE)
-        (tmp / META_FILE).write_text(json.dumps(json_safe(commit.record() | {"seq": seq}), indent=2, default=str))
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():   # an orphan of a crash between rename and log line, for this very sequence number
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
+        return write_commit_dir(commit, final, {"seq": seq})
 
     def append_accepted(self, seq: int, commit: Commit, record: dict) -> dict:
         """Write the commit dir, then the ``accepted`` line (in that order: a logged commit always has its dir)."""
@@ -254,14 +243,9 @@ class CommitLog:
         """The commit an ``accepted`` record names, checked against its content hash."""
         path = self.dir / record["dir"]
         try:
-            meta = json.loads((path / META_FILE).read_text())
-            adapter = load_adapter(path)
-            distilled = DistilledSet.load(path / DISTILLED_FILE)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"commit {record.get('id')} (seq {record.get('seq')}): {path} is unreadable: {exc}") from None
-        commit = Commit(meta["id"], int(meta["institution"]), meta["task"], tuple(meta["classes"]), adapter, distilled,
-                        int(meta["pulled_version"]), float(meta["t_pull"]), float(meta["t_commit"]),
-                        {k: v for k, v in meta.items() if k not in _COMMIT_FIELDS})
+            commit = read_commit_dir(path)
+        except ValueError as exc:
+            raise ValueError(f"commit {record.get('id')} (seq {record.get('seq')}): {exc}") from None
         if commit.content_hash() != record["hash"]:
             raise ValueError(f"commit {record['id']} (seq {record['seq']}): {path} does not match the hash in the "
                              f"log; the commit dir was modified or corrupted")
@@ -275,6 +259,38 @@ class CommitLog:
 
 _COMMIT_FIELDS = {"id", "institution", "task", "classes", "pulled_version", "t_pull", "t_commit", "seq", "hash",
                   "adapter_bytes", "distilled_bytes", "n_distilled", "distill_method"}
+
+
+def write_commit_dir(commit: Commit, final: Path, extra: dict | None = None) -> Path:
+    """``final``/ = the commit's peft adapter dir, ``distilled.npz`` and ``meta.json`` (its record + ``extra``),
+    complete or absent: written and fsync'ed under a temp name, then renamed into place (replacing an orphan)."""
+    final = Path(final)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(commit.adapter, tmp)
+    commit.distilled.save(tmp / DISTILLED_FILE)
+    (tmp / META_FILE).write_text(json.dumps(json_safe(commit.record() | (extra or {})), indent=2, default=str))
+    for p in tmp.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():   # an orphan of a crash between rename and log line, for this very name
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def read_commit_dir(path: Path) -> Commit:
+    """The ``Commit`` a commit dir holds (``write_commit_dir``); an unreadable dir is a ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        adapter = load_adapter(path)
+        distilled = DistilledSet.load(path / DISTILLED_FILE)
+        return Commit(meta["id"], int(meta["institution"]), meta["task"], tuple(meta["classes"]), adapter, distilled,
+                      int(meta["pulled_version"]), float(meta["t_pull"]), float(meta["t_commit"]),
+                      {k: v for k, v in meta.items() if k not in _COMMIT_FIELDS})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is unreadable: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,14 +5,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sim.config import LoraConfig, TrainConfig
-from sim.data.base import Split, to_unit_float
+from sim.data.base import Split, derive_seed, to_unit_float
 from sim.model import Adapter, Foundation, augment, logits_from_features, new_adapter
 
 
@@ -35,10 +35,56 @@ def train_adapter(foundation: Foundation, split: Split, task: str, classes: Sequ
     Starts from ``init`` (e.g. a pulled main branch) or a fresh adapter. All randomness (init, batches,
     augmentation, dropout) comes from ``seed``; the global torch RNG is restored afterwards.
     """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
     if len(split) == 0:
         raise ValueError(f"task {task!r}: no training images")
+    x_all, y_all = torch.from_numpy(split.x), torch.from_numpy(split.y)
+
+    def draw(step: int, g: torch.Generator):
+        idx = torch.randint(len(y_all), (cfg.batch_size,), generator=g)
+        return x_all[idx], y_all[idx], task, classes
+
+    return _fit(foundation, lora, cfg, seed, cfg.steps, draw, init, len(classes) if head == "linear" else 0,
+                meta={"task": task, "classes": list(classes)})
+
+
+def train_joint_adapter(foundation: Foundation, parts: Sequence[tuple[Split, str, Sequence[str]]], lora: LoraConfig,
+                        cfg: TrainConfig, seed: int, steps: int, rank: int = 0, world: int = 1,
+                        sync: Callable[[list[torch.Tensor]], None] | None = None) -> TrainResult:
+    """The ``joint`` reference: one multi-task adapter on the union of ``parts`` = ``(split, task, classes)`` (every
+    institution's training data), prototype head only (one adapter scores every task's classes).
+
+    Step s trains on task ``s % len(parts)`` (tasks in turn, so each gets the same number of steps), a batch drawn
+    from that task's union. Data-parallel over ``world`` ranks: rank r keeps every ``world``-th image of each task,
+    draws ``batch_size // world`` of each batch, and ``sync(grads)`` averages the LoRA gradients over ranks
+    (``torch.distributed.all_reduce``), so every rank holds the same adapter, as with DDP. The LoRA init comes from
+    ``seed`` alone (identical on every rank); batches from ``(seed, rank)``.
+    """
+    if not parts:
+        raise ValueError("the joint reference needs at least one task's training data")
+    shards = []
+    for split, task, classes in parts:
+        x, y = torch.from_numpy(split.x[rank::world]), torch.from_numpy(split.y[rank::world])
+        if len(y) == 0:
+            raise ValueError(f"joint: task {task!r} has no training images for rank {rank} of {world}")
+        shards.append((x, y, task, classes))
+    per_rank = max(1, cfg.batch_size // world)
+
+    def draw(step: int, g: torch.Generator):
+        x, y, task, classes = shards[step % len(shards)]
+        idx = torch.randint(len(y), (per_rank,), generator=g)
+        return x[idx], y[idx], task, classes
+
+    return _fit(foundation, lora, cfg, seed, steps, draw, None, 0, sync=sync, batch_seed=derive_seed(seed, "rank", rank),
+                meta={"task": "joint", "tasks": [t for _, t, _ in parts]})
+
+
+def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, steps: int, draw: Callable,
+         init: Adapter | None, linear_classes: int, sync: Callable | None = None, batch_seed: int | None = None,
+         meta: dict | None = None) -> TrainResult:
+    """The training loop: peft model on a copy of the backbone, AdamW/SGD with a cosine schedule over ``steps``;
+    ``draw(step, generator)`` gives ``(images uint8 (B, 3, S, S), labels, task, classes)``."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
     t0 = time.perf_counter()
     start = init if init is not None else new_adapter(foundation, lora, seed)
     start.check_base(foundation)
@@ -51,36 +97,37 @@ def train_adapter(foundation: Foundation, split: Split, task: str, classes: Sequ
         for p in params:
             p.requires_grad_(True)
         linear = None
-        if head == "linear":
-            linear = torch.nn.Linear(foundation.dim, len(classes)).to(foundation.device)
-            if init is not None and init.head is not None and init.head["weight"].shape[0] == len(classes):
+        if linear_classes:
+            linear = torch.nn.Linear(foundation.dim, linear_classes).to(foundation.device)
+            if init is not None and init.head is not None and init.head["weight"].shape[0] == linear_classes:
                 linear.load_state_dict(init.head)
             params += list(linear.parameters())
         opt = _optimizer(params, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-        g = torch.Generator().manual_seed(seed)
-        x_all, y_all = torch.from_numpy(split.x), torch.from_numpy(split.y)
-        losses = []
-        for _ in range(cfg.steps):
-            idx = torch.randint(len(y_all), (cfg.batch_size,), generator=g)
-            xb = to_unit_float(x_all[idx])                                   # (B, 3, S, S) in [0, 1]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        g = torch.Generator().manual_seed(seed if batch_seed is None else batch_seed)
+        losses, images = [], 0
+        for step in range(steps):
+            xb, yb, task, classes = draw(step, g)
+            xb = to_unit_float(xb)                                           # (B, 3, S, S) in [0, 1]
             if cfg.augment:
                 xb = augment(xb, g)
             feats = model(foundation.normalize(xb))                          # (B, D)
             head_w = dict(linear.named_parameters()) if linear is not None else None
             loss = F.cross_entropy(logits_from_features(feats, task, classes, foundation.cfg.tau, head_w),
-                                   y_all[idx].to(foundation.device))
+                                   yb.to(foundation.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sync is not None:
+                sync([p.grad for p in params])
             opt.step()
             sched.step()
             losses.append(loss.item())
+            images += len(yb)
         weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
     head_state = {k: v.detach().cpu().clone() for k, v in linear.state_dict().items()} if linear else None
     train_s = time.perf_counter() - t0
     adapter = Adapter(weights, start.alpha, foundation.fingerprint, dict(start.alpha_pattern), head_state,
-                      meta={"task": task, "classes": list(classes)})
-    stats = {"train_s": train_s, "steps": cfg.steps, "images": cfg.steps * cfg.batch_size,
-             "images_per_s": cfg.steps * cfg.batch_size / train_s,
+                      meta=meta or {})
+    stats = {"train_s": train_s, "steps": steps, "images": images, "images_per_s": images / train_s,
              "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:]))}
     return TrainResult(adapter, stats)

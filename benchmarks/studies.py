@@ -1,0 +1,106 @@
+"""Studies on this machine: the merge-order study and the cost of sweeping strategies.
+
+    .venv/bin/python benchmarks/studies.py order [--run-dir DIR] [--orders 20] [--strategies fusion,mixture,svd]
+    .venv/bin/python benchmarks/studies.py reuse
+
+``order``: a 12-institution run of the ``order`` study's full size (12 institutions × 1 contribution, demo training
+and distillation sizes; made once, or ``--run-dir`` of an existing run) re-merged in 20 seeded orders × 3
+strategies, the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
+(``experiments.sweep.replay_run``). Prints the wall time of the order study (target ≤ 120 s) and the spread of each
+strategy over the orders.
+
+``reuse``: ``forgesim sweep scaling --smoke`` with its 4 strategies (every trial keeps them as branches over one
+commit stream, so training is paid once per point) vs the same sweep with 1 strategy. Prints both wall times and
+the ratio (target ≤ 1.3×).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def order_study(args: argparse.Namespace) -> None:
+    import pandas as pd
+    import ray
+
+    from actors.runner import connect, run_simulation
+    from experiments.presets import get_study
+    from experiments.sweep import replay_run
+    from sim.replay import load_replayable
+
+    study = get_study("order")
+    strategies = tuple(args.strategies.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
+        cfg = study.base.replace(merge=dataclasses.replace(study.base.merge, strategies=strategies))
+        if not args.run_dir:
+            t0 = time.perf_counter()
+            run_simulation(cfg, run_dir)
+            print(f"made the run: {time.perf_counter() - t0:.0f}s (not part of the order study)")
+        cfg = load_replayable(run_dir)[0].replace(merge=cfg.merge, runtime=cfg.runtime)
+        connect(cfg)
+        try:
+            t0 = time.perf_counter()
+            replay_run(cfg, run_dir, args.orders)
+            wall = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+        orders = pd.read_parquet(run_dir / "orders.parquet")
+    print(f"{os.cpu_count()} cores; {cfg.data.institutions} institutions × {cfg.schedule.contributions} contribution, "
+          f"{args.orders} orders × {len(strategies)} strategies on {cfg.runtime.workers} workers")
+    print("| strategy | ACC mean | ACC range | AUC mean | AUC range | merge s per order |")
+    print("|---|---|---|---|---|---|")
+    for s, g in orders.groupby("strategy", sort=False):
+        print(f"| {s} | {g.acc.mean():.3f} | {g.acc.max() - g.acc.min():.3f} | {g.auc.mean():.3f} | "
+              f"{g.auc.max() - g.auc.min():.3f} | {g.merge_s.mean():.2f} |")
+    print(f"order study wall: {wall:.1f}s (target <= 120 s: {verdict(wall <= 120)})")
+
+
+def sweep_wall(out: Path, extra: list[str]) -> float:
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "scaling", "--smoke", "--out", str(out), *extra],
+                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def reuse(args: argparse.Namespace) -> None:
+    from experiments.presets import get_study
+
+    strategies = get_study("scaling", smoke=True).base.merge.strategies
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep_wall(Path(tmp) / "warm", ["--set", "merge.strategies=[svd]"])   # foundation cache, imports
+        many = sweep_wall(Path(tmp) / "many", [])
+        one = sweep_wall(Path(tmp) / "one", ["--set", f"merge.strategies=[{strategies[0]}]"])
+    ratio = many / one
+    print(f"scaling --smoke sweep: {len(strategies)} strategies ({','.join(strategies)}) {many:.1f}s, "
+          f"1 strategy ({strategies[0]}) {one:.1f}s: {ratio:.2f}x (target <= 1.3x: {verdict(ratio <= 1.3)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="part", required=True)
+    p = sub.add_parser("order")
+    p.add_argument("--run-dir")
+    p.add_argument("--orders", type=int, default=20)
+    p.add_argument("--strategies", default="fusion,mixture,svd")
+    sub.add_parser("reuse")
+    args = ap.parse_args()
+    order_study(args) if args.part == "order" else reuse(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""``forgesim sweep``: a Ray Tune experiment over a study preset → a sweep dir with ``results.parquet``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from experiments.cli import CLIError, add_config_args, resolve_config
+
+HELP = "run a study (scaling, order, forgetting, ipc, rank) as a Ray Tune sweep and write a sweep dir"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from experiments.presets import STUDIES
+
+    p.add_argument("study", nargs="?", metavar="STUDY", help=f"study preset: {', '.join(STUDIES)}")
+    p.add_argument("--out", metavar="DIR", help="sweep dir (new or empty)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (finished trials are kept)")
+    p.add_argument("--smoke", action="store_true", help="the study's smoke size (tiny model and grid; runs in CI)")
+    p.add_argument("--address", help="Ray address of an existing cluster (default RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--max-concurrent", type=int, default=0, metavar="K",
+                   help="at most K trials at once (default: as many as the cluster's resources allow)")
+    add_config_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from experiments.presets import get_study
+    from experiments.sweep import SWEEP_FILE, read_plan, run_sweep, write_plan
+    from sim.merge import get_strategy
+
+    if args.max_concurrent < 0:
+        raise CLIError(f"--max-concurrent must be >= 0, got {args.max_concurrent}")
+    if args.resume:
+        if (args.study or args.out or args.overrides or args.config or args.smoke or args.seed is not None
+                or args.max_concurrent):
+            raise CLIError("--resume DIR continues a sweep as it was planned; it takes no study, --out, --smoke, "
+                           "--config, --seed, --set or --max-concurrent")
+        sweep_dir = Path(args.resume)
+        plan = read_plan(sweep_dir)
+    else:
+        if not args.study or not args.out:
+            raise CLIError("give a study and --out DIR (or --resume DIR)")
+        study = get_study(args.study, smoke=args.smoke)
+        base = resolve_config(args, {"seed": "seed"}, base=study.base)
+        for s in base.merge.strategies:
+            get_strategy(s)
+        sweep_dir = Path(args.out)
+        if sweep_dir.exists() and not sweep_dir.is_dir():
+            raise CLIError(f"--out {sweep_dir} exists and is not a directory")
+        if (sweep_dir / SWEEP_FILE).is_file():
+            raise CLIError(f"--out {sweep_dir} already holds a sweep; continue it with --resume {sweep_dir}")
+        if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
+            raise CLIError(f"--out {sweep_dir} is not empty; choose a new directory")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if args.seed is not None:          # a fixed seed replaces the study's seed axis
+            study.grid.pop("seed", None)
+        plan = write_plan(study, base, sweep_dir, args.max_concurrent)
+    out = run_sweep(plan, sweep_dir, resume=bool(args.resume), address=args.address)
+    res = out["results"]
+    print(f"{plan['study']}: {out['trials']} trials ({len(out['errored'])} errored) in {out['wall_s']:.0f}s")
+    for err in out["errored"]:
+        print(f"  errored: {err}")
+    if not res.empty:
+        keys = [c for c in ("contributors", "ipc", "rank", "seed") if c in res and res[c].nunique() > 1]
+        table = res.groupby(keys + ["strategy"], sort=False)[["acc", "auc"]].mean() if keys else \
+            res.groupby("strategy", sort=False)[["acc", "auc"]].mean()
+        print(table.round(3).to_string())
+    print(f"results: {sweep_dir / 'results.parquet'}  (figures: forgesim report {sweep_dir})")
+    return 1 if out["errored"] else 0

@@ -1,0 +1,306 @@
+"""Ray Tune sweeps over study presets: one trial = one simulation; results as one row per trial × strategy.
+
+Sweep dir layout::
+
+    DIR/sweep.json          the study, its base config (after --set), the grid points; --resume reads it
+    DIR/tune/               Tune's experiment state (``Tuner.restore`` continues it)
+    DIR/runs/<point>/       one run dir per grid point (``forgesim run``'s layout); ``orders.parquet`` for order studies
+    DIR/commit_cache/       content-addressed commits (``sim.cache``): a contribution is trained once per
+                            training-relevant config, whatever the strategy, order or evaluation schedule
+    DIR/joint/<key>/        the joint reference per distinct training config (Ray Train), when the study asks for it
+    DIR/trials.jsonl        one line per trial attempt (start, done)
+    DIR/results.parquet     one row per trial × strategy: the point's config columns and the run's summary metrics
+    DIR/orders.parquet      order studies: one row per trial × order × strategy (and orders_per_task.parquet)
+
+Each trial reserves what its simulation uses with ``tune.PlacementGroupFactory``: an empty head bundle (the trial
+function only coordinates) plus ``runtime.workers`` bundles of ``num_cpus``/``num_gpus``, the pool its torch
+tasks run in (``actors.runner.worker_pool`` picks the trial's placement group up); institution and merge actors
+take no CPU. So concurrent trials never compete for the same CPUs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from experiments.presets import Study
+from sim.config import SimConfig, apply_overrides, config_from_dict, config_hash, config_to_dict
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SWEEP_FILE = "sweep.json"
+TUNE_NAME = "tune"
+# results.parquet: the point's standard config columns (name -> config field)
+CONFIG_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc"}
+SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image")
+
+
+def point_name(index: int, point: dict) -> str:
+    """A run dir name for grid point ``index``: ``003-institutions20-seed1``."""
+    parts = [f"{key.rsplit('.', 1)[-1]}{value}" for key, value in point.items()]
+    return "-".join([f"{index:03d}", *parts])
+
+
+def trial_config(base: dict, point: dict, sweep_dir: Path) -> SimConfig:
+    """The config of one trial: the study's base with the point's values and the sweep's commit cache."""
+    cfg = apply_overrides(config_from_dict(base), [f"{k}={json.dumps(v)}" for k, v in point.items()])
+    return apply_overrides(cfg, [f"runtime.commit_cache={sweep_dir / 'commit_cache'}", "runtime.address=null"])
+
+
+# ------------------------------------------------------------------------------------------
+# The trial
+# ------------------------------------------------------------------------------------------
+def trial(config: dict) -> None:
+    """One Tune trial: run (or, after an interruption, reuse) the point's simulation, replay its orders if the study
+    asks, and report flat metrics (``<strategy>/<metric>``) with ``ray.tune.report``."""
+    from ray import tune
+
+    from actors.runner import run_simulation
+
+    sweep_dir = Path(config["sweep_dir"])
+    point, name = config["point"]["values"], config["point"]["name"]
+    cfg = trial_config(config["base"], point, sweep_dir)
+    run_dir = sweep_dir / "runs" / name
+    t0 = time.time()
+    attempt = {"point": name, "tune_trial_id": tune.get_context().get_trial_id(), "pid": os.getpid()}
+    _log_attempt(sweep_dir, attempt | {"event": "start", "t": t0})
+    # Step 1: the simulation. A finished run dir (the trial ran before an interruption) is reused as it is; a
+    # partial one is started again, its contributions come from the commit cache.
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        summary = run_simulation(cfg, run_dir, run_id=name)
+    # Step 2: merge orders (order studies): replayed from the run's log as tasks on the trial's pool.
+    if config.get("orders", 0) and not (run_dir / "orders.parquet").is_file():
+        replay_run(cfg, run_dir, config["orders"])
+    # Step 3: flat metrics.
+    metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
+               "commits_accepted": summary["commits_accepted"], "commits_rejected": summary["commits_rejected"],
+               "cache_hits": _cache_hits(run_dir)}
+    for s, values in summary["strategies"].items():
+        metrics |= {f"{s}/{m}": _float(values.get(m)) for m in SUMMARY_METRICS}
+    for ref, values in summary.get("references", {}).items():
+        metrics |= {f"{ref}/acc": _float(values.get("acc")), f"{ref}/auc": _float(values.get("auc"))}
+    _log_attempt(sweep_dir, attempt | {"event": "done", "t": time.time()})
+    tune.report(metrics)
+
+
+def _log_attempt(sweep_dir: Path, record: dict) -> None:
+    """``DIR/trials.jsonl``: one line per trial start and end (retries and resumed trials show up here)."""
+    with open(sweep_dir / "trials.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _float(x) -> float:
+    return float(x) if x is not None else math.nan
+
+
+def _cache_hits(run_dir: Path) -> int:
+    import pandas as pd
+
+    path = run_dir / "events.parquet"
+    if not path.is_file():
+        return 0
+    ev = pd.read_parquet(path)
+    return int(ev["cache_hit"].fillna(False).astype(bool).sum()) if "cache_hit" in ev.columns else 0
+
+
+def replay_run(cfg: SimConfig, run_dir: Path, orders: int) -> None:
+    """Orders ``0..orders-1`` of ``run_dir``'s commits, split over the pool's workers as Ray tasks; writes
+    ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir."""
+    import pandas as pd
+    import ray
+
+    from actors.runner import task_options, worker_pool
+    from actors.tasks import replay_task
+
+    pg, own = worker_pool(cfg)
+    try:
+        chunks = [c.tolist() for c in np.array_split(np.arange(orders), min(orders, cfg.runtime.workers)) if len(c)]
+        parts = ray.get([replay_task.options(**task_options(cfg, pg)).remote(str(run_dir), chunk) for chunk in chunks])
+    finally:
+        if own:
+            ray.util.remove_placement_group(pg)
+    rows = [r for part in parts for r in part[0]]
+    per_task = [r for part in parts for r in part[1]]
+    pd.DataFrame(per_task).to_parquet(run_dir / "orders_per_task.parquet", index=False)
+    pd.DataFrame(rows).to_parquet(run_dir / "orders.parquet", index=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The sweep
+# ------------------------------------------------------------------------------------------
+def resources(cfg: SimConfig):
+    """What one trial reserves: an empty head bundle and the simulation's worker pool."""
+    from ray import tune
+
+    bundle = {"CPU": cfg.runtime.num_cpus} | ({"GPU": cfg.runtime.num_gpus} if cfg.runtime.num_gpus else {})
+    return tune.PlacementGroupFactory([{}] + [dict(bundle) for _ in range(cfg.runtime.workers)], strategy="PACK")
+
+
+def _trainable(cfg: SimConfig):
+    from ray import tune
+
+    return tune.with_resources(trial, resources(cfg))
+
+
+def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: int) -> dict:
+    points = study.points()
+    plan = {"study": study.name, "description": study.description, "orders": study.orders,
+            "base": config_to_dict(base), "max_concurrent": max_concurrent,
+            "points": [{"name": point_name(i, p), "values": p} for i, p in enumerate(points)]}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def read_plan(sweep_dir: Path) -> dict:
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        raise ValueError(f"{sweep_dir} is not a sweep dir (no {SWEEP_FILE}); nothing to resume")
+    return json.loads(path.read_text())
+
+
+def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | None = None) -> dict:
+    """Run (or continue) the sweep of ``plan`` in ``sweep_dir``; writes the results tables; returns
+    ``{trials, errored, wall_s, results}``."""
+    import ray
+    from ray import tune
+
+    sweep_dir = Path(sweep_dir).resolve()
+    base = config_from_dict(plan["base"])
+    t0 = time.time()
+    started = False
+    if not ray.is_initialized():
+        address = address or base.runtime.address or os.environ.get("RAY_ADDRESS")
+        from actors.runner import connect
+
+        started = connect(apply_overrides(base, [f"runtime.address={address}"] if address else []))
+    try:
+        from sim.model import load_foundation
+
+        for p in plan["points"]:     # pretrain each distinct foundation once, before trials race for it
+            cfg = trial_config(plan["base"], p["values"], sweep_dir)
+            load_foundation(cfg.model, cfg.data.img_size)
+        trainable = _trainable(base)
+        tune_dir = sweep_dir / TUNE_NAME
+        if resume and tune.Tuner.can_restore(str(tune_dir)):
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"study": plan["study"], "base": plan["base"], "sweep_dir": str(sweep_dir),
+                             "orders": plan["orders"], "point": tune.grid_search(plan["points"])},
+                tune_config=tune.TuneConfig(max_concurrent_trials=plan["max_concurrent"] or None, reuse_actors=False),
+                run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(sweep_dir), verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=1)))
+        grid = tuner.fit()
+        # Step 2: the joint reference, once per distinct training config (outside the trials: all resources).
+        joint = joint_references(plan, sweep_dir) if base.train.joint else {}
+        results = write_results(plan, sweep_dir, grid, joint)
+    finally:
+        if started:
+            ray.shutdown()
+    errored = [str(r.error).splitlines()[0] for r in grid if r.error is not None]
+    return {"trials": len(grid), "errored": errored, "wall_s": time.time() - t0, "results": results}
+
+
+def joint_key(cfg: SimConfig) -> str:
+    return config_hash(cfg.data, cfg.model, cfg.lora, cfg.train, cfg.seed)
+
+
+def joint_references(plan: dict, sweep_dir: Path) -> dict[str, dict]:
+    """``{point name: {acc, auc}}`` of the joint reference; trained once per ``joint_key`` and kept in
+    ``DIR/joint/<key>/`` (a resumed sweep reuses it)."""
+    from experiments.joint import evaluate_joint, train_joint
+    from sim.model import save_adapter
+
+    out, done = {}, {}
+    for p in plan["points"]:
+        cfg = trial_config(plan["base"], p["values"], sweep_dir)
+        key = joint_key(cfg)
+        if key not in done:
+            where = sweep_dir / "joint" / key
+            if (where / "records.json").is_file():
+                records = json.loads((where / "records.json").read_text())
+            else:
+                adapter, stats = train_joint(cfg, sweep_dir / "joint" / "ray_train", name=key)
+                records = evaluate_joint(cfg, adapter)
+                save_adapter(adapter, where)
+                (where / "records.json").write_text(json.dumps(records))
+                (where / "stats.json").write_text(json.dumps(stats))
+            done[key] = {"acc": float(np.mean([r["acc"] for r in records])),
+                         "auc": float(np.nanmean([r["auc"] for r in records]))}
+        out[p["name"]] = done[key]
+    return out
+
+
+def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFrame":
+    """``results.parquet`` (one row per trial × strategy) and, for order studies, ``orders.parquet`` +
+    ``orders_per_task.parquet`` (one row per trial × order × strategy [× task])."""
+    import pandas as pd
+
+    by_name = {}
+    for result in grid:
+        point = result.config["point"] if result.config else None
+        if point is not None and result.error is None and result.metrics:
+            by_name[point["name"]] = (result.metrics, result.metrics.get("trial_id"))
+    rows, orders, orders_task = [], [], []
+    for p in plan["points"]:
+        if p["name"] not in by_name:
+            continue
+        metrics, trial_id = by_name[p["name"]]
+        cfg = trial_config(plan["base"], p["values"], sweep_dir)
+        run_dir = sweep_dir / "runs" / p["name"]
+        common = {"trial_id": p["name"], "tune_trial_id": trial_id, "study": plan["study"]}
+        common |= {col: _get(cfg, field) for col, field in CONFIG_COLUMNS.items()}
+        common |= {field: value for field, value in p["values"].items() if field not in CONFIG_COLUMNS.values()}
+        common |= {"wall_s": metrics["wall_s"], "commits_accepted": metrics["commits_accepted"],
+                   "cache_hits": metrics.get("cache_hits", 0)}
+        common |= {f"{ref}_{m}": metrics.get(f"{ref}/{m}", math.nan) for ref in ("base", "individual")
+                   for m in ("acc", "auc")}
+        common |= {f"joint_{m}": joint.get(p["name"], {}).get(m, math.nan) for m in ("acc", "auc")}
+        common |= _distill_audit(run_dir)
+        common["run_dir"] = str(run_dir.relative_to(sweep_dir))
+        for s in cfg.merge.strategies:
+            rows.append(common | {"strategy": s} | {m: metrics.get(f"{s}/{m}", math.nan) for m in SUMMARY_METRICS})
+        for name, target in (("orders.parquet", orders), ("orders_per_task.parquet", orders_task)):
+            if (run_dir / name).is_file():
+                target += [{"trial_id": p["name"], "seed": cfg.seed} | r
+                           for r in pd.read_parquet(run_dir / name).to_dict("records")]
+    df = pd.DataFrame(rows)
+    df.to_parquet(sweep_dir / "results.parquet", index=False)
+    if orders:
+        pd.DataFrame(orders).to_parquet(sweep_dir / "orders.parquet", index=False)
+        pd.DataFrame(orders_task).to_parquet(sweep_dir / "orders_per_task.parquet", index=False)
+    return df
+
+
+def _get(cfg: SimConfig, field: str):
+    obj = cfg
+    for part in field.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _distill_audit(run_dir: Path) -> dict:
+    """Mean fidelity and membership-inference AUC of the run's accepted distilled sets (NaN without an audit)."""
+    import pandas as pd
+
+    out = {"distill_fidelity": math.nan, "mia_auc": math.nan}
+    path = run_dir / "events.parquet"
+    if path.is_file():
+        ev = pd.read_parquet(path)
+        acc = ev[ev["event"] == "accepted"] if "event" in ev.columns else ev.iloc[:0]
+        for col in out:
+            if col in acc.columns and acc[col].notna().any():
+                out[col] = float(acc[col].astype(float).mean())
+    return out

@@ -1,0 +1,104 @@
+"""Content-addressed commit cache: a contribution is trained once per training-relevant config, then reused.
+
+Sweeping a merge strategy, a merge order or anything else that does not change local training must not retrain
+(issue: studies). ``runtime.commit_cache`` names a directory shared by runs; ``contribution_key`` hashes what a
+contribution's adapter and distilled set depend on — the seed, the data, model, LoRA, training and distillation
+sections, the device and thread count (numerics), the contribution's id and seed, and, with ``init_from: main``,
+the content of the adapter it pulled — and nothing else (not the merge strategies, the evaluation schedule, the
+worker count or the clock). ``CommitCache.get_or_make`` returns the cached ``Commit`` or makes, stores and
+returns it. Making holds a per-key file lock, so two runs that need the same contribution at the same time train
+it once (the second waits and loads). Entries are written whole (temp dir + rename) and checked against their
+content hash on load; an unreadable entry is trained again and replaced.
+
+Layout: ``<dir>/<key[:2]>/<key>/`` = a commit dir (``sim.store.write_commit_dir``).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+from sim.config import SimConfig, config_to_dict
+
+
+def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None) -> str:
+    """The cache key of one contribution (sha256 hex); ``pulled``: the ``Adapter`` it starts from, if any."""
+    parts = {"seed": cfg.seed, "device": cfg.runtime.device.split(":")[0], "threads": cfg.runtime.threads,
+             "id": contribution_id, "contribution_seed": int(contribution_seed)}
+    parts |= {name: config_to_dict(getattr(cfg, name)) for name in ("data", "model", "lora", "train", "distill")}
+    for field in ("joint", "joint_steps"):      # the joint reference does not touch contributions
+        parts["train"].pop(field, None)
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    if pulled is not None:
+        import torch
+
+        h.update(json.dumps([float(pulled.alpha), sorted(pulled.alpha_pattern.items())]).encode())
+        for group, tensors in (("lora", pulled.weights), ("head", pulled.head or {})):
+            for name in sorted(tensors):
+                h.update(f"{group}:{name}:{tuple(tensors[name].shape)}".encode())
+                h.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class CommitCache:
+    """A directory of commits keyed by ``contribution_key``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / key
+
+    @contextmanager
+    def _lock(self, key: str):
+        lock = self.dir / key[:2] / f"{key}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def get(self, key: str):
+        """The cached ``Commit`` or ``None`` (an entry that does not load or match its hash counts as missing)."""
+        from sim.store import read_commit_dir
+
+        path = self.path(key)
+        if not path.is_dir():
+            return None
+        try:
+            commit = read_commit_dir(path)
+            expected = json.loads((path / "meta.json").read_text()).get("hash")
+        except (ValueError, OSError) as exc:
+            warnings.warn(f"commit cache: ignoring {path}: {exc}", stacklevel=2)
+            return None
+        if commit.content_hash() != expected:
+            warnings.warn(f"commit cache: ignoring {path}: content does not match its hash", stacklevel=2)
+            return None
+        return commit
+
+    def put(self, key: str, commit) -> Path:
+        from sim.store import write_commit_dir
+
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_commit_dir(commit, path)
+
+    def get_or_make(self, key: str, make: Callable[[], object]) -> tuple[object, bool]:
+        """``(commit, hit)``: the cached commit, or ``make()``'s, stored under ``key`` (one maker per key)."""
+        commit = self.get(key)
+        if commit is not None:
+            return commit, True
+        with self._lock(key):
+            commit = self.get(key)             # made by another run while this one waited for the lock
+            if commit is not None:
+                return commit, True
+            commit = make()
+            self.put(key, commit)
+            return commit, False

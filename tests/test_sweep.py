@@ -1,0 +1,283 @@
+"""Studies: presets, the content-addressed commit cache, the Ray Train joint reference, smoke sweeps with Ray Tune
+and resuming an interrupted sweep. One session-scoped Ray (``ray_session``); the resume test interrupts a sweep
+running in a subprocess (its own local Ray) with SIGINT, like Ctrl-C, and continues it in this process."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from experiments.presets import STUDIES, get_study  # noqa: E402
+from sim.cache import CommitCache, contribution_key  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_COLUMNS = {"trial_id", "study", "seed", "contributors", "rank", "ipc", "strategy", "acc", "auc", "forgetting",
+                  "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "wall_s", "base_acc", "base_auc",
+                  "individual_acc", "individual_auc", "joint_acc", "joint_auc", "distill_fidelity", "mia_auc",
+                  "run_dir"}
+
+
+# ------------------------------------------------------------------------------------------
+# Presets
+# ------------------------------------------------------------------------------------------
+def test_study_presets_full_and_smoke():
+    # Execute
+    full = {name: get_study(name) for name in STUDIES}
+    smoke = {name: get_study(name, smoke=True) for name in STUDIES}
+    # Assert: the grids the issue names, and smoke sizes that are small versions of the same study
+    assert full["scaling"].grid["data.institutions"] == (10, 20, 30, 40, 50)
+    assert full["ipc"].grid["distill.ipc"] == (1, 5, 10, 20, 50)
+    assert full["rank"].grid["lora.rank"] == (2, 4, 8, 16, 32)
+    assert full["order"].orders == 20 and full["order"].base.data.institutions == 12
+    assert full["forgetting"].base.runtime.eval_every == 1
+    assert full["scaling"].base.train.joint and full["ipc"].base.distill.audit
+    for name in STUDIES:
+        assert len(smoke[name].points()) <= 2 and smoke[name].base.model.embed_dim <= 32
+        assert len(full[name].points()) >= 3          # seeds at least
+    with pytest.raises(ValueError, match="unknown study 'scalling'; known: scaling"):
+        get_study("scalling")
+
+
+# ------------------------------------------------------------------------------------------
+# Commit cache
+# ------------------------------------------------------------------------------------------
+def test_contribution_key_depends_on_training_config_only(tiny_run_cfg):
+    # Prepare
+    key = contribution_key(tiny_run_cfg, "inst000-00", 7)
+    r = dataclasses.replace
+    # Execute / Assert: merge, schedule of evaluations, workers and the clock do not change training
+    for same in (tiny_run_cfg.replace(merge=r(tiny_run_cfg.merge, strategies=("svd",), budget=9)),
+                 tiny_run_cfg.replace(runtime=r(tiny_run_cfg.runtime, workers=1, eval_every=1)),
+                 tiny_run_cfg.replace(train=r(tiny_run_cfg.train, joint=True))):
+        assert contribution_key(same, "inst000-00", 7) == key
+    # ...the LoRA, training, distillation, data, seed and the contribution do
+    for other in (tiny_run_cfg.replace(lora=r(tiny_run_cfg.lora, rank=2)),
+                  tiny_run_cfg.replace(train=r(tiny_run_cfg.train, steps=3)),
+                  tiny_run_cfg.replace(distill=r(tiny_run_cfg.distill, ipc=1)),
+                  tiny_run_cfg.replace(seed=1)):
+        assert contribution_key(other, "inst000-00", 7) != key
+    assert contribution_key(tiny_run_cfg, "inst000-01", 7) != key
+    assert contribution_key(tiny_run_cfg, "inst000-00", 8) != key
+
+
+def test_commit_cache_makes_once_and_ignores_a_corrupted_entry(tiny_run_cfg, tiny_foundation, tiny_cohort, tmp_path):
+    from sim.contribute import contribute
+    from sim.schedule import build_schedule
+
+    # Prepare
+    c = build_schedule(tiny_run_cfg.schedule, len(tiny_cohort.institutions), 0).contributions[0]
+    inst = tiny_cohort.institutions[c.institution]
+    cache, key, made = CommitCache(tmp_path), contribution_key(tiny_run_cfg, c.id, c.seed), []
+
+    def make():
+        made.append(1)
+        return contribute(tiny_foundation, inst, tiny_run_cfg, c)
+
+    # Execute
+    first, hit1 = cache.get_or_make(key, make)
+    second, hit2 = cache.get_or_make(key, make)
+    (cache.path(key) / "distilled.npz").write_bytes(b"not an npz")        # corrupt the entry
+    with pytest.warns(UserWarning, match="commit cache: ignoring"):
+        third, hit3 = cache.get_or_make(key, make)
+    # Assert
+    assert (hit1, hit2, hit3) == (False, True, False) and len(made) == 2
+    assert first.content_hash() == second.content_hash() == third.content_hash()
+
+
+@pytest.fixture(scope="module")
+def cached_runs(ray_session, tiny_run_cfg, tmp_path_factory):
+    """The same tiny run three times: no cache; cache (trains, fills it); cache with other strategies (loads)."""
+    from actors.runner import run_simulation
+
+    root = tmp_path_factory.mktemp("cache-runs")
+    r = dataclasses.replace
+    cfg = tiny_run_cfg.replace(merge=r(tiny_run_cfg.merge, strategies=("svd", "ties")),
+                               runtime=r(tiny_run_cfg.runtime, eval_every=0))
+    cached = cfg.replace(runtime=r(cfg.runtime, commit_cache=str(root / "cache")))
+    other = cached.replace(merge=r(cfg.merge, strategies=("svd", "lora_avg")))
+    return {name: (root / name, run_simulation(c, root / name))
+            for name, c in (("plain", cfg), ("fill", cached), ("reuse", other))}
+
+
+def test_a_strategy_sweep_reuses_commits_and_gets_the_same_numbers(cached_runs):
+    # Prepare / Execute: the module fixture
+    events = {name: pd.read_parquet(d / "events.parquet") for name, (d, _) in cached_runs.items()}
+    accepted = {name: ev[ev.event == "accepted"] for name, ev in events.items()}
+    # Assert: the second cached run trained nothing, the first trained everything
+    assert not accepted["fill"]["cache_hit"].any() and accepted["reuse"]["cache_hit"].all()
+    assert len(accepted["reuse"]) == len(accepted["plain"]) == 8
+    # ...and the commits are the same ones, so the shared strategy's numbers are identical to an uncached run
+    assert list(accepted["reuse"]["hash"]) == list(accepted["plain"]["hash"])
+    svd = {name: s["strategies"]["svd"] for name, (_, s) in cached_runs.items()}
+    assert svd["plain"]["per_task"] == svd["fill"]["per_task"] == svd["reuse"]["per_task"]
+
+
+def test_joint_reference_trains_with_two_ray_train_workers(cached_runs, tiny_run_cfg):
+    from experiments.joint import add_joint_reference
+
+    # Prepare
+    run_dir, _ = cached_runs["plain"]
+    r = dataclasses.replace
+    cfg = tiny_run_cfg.replace(train=r(tiny_run_cfg.train, joint=True, joint_steps=12),
+                               runtime=r(tiny_run_cfg.runtime, workers=2))
+    # Execute
+    summary = add_joint_reference(cfg, run_dir)
+    # Assert: 2 workers, a real adapter, recorded beside the other references
+    joint = summary["references"]["joint"]
+    assert joint["workers"] == 2 and joint["steps"] == 12
+    assert set(joint["per_task"]) == {"histology", "xray"} and 0 <= joint["acc"] <= 1
+    assert (run_dir / "joint" / "adapter_model.safetensors").is_file()
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert len(metrics[metrics.strategy == "joint"]) == 2
+    assert json.loads((run_dir / "summary.json").read_text())["references"]["joint"]["acc"] == joint["acc"]
+
+
+def test_joint_training_is_data_parallel_equivalent(tiny_run_cfg, tiny_foundation, tiny_cohort):
+    """Two ranks whose gradients are averaged (a hand-rolled all-reduce between two in-process replicas) hold the
+    same adapter; one rank alone is deterministic."""
+    import threading
+
+    from experiments.joint import joint_parts
+    from sim.train import train_joint_adapter
+
+    # Prepare: a barrier-based all-reduce between two threads
+    parts, cfg = joint_parts(tiny_cohort), tiny_run_cfg
+    barrier, slots = threading.Barrier(2), {}
+
+    def sync_for(rank):
+        def sync(grads):
+            slots[rank] = grads
+            barrier.wait()
+            mean = [(a + b) / 2 for a, b in zip(slots[0], slots[1])]
+            barrier.wait()
+            for g, m in zip(grads, mean):
+                g.copy_(m)
+        return sync
+
+    out = {}
+
+    def run(rank):
+        out[rank] = train_joint_adapter(tiny_foundation, parts, cfg.lora, cfg.train, 0, 6, rank, 2, sync_for(rank))
+
+    # Execute
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    solo = [train_joint_adapter(tiny_foundation, parts, cfg.lora, cfg.train, 0, 6) for _ in range(2)]
+    # Assert
+    for k in out[0].adapter.weights:
+        assert np.allclose(out[0].adapter.weights[k], out[1].adapter.weights[k], atol=1e-6)
+        assert np.array_equal(solo[0].adapter.weights[k], solo[1].adapter.weights[k])
+    assert out[0].stats["images"] == 6 * (cfg.train.batch_size // 2)
+
+
+# ------------------------------------------------------------------------------------------
+# Sweeps
+# ------------------------------------------------------------------------------------------
+def sweep_args(study: str, out: Path, tiny_cfg) -> list[str]:
+    return ["sweep", study, "--smoke", "--out", str(out), "--set", f"model.cache_dir={tiny_cfg.model.cache_dir}"]
+
+
+@pytest.mark.parametrize("study", sorted(STUDIES))
+def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, tiny_cfg, tiny_foundation, tmp_path):
+    from experiments.cli import main
+
+    # Prepare
+    preset = get_study(study, smoke=True)
+    out = tmp_path / study
+    # Execute
+    assert main(sweep_args(study, out, tiny_cfg)) == 0
+    # Assert
+    res = pd.read_parquet(out / "results.parquet")
+    assert RESULT_COLUMNS <= set(res.columns)
+    assert len(res) == len(preset.points()) * len(preset.base.merge.strategies)
+    assert set(res.strategy) == set(preset.base.merge.strategies) and (res.study == study).all()
+    assert res[["acc", "auc", "base_acc", "individual_acc"]].notna().all().all()
+    for field, values in preset.grid.items():
+        column = {"data.institutions": "contributors", "lora.rank": "rank", "distill.ipc": "ipc"}.get(field, field)
+        assert sorted(res[column].unique()) == sorted(values)
+    for run_dir in res.run_dir.unique():
+        assert (out / run_dir / "summary.json").is_file()
+    attempts = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert sum(a["event"] == "done" for a in attempts) == len(preset.points())
+    if study == "scaling":
+        assert res.joint_acc.notna().all() and len(list((out / "joint").glob("*/records.json"))) == 2
+    if study == "ipc":
+        assert res.distill_fidelity.notna().all() and res.mia_auc.between(0, 1).all()
+    if study == "forgetting":
+        assert res.forgetting.notna().all() and res.bwt.notna().all()
+    if study == "order":
+        orders = pd.read_parquet(out / "orders.parquet")
+        assert len(orders) == preset.orders * len(preset.base.merge.strategies)
+        assert sorted(orders.order.unique()) == list(range(preset.orders))
+        # order 0 is the run's own order: it reproduces the run's final accuracy
+        first = orders[orders.order == 0].set_index("strategy").acc
+        assert np.allclose(first[res.strategy], res.set_index("strategy").acc[res.strategy], atol=1e-9)
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tiny_cfg, tiny_foundation,
+                                                                         tmp_path):
+    from experiments.cli import main
+
+    # Prepare: the rank smoke sweep (2 trials, one at a time) in a subprocess, interrupted after its first trial
+    out = tmp_path / "rank"
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *sweep_args("rank", out, tiny_cfg),
+                             "--max-concurrent", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "trials.jsonl"
+        done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+        if any(a["event"] == "done" for a in done) and any(a["event"] == "start" and a["point"].startswith("001")
+                                                           for a in done):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGINT)             # Ctrl-C during the second trial: Tune saves its state and stops
+    try:
+        proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its local Ray is left
+        except ProcessLookupError:
+            pass
+    first = next(a["point"] for a in done if a["event"] == "done")
+    summary_before = (out / "runs" / first / "summary.json").read_text()
+    # Execute
+    assert main(["sweep", "--resume", str(out)]) == 0
+    # Assert: every trial has its rows; the finished one was not started again
+    res = pd.read_parquet(out / "results.parquet")
+    assert len(res) == 2 * 4 and res.trial_id.nunique() == 2
+    attempts = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert sum(a["event"] == "start" and a["point"] == first for a in attempts) == 1
+    assert (out / "runs" / first / "summary.json").read_text() == summary_before
+
+
+def test_sweep_bad_input_is_one_clear_error(tmp_path, capsys):
+    from experiments.cli import main
+
+    # Execute / Assert
+    assert main(["sweep", "scalling", "--smoke", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown study 'scalling'" in capsys.readouterr().err
+    assert main(["sweep", "--resume", str(tmp_path)]) == 2
+    assert "is not a sweep dir" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    assert main(["sweep", "rank", "--smoke", "--out", str(tmp_path / "full")]) == 2
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep"
