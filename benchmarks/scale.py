@@ -5,7 +5,8 @@
 
 Per N: wall time, actor start-up time (merge actor + N institution actors until all answer), peak total memory
 of all Ray processes and the driver (PSS, and the RSS sum that over-counts shared pages, sampled every 1 s), and parallel efficiency = Σ busy seconds of torch
-tasks (training+distillation per contribution, evaluations) ÷ (wall × cores). Runs use the ``demo`` preset's
+tasks (training+distillation per contribution, evaluations) ÷ (wall × cores); also with the merge actor's merge
+seconds added (its merges and coefficient searches are torch work on the same cores). Runs use the ``demo`` preset's
 training/distillation/search sizes with N institutions (4 tasks), a local embedded Ray with ``--workers`` pooled
 workers, and one evaluation at the end. ``--compare-strategies`` also times the smallest N with only the first
 strategy, for the "3 strategies cost ≤ 1.3× one" check (training is paid once per run either way).
@@ -30,6 +31,22 @@ sys.path.insert(0, str(ROOT))
 from actors.runner import run_simulation  # noqa: E402
 from experiments.presets import demo  # noqa: E402
 from sim.config import apply_overrides  # noqa: E402
+
+
+def _rss_pss(p: psutil.Process) -> tuple[int, int]:
+    """RSS and PSS of one process: ``/proc/<pid>/smaps_rollup`` (one summary, cheap for the kernel to produce),
+    else psutil's full smaps walk, else RSS for both."""
+    try:
+        fields = {}
+        with open(f"/proc/{p.pid}/smaps_rollup") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    fields[key] = int(rest.split()[0]) * 1024
+        return fields["Rss"], fields["Pss"]
+    except (OSError, KeyError, ValueError):
+        info = p.memory_full_info()
+        return info.rss, getattr(info, "pss", info.rss)
 
 
 class MemorySampler(threading.Thread):
@@ -59,10 +76,9 @@ class MemorySampler(threading.Thread):
         rss = pss = 0
         for p in self.processes():
             try:
-                info = p.memory_full_info()
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                r, q = _rss_pss(p)
+                rss, pss = rss + r, pss + q
+            except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
                 pass
         return rss, pss
 
@@ -93,6 +109,7 @@ def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[s
     return {"n": n, "strategies": ",".join(strategies), "wall_s": summary["wall_s"], "startup_s": summary["startup_s"],
             "peak_gb": peak_pss / 2**30, "peak_rss_gb": peak_rss / 2**30, "busy_s": summary["busy_s"], "efficiency": summary["busy_s"] / (summary["wall_s"] * cores),
             "commits": summary["commits_accepted"],
+            "merge_busy_s": sum((v.get("merge_s_total") or 0.0) for v in summary["strategies"].values()),
             "acc": {s: round(v["acc"], 3) for s, v in summary["strategies"].items()}}
 
 
@@ -108,18 +125,20 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; demo preset sizes, "
           f"{args.workers} workers, strategies {strategies}")
     print("| N | strategies | commits | wall s | start-up s | peak GB (PSS) | peak GB (RSS sum) | busy s | efficiency | "
-          "final acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "merge s | efficiency with merges | final acc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     sizes = [int(s) for s in args.sizes.split(",")]
     runs = [(n, strategies) for n in sizes]
     if args.compare_strategies:
         runs.insert(1, (sizes[0], strategies[:1]))
-    results = []
+    results, cores = [], os.cpu_count() or 1
     for n, strats in runs:
         r = one_run(n, strats, args.workers, args.overrides)
         results.append(r)
         print(f"| {r['n']} | {r['strategies']} | {r['commits']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
-              f"{r['peak_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['busy_s']:.1f} | {r['efficiency']:.2f} | {r['acc']} |", flush=True)
+              f"{r['peak_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['busy_s']:.1f} | {r['efficiency']:.2f} | "
+              f"{r['merge_busy_s']:.1f} | {(r['busy_s'] + r['merge_busy_s']) / (r['wall_s'] * cores):.2f} | "
+              f"{r['acc']} |", flush=True)
     big = [r for r in results if r["n"] == max(sizes) and r["strategies"] == ",".join(strategies)][0]
     verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     print(f"targets at N={big['n']}: peak memory (PSS) <= 8 GB: {verdict(big['peak_gb'] <= 8)} ({big['peak_gb']:.2f}); "
