@@ -5,7 +5,7 @@
 
 ``order``: a 12-institution run of the ``order`` study's full size (12 institutions × 1 contribution, demo training
 and distillation sizes; made once, or ``--run-dir`` of an existing run) re-merged in 20 seeded orders × 3
-strategies, the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
+strategies (``--run-dir DIR``: made there if DIR holds no run yet, reused otherwise), the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
 (``experiments.sweep.replay_run``). Prints the wall time of the order study (target ≤ 120 s) and the spread of each
 strategy over the orders.
 
@@ -46,7 +46,7 @@ def order_study(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
         cfg = study.base.replace(merge=dataclasses.replace(study.base.merge, strategies=strategies))
-        if not args.run_dir:
+        if not (run_dir / "summary.json").is_file():
             t0 = time.perf_counter()
             run_simulation(cfg, run_dir)
             print(f"made the run: {time.perf_counter() - t0:.0f}s (not part of the order study)")

@@ -143,6 +143,19 @@ def test_joint_reference_trains_with_two_ray_train_workers(cached_runs, tiny_run
     assert json.loads((run_dir / "summary.json").read_text())["references"]["joint"]["acc"] == joint["acc"]
 
 
+def test_report_builds_from_a_real_run(cached_runs):
+    from analysis import build_report
+
+    # Prepare / Execute: the report of a small real run (4 institutions × 2 contributions, svd and ties)
+    run_dir, _ = cached_runs["fill"]
+    html = build_report(run_dir)
+    # Assert: the paper table and the run's figures
+    md = (html.parent / "report.md").read_text()
+    assert "svd" in md and "ties" in md and "individual" in md
+    assert (html.parent / "figures" / "timeline.png").stat().st_size > 0
+    assert not (html.parent / "figures" / "progress.png").exists()      # one evaluation only: no curve to draw
+
+
 def test_joint_training_is_data_parallel_equivalent(tiny_run_cfg, tiny_foundation, tiny_cohort):
     """Two ranks whose gradients are averaged (a hand-rolled all-reduce between two in-process replicas) hold the
     same adapter; one rank alone is deterministic."""
@@ -213,7 +226,15 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
         assert (out / run_dir / "summary.json").is_file()
     attempts = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert sum(a["event"] == "done" for a in attempts) == len(preset.points())
+    # ...and the report of the sweep dir shows the study's figure
+    from analysis import build_report
+
+    html = build_report(out)
+    figure = {"scaling": "scaling", "order": "orders", "forgetting": "forgetting", "ipc": "ipc", "rank": "rank"}[study]
+    assert (html.parent / "figures" / f"{figure}.png").stat().st_size > 0
+    assert f"figures/{figure}.png" in (html.parent / "report.md").read_text()
     if study == "scaling":
+        assert (html.parent / "figures" / "cost.png").is_file()
         assert res.joint_acc.notna().all() and len(list((out / "joint").glob("*/records.json"))) == 2
     if study == "ipc":
         assert res.distill_fidelity.notna().all() and res.mia_auc.between(0, 1).all()
