@@ -1,18 +1,27 @@
 """The ``MergeActor``: keeps the main branch. A thin wrapper over ``sim.store.MainState``.
 
-Loop per commit (``MainState.receive``): validate → log durably → merge into every strategy's branch → record.
-Here only: resolving the commit reference (a failed contribution becomes a rejected commit with its reason),
-scheduling evaluations every ``runtime.eval_every`` accepted commits as Ray tasks, and the final evaluation.
-Restarted by Ray (``max_restarts``), it rebuilds its state from the run dir's log; commits are idempotent by id.
+Loop per commit (``MainState.receive``): authenticate → validate → log durably → merge into every strategy's branch
+→ record. Here only: resolving the commit reference — a contribution lost with its institution or worker is made
+again by the (restarted) institution, up to ``faults.retries`` times, before it becomes a rejected commit with its
+reason; one that raised is rejected at once — evaluations every ``runtime.eval_every`` accepted commits as Ray tasks,
+and the final evaluation. Restarted by Ray (``max_restarts``), it rebuilds its state from the run dir's log and
+submits again the evaluations its dead predecessor owned; commits are idempotent by id.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import time
 from pathlib import Path
 
 import ray
 
 from actors.tasks import _config, evaluate_task, individual_task
+
+# A contribution's result is gone with its owner or its worker: have it made again. Anything else (the training
+# raised) is the contribution's own failure.
+LOST = (ray.exceptions.ObjectLostError, ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+        ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError, ray.exceptions.TaskCancelledError)
 
 
 def _resolve(wrapped: list):
@@ -23,9 +32,15 @@ def _resolve(wrapped: list):
     return obj
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MergeActor:
-    def __init__(self, run_dir: str, cfg_blob: str, institutions: dict, task_options: dict) -> None:
+    def __init__(self, run_dir: str, cfg_blob: str, institutions: dict, task_options: dict,
+                 secret: bytes | None = None, history: str | None = None) -> None:
         import torch
 
         from sim.model import load_foundation
@@ -35,65 +50,105 @@ class MergeActor:
         torch.set_num_threads(cfg.runtime.threads)
         self.cfg, self.cfg_blob, self.options = cfg, cfg_blob, task_options
         self.run_dir = Path(run_dir)
+        self.evals: dict[int, list[ray.ObjectRef]] = {}     # version -> evaluation refs (owned by this process)
         foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
         if (self.run_dir / "log.jsonl").exists():
-            self.state = MainState.restore(run_dir, cfg, institutions, foundation)
+            # Restarted (or resumed): rebuild, and evaluate again what the dead process had scheduled.
+            self.state = MainState.restore(run_dir, cfg, institutions, foundation, secret=secret, history=history,
+                                           on_apply=self._maybe_evaluate)
+            record = self.state.log.append({"event": "restored", "version": self.state.version, "t_wall": time.time(),
+                                            "pid": os.getpid()})
+            self.state._records.append(record)
         else:
-            self.state = MainState(run_dir, cfg, institutions, foundation)
+            self.state = MainState(run_dir, cfg, institutions, foundation, secret=secret, history=history)
+        # Fault injection: exit after logging these accepted counts (not again once the log holds them).
+        self.kill_after = {n for n in cfg.faults.kill_merge_actor_after if n > self.state.version}
         self.started = time.time()
 
     def ping(self) -> int:
         return self.state.version
 
-    def commit(self, wrapped: list) -> dict:
-        """Receive one commit (``[ref]``); returns its acknowledgement, after it is durably logged."""
+    def commit(self, wrapped: list, source: tuple | None = None, note: dict | None = None) -> dict:
+        """Receive one commit (``[ref]``); returns its acknowledgement, after it is durably logged.
+
+        ``source = (institution actor, contribution, pulled, index)``: how to have the commit made again if it was
+        lost (``index``: which of the refs ``Institution.contribute`` returns). ``note``: flat fields for the log.
+        """
         t0 = time.perf_counter()
-        try:
-            commit = _resolve(wrapped)
-        except Exception as exc:   # the contribution itself failed (worker error, killed institution)
-            reason = f"contribution failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            record = {"event": "rejected", "reason": reason, "t_wall": time.time()}
-            self.state.log.append_rejected(record)
-            return record
-        ack = self.state.receive(commit)
+        commit, attempts, failure = self._receive_contribution(wrapped, source)
+        extra = (note or {}) | {"attempts": attempts}
+        if failure is not None:      # the contribution itself failed, or stayed lost
+            contribution = source[1] if source is not None else None
+            return self.state.reject(f"contribution failed: {failure}", id=getattr(contribution, "id", None),
+                                     institution=getattr(contribution, "institution", None), extra=extra)
+        extra["received_bytes"] = len(pickle.dumps(commit, protocol=5))   # what reached the merge actor
+        ack = self.state.receive(commit, extra)
         ack["task_s"] = commit.meta.get("task_s", 0.0) if hasattr(commit, "meta") else 0.0
         ack["ack_s"] = time.perf_counter() - t0
-        every = self.cfg.runtime.eval_every
-        if ack.get("event") == "accepted" and not ack.get("duplicate") and every and self.state.version % every == 0:
-            ack["eval_ref"] = self._evaluate()
+        if ack.get("event") == "accepted" and not ack.get("duplicate"):
+            if self.state.version in self.kill_after:
+                os._exit(1)          # fault injection: logged, not acknowledged; Ray restarts us and retries the call
+            self._maybe_evaluate(self.state)
         return ack
 
-    def pull(self, strategy: str) -> tuple:
-        """``(version, adapter)`` of ``strategy``'s branch now (``None`` adapter before the first commit)."""
-        return self.state.pull(strategy)
+    def _receive_contribution(self, wrapped: list, source: tuple | None) -> tuple[object, int, str | None]:
+        """``(commit, attempts, failure)``: the commit the refs resolve to, made again while it is lost."""
+        retries = self.cfg.faults.retries if source is not None else 0
+        for attempt in range(1, retries + 2):
+            try:
+                return _resolve(wrapped), attempt, None
+            except LOST as exc:
+                if attempt > retries:
+                    return None, attempt, f"lost after {attempt} attempts: {_first_line(exc)}"
+                institution, contribution, pulled, index = source
+                wrapped = [ray.get(institution.contribute.remote(contribution, pulled))[index]]
+            except Exception as exc:     # noqa: BLE001 — the training raised: this commit's rejection reason
+                return None, attempt, _first_line(exc)
+        raise AssertionError("unreachable")
 
-    def _evaluate(self) -> list[ray.ObjectRef]:
+    def pull(self, strategy: str, version: int | None = None) -> tuple:
+        """``(version, adapter)`` of ``strategy``'s branch now, or at a past ``version`` (resumed runs); ``None``
+        adapter before the first commit."""
+        return self.state.pull(strategy, version)
+
+    def accepted_ids(self) -> list[str]:
+        return list(self.state.acks)
+
+    def _maybe_evaluate(self, state) -> None:
+        every = self.cfg.runtime.eval_every
+        if every and state.version % every == 0 and state.version not in self.evals:
+            self.evals[state.version] = self._evaluate(state)
+
+    def _evaluate(self, state=None) -> list[ray.ObjectRef]:
         """One evaluation task per strategy × task, so they spread over the pool (a mixture of N adapters costs N
         forward passes per image and would otherwise hold one worker while the others idle)."""
-        version, snapshot = self.state.snapshot()
+        state = state or self.state
+        version, snapshot = state.snapshot()
         refs = {s: ray.put({s: p}) for s, p in snapshot.items()}
         return [evaluate_task.options(**self.options).remote(self.cfg_blob, refs[s], [task], version)
-                for s in snapshot for task in self.state.tasks_seen()]
+                for s in snapshot for task in state.tasks_seen()]
 
     def finish(self, references: bool = True) -> dict:
         """Final evaluation (every strategy, plus ``base`` and ``individual``) and the main branch written to disk.
 
-        Returns refs to the evaluation records (``final_ref``: one per strategy) and the per-strategy storage
-        bytes.
+        Returns values, not refs (refs owned by this actor would die with it): ``evals`` (every evaluation record,
+        the periodic ones and the final one), ``base``, ``individual`` and the per-strategy storage bytes.
         """
         from sim.store import save_main
 
         version, snapshot = self.state.snapshot()
         save_main(snapshot, self.run_dir / "main")
         tasks = self.state.tasks_seen()
-        out = {"version": version, "final_ref": self._evaluate(),
-               "storage": {s: (p.num_bytes() if p is not None else 0) for s, p in snapshot.items()}}
+        final = self.evals.get(version) or self._evaluate()     # evaluated already if the last commit hit eval_every
+        refs = {}
         if references:
-            out["base_ref"] = evaluate_task.options(**self.options).remote(self.cfg_blob, {"base": None}, tasks,
-                                                                          version)
-            out["individual_ref"] = individual_task.options(**self.options).remote(
-                self.cfg_blob, self.state.latest_adapters())
-        return out
+            refs["base"] = evaluate_task.options(**self.options).remote(self.cfg_blob, {"base": None}, tasks, version)
+            refs["individual"] = individual_task.options(**self.options).remote(self.cfg_blob,
+                                                                                self.state.latest_adapters())
+        periodic = [r for v in sorted(self.evals) if v != version for part in ray.get(self.evals[v]) for r in part]
+        out = {"version": version, "evals": periodic + [r for part in ray.get(final) for r in part],
+               "storage": {s: (p.num_bytes() if p is not None else 0) for s, p in snapshot.items()}}
+        return out | {name: ray.get(ref) for name, ref in refs.items()}
 
     def records(self) -> list[dict]:
         return self.state.records()
@@ -101,6 +156,4 @@ class MergeActor:
     @ray.method(max_task_retries=0)   # not retried after the restart it causes
     def die(self) -> None:
         """Fault injection / tests: kill this process (Ray restarts it, and it rebuilds from the log)."""
-        import os
-
         os._exit(1)

@@ -10,22 +10,33 @@ Step 3  apply the schedule: with the virtual clock, events are submitted in virt
         sleep scaled times and commit when done.
 Step 4  final evaluation (every strategy, ``base``, ``individual``) and the main branch on disk.
 Step 5  records → ``events.parquet``, ``metrics.parquet``, ``summary.json``.
+
+Reliability: each institution gets a signing key derived from a per-run secret that only the merge actor also
+holds; ``faults:`` in the config injects kills, corrupted copies and slow tasks (``sim.faults``), which only delay
+work. ``resume=True`` continues a run dir whose driver died: the merge actor restores from the log, contributions
+it already has (accepted, or rejected for a reason of their own) are skipped, and pulls made before the crash are
+answered at the version they saw then, so the run ends as an uninterrupted one would (virtual clock).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 import sys
+import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import ray
 import yaml
 
 from sim.config import SimConfig, config_to_dict
 from sim.data import build_cohort
+from sim.faults import FaultPlan, plan_faults
 from sim.schedule import Schedule, build_schedule
 
 PACKAGES = ("sim", "actors", "experiments", "analysis")
@@ -114,80 +125,187 @@ class Progress:
 
 
 class Acks:
-    """Acknowledgement refs in merge order, collected as they complete (so progress moves during submission)."""
+    """Calls to the merge actor in merge order, **one in flight at a time**, their acknowledgements collected as they
+    complete (so progress moves during submission).
+
+    Why one at a time: Ray does not keep the order of an actor's queued calls across a restart (the calls pending on
+    a killed merge actor reach its new process in any order), so with several queued a restart could merge commits
+    in another order, answer a pull at another version, or deadlock (a commit whose training waits for a pull queued
+    behind it). With one call in flight only that call is retried, and the merge order is the submission order. It
+    costs one driver round trip per commit; the pipeline is otherwise unchanged (training is not gated by it).
+    """
 
     def __init__(self, progress: Progress) -> None:
-        self.refs: list[ray.ObjectRef] = []
+        self.queue: deque[tuple[int, Callable[[], ray.ObjectRef], bool]] = deque()
+        self.current: tuple[int, ray.ObjectRef, bool] | None = None
         self.results: dict[int, dict] = {}
-        self.waiting: list[ray.ObjectRef] = []
-        self.index: dict[ray.ObjectRef, int] = {}
+        self.n = 0
         self.progress = progress
 
-    def add(self, ref: ray.ObjectRef) -> None:
-        self.index[ref] = len(self.refs)
-        self.refs.append(ref)
-        self.waiting.append(ref)
+    def add(self, call: Callable[[], ray.ObjectRef], count: bool = True) -> None:
+        """Queue ``call`` (it submits one merge actor call and returns its ref); ``count``: a commit of the schedule
+        (not an injected extra), counted by the progress bar."""
+        self.queue.append((self.n, call, count))
+        self.n += 1
+        self._start()
+
+    def _start(self) -> None:
+        if self.current is None and self.queue:
+            index, call, count = self.queue.popleft()
+            self.current = (index, call(), count)
+
+    def pending(self) -> list[ray.ObjectRef]:
+        """The ref of the call in flight, if any (to wait on together with training refs)."""
+        return [self.current[1]] if self.current is not None else []
 
     def poll(self, timeout: float | None = 0) -> None:
-        """Take in whatever acknowledgements are ready (``timeout=None``: wait for at least one)."""
-        if not self.waiting:
-            return
-        done, self.waiting = ray.wait(self.waiting, num_returns=1 if timeout is None else len(self.waiting),
-                                      timeout=timeout)
-        for ref in done:
-            self.results[self.index[ref]] = ray.get(ref)
-            self.progress.update(1)
+        """Take in whatever acknowledgements are ready, starting the next call after each (``timeout=None``: wait for
+        the call in flight)."""
+        while self.current is not None:
+            index, ref, count = self.current
+            done, _ = ray.wait([ref], timeout=timeout, fetch_local=True)
+            if not done:
+                return
+            self.results[index] = ray.get(ref)
+            if count:
+                self.progress.update(1)
+            self.current, timeout = None, 0
+            self._start()
+
+    def drain(self) -> None:
+        """Wait until every queued call has been answered."""
+        while self.current is not None:
+            self.poll(None)
 
     def all(self) -> list[dict]:
-        while self.waiting:
-            self.poll(None)
-        return [self.results[i] for i in range(len(self.refs))]
+        self.drain()
+        return [self.results[i] for i in range(self.n)]
+
+
+class Killer:
+    """Fault injection (``faults.kill_institutions``): kills institution actors ``delay`` seconds after it is asked,
+    from timer threads, so the kill lands while the contribution is under way. Ray restarts them."""
+
+    def __init__(self) -> None:
+        self.timers: list[threading.Timer] = []
+        self.kills = 0
+
+    def _kill(self, actor) -> None:
+        ray.kill(actor, no_restart=False)
+        self.kills += 1
+
+    def kill_later(self, actor, delay: float) -> None:
+        timer = threading.Timer(delay, self._kill, (actor,))
+        timer.daemon = True
+        timer.start()
+        self.timers.append(timer)
+
+    def stop(self) -> None:
+        for t in self.timers:
+            t.cancel()
 
 
 def submit_virtual(schedule: Schedule, institutions: dict, merge_actor, pull: str | None, acks: Acks,
-                   window: int) -> None:
+                   window: int, cfg: SimConfig | None = None, plan: FaultPlan | None = None, killer: Killer | None = None,
+                   skip: frozenset[str] = frozenset(), pull_versions: dict[str, int] | None = None) -> None:
     """Step 3 (virtual clock): submit every event in virtual-time order.
 
     At most ``window`` contributions are in flight at once: Ray does not run queued tasks of different owners in
     submission order, so without the window the pool could train late contributions first while the merge actor
     waits for an early one. With it, the pool works in virtual-time order and merges and evaluations overlap
-    training. The merge order never depends on it (commits are queued on the merge actor in schedule order).
+    training. The merge order never depends on it (commits reach the merge actor one at a time in schedule order,
+    see ``Acks``).
+
+    Each commit call carries its source (institution, contribution, pull), so the merge actor can have a lost
+    contribution made again without changing the order. ``skip``: contributions the log already has (resume);
+    ``pull_versions``: past main versions to pull at (resume). ``plan``/``killer``: fault injection.
     """
-    pending: dict[str, ray.ObjectRef] = {}
+    pending: dict[str, tuple] = {}
     in_flight: list[ray.ObjectRef] = []
     by_id = {c.id: c for c in schedule.contributions}
+    pull_versions = pull_versions or {}
+    killed = set(plan.killed) if plan is not None else set()
     for ev in schedule.events():
         cid = ev["contribution"]
+        if cid in skip:
+            continue
         if ev["event"] == "pull":
             while len(in_flight) >= window:
-                _, in_flight = ray.wait(in_flight, num_returns=1, timeout=1.0, fetch_local=False)
+                ready, _ = ray.wait(in_flight + acks.pending(), num_returns=1, timeout=1.0, fetch_local=False)
+                in_flight = [r for r in in_flight if r not in ready]
                 acks.poll()
             c = by_id[cid]
-            pulled = [merge_actor.pull.remote(pull)] if pull else None
-            [task_ref] = ray.get(institutions[c.institution].contribute.remote(c, pulled))
-            pending[cid] = task_ref
-            in_flight.append(task_ref)
+            pulled = None
+            if pull:      # main as of this point of the schedule: every commit before it answered first
+                acks.drain()
+                pull_ref = merge_actor.pull.remote(pull, pull_versions.get(cid))
+                ray.wait([pull_ref], fetch_local=False)
+                pulled = [pull_ref]
+            institution = institutions[c.institution]
+            refs = ray.get(institution.contribute.remote(c, pulled))
+            if cid in killed and killer is not None:
+                killer.kill_later(institution, cfg.faults.kill_delay)
+            pending[cid] = (c, pulled, refs, institution)
+            in_flight.append(refs[0])
         elif ev["event"] == "commit":
-            acks.add(merge_actor.commit.remote([pending.pop(cid)]))
+            c, pulled, refs, institution = pending.pop(cid)
+            for index, ref in enumerate(refs):      # the genuine commit, then a corrupted copy if one is planned
+                note = {"injected": plan.corrupt.get(cid, "corrupt")} if index else None
+                acks.add(lambda ref=ref, source=(institution, c, pulled, index), note=note:
+                         merge_actor.commit.remote([ref], source, note), count=not index)
         acks.poll()
 
 
-def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None) -> dict:
-    """Run one simulation; writes the run dir ``out`` and returns ``summary.json``'s content."""
+def resume_point(schedule: Schedule, records: list[dict]) -> tuple[frozenset[str], dict[str, int]]:
+    """What a resumed run skips and where its early pulls stand: ``(handled ids, {id: version to pull at})``.
+
+    Handled: accepted, or rejected for a reason of its own (not an injected corrupted copy). With the virtual clock
+    the log holds a prefix of the schedule's commits, so a contribution that pulled before the last handled commit
+    pulled the version = accepted commits before its pull event.
+    """
+    accepted = {r["id"] for r in records if r.get("event") == "accepted"}
+    handled = accepted | {r["id"] for r in records
+                          if r.get("event") == "rejected" and r.get("id") and not r.get("injected")}
+    remaining, version, versions = len(handled), 0, {}
+    for ev in schedule.events():
+        if remaining == 0:
+            break
+        cid = ev["contribution"]
+        if ev["event"] == "commit" and cid in handled:
+            remaining -= 1
+            version += cid in accepted
+        elif ev["event"] == "pull" and cid not in handled:
+            versions[cid] = version
+    return frozenset(handled), versions
+
+
+def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, resume: bool = False) -> dict:
+    """Run one simulation; writes the run dir ``out`` and returns ``summary.json``'s content.
+
+    ``resume``: ``out`` is the run dir of this config whose driver died; continue it (see the module docstring).
+    """
     from sim.model import load_foundation
+    from sim.store import CommitLog, institution_key
 
     t_start = time.time()
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
-    # Step 1: config, cohort and schedule.
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    # Step 1: config, cohort, schedule, faults and, when resuming, what the log already holds.
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     cfg_blob = json.dumps(config_to_dict(cfg))
     pull = pull_strategy(cfg)
     cohort = build_cohort(cfg.data, cfg.seed)
     schedule = build_schedule(cfg.schedule, len(cohort.institutions), cfg.seed)
+    plan = plan_faults(cfg.faults, cfg.seed, [c.id for c in schedule.contributions])
+    skip, pull_versions = frozenset(), {}
+    if resume:
+        skip, pull_versions = resume_point(schedule, CommitLog(run_dir).read())
+        if cfg.runtime.clock == "wall":
+            pull_versions = {}
     load_foundation(cfg.model, cfg.data.img_size)   # pretrain into the shared cache once, before any worker needs it
-    # Step 2: Ray, the worker pool and the actors.
+    # Step 2: Ray, the worker pool and the actors; a per-run secret authenticates the institutions' commits.
     started_ray = connect(cfg)
     pg, own_pg = worker_pool(cfg)
     options = task_options(cfg, pg)
@@ -195,32 +313,44 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None) -
     from actors.merge_actor import MergeActor
 
     t_actors = time.time()
+    secret = secrets.token_bytes(32)
     meta = {i.id: (i.task, tuple(i.classes)) for i in cohort.institutions}
-    merge_actor = MergeActor.remote(str(run_dir.resolve()), cfg_blob, meta, options)
-    institutions = {i.id: Institution.remote(i, cfg_blob, options) for i in cohort.institutions}
+    merge_actor = MergeActor.remote(str(run_dir.resolve()), cfg_blob, meta, options, secret,
+                                    pull if pull_versions else None)
+    # An institution's data go in as an object ref held here for the whole run: Ray restarts a killed institution
+    # from its constructor arguments, which must still be in the object store then.
+    private = {i.id: ray.put(i) for i in cohort.institutions}
+    institutions = {i.id: Institution.remote(private[i.id], cfg_blob, options, institution_key(secret, i.id))
+                    for i in cohort.institutions}
     ray.get([merge_actor.ping.remote()] + [a.ping.remote() for a in institutions.values()])
     startup_s = time.time() - t_actors
+    killer = Killer()
     try:
         # Step 3: the schedule.
-        progress = Progress(len(schedule.contributions))
+        progress = Progress(len(schedule.contributions) - len(skip))
         if cfg.runtime.clock == "virtual":
             pending_acks = Acks(progress)
-            submit_virtual(schedule, institutions, merge_actor, pull, pending_acks, window=cfg.runtime.workers + 1)
+            submit_virtual(schedule, institutions, merge_actor, pull, pending_acks, cfg.runtime.workers + 1, cfg,
+                           plan, killer, skip, pull_versions)
             acks = pending_acks.all()
         else:
             start = time.time() + 0.5
-            runs = [a.run_wall.remote(schedule.for_institution(i), merge_actor, start, cfg.schedule.wall_scale, pull)
+            for c in schedule.contributions:          # kills land kill_delay s into the contribution's wall time
+                if c.id in plan.killed and c.id not in skip:
+                    killer.kill_later(institutions[c.institution],
+                                      start - time.time() + c.t_pull * cfg.schedule.wall_scale + cfg.faults.kill_delay)
+            runs = [a.run_wall.remote(schedule.for_institution(i), merge_actor, start, cfg.schedule.wall_scale, pull,
+                                      sorted(skip))
                     for i, a in institutions.items()]
             acks = [ack for part in ray.get(runs) for ack in part]
             progress.update(len(acks))
         progress.close()
+        killer.stop()
         # Step 4: final evaluation and the main branch.
         final = ray.get(merge_actor.finish.remote())
-        evals = [r for a in acks if "eval_ref" in a for part in ray.get(a.pop("eval_ref")) for r in part]
-        evals += [r for part in ray.get(final["final_ref"]) for r in part]
-        base, individual = ray.get(final["base_ref"]), ray.get(final["individual_ref"])
         records = ray.get(merge_actor.records.remote())
     finally:
+        killer.stop()
         for a in list(institutions.values()) + [merge_actor]:
             ray.kill(a)
         if own_pg:
@@ -229,15 +359,19 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None) -
             ray.shutdown()
     wall_s = time.time() - t_start
     # Step 5: records and summary.
-    return write_records(run_dir, cfg, run_id, schedule, acks, evals, base, individual, records, final["storage"],
-                         wall_s, startup_s)
+    extra = {"faults": plan.record() | {"institution_kills_done": killer.kills}} if cfg.faults.any else {}
+    if resume:
+        extra["resumed"] = {"skipped": len(skip), "contributions_run": len(schedule.contributions) - len(skip)}
+    return write_records(run_dir, cfg, run_id, schedule, acks, final["evals"], final["base"], final["individual"],
+                         records, final["storage"], wall_s, startup_s, extra)
 
 
 def write_records(run_dir: Path, cfg: SimConfig, run_id: str, schedule: Schedule, acks: list[dict],
                   evals: list[dict], base: list[dict], individual: list[dict], log: list[dict], storage: dict,
-                  wall_s: float, startup_s: float) -> dict:
+                  wall_s: float, startup_s: float, extra: dict | None = None) -> dict:
     """``events.parquet`` (schedule + log records), ``metrics.parquet`` (one row per eval × strategy × task) and
-    ``summary.json``."""
+    ``summary.json``. Commit counts and staleness come from the log (the acknowledgements of this driver miss what a
+    resumed run's predecessor merged, and count a commit retried after a merge actor restart as a duplicate)."""
     import pandas as pd
 
     from sim.evaluation import finite_mean, summarise_reference, summarise_strategies
@@ -253,12 +387,14 @@ def write_records(run_dir: Path, cfg: SimConfig, run_id: str, schedule: Schedule
     for r in metric_rows:
         r.pop("busy_s", None)
     pd.DataFrame(metric_rows).to_parquet(run_dir / "metrics.parquet", index=False)
-    accepted = [a for a in acks if a.get("event") == "accepted" and not a.get("duplicate")]
+    accepted = list({r["id"]: r for r in log if r.get("event") == "accepted"}.values())
     merges = [r for r in log if r.get("event") == "merged"]
+    faults = {"retried_contributions": sum((r.get("attempts") or 1) > 1 for r in accepted),
+              "merge_actor_restarts": sum(r.get("event") == "restored" for r in log)}
     busy = sum(a.get("task_s", 0.0) for a in acks) + sum(r.get("busy_s", 0.0) for r in evals + base + individual)
     summary = {
         "run_id": run_id, "n_institutions": cfg.data.institutions, "n_contributions": len(schedule.contributions),
-        "commits_accepted": len(accepted), "commits_rejected": sum(a.get("event") == "rejected" for a in acks),
+        "commits_accepted": len(accepted), "commits_rejected": sum(r.get("event") == "rejected" for r in log),
         "wall_s": wall_s, "startup_s": startup_s, "busy_s": busy,
         "parallel_efficiency": busy / (wall_s * max(1.0, cfg.runtime.workers * cfg.runtime.num_cpus)),
         "seed": cfg.seed, "clock": cfg.runtime.clock, "init_from": cfg.schedule.init_from,
@@ -268,6 +404,8 @@ def write_records(run_dir: Path, cfg: SimConfig, run_id: str, schedule: Schedule
                        "individual": summarise_reference(individual)},
         "staleness": {"mean": finite_mean([a.get("staleness") for a in accepted]),
                       "max": max([a.get("staleness") or 0 for a in accepted], default=0)},
-    }
+    } | (extra or {})
+    if "faults" in summary:
+        summary["faults"] |= faults
     (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
     return summary

@@ -45,16 +45,25 @@ def _cohort(blob: str):
     return _cohort_cached(config_hash(cfg.data, cfg.seed), blob)
 
 
-@ray.remote(max_retries=2)
-def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None):
-    """Train + distil one contribution (``sim.contribute.contribute``); returns the ``Commit``.
+@ray.remote(max_retries=2, num_returns=2)
+def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key: bytes | None = None):
+    """Train + distil one contribution (``sim.contribute.contribute``); returns ``(commit, corrupted)``: the
+    ``Commit``, signed with the institution's ``key`` (``sim.store.sign_commit``) when one is given, and with
+    ``faults.corrupt`` drawn for this contribution a corrupted copy of it (``sim.faults.corrupt_commit``), else
+    ``None``. (Made here, not by a second task on the first one's result: a task whose argument is a ref owned by an
+    institution actor ties its fate to that actor's reference counting, which a killed merge actor disturbs.)
 
     ``pulled`` = ``(version, adapter)`` from the merge actor with ``init_from: main``, else ``None``.
     """
     from sim.contribute import contribute
+    from sim.faults import corrupt_commit, corrupt_kind, slow_seconds
+    from sim.store import sign_commit
 
     t0 = time.perf_counter()
     cfg = _config(cfg_blob)
+    slowed = slow_seconds(cfg.faults, cfg.seed, contribution.id)
+    if slowed:                           # fault injection (faults.slow): this task is late, nothing else changes
+        time.sleep(slowed)
     foundation = _setup(cfg)
     version, adapter = pulled if pulled is not None else (0, None)
     if cfg.runtime.commit_cache:         # trained before with the same training-relevant config: load it
@@ -73,7 +82,11 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None):
         commit = contribute(foundation, inst, cfg, contribution, adapter, version)
     commit.meta["task_s"] = time.perf_counter() - t0
     commit.meta["worker_pid"] = __import__("os").getpid()
-    return commit
+    if slowed:
+        commit.meta["slowed_s"] = slowed
+    commit = sign_commit(commit, key) if key is not None else commit
+    kind = corrupt_kind(cfg.faults, cfg.seed, contribution.id)
+    return commit, (corrupt_commit(commit, kind, key) if kind is not None else None)
 
 
 @ray.remote(max_retries=2)

@@ -20,8 +20,8 @@ import yaml
 
 __all__ = [
     "DataConfig", "ModelConfig", "LoraConfig", "TrainConfig", "DistillConfig", "MergeConfig",
-    "ScheduleConfig", "RuntimeConfig", "SimConfig", "load_config", "apply_overrides",
-    "config_from_dict", "config_to_dict", "config_hash", "DSA_FAMILIES",
+    "ScheduleConfig", "RuntimeConfig", "FaultsConfig", "SimConfig", "load_config", "apply_overrides",
+    "config_from_dict", "config_to_dict", "config_hash", "DSA_FAMILIES", "CORRUPT_KINDS",
 ]
 
 
@@ -303,6 +303,45 @@ class RuntimeConfig:
         _check(self.eval_every >= 0, "runtime.eval_every", "an integer >= 0", self.eval_every)
 
 
+# Kinds of commit corruption ``faults.corrupt`` draws from; sim.faults.corrupt_commit makes each (listed here so
+# that validating a config does not import torch).
+CORRUPT_KINDS = ("nan", "inf", "shape", "fingerprint", "replay", "unknown_institution", "unsigned")
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    kill_institutions: float = _f(0.0, "probability that an institution actor is killed during a contribution "
+                                       "(Ray restarts it; the merge actor has the contribution made again)")
+    kill_delay: float = _f(0.5, "seconds after a contribution is handed to its institution at which the kill lands")
+    kill_merge_actor_after: tuple[int, ...] = _f((), "accepted-commit counts after which the merge actor is killed "
+                                                     "(right after logging that commit, before acknowledging it)")
+    corrupt: float = _f(0.0, "probability that a contribution also sends a corrupted copy of its commit, of a kind "
+                             "drawn from faults.corrupt_kinds (the merge actor must reject it and change nothing)")
+    corrupt_kinds: tuple[str, ...] = _f(CORRUPT_KINDS, "kinds of corruption: " + ", ".join(CORRUPT_KINDS))
+    slow: float = _f(0.0, "probability that a contribution's training task is slowed by faults.slow_s")
+    slow_s: float = _f(1.0, "seconds a slowed task sleeps before it works")
+    retries: int = _f(3, "times the merge actor has a contribution made again when it was lost (institution or "
+                         "worker died) before rejecting it")
+
+    def __post_init__(self) -> None:
+        for name in ("kill_institutions", "corrupt", "slow"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"faults.{name}", "a probability in [0, 1]", value)
+        _check(0 <= self.kill_delay < math.inf, "faults.kill_delay", "a finite number >= 0", self.kill_delay)
+        _check(all(isinstance(n, int) and n >= 1 for n in self.kill_merge_actor_after)
+               and len(set(self.kill_merge_actor_after)) == len(self.kill_merge_actor_after),
+               "faults.kill_merge_actor_after", "a list of distinct integers >= 1", self.kill_merge_actor_after)
+        _check(len(self.corrupt_kinds) > 0 and all(k in CORRUPT_KINDS for k in self.corrupt_kinds),
+               "faults.corrupt_kinds", f"a non-empty list from {', '.join(CORRUPT_KINDS)}", self.corrupt_kinds)
+        _check(0 <= self.slow_s < math.inf, "faults.slow_s", "a finite number >= 0", self.slow_s)
+        _check(self.retries >= 0, "faults.retries", "an integer >= 0", self.retries)
+
+    @property
+    def any(self) -> bool:
+        """Whether any fault is injected."""
+        return bool(self.kill_institutions or self.kill_merge_actor_after or self.corrupt or self.slow)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = _f(0, "master seed: data, schedule, training and search derive their seeds from it")
@@ -314,6 +353,7 @@ class SimConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)

@@ -4,10 +4,15 @@ Plain Python (no Ray): ``actors.merge_actor.MergeActor`` wraps ``MainState`` and
 
 Loop per received commit (``MainState.receive``):
 
-Step 1  idempotency: a commit id seen before with the same content gets its original acknowledgement back
-        (``duplicate: true``); the same id with other content is rejected.
-Step 2  validation (``validate_commit``): NaN/Inf, modules, shapes and rank, base fingerprint, unknown institution,
-        task/classes, distilled set; staleness against ``schedule.max_staleness``.
+Step 0  authentication (when the state has the run's secret): the commit carries an HMAC of its content hash under
+        its institution's key (``institution_key``: derived from the per-run secret; each institution actor gets
+        its own at start); an unknown institution or a missing or wrong signature is rejected.
+Step 1  validation (``validate_commit``): NaN/Inf, modules, shapes and rank, base fingerprint, unknown institution,
+        task/classes, distilled set — content only, so a bad commit is named for what is wrong with it even when
+        its id was accepted before.
+Step 2  idempotency: a commit id seen before with the same content gets its original acknowledgement back
+        (``duplicate: true``); the same id with other content is rejected. Then staleness against
+        ``schedule.max_staleness``.
 Step 3  merge into every strategy's branch — tentatively: merges are pure, nothing is replaced yet, so a merge
         that fails rejects the commit and changes no branch.
 Step 4  durable log (``CommitLog``): the commit dir is written to a temp dir and renamed into place, then the
@@ -22,7 +27,9 @@ Run dir layout written here: ``log.jsonl`` (one JSON record per line: ``accepted
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -31,7 +38,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +54,7 @@ LOG_FILE = "log.jsonl"
 COMMITS_DIR = "commits"
 DISTILLED_FILE = "distilled.npz"
 META_FILE = "meta.json"
+SIGNATURE_KEY = "signature"          # in ``Commit.meta``: HMAC-SHA256 of the content hash (not logged, not hashed)
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,7 +86,8 @@ class Commit:
                 "pulled_version": self.pulled_version, "t_pull": self.t_pull, "t_commit": self.t_commit,
                 "adapter_bytes": self.adapter.num_bytes(), "distilled_bytes": self.distilled.num_bytes(),
                 "n_distilled": len(self.distilled), "distill_method": self.distilled.method,
-                "hash": self.content_hash()} | {k: v for k, v in self.meta.items() if is_flat(v)}
+                "hash": self.content_hash()} | {k: v for k, v in self.meta.items()
+                                                if is_flat(v) and k != SIGNATURE_KEY}
 
     def content_hash(self) -> str:
         """SHA-256 of what defines the commit: id, institution, task, classes, pulled version, adapter tensors
@@ -92,6 +102,34 @@ class Commit:
         h.update(np.ascontiguousarray(self.distilled.x, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(self.distilled.y, dtype=np.int64).tobytes())
         return h.hexdigest()
+
+
+def institution_key(secret: bytes, institution: int) -> bytes:
+    """The key institution ``institution`` signs its commits with: HMAC-SHA256 of its id under the run's secret, so
+    the merge actor needs only the secret and no institution can sign for another."""
+    return hmac.new(secret, f"forgesim-institution:{int(institution)}".encode(), hashlib.sha256).digest()
+
+
+def sign_commit(commit: Commit, key: bytes) -> Commit:
+    """``commit`` carrying its signature: HMAC-SHA256 of its content hash under ``key``."""
+    signature = hmac.new(key, commit.content_hash().encode(), hashlib.sha256).hexdigest()
+    return dataclasses.replace(commit, meta=dict(commit.meta) | {SIGNATURE_KEY: signature})
+
+
+def check_signature(commit, secret: bytes, institutions: Mapping[int, object]) -> str | None:
+    """Why ``commit`` is not authentic (not a commit, unknown institution, missing or wrong signature), or ``None``."""
+    if not isinstance(commit, Commit):
+        return f"not a commit: {type(commit).__name__}"
+    if commit.institution not in institutions:
+        return f"unknown institution {commit.institution!r}"
+    signature = commit.meta.get(SIGNATURE_KEY) if isinstance(commit.meta, dict) else None
+    if not isinstance(signature, str):
+        return f"commit {commit.id} carries no signature"
+    expected = hmac.new(institution_key(secret, commit.institution), commit.content_hash().encode(),
+                        hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(signature, expected):
+        return f"commit {commit.id} has an invalid signature for institution {commit.institution}"
+    return None
 
 
 def expected_shapes(foundation: Foundation, cfg: SimConfig) -> dict[str, tuple[int, int]]:
@@ -162,11 +200,13 @@ def validate_commit(commit, *, institutions: Mapping[int, tuple[str, Sequence[st
 class CommitLog:
     """``log.jsonl`` (append-only, fsync'ed per line) and ``commits/<seq>-<institution>/`` of a run dir."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, create: bool = True) -> None:
+        """``create=False``: a read-only view that makes no directory (checking a run dir before a resume)."""
         self.dir = Path(run_dir)
         self.path = self.dir / LOG_FILE
         self.commits_dir = self.dir / COMMITS_DIR
-        self.commits_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.commits_dir.mkdir(parents=True, exist_ok=True)
 
     # -- writing --------------------------------------------------------------------------
     def append(self, record: dict) -> dict:
@@ -369,10 +409,16 @@ class MainBranches:
 # The merge actor's state
 # ------------------------------------------------------------------------------------------
 class MainState:
-    """Main's version, branches and log. ``receive(commit) -> ack`` is the merge actor's whole job."""
+    """Main's version, branches and log. ``receive(commit) -> ack`` is the merge actor's whole job.
+
+    ``secret``: the run's secret; with it every commit must be signed (``sign_commit``) with its institution's key.
+    ``history``: a strategy whose branch is kept at every version, so ``pull(history, version)`` can answer for a
+    past version (a resumed run replays pulls made before its driver died).
+    """
 
     def __init__(self, run_dir: str | Path, cfg: SimConfig, institutions: Mapping[int, tuple[str, Sequence[str]]],
-                 foundation: Foundation, strategies: Sequence[str] | None = None) -> None:
+                 foundation: Foundation, strategies: Sequence[str] | None = None, secret: bytes | None = None,
+                 history: str | None = None) -> None:
         self.cfg, self.foundation = cfg, foundation
         self.institutions = {int(k): (v[0], tuple(v[1])) for k, v in institutions.items()}
         self.log = CommitLog(run_dir)
@@ -382,50 +428,66 @@ class MainState:
         self.commits: list[Commit] = []
         self.acks: dict[str, dict] = {}        # id -> ack of the accepted commit (with its hash)
         self._records: list[dict] = []         # every log record, in order
+        self.secret = secret
+        self.history_strategy = history
+        self.history: dict[int, Adapter | Mixture | None] = {0: None}
 
     # -- receiving ------------------------------------------------------------------------
-    def _reject(self, commit, reason: str) -> dict:
+    def _reject(self, commit, reason: str, extra: dict | None = None) -> dict:
         rec = {"event": "rejected", "id": getattr(commit, "id", None), "institution": getattr(commit, "institution", None),
-               "reason": reason, "version": self.version, "duplicate": False}
+               "reason": reason, "version": self.version, "duplicate": False} | (extra or {})
+        if isinstance(getattr(commit, "meta", None), dict) and is_flat(commit.meta.get("injected")):
+            rec["injected"] = commit.meta.get("injected")   # a fault-injected copy (sim.faults): say so in the log
         rec = self.log.append_rejected(rec)
         self._records.append(rec)
         return dict(rec)
 
-    def receive(self, commit) -> dict:
-        """Validate, merge and log one commit; returns its acknowledgement (after the log line is on disk).
+    def reject(self, reason: str, *, id: str | None = None, institution: int | None = None,
+               extra: dict | None = None) -> dict:
+        """Log the rejection of a commit that never arrived (its contribution failed); returns the record."""
+        return self._reject(SimpleNamespace(id=id, institution=institution), reason, extra)
+
+    def receive(self, commit, extra: dict | None = None) -> dict:
+        """Authenticate, validate, merge and log one commit; returns its acknowledgement (after the log line is on
+        disk). ``extra``: flat fields added to its log record (how it arrived: bytes received, attempts).
 
         ack: ``{event: accepted|rejected, id, institution, seq, version, staleness, pulled_version, reason,
         duplicate, hash, ...}``; ``version`` is main's version after this commit.
         """
-        # Step 1: idempotency by id.
-        cid = getattr(commit, "id", None)
-        if isinstance(cid, str) and cid in self.acks:
-            if isinstance(commit, Commit) and commit.content_hash() == self.acks[cid]["hash"]:
-                return self.acks[cid] | {"duplicate": True}
-            return self._reject(commit, f"duplicate commit id {cid} with different content (already accepted as "
-                                        f"seq {self.acks[cid]['seq']})")
-        # Step 2: validation and staleness.
+        # Step 0: authentication.
+        if self.secret is not None:
+            reason = check_signature(commit, self.secret, self.institutions)
+            if reason:
+                return self._reject(commit, reason, extra)
+        # Step 1: validation (content only).
         reason = validate_commit(commit, institutions=self.institutions, fingerprint=self.foundation.fingerprint,
                                  shapes=self.shapes, img_size=self.cfg.data.img_size)
         if reason:
-            return self._reject(commit, reason)
+            return self._reject(commit, reason, extra)
+        # Step 2: idempotency by id, then staleness.
+        cid = commit.id
+        if cid in self.acks:
+            if commit.content_hash() == self.acks[cid]["hash"]:
+                return self.acks[cid] | {"duplicate": True}
+            return self._reject(commit, f"duplicate commit id {cid} with different content (already accepted as "
+                                        f"seq {self.acks[cid]['seq']})", extra)
         if commit.pulled_version > self.version:
             return self._reject(commit, f"pulled version {commit.pulled_version} is ahead of main (version "
-                                        f"{self.version})")
+                                        f"{self.version})", extra)
         # init_from base: every adapter starts from the foundation, so no commit is stale.
         staleness = self.version - int(commit.pulled_version) if self.cfg.schedule.init_from == "main" else 0
         limit = self.cfg.schedule.max_staleness
         if limit >= 0 and staleness > limit:
-            return self._reject(commit, f"staleness {staleness} exceeds schedule.max_staleness {limit}")
+            return self._reject(commit, f"staleness {staleness} exceeds schedule.max_staleness {limit}", extra)
         # Step 3: tentative merges (a failure changes nothing).
         seq = self.version + 1
         try:
             update, merges = self.branches.propose(commit, seq, staleness)
         except Exception as exc:   # noqa: BLE001 — any merge failure is this commit's rejection reason
-            return self._reject(commit, f"merge failed: {type(exc).__name__}: {exc}")
+            return self._reject(commit, f"merge failed: {type(exc).__name__}: {exc}", extra)
         # Step 4: durable log, then the new state, then the acknowledgement.
         ack = {"event": "accepted", "seq": seq, "version": seq, "staleness": staleness, "reason": None,
-               "duplicate": False, "t_wall": time.time()} | commit.record()
+               "duplicate": False, "t_wall": time.time()} | commit.record() | (extra or {})
         ack = self.log.append_accepted(seq, commit, ack)
         for rec in merges:
             self.log.append(rec)
@@ -438,13 +500,20 @@ class MainState:
         self.commits.append(commit)
         self.acks[commit.id] = ack
         self._records += [ack] + merges
+        if self.history_strategy is not None:
+            self.history[self.version] = self.branches.merged[self.history_strategy]
 
     # -- reading --------------------------------------------------------------------------
-    def pull(self, strategy: str) -> tuple[int, Adapter | Mixture | None]:
-        """``(version, predictor)`` of ``strategy``'s branch (``None`` before the first commit)."""
+    def pull(self, strategy: str, version: int | None = None) -> tuple[int, Adapter | Mixture | None]:
+        """``(version, predictor)`` of ``strategy``'s branch now, or at a past ``version`` (the ``history``
+        strategy only); ``None`` before the first commit."""
         if strategy not in self.branches.merged:
             raise ValueError(f"no branch {strategy!r}; branches: {', '.join(self.branches.strategies)}")
-        return self.version, self.branches.merged[strategy]
+        if version is None or version == self.version:
+            return self.version, self.branches.merged[strategy]
+        if strategy != self.history_strategy or version not in self.history:
+            raise ValueError(f"branch {strategy!r} at version {version} is not kept (main is at {self.version})")
+        return version, self.history[version]
 
     def snapshot(self) -> tuple[int, dict[str, Adapter | Mixture | None]]:
         return self.version, dict(self.branches.merged)
@@ -463,15 +532,22 @@ class MainState:
     # -- restart --------------------------------------------------------------------------
     @classmethod
     def restore(cls, run_dir: str | Path, cfg: SimConfig, institutions: Mapping[int, tuple[str, Sequence[str]]],
-                foundation: Foundation, strategies: Sequence[str] | None = None) -> "MainState":
-        """Rebuild from the run dir's log: every acknowledged commit, the branches replayed in sequence order."""
-        state = cls(run_dir, cfg, institutions, foundation, strategies)
+                foundation: Foundation, strategies: Sequence[str] | None = None, secret: bytes | None = None,
+                history: str | None = None, on_apply: Callable[["MainState"], None] | None = None) -> "MainState":
+        """Rebuild from the run dir's log: every acknowledged commit, the branches replayed in sequence order.
+
+        ``on_apply(state)`` is called after each replayed commit (the merge actor re-runs the evaluations that its
+        dead predecessor owned).
+        """
+        state = cls(run_dir, cfg, institutions, foundation, strategies, secret, history)
         records = state.log.repair()
         by_seq = {r["seq"]: r for r in records if r.get("event") == "accepted"}
         for commit in state.log.load_commits(records):
             ack = by_seq[state.version + 1]
             update, merges = state.branches.propose(commit, ack["seq"], int(ack["staleness"]))
             state._apply(commit, ack, update, merges)
+            if on_apply is not None:
+                on_apply(state)
         state._records = records          # the log's own records (its merge records included), not the replay's
         return state
 
