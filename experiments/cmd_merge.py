@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +60,40 @@ def parse_weights(text: str | None, n: int) -> np.ndarray | None:
     return np.asarray(values)
 
 
+# peft's LoRA keys (after ``load_adapter`` drops the adapter name): base_model.model.<module>.lora_{A,B}.weight
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>[\w.]+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def check_keys(adapter: Adapter, where: str) -> None:
+    """Every tensor is a peft LoRA factor, and every module has both factors, as 2-d tensors of one rank."""
+    factors: dict[str, set[str]] = {}
+    for key, t in adapter.weights.items():
+        m = LORA_KEY.match(key)
+        if m is None:
+            raise CLIError(f"--adapters {where}: tensor {key!r} is not a peft LoRA key "
+                           f"(base_model.model.<module>.lora_A.weight / .lora_B.weight)")
+        if t.ndim != 2:
+            raise CLIError(f"--adapters {where}: tensor {key!r} has shape {tuple(t.shape)}, expected 2-d")
+        factors.setdefault(m["module"], set()).add(m["factor"])
+    if not factors:
+        raise CLIError(f"--adapters {where}: the adapter holds no LoRA tensors")
+    for module, have in factors.items():
+        if have != {"A", "B"}:
+            raise CLIError(f"--adapters {where}: module {module} has lora_{''.join(sorted(have))} but not "
+                           f"lora_{''.join(sorted({'A', 'B'} - have))}")
+
+
 def load_adapters(dirs: list[str]) -> list[Adapter]:
     adapters = []
     for d in dirs:
         if not Path(d).is_dir():
             raise CLIError(f"--adapters {d} is not a directory")
-        adapters.append(load_adapter(d))
+        try:
+            adapter = load_adapter(d)
+        except ValueError as exc:   # name the dir once: load_adapter's own messages mostly do already
+            raise CLIError(str(exc) if str(d) in str(exc) else f"--adapters {d}: {exc}") from None
+        check_keys(adapter, d)
+        adapters.append(adapter)
     return adapters
 
 

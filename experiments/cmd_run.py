@@ -1,4 +1,8 @@
-"""``forgesim run``: one simulation on Ray (local embedded or an existing cluster) → a run dir."""
+"""``forgesim run``: one simulation on Ray (local embedded or an existing cluster) → a run dir.
+
+``--resume DIR`` continues a run dir whose driver died, with the config it holds (``DIR/config.yaml``): contributions
+already in its log are not trained again (``actors.runner.run_simulation(resume=True)``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,9 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", choices=("virtual", "wall"), help="runtime.clock")
     p.add_argument("--workers", type=int, metavar="M", help="pooled torch workers (runtime.workers)")
     add_config_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="run dir (new or empty)")
+    p.add_argument("--out", metavar="DIR", help="run dir (new or empty); required unless --resume")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run dir at --out (only a forgesim run dir is deleted)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run dir DIR whose driver was killed, with its own config.yaml; contributions "
+                        "already accepted are not retrained (only --address and --workers may be given with it)")
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
@@ -45,10 +52,75 @@ def build_config(args: argparse.Namespace) -> SimConfig:
     return cfg
 
 
+# flags that do not change what a run computes, so a resumed run may set them
+RESUME_FLAGS = ("address", "workers")
+
+
+def resume_config(args: argparse.Namespace) -> tuple[SimConfig, Path]:
+    """The config of the run dir ``--resume DIR`` (plus --address/--workers); errors before anything is touched."""
+    from sim.config import apply_overrides, load_config
+
+    out = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != out.resolve():
+        raise CLIError(f"--resume {out} continues that run dir; --out {args.out} names another (drop --out)")
+    if args.overwrite:
+        raise CLIError("--resume and --overwrite exclude each other")
+    given = [f"--{name.replace('_', '-')}" for name in ("preset", "config", "strategies", *FLAGS)
+             if name not in RESUME_FLAGS and getattr(args, name, None) is not None] + (["--set"] if args.overrides else [])
+    if given:
+        raise CLIError(f"--resume takes the config from {out / 'config.yaml'}; drop {', '.join(given)}")
+    if not out.is_dir():
+        raise CLIError(f"--resume {out} is not a directory")
+    if not (out / "config.yaml").is_file():
+        raise CLIError(f"--resume {out} is not a forgesim run dir (no config.yaml)")
+    if (out / "summary.json").is_file():
+        raise CLIError(f"--resume {out}: the run is complete (summary.json exists); nothing to resume")
+    try:
+        cfg = load_config(out / "config.yaml")
+    except ValueError as exc:
+        raise CLIError(f"--resume {out}: {exc}") from None
+    flags = [f"{FLAGS[name]}={getattr(args, name)}" for name in RESUME_FLAGS if getattr(args, name) is not None]
+    _check_log(out)
+    return apply_overrides(cfg, flags), out
+
+
+def _check_log(out: Path) -> None:
+    """A log corrupted before its last line cannot be resumed: say so before starting Ray."""
+    import warnings
+
+    from sim.store import CommitLog
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # a torn last line is expected after a crash; the restore drops it
+        try:
+            CommitLog(out, create=False).read()
+        except ValueError as exc:
+            raise CLIError(f"--resume {out}: {exc}") from None
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A new or empty --out, or --overwrite over a forgesim run dir; nothing is touched before this passes."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    is_run = any((out / m).exists() for m in RUN_DIR_MARKERS)
+    if not overwrite:
+        if is_run:
+            raise CLIError(f"--out {out} holds a forgesim run; continue it with --resume {out}, replace it with "
+                           f"--overwrite, or choose a new directory")
+        raise CLIError(f"--out {out} is not empty; choose a new directory")
+    if not is_run:    # A run dir is resumable state: never mix two runs, delete it — but only a run dir.
+        raise CLIError(f"--out {out} is not a forgesim run dir (no {', '.join(RUN_DIR_MARKERS)}); not deleting it")
+
+
 def run(args: argparse.Namespace) -> int:
     from actors.runner import pull_strategy, run_simulation
 
-    cfg = build_config(args)
+    if args.resume is None and args.out is None:
+        raise CLIError("--out DIR is required (or --resume DIR to continue a run)")
+    if args.resume is not None:
+        cfg, out = resume_config(args)
+    else:
+        cfg, out = build_config(args), Path(args.out)
     pull_strategy(cfg)                   # check before anything is written
     if cfg.schedule.arrival == "trace":
         from sim.schedule import read_trace
@@ -58,15 +130,16 @@ def run(args: argparse.Namespace) -> int:
         from sim.data import build_cohort
 
         build_cohort(cfg.data, cfg.seed)
-    out = Path(args.out)
-    if args.overwrite and out.is_dir() and any(out.iterdir()):
-        # A run dir is resumable state (the merge actor restores from log.jsonl): never mix two runs, delete it.
-        if not any((out / m).exists() for m in RUN_DIR_MARKERS):
-            raise CLIError(f"--out {out} is not a forgesim run dir (no {', '.join(RUN_DIR_MARKERS)}); "
-                           f"not deleting it")
-        shutil.rmtree(out)
-    out = prepare_out_dir(out)
-    summary = run_simulation(cfg, out)
+    if args.resume is None:
+        check_out(out, args.overwrite)
+        if args.overwrite and out.is_dir():
+            shutil.rmtree(out)
+        out = prepare_out_dir(out)
+    summary = run_simulation(cfg, out, resume=args.resume is not None)
+    if cfg.train.joint:                  # the `joint` reference (Ray Train), added to the run's records
+        from experiments.joint import add_joint_reference
+
+        summary = add_joint_reference(cfg, out)
     lines = [f"{name:>16}: acc {s['acc']:.3f}  auc {s['auc']:.3f}  merge {s['merge_s']:.2f}s/commit"
              for name, s in summary["strategies"].items()]
     refs = summary["references"]
