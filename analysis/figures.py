@@ -238,9 +238,12 @@ def plot_cost(results: pd.DataFrame, out_dir: str | Path, max_ms_per_point: floa
     if not table.empty:
         gain_ax.axhline(0, color="0.5", lw=0.8)
         gain_ax.plot(table[x], table["gain_pp"], "-s", color="0.15", ms=4, label="Mixture − Fusion ACC gain")
+        lo_x, hi_x = table[x].min(), table[x].max()
         for _, r in table.iterrows():
             text = f"{r['ms_per_pp']:.2g} ms/pp" if r["gain_pp"] > 0 else "no gain"
-            gain_ax.annotate(text, (r[x], r["gain_pp"]), textcoords="offset points", xytext=(0, 7), ha="center",
+            # the outermost labels grow inwards, so they stay inside the axes
+            ha = "left" if r[x] == lo_x and lo_x != hi_x else "right" if r[x] == hi_x and lo_x != hi_x else "center"
+            gain_ax.annotate(text, (r[x], r["gain_pp"]), textcoords="offset points", xytext=(0, 7), ha=ha,
                              fontsize=7, color="0.2")
         low, high = min(0.0, table["gain_pp"].min()), max(0.0, table["gain_pp"].max())
         gain_ax.set_ylim(low - 0.08 * (high - low + 1e-9), high + 0.2 * (high - low + 1e-9))
