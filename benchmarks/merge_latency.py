@@ -121,7 +121,7 @@ def latency_table(sizes: list[int], strategies: list[str], peft_ties_svd_max_n: 
             print(f"  N={n:2d} peft {comb:<16s} {ref[comb][0]:7.2f} s  {ref[comb][1]:7.0f} MB", flush=True)
         del model
         for name in strategies:
-            s, mb = measure(lambda: merge(name, adapters, cfg=cfg, seed=0).merged)
+            s, mb = measure(lambda name=name, adapters=adapters: merge(name, adapters, cfg=cfg, seed=0).merged)
             row = {"n": n, "method": name, "s": s, "peak_mb": mb,
                    "vs_peft_svd": ref["svd"][0] / s, "vs_peft_ties": ref["ties"][0] / s}
             rows.append(row)
@@ -200,7 +200,7 @@ def main() -> None:
         print(f"Part 1: merge latency, N rank-{RANK} adapters on {BLOCKS} x Linear({DIM}, {QKV}) (ViT-B/16 qkv)")
         rows = latency_table(sizes, strategies, peft_ties_svd_max_n=10 if args.quick else 20)
         n_max = max(sizes)
-        print(f"\nmethod                 " + "".join(f"   N={n:<3d}" for n in sizes) + f"   peak MB (N={n_max})"
+        print("\nmethod                 " + "".join(f"   N={n:<3d}" for n in sizes) + f"   peak MB (N={n_max})"
               f"   peft svd/ours   peft ties/ours (N={n_max})")
         for method in dict.fromkeys(r["method"] for r in rows):
             cells = {r["n"]: r for r in rows if r["method"] == method}
