@@ -14,11 +14,9 @@ Layout: ``<dir>/<key[:2]>/<key>/`` = a commit dir (``sim.store.write_commit_dir`
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -54,17 +52,6 @@ class CommitCache:
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / key
 
-    @contextmanager
-    def _lock(self, key: str):
-        lock = self.dir / key[:2] / f"{key}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def get(self, key: str):
         """The cached ``Commit`` or ``None`` (an entry that does not load or match its hash counts as missing)."""
         from sim.store import read_commit_dir
@@ -92,10 +79,12 @@ class CommitCache:
 
     def get_or_make(self, key: str, make: Callable[[], object]) -> tuple[object, bool]:
         """``(commit, hit)``: the cached commit, or ``make()``'s, stored under ``key`` (one maker per key)."""
+        from sim.model import file_lock
+
         commit = self.get(key)
         if commit is not None:
             return commit, True
-        with self._lock(key):
+        with file_lock(self.dir / key[:2] / f"{key}.lock"):
             commit = self.get(key)             # made by another run while this one waited for the lock
             if commit is not None:
                 return commit, True

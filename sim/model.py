@@ -184,8 +184,9 @@ def _load_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor], source
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock so that concurrent workers pretrain the foundation once."""
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path`` across processes (concurrent workers pretrain the foundation once, make a cached
+    commit once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -205,7 +206,7 @@ def load_foundation(cfg: ModelConfig, img_size: int, device: str = "cpu") -> Fou
         _load_into(backbone, read_checkpoint(cfg.checkpoint), f"model.checkpoint {cfg.checkpoint}")
     else:
         path = foundation_path(cfg, img_size)
-        with _file_lock(path.with_suffix(".lock")):
+        with file_lock(path.with_suffix(".lock")):
             if not path.exists():
                 state = pretrain_foundation(cfg, img_size)
                 tmp = path.with_suffix(".tmp")
