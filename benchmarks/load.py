@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,46 +40,7 @@ import ray  # noqa: E402
 from sim.config import (DataConfig, FaultsConfig, LoraConfig, MergeConfig, ModelConfig, RuntimeConfig,  # noqa: E402
                         SimConfig, config_to_dict)
 
-
-def _rss_pss(pid: int) -> tuple[int, int]:
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss"):
-                    fields[key] = int(rest.split()[0]) * 1024
-        return fields["Rss"], fields["Pss"]
-    except (OSError, KeyError, ValueError):
-        rss = psutil.Process(pid).memory_info().rss
-        return rss, rss
-
-
-class TreeMemory(threading.Thread):
-    """Peak PSS and RSS sum of this process and all its descendants (a local Ray started here: GCS, raylet,
-    workers, actors) — not other users' Ray processes on the machine."""
-
-    def __init__(self, period: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.period, self.peak_rss, self.peak_pss, self.halt = period, 0, 0, threading.Event()
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self.halt.is_set():
-            rss = pss = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    r, q = _rss_pss(p.pid)
-                    rss, pss = rss + r, pss + q
-                except (psutil.NoSuchProcess, OSError):
-                    pass
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.halt.wait(self.period)
-
-    def stop(self) -> tuple[int, int]:
-        self.halt.set()
-        self.join()
-        return self.peak_rss, self.peak_pss
+from benchmarks.procmem import PeakMemory, this_process_tree  # noqa: E402
 
 
 @ray.remote(num_cpus=0)
@@ -166,7 +126,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; {n} institutions x {per} "
           f"commits = {n * per}; strategies {cfg.merge.strategies}; merge actor killed after {kill_after or 'never'}; "
           f"corrupted copies p={args.corrupt}")
-    sampler = TreeMemory()
+    sampler = PeakMemory(this_process_tree, period=0.5)
     sampler.start()
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     try:

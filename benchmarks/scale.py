@@ -19,8 +19,6 @@ import dataclasses
 import os
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -32,66 +30,22 @@ from actors.runner import run_simulation  # noqa: E402
 from experiments.presets import demo  # noqa: E402
 from sim.config import apply_overrides  # noqa: E402
 
-
-def _rss_pss(p: psutil.Process) -> tuple[int, int]:
-    """RSS and PSS of one process: ``/proc/<pid>/smaps_rollup`` (one summary, cheap for the kernel to produce),
-    else psutil's full smaps walk, else RSS for both."""
-    try:
-        fields = {}
-        with open(f"/proc/{p.pid}/smaps_rollup") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss"):
-                    fields[key] = int(rest.split()[0]) * 1024
-        return fields["Rss"], fields["Pss"]
-    except (OSError, KeyError, ValueError):
-        info = p.memory_full_info()
-        return info.rss, getattr(info, "pss", info.rss)
+from benchmarks.procmem import PeakMemory  # noqa: E402
 
 
-class MemorySampler(threading.Thread):
-    """Peak total memory of the driver and every Ray process (raylet, GCS, workers, actors), sampled every
-    ``period`` s, two ways: summed RSS (counts pages shared between processes — libraries, the plasma store
-    mapping — once per process, so it over-states) and summed PSS (each shared page split among its users:
-    the machine's real footprint). PSS needs /proc/<pid>/smaps (Linux); elsewhere it reads as RSS."""
-
-    def __init__(self, period: float = 1.0) -> None:
-        super().__init__(daemon=True)
-        self.period, self.peak_rss, self.peak_pss, self._halt = period, 0, 0, threading.Event()
-
-    def processes(self) -> list[psutil.Process]:
-        out = [psutil.Process()]
-        for p in psutil.process_iter(["name", "cmdline"]):
-            try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.pid != os.getpid() and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
-                                             or "ray/_private" in cmd or "default_worker.py" in cmd
-                                             or "dashboard" in cmd or (p.info["name"] or "").startswith("ray::")):
-                    out.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
-                pass
-        return out
-
-    def totals(self) -> tuple[int, int]:
-        rss = pss = 0
-        for p in self.processes():
-            try:
-                r, q = _rss_pss(p)
-                rss, pss = rss + r, pss + q
-            except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-                pass
-        return rss, pss
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            rss, pss = self.totals()
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            time.sleep(self.period)
-
-    def stop(self) -> tuple[int, int]:
-        self._halt.set()
-        self.join()
-        return self.peak_rss, self.peak_pss
+def ray_processes() -> list[psutil.Process]:
+    """The driver and every Ray process on the machine (raylet, GCS, workers, actors)."""
+    out = [psutil.Process()]
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.pid != os.getpid() and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                                         or "ray/_private" in cmd or "default_worker.py" in cmd
+                                         or "dashboard" in cmd or (p.info["name"] or "").startswith("ray::")):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
+            pass
+    return out
 
 
 def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[str]) -> dict:
@@ -100,7 +54,7 @@ def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[s
                       merge=dataclasses.replace(cfg.merge, strategies=strategies),
                       runtime=dataclasses.replace(cfg.runtime, workers=workers, eval_every=0))
     cfg = apply_overrides(cfg, overrides)
-    sampler = MemorySampler()
+    sampler = PeakMemory(ray_processes, period=1.0)
     sampler.start()
     with tempfile.TemporaryDirectory() as out:
         summary = run_simulation(cfg, Path(out) / "run")
