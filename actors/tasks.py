@@ -50,8 +50,7 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key
     """Train + distil one contribution (``sim.contribute.contribute``); returns ``(commit, corrupted)``: the
     ``Commit``, signed with the institution's ``key`` (``sim.store.sign_commit``) when one is given, and with
     ``faults.corrupt`` drawn for this contribution a corrupted copy of it (``sim.faults.corrupt_commit``), else
-    ``None``. (Made here, not by a second task on the first one's result: a task whose argument is a ref owned by an
-    institution actor ties its fate to that actor's reference counting, which a killed merge actor disturbs.)
+    ``None`` (made in the same task, which holds the commit already; no second task is needed for it).
 
     ``pulled`` = ``(version, adapter)`` from the merge actor with ``init_from: main``, else ``None``.
     """
