@@ -54,9 +54,10 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key
 
     ``pulled`` = ``(version, adapter)`` from the merge actor with ``init_from: main``, else ``None``.
     """
+    from sim.cache import cached_contribution
     from sim.contribute import contribute
     from sim.faults import corrupt_commit, corrupt_kind, slow_seconds
-    from sim.store import sign_commit
+    from sim.commit import sign_commit
 
     t0 = time.perf_counter()
     cfg = _config(cfg_blob)
@@ -65,20 +66,13 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key
         time.sleep(slowed)
     foundation = _setup(cfg)
     version, adapter = pulled if pulled is not None else (0, None)
-    if cfg.runtime.commit_cache:         # trained before with the same training-relevant config: load it
-        import dataclasses
 
-        from sim.cache import CommitCache, contribution_key
+    def make():
+        return contribute(foundation, inst, cfg, contribution, adapter, version)
 
-        cache_key = contribution_key(cfg, contribution.id, contribution.seed, adapter)
-        commit, hit = CommitCache(cfg.runtime.commit_cache).get_or_make(
-            cache_key, lambda: contribute(foundation, inst, cfg, contribution, adapter, version))
-        # the schedule's times and the pulled version are this run's (training does not depend on them)
-        commit = dataclasses.replace(commit, pulled_version=version, t_pull=contribution.t_pull,
-                                     t_commit=contribution.t_commit,
-                                     meta=commit.meta | {"cache_hit": hit, "straggler": contribution.straggler})
-    else:
-        commit = contribute(foundation, inst, cfg, contribution, adapter, version)
+    # runtime.commit_cache: a contribution trained before with the same training-relevant config is loaded
+    commit = (cached_contribution(cfg.runtime.commit_cache, cfg, contribution, adapter, version, make)
+              if cfg.runtime.commit_cache else make())
     commit.meta["task_s"] = time.perf_counter() - t0
     commit.meta["worker_pid"] = __import__("os").getpid()
     if slowed:

@@ -6,7 +6,8 @@ contribution's adapter and distilled set depend on — the seed, the data, model
 sections, the device and thread count (numerics), the contribution's id and seed, and, with ``init_from: main``,
 the content of the adapter it pulled — and nothing else (not the merge strategies, the evaluation schedule, the
 worker count or the clock). ``CommitCache.get_or_make`` returns the cached ``Commit`` or makes, stores and
-returns it. Making holds a per-key file lock, so two runs that need the same contribution at the same time train
+returns it; ``cached_contribution`` is what a training task calls: the cached commit with this run's schedule
+times. Making holds a per-key file lock, so two runs that need the same contribution at the same time train
 it once (the second waits and loads). Entries are written whole (temp dir + rename) and checked against their
 content hash on load; an unreadable entry is trained again and replaced.
 
@@ -14,6 +15,7 @@ Layout: ``<dir>/<key[:2]>/<key>/`` = a commit dir (``sim.store.write_commit_dir`
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -54,7 +56,7 @@ class CommitCache:
 
     def get(self, key: str):
         """The cached ``Commit`` or ``None`` (an entry that does not load or match its hash counts as missing)."""
-        from sim.store import read_commit_dir
+        from sim.commit_log import read_commit_dir
 
         path = self.path(key)
         if not path.is_dir():
@@ -71,7 +73,7 @@ class CommitCache:
         return commit
 
     def put(self, key: str, commit) -> Path:
-        from sim.store import write_commit_dir
+        from sim.commit_log import write_commit_dir
 
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,3 +93,25 @@ class CommitCache:
             commit = make()
             self.put(key, commit)
             return commit, False
+
+
+def cached_contribution(cache_dir: str | Path, cfg: SimConfig, contribution, pulled, pulled_version: int,
+                        make: Callable[[], object]):
+    """The ``Commit`` of ``contribution``: from the cache at ``cache_dir``, else ``make()``'s (then stored).
+
+    Args:
+        cache_dir: ``runtime.commit_cache``.
+        cfg: the run's config (its training-relevant sections key the entry).
+        contribution: the schedule's ``Contribution``.
+        pulled: the ``Adapter`` it starts from (``init_from: main``), part of the key; ``None`` = the foundation.
+        pulled_version: the main version ``pulled`` is.
+        make: trains and distils it (``sim.contribute.contribute`` with these arguments).
+    Returns:
+        The commit with this run's schedule times, pulled version and straggler flag (training does not depend on
+        them, so a cached commit may carry another run's), and ``meta["cache_hit"]``.
+    """
+    key = contribution_key(cfg, contribution.id, contribution.seed, pulled)
+    commit, hit = CommitCache(cache_dir).get_or_make(key, make)
+    return dataclasses.replace(commit, pulled_version=pulled_version, t_pull=contribution.t_pull,
+                               t_commit=contribution.t_commit,
+                               meta=commit.meta | {"cache_hit": hit, "straggler": contribution.straggler})
