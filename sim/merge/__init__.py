@@ -1,19 +1,22 @@
 """Merge strategies: pure functions from contributors' adapters (+ coefficients) to a merged predictor.
 
-One registry, ``STRATEGIES`` (name → function), one lookup, ``get_strategy``. Every strategy takes
-``(adapters, weights=None, **options)`` and returns an ``Adapter`` (parameter space) or a ``Mixture`` (output space).
-Nothing here knows about Ray, actors or time.
+One registry, ``SPECS`` (name → ``StrategySpec``, in ``specs``), one lookup, ``get_spec``. The spec is the single
+source of truth about a strategy — its function, space, whether it is searched, sequential, its default weights,
+whether it needs proxy data, accepts mixed ranks or needs the same modules, and its paper; callers read the spec and
+never compare strategy names. ``STRATEGIES`` (name → function) and ``get_strategy`` are views of it. Every
+strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`` (parameter space) or a
+``Mixture`` (output space). Nothing here knows about Ray, actors or time. The table below summarises the specs:
 
-| name | space | weights w (default) | module |
-|---|---|---|---|
-| ``lora_avg`` | A and B factors: A = Σ w A_i, B = Σ w B_i | (N,) or (N, M); 1/N | ``factors`` |
-| ``fusion`` | A and B factors, LoraHub-style, searched w | (N,) or (N, M); 1/N | ``fusion`` |
-| ``mixture`` | output: Σ w_i softmax(logits_i) | (N,); 1/N | ``mixture`` |
-| ``task_arithmetic`` | ΔW: Σ w_i ΔW_i | (N,) or (N, M); 1/N | ``delta`` |
-| ``ties``, ``dare_ties`` | ΔW, peft ``merge_utils`` | (N,) or (N, M); 1 | ``delta`` |
-| ``dare_linear``, ``magnitude_prune`` | ΔW, peft ``merge_utils`` | (N,) or (N, M); 1/N | ``delta`` |
-| ``magmax`` | ΔW, per-entry max magnitude | (N,) or (N, M); 1 | ``delta`` |
-| ``svd`` | ΔW: truncated SVD of Σ w_i ΔW_i (Med-LEGO) | (N,) or (N, M); 1/N | ``svd`` |
+| name | space | weights w (default) | searched, sequential | module |
+|---|---|---|---|---|
+| ``lora_avg`` | factors: A = Σ w A_i, B = Σ w B_i | (N,) or (N, M); 1/N | no | ``factors`` |
+| ``fusion`` | factors, LoraHub-style, searched w | (N,) or (N, M); 1/N | yes | ``fusion`` |
+| ``mixture`` | output: Σ w_i softmax(logits_i) | (N,); 1/N | yes | ``mixture`` |
+| ``task_arithmetic`` | delta: Σ w_i ΔW_i | (N,) or (N, M); 1/N | no | ``delta`` |
+| ``ties``, ``dare_ties`` | delta, peft ``merge_utils`` | (N,) or (N, M); 1 | no | ``delta`` |
+| ``dare_linear``, ``magnitude_prune`` | delta, peft ``merge_utils`` | (N,) or (N, M); 1/N | no | ``delta`` |
+| ``magmax`` | delta, per-entry max magnitude | (N,) or (N, M); 1 | no | ``delta`` |
+| ``svd`` | delta: truncated SVD of Σ w_i ΔW_i (Med-LEGO) | (N,) or (N, M); 1/N | no | ``svd`` |
 
 ``ΔW_i = B_i A_i · alpha_i / r_i``. Parameter-space results carry the contributors' base fingerprint and are saved
 with ``sim.model.save_adapter`` as peft adapter dirs whose rank is what the strategy produced and whose
@@ -35,34 +38,18 @@ from __future__ import annotations
 from typing import Callable
 
 from sim.merge.api import SEQUENTIAL, MergeResult, SequentialState, merge, merge_step, start_sequence
-from sim.merge.base import check_compatible, default_weights
-from sim.merge.delta import dare_linear, dare_ties, magmax, magnitude_prune, task_arithmetic, ties
-from sim.merge.factors import lora_avg
-from sim.merge.fusion import fusion
-from sim.merge.mixture import Mixture, load_mixture, mixture, mixture_proba, save_mixture
-from sim.merge.svd import svd
+from sim.merge.base import check_compatible
+from sim.merge.mixture import Mixture, load_mixture, mixture_proba, save_mixture
+from sim.merge.specs import SPECS, StrategySpec, default_weights, get_spec
 
-__all__ = ["STRATEGIES", "get_strategy", "merge", "merge_step", "start_sequence", "MergeResult", "SequentialState",
-           "Mixture", "mixture_proba", "save_mixture", "load_mixture", "check_compatible", "default_weights",
-           "SEQUENTIAL"]
+__all__ = ["SPECS", "StrategySpec", "get_spec", "STRATEGIES", "get_strategy", "merge", "merge_step",
+           "start_sequence", "MergeResult", "SequentialState", "Mixture", "mixture_proba", "save_mixture",
+           "load_mixture", "check_compatible", "default_weights", "SEQUENTIAL"]
 
-STRATEGIES: dict[str, Callable] = {
-    "lora_avg": lora_avg,
-    "fusion": fusion,
-    "mixture": mixture,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare_linear": dare_linear,
-    "dare_ties": dare_ties,
-    "magnitude_prune": magnitude_prune,
-    "magmax": magmax,
-    "svd": svd,
-}
+# A view of the specs for callers that only need the function.
+STRATEGIES: dict[str, Callable] = {name: spec.fn for name, spec in SPECS.items()}
 
 
 def get_strategy(name: str) -> Callable:
-    """Look a merge strategy up by name; a typo lists the known names."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown merge strategy {name!r}; known: {', '.join(STRATEGIES)}") from None
+    """Look a merge strategy's function up by name; a typo lists the known names."""
+    return get_spec(name).fn

@@ -12,12 +12,14 @@ import numpy as np
 from sim.coefficients import ProxyData, SearchResult, get_optimizer, prepare_proxy, proxy_loss, search_coefficients
 from sim.config import MergeConfig
 from sim.data.base import DistilledSet, derive_seed
-from sim.merge.base import Weights, check_compatible, collect_heads, default_weights
-from sim.merge.fusion import fusion, fusion_loss, fusion_weights_after
+from sim.merge.base import Weights, check_compatible, collect_heads
+from sim.merge.fusion import fusion_weights_after
 from sim.merge.mixture import Mixture, ProbabilityCache, mixture_loss
+from sim.merge.specs import SPECS, StrategySpec, get_spec
 from sim.model import Adapter, Foundation
 
-SEQUENTIAL = ("fusion", "mixture")   # strategies MedForge merges as commits arrive, with searched coefficients
+# Kept for callers that have not switched to ``get_spec(name).sequential``: derived from the specs, never edited.
+SEQUENTIAL = tuple(name for name, spec in SPECS.items() if spec.sequential)
 Proxy = Sequence[DistilledSet] | ProxyData | None
 
 
@@ -77,37 +79,35 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
     """Merge ``adapters`` with ``strategy`` in one call.
 
     Args:
-        strategy: a key of ``STRATEGIES``.
+        strategy: a key of ``SPECS``.
         adapters: the contributors, in arrival order.
         weights: explicit coefficients, (N,) or (N, M); ``None`` = searched (if searching) or the default.
         cfg: density, svd threshold/rank and the search settings (optimizer, budget, bound, l1, granularity,
             search_mode).
         foundation, proxy: needed to search coefficients (cross-entropy on the distilled sets).
         seed: seeds DARE's random drop and the search.
-        search: search coefficients; default: yes for fusion and mixture when no ``weights`` are given and
-            foundation and proxy are. Fusion/mixture follow ``cfg.search_mode`` (sequential = fold ``merge_step``
-            over the adapters, every stage seeing all of ``proxy``; global = all N at once); any other strategy
-            searches its N (or N × M) weights globally.
+        search: search coefficients; default: yes for a ``searched`` strategy (fusion, mixture) when no
+            ``weights`` are given and foundation and proxy are. A ``sequential`` strategy follows
+            ``cfg.search_mode`` (sequential = fold ``merge_step`` over the adapters, every stage seeing all of
+            ``proxy``; global = all N at once); any other strategy searches its N (or N × M) weights globally.
     """
-    from sim.merge import get_strategy
-
     cfg = cfg or MergeConfig()
-    fn = get_strategy(strategy)
+    spec = get_spec(strategy)
     t0 = time.perf_counter()
     if search is None:
-        search = strategy in SEQUENTIAL and weights is None and foundation is not None and bool(proxy)
+        search = spec.searched and weights is None and foundation is not None and bool(proxy)
     if not search:
-        merged = fn(adapters, weights, **_strategy_options(fn, cfg, seed))
+        merged = spec.fn(adapters, weights, **_strategy_options(spec.fn, cfg, seed))
         coeffs = None if weights is None else np.asarray(weights, dtype=np.float64)
         return MergeResult(strategy, merged, coeffs, merge_s=time.perf_counter() - t0)
     # Check everything before the first evaluation: optimizer name, compatibility, bases, proxy images.
     get_optimizer(cfg.optimizer)
-    check_compatible(adapters, same_modules=strategy != "mixture", same_ranks=strategy in ("fusion", "lora_avg"))
+    check_compatible(adapters, same_modules=spec.same_modules, same_ranks=not spec.mixed_ranks)
     data = _proxy_data(foundation, proxy, adapters)
-    if strategy in SEQUENTIAL and cfg.search_mode == "sequential":
+    if spec.sequential and cfg.search_mode == "sequential":
         result = _merge_sequentially(strategy, adapters, foundation, data, cfg, seed)
     else:
-        result = _merge_global(strategy, fn, adapters, foundation, data, cfg, seed)
+        result = _merge_global(spec, adapters, foundation, data, cfg, seed)
     result.merge_s = time.perf_counter() - t0
     return result
 
@@ -123,22 +123,28 @@ def _merge_sequentially(strategy: str, adapters: Sequence[Adapter], foundation: 
                        stages=[{k: v for k, v in st.items() if k != "trace"} for st in state.stages])
 
 
-def _merge_global(strategy: str, fn: Callable, adapters: Sequence[Adapter], foundation: Foundation,
+def _objective(spec: StrategySpec, foundation: Foundation, data: ProxyData, adapters: Sequence[Adapter],
+               options: dict) -> Callable[[np.ndarray], float]:
+    """The search objective of weights w: the spec's ``search_loss`` (same numbers, faster) or CE of ``fn``."""
+    if spec.search_loss is not None:
+        return spec.search_loss(foundation, data, adapters)
+    return lambda w: proxy_loss(foundation, data, spec.fn(adapters, w, **options))
+
+
+def _merge_global(spec: StrategySpec, adapters: Sequence[Adapter], foundation: Foundation,
                   data: ProxyData, cfg: MergeConfig, seed: int) -> MergeResult:
-    """Search all N (per-layer: N × M) coefficients at once, starting from the strategy's default weights."""
+    """Search all N (per-layer: N × M) coefficients at once, starting from the strategy's default weights.
+
+    Output-space weights are one per adapter whatever the granularity. The objective is the spec's
+    ``search_loss`` where it has one (the same numbers, computed faster), else the proxy cross-entropy of ``fn``.
+    """
     n, n_modules = len(adapters), len(adapters[0].modules())
-    init = default_weights(strategy, n)
-    if cfg.granularity == "layer" and strategy != "mixture":
+    init = spec.default_weights(n)
+    if cfg.granularity == "layer" and spec.space != "output":
         init = np.repeat(init[:, None], n_modules, axis=1)
-    options = _strategy_options(fn, cfg, seed)
-    if strategy == "mixture":   # per-adapter probabilities do not depend on w: one batched pass, then sums
-        loss = mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
-    elif strategy == "fusion":
-        loss = fusion_loss(foundation, data, adapters)
-    else:
-        loss = lambda w: proxy_loss(foundation, data, fn(adapters, w, **options))  # noqa: E731
-    res = _search(loss, init, cfg, seed)
-    return MergeResult(strategy, fn(adapters, res.coefficients, **options), res.coefficients, res.trace,
+    options = _strategy_options(spec.fn, cfg, seed)
+    res = _search(_objective(spec, foundation, data, adapters, options), init, cfg, seed)
+    return MergeResult(spec.name, spec.fn(adapters, res.coefficients, **options), res.coefficients, res.trace,
                        stages=[res.record() | {"coefficients": res.coefficients.tolist()}])
 
 
@@ -177,8 +183,9 @@ class SequentialState:
 
 
 def start_sequence(strategy: str) -> SequentialState:
-    """An empty branch for ``strategy`` (fusion or mixture)."""
-    if strategy not in SEQUENTIAL:
+    """An empty branch for a ``sequential`` strategy (fusion or mixture)."""
+    spec = SPECS.get(strategy)
+    if spec is None or not spec.sequential:
         raise ValueError(f"sequential merging is defined for {', '.join(SEQUENTIAL)}, not {strategy!r}")
     return SequentialState(strategy)
 
@@ -191,19 +198,20 @@ def merge_step(state: SequentialState, adapter: Adapter, *, foundation: Foundati
     distilled sets received so far): fusion ``merged ← a · merged + b · adapter`` on A and B; mixture
     ``w ← [a · w, b]``. Without foundation or proxy there is no search and (a, b) = (k/(k+1), 1/(k+1)), i.e. the
     running mean. The first commit is taken as it is (weight 1).
+
+    A parameter-space spec folds its factors (the branch keeps only ``merged``); an output-space spec keeps every
+    adapter and rescales their weights.
     """
     cfg = cfg or MergeConfig()
+    spec = get_spec(state.strategy)
+    folds = spec.space != "output"
     t0 = time.perf_counter()
     k = state.n
     # Step 1: who takes part, and can they be merged.
-    if state.strategy == "fusion":
-        pool = [adapter] if k == 0 else [state.merged, adapter]
-        check_compatible(pool, same_ranks=True)
-    else:
-        pool = state.adapters + [adapter]
-        check_compatible(pool, same_modules=False)
+    pool = ([adapter] if k == 0 else [state.merged, adapter]) if folds else state.adapters + [adapter]
+    check_compatible(pool, same_modules=spec.same_modules, same_ranks=not spec.mixed_ranks)
     # Step 2: the stage coefficients (a, b) and the weights over all contributors.
-    per_layer = cfg.granularity == "layer" and state.strategy == "fusion"
+    per_layer = cfg.granularity == "layer" and folds
     n_modules = len(adapter.modules())
     if k == 0:
         stage, res = np.ones((1, n_modules) if per_layer else (1,)), None
@@ -213,23 +221,24 @@ def merge_step(state: SequentialState, adapter: Adapter, *, foundation: Foundati
         if per_layer and prev.ndim == 1:
             prev = np.repeat(prev[:, None], n_modules, axis=1)
         to_weights = lambda ab: fusion_weights_after(prev, np.asarray(ab, dtype=np.float64))  # noqa: E731
-        stage, res = _stage_coefficients(state, pool, to_weights, foundation, proxy, cfg, seed, per_layer, n_modules)
+        stage, res = _stage_coefficients(state, spec, pool, to_weights, foundation, proxy, cfg, seed, per_layer,
+                                         n_modules)
         coefficients = to_weights(stage)
     # Step 3: the merged predictor.
-    if state.strategy == "fusion":
-        merged: Adapter | Mixture = adapter if k == 0 else fusion(pool, stage)
+    if folds:
+        merged: Adapter | Mixture = adapter if k == 0 else spec.fn(pool, stage)
         if k > 0:
             merged.meta["n_contributors"] = k + 1          # the pool is (merged so far, new) but holds k + 1
         adapters: list[Adapter] = []
     else:
-        merged, adapters = Mixture(pool, coefficients, {"merge_strategy": "mixture", "n_contributors": len(pool)}), pool
+        merged, adapters = spec.fn(pool, coefficients), pool
     record = {"stage": k, "coefficients": np.asarray(stage).tolist(), "trace": res.trace if res else [],
               **(res.record() if res else {}), "merge_s": time.perf_counter() - t0}
     return dataclasses.replace(state, merged=merged, coefficients=coefficients, adapters=adapters,
                                stages=state.stages + [record])
 
 
-def _stage_coefficients(state: SequentialState, pool: list[Adapter], to_weights: Callable,
+def _stage_coefficients(state: SequentialState, spec: StrategySpec, pool: list[Adapter], to_weights: Callable,
                         foundation: Foundation | None, proxy: Proxy, cfg: MergeConfig, seed: int, per_layer: bool,
                         n_modules: int) -> tuple[np.ndarray, SearchResult | None]:
     """Search (a, b) from MedForge's init 0.5 — or, without foundation or proxy, the running mean (k/(k+1), 1/(k+1))."""
@@ -240,9 +249,9 @@ def _stage_coefficients(state: SequentialState, pool: list[Adapter], to_weights:
         return (np.repeat(stage[:, None], n_modules, axis=1) if per_layer else stage), None
     get_optimizer(cfg.optimizer)
     data = _proxy_data(foundation, proxy, pool)
-    if state.strategy == "fusion":
-        res = _search(fusion_loss(foundation, data, pool), np.full(shape, 0.5), cfg, seed)
-    else:
+    if spec.space != "output":       # (a, b) weigh the pool (merged so far, new) directly
+        res = _search(_objective(spec, foundation, data, pool, {}), np.full(shape, 0.5), cfg, seed)
+    else:                            # (a, b) rescale all N weights; the pool's probabilities are cached across stages
         probs = state.cache.probabilities(foundation, pool, data)
         res = _search(mixture_loss(probs, data, to_weights), np.full(shape, 0.5), cfg, seed, penalised=to_weights)
     return res.coefficients, res

@@ -17,16 +17,6 @@ from sim.model import PEFT_PREFIX, Adapter
 
 Weights = Union[None, Sequence[float], np.ndarray, torch.Tensor]
 
-# Default weight per contributor when none are given: 1/N (the mean) unless listed here. TIES and DARE-TIES end
-# in a disjoint *mean* and MagMax selects entries, so their papers' plain form has weight 1.
-DEFAULT_WEIGHT: dict[str, float] = {"ties": 1.0, "dare_ties": 1.0, "magmax": 1.0}
-
-
-def default_weights(strategy: str, n: int) -> np.ndarray:
-    """The weights (N,) a strategy uses when given none."""
-    return np.full(n, DEFAULT_WEIGHT.get(strategy, 1.0 / n) if n else 0.0)
-
-
 def collect_heads(adapters: Sequence[Adapter]) -> dict[str, dict[str, torch.Tensor]]:
     """task → linear head of the contributors that carry one (Med-LEGO protocol; the latest wins)."""
     return {a.meta["task"]: a.head for a in adapters if a.head is not None and a.meta.get("task")}

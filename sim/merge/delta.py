@@ -24,9 +24,12 @@ import torch
 from peft.utils import merge_utils
 
 from sim.data.base import derive_seed
-from sim.merge.base import DEFAULT_WEIGHT, Weights, build_adapter, check_compatible, dense_factors, resolve_weights
+from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
 from sim.model import Adapter
 
+# Default weight per contributor of TIES, DARE-TIES and MagMax (their specs' ``default_weight``): TIES and DARE-TIES
+# end in a disjoint *mean* and MagMax selects entries, so their papers' plain form has weight 1 (λ = 1), not 1/N.
+PLAIN_WEIGHT = 1.0
 
 def _merge_deltas(adapters: Sequence[Adapter], weights: Weights, default: float | None, strategy: str,
                   merge_module: Callable[[list[torch.Tensor], torch.Tensor, str], torch.Tensor]) -> Adapter:
@@ -91,7 +94,7 @@ def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float
     entry; entries agreeing with it are weighted by w_i and averaged over the contributors that agree.
     Default weights 1 (the paper's λ = 1; the disjoint mean already averages).
     """
-    return _merge_deltas(adapters, weights, DEFAULT_WEIGHT["ties"], "ties", _peft(merge_utils.ties, density))
+    return _merge_deltas(adapters, weights, PLAIN_WEIGHT, "ties", _peft(merge_utils.ties, density))
 
 
 def dare_linear(adapters: Sequence[Adapter], weights: Weights = None, *, density: float = 0.5,
@@ -110,7 +113,7 @@ def dare_ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: 
 
     Default weights 1, as for ``ties``.
     """
-    return _merge_deltas(adapters, weights, DEFAULT_WEIGHT["dare_ties"], "dare_ties",
+    return _merge_deltas(adapters, weights, PLAIN_WEIGHT, "dare_ties",
                          _peft(merge_utils.dare_ties, density, seed))
 
 
@@ -156,7 +159,7 @@ def magmax(adapters: Sequence[Adapter], weights: Weights = None) -> Adapter:
     """
     check_compatible(adapters)
     modules = adapters[0].modules()
-    w = resolve_weights(weights, len(adapters), len(modules), DEFAULT_WEIGHT["magmax"])
+    w = resolve_weights(weights, len(adapters), len(modules), PLAIN_WEIGHT)
     factors = {}
     for j, m in enumerate(modules):
         a, b = dense_factors(_magmax_module(adapters, m, w[:, j]))

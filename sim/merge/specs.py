@@ -1,0 +1,123 @@
+"""The strategy registry: name → ``StrategySpec``, the one place that says what each merge strategy is.
+
+timm's ``register_model`` keeps a model's pretrained config beside its constructor and callers read it through
+``get_pretrained_cfg_value``; here a strategy's function, the space it merges in, whether its coefficients are
+searched, whether it is merged commit by commit, its default weights, what it needs and what it accepts live in
+its spec, and callers read the spec instead of comparing names. ``tests/test_strategy_specs.py`` checks every
+spec's claims against an independent re-derivation on tiny adapters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from sim.merge.delta import PLAIN_WEIGHT, dare_linear, dare_ties, magmax, magnitude_prune, task_arithmetic, ties
+from sim.merge.factors import lora_avg
+from sim.merge.fusion import fusion, fusion_loss
+from sim.merge.mixture import ProbabilityCache, mixture, mixture_loss
+from sim.merge.svd import svd
+from sim.registry import lookup
+
+SPACES = ("factors", "delta", "output")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What callers need to know about one merge strategy.
+
+    ``fn(adapters, weights=None, **options)`` is the pure merge; ``space``: "factors" (A and B combined
+    separately), "delta" (ΔW = s B A combined), "output" (a ``Mixture`` of predictions). ``searched``: its
+    coefficients are searched on proxy data by default; ``sequential``: a branch merges it commit by commit
+    (``merge_step``), so arrival order matters by design. ``default_weight``: weight per contributor when none are
+    given (``None`` = 1/N). ``needs_proxy``: needs the distilled sets to merge as specified. ``mixed_ranks``:
+    accepts contributors of different ranks per module; ``same_modules``: needs every contributor to adapt the
+    same modules. ``order_invariant``: ``fn``'s result does not depend on the contributors' order (weights
+    permuted with them); ``seeded``: ``fn`` draws random numbers from its ``seed`` option. ``exact_options``:
+    options under which nothing is pruned or truncated, so one contributor at weight 1 comes back unchanged.
+    ``search_loss(foundation, data, adapters) -> loss(w)``: a faster equivalent of the generic search objective
+    (``None``: cross-entropy of ``fn(adapters, w)`` on the proxy data).
+    """
+
+    name: str
+    fn: Callable
+    space: str
+    searched: bool
+    sequential: bool
+    default_weight: float | None
+    needs_proxy: bool
+    mixed_ranks: bool
+    same_modules: bool
+    citation: str
+    order_invariant: bool = True
+    seeded: bool = False
+    exact_options: tuple[tuple[str, float], ...] = ()
+    search_loss: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"strategy {self.name}: space must be one of {', '.join(SPACES)}, got {self.space!r}")
+
+    def default_weights(self, n: int) -> np.ndarray:
+        """The weights (N,) ``fn`` uses when given none."""
+        if n == 0:
+            return np.zeros(0)
+        return np.full(n, 1.0 / n if self.default_weight is None else self.default_weight)
+
+
+def _mixture_loss(foundation, data, adapters) -> Callable[[np.ndarray], float]:
+    """Per-adapter probabilities do not depend on w: one batched pass, then weighted sums."""
+    return mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
+
+
+_TRIM = (("density", 1.0),)
+_SPECS = (
+    StrategySpec("lora_avg", lora_avg, "factors", searched=False, sequential=False, default_weight=None,
+                 needs_proxy=False, mixed_ranks=False, same_modules=True,
+                 citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 2 pre-merge baseline"),
+    StrategySpec("fusion", fusion, "factors", searched=True, sequential=True, default_weight=None,
+                 needs_proxy=True, mixed_ranks=False, same_modules=True, search_loss=fusion_loss,
+                 citation="Tan et al., MedForge (arXiv 2502.16055), official model_fusion.py; LoraHub, Huang et al. "
+                          "(arXiv 2307.13269)"),
+    StrategySpec("mixture", mixture, "output", searched=True, sequential=True, default_weight=None,
+                 needs_proxy=True, mixed_ranks=True, same_modules=False, search_loss=_mixture_loss,
+                 citation="Tan et al., MedForge (arXiv 2502.16055), official model_mixture.py"),
+    StrategySpec("task_arithmetic", task_arithmetic, "delta", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"),
+    StrategySpec("ties", ties, "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+                 needs_proxy=False, mixed_ranks=True, same_modules=True, exact_options=_TRIM,
+                 citation="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708); peft.utils.merge_utils"),
+    StrategySpec("dare_linear", dare_linear, "delta", searched=False, sequential=False, default_weight=None,
+                 needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, seeded=True,
+                 exact_options=_TRIM,
+                 citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099); "
+                          "peft.utils.merge_utils"),
+    StrategySpec("dare_ties", dare_ties, "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+                 needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, seeded=True,
+                 exact_options=_TRIM,
+                 citation="Yu et al., DARE, ICML 2024 (arXiv 2311.03099) + Yadav et al., TIES-Merging, NeurIPS 2023 "
+                          "(arXiv 2306.01708); peft.utils.merge_utils"),
+    StrategySpec("magnitude_prune", magnitude_prune, "delta", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True, exact_options=_TRIM,
+                 citation="magnitude pruning of each task vector, then the weighted sum; peft.utils.merge_utils"),
+    StrategySpec("magmax", magmax, "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+                 needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Marczak et al., MagMax, ECCV 2024 (arXiv 2407.06322)"),
+    StrategySpec("svd", svd, "delta", searched=False, sequential=False, default_weight=None, needs_proxy=False,
+                 mixed_ranks=True, same_modules=True, exact_options=(("threshold", 1.0),),
+                 citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 5-6"),
+)
+
+SPECS: dict[str, StrategySpec] = {s.name: s for s in _SPECS}
+
+
+def get_spec(name: str) -> StrategySpec:
+    """Look a merge strategy's spec up by name; a typo lists the known names."""
+    return lookup(SPECS, name, "merge strategy")
+
+
+def default_weights(strategy: str, n: int) -> np.ndarray:
+    """The weights (N,) ``strategy`` uses when given none (its spec's ``default_weight``; 1/N when ``None``)."""
+    return get_spec(strategy).default_weights(n)
