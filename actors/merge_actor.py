@@ -1,4 +1,4 @@
-"""The ``MergeActor``: keeps the main branch. A thin wrapper over ``sim.store.MainState``.
+"""The ``MergeActor``: keeps the main branch. A thin wrapper over ``sim.main_state.MainState``.
 
 Loop per commit (``MainState.receive``): authenticate → validate → log durably → merge into every strategy's branch
 → record. Here only: resolving the commit reference — a contribution lost with its institution or worker is made
@@ -10,9 +10,7 @@ submits again the evaluations its dead predecessor owned; commits are idempotent
 from __future__ import annotations
 
 import os
-import pickle
 import time
-from pathlib import Path
 
 import ray
 
@@ -43,24 +41,17 @@ class MergeActor:
                  secret: bytes | None = None, history: str | None = None) -> None:
         import torch
 
+        from sim.main_state import MainState
         from sim.model import load_foundation
-        from sim.store import MainState
 
         cfg = _config(cfg_blob)
         torch.set_num_threads(cfg.runtime.threads)
         self.cfg, self.cfg_blob, self.options = cfg, cfg_blob, task_options
-        self.run_dir = Path(run_dir)
         self.evals: dict[int, list[ray.ObjectRef]] = {}     # version -> evaluation refs (owned by this process)
         foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
-        if (self.run_dir / "log.jsonl").exists():
-            # Restarted (or resumed): rebuild, and evaluate again what the dead process had scheduled.
-            self.state = MainState.restore(run_dir, cfg, institutions, foundation, secret=secret, history=history,
-                                           on_apply=self._maybe_evaluate)
-            record = self.state.log.append({"event": "restored", "version": self.state.version, "t_wall": time.time(),
-                                            "pid": os.getpid()})
-            self.state._records.append(record)
-        else:
-            self.state = MainState(run_dir, cfg, institutions, foundation, secret=secret, history=history)
+        # Restarted (or resumed): rebuilt from the log, evaluating again what the dead process had scheduled.
+        self.state = MainState.open(run_dir, cfg, institutions, foundation, secret=secret, history=history,
+                                    on_apply=self._maybe_evaluate)
         # Fault injection: exit after logging these accepted counts (not again once the log holds them).
         self.kill_after = {n for n in cfg.faults.kill_merge_actor_after if n > self.state.version}
         self.started = time.time()
@@ -76,15 +67,10 @@ class MergeActor:
         """
         t0 = time.perf_counter()
         commit, attempts, failure = self._receive_contribution(wrapped, source)
-        extra = (note or {}) | {"attempts": attempts}
         if failure is not None:      # the contribution itself failed, or stayed lost
             contribution = source[1] if source is not None else None
-            return self.state.reject(f"contribution failed: {failure}", id=getattr(contribution, "id", None),
-                                     institution=getattr(contribution, "institution", None), extra=extra)
-        extra["received_bytes"] = len(pickle.dumps(commit, protocol=5))   # what reached the merge actor
-        ack = self.state.receive(commit, extra)
-        ack["task_s"] = commit.meta.get("task_s", 0.0) if hasattr(commit, "meta") else 0.0
-        ack["ack_s"] = time.perf_counter() - t0
+            return self.state.reject_undelivered(failure, contribution, attempts, note)
+        ack = self.state.receive_delivered(commit, attempts, note, started=t0)
         if ack.get("event") == "accepted" and not ack.get("duplicate"):
             if self.state.version in self.kill_after:
                 os._exit(1)          # fault injection: logged, not acknowledged; Ray restarts us and retries the call
@@ -134,10 +120,8 @@ class MergeActor:
         Returns values, not refs (refs owned by this actor would die with it): ``evals`` (every evaluation record,
         the periodic ones and the final one), ``base``, ``individual`` and the per-strategy storage bytes.
         """
-        from sim.store import save_main
-
-        version, snapshot = self.state.snapshot()
-        save_main(snapshot, self.run_dir / "main")
+        version = self.state.version
+        self.state.save_main()
         tasks = self.state.tasks_seen()
         final = self.evals.get(version) or self._evaluate()     # evaluated already if the last commit hit eval_every
         refs = {}
@@ -147,7 +131,7 @@ class MergeActor:
                                                                                 self.state.latest_adapters())
         periodic = [r for v in sorted(self.evals) if v != version for part in ray.get(self.evals[v]) for r in part]
         out = {"version": version, "evals": periodic + [r for part in ray.get(final) for r in part],
-               "storage": {s: (p.num_bytes() if p is not None else 0) for s, p in snapshot.items()}}
+               "storage": self.state.storage_bytes()}
         return out | {name: ray.get(ref) for name, ref in refs.items()}
 
     def records(self) -> list[dict]:

@@ -256,36 +256,14 @@ def submit_virtual(schedule: Schedule, institutions: dict, merge_actor, pull: st
         acks.poll()
 
 
-def resume_point(schedule: Schedule, records: list[dict]) -> tuple[frozenset[str], dict[str, int]]:
-    """What a resumed run skips and where its early pulls stand: ``(handled ids, {id: version to pull at})``.
-
-    Handled: accepted, or rejected for a reason of its own (not an injected corrupted copy). With the virtual clock
-    the log holds a prefix of the schedule's commits, so a contribution that pulled before the last handled commit
-    pulled the version = accepted commits before its pull event.
-    """
-    accepted = {r["id"] for r in records if r.get("event") == "accepted"}
-    handled = accepted | {r["id"] for r in records
-                          if r.get("event") == "rejected" and r.get("id") and not r.get("injected")}
-    remaining, version, versions = len(handled), 0, {}
-    for ev in schedule.events():
-        if remaining == 0:
-            break
-        cid = ev["contribution"]
-        if ev["event"] == "commit" and cid in handled:
-            remaining -= 1
-            version += cid in accepted
-        elif ev["event"] == "pull" and cid not in handled:
-            versions[cid] = version
-    return frozenset(handled), versions
-
-
 def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, resume: bool = False) -> dict:
     """Run one simulation; writes the run dir ``out`` and returns ``summary.json``'s content.
 
     ``resume``: ``out`` is the run dir of this config whose driver died; continue it (see the module docstring).
     """
     from sim.model import load_foundation
-    from sim.store import CommitLog, institution_key
+    from sim.commit import institution_key
+    from sim.commit_log import CommitLog, resume_point
 
     t_start = time.time()
     run_dir = Path(out)
@@ -375,7 +353,7 @@ def write_records(run_dir: Path, cfg: SimConfig, run_id: str, schedule: Schedule
     import pandas as pd
 
     from sim.evaluation import finite_mean, summarise_reference, summarise_strategies
-    from sim.store import is_flat, json_safe
+    from sim.records import is_flat, json_safe
 
     common = {"run_id": run_id}
     events = [common | {"source": "schedule", "t_wall": math.nan} | e for e in schedule.events()]

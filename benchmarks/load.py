@@ -82,7 +82,7 @@ def make_commits(cfg: SimConfig, per_institution: int, secret: bytes, corrupt: f
     from sim.data.base import DistilledSet, derive_rng
     from sim.faults import corrupt_commit
     from sim.model import load_foundation, new_adapter
-    from sim.store import Commit, institution_key, sign_commit
+    from sim.commit import Commit, institution_key, sign_commit
 
     foundation = load_foundation(cfg.model, cfg.data.img_size)
     cohort = build_cohort(cfg.data, cfg.seed)
@@ -131,7 +131,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     try:
         from actors.merge_actor import MergeActor
-        from sim.store import CommitLog
+        from sim.commit_log import CommitLog
 
         # Step 1: the commits, made and signed up front; the merge actor and the committers, started and answering.
         secret = os.urandom(32)

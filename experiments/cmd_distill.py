@@ -19,7 +19,7 @@ from sim.data import Cohort, DistilledSet, Institution, build_cohort
 from sim.distill import distill
 from sim.distill.audit import audit_institution
 from sim.model import load_foundation
-from sim.store import json_safe
+from sim.records import json_safe
 
 HELP = "distil one institution's data (dm, random, herding, noise); writes distilled.npz, preview.png, audit.json"
 PREVIEW_MAX_COLS = 20

@@ -88,7 +88,7 @@ def _check_log(out: Path) -> None:
     """A log corrupted before its last line cannot be resumed: say so before starting Ray."""
     import warnings
 
-    from sim.store import CommitLog
+    from sim.commit_log import CommitLog
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # a torn last line is expected after a crash; the restore drops it

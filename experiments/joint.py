@@ -108,7 +108,7 @@ def add_joint_reference(cfg: SimConfig, run_dir: str | Path) -> dict:
     from actors.runner import connect
     from sim.evaluation import summarise_reference
     from sim.model import save_adapter
-    from sim.store import json_safe
+    from sim.records import json_safe
 
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -16,7 +16,7 @@ from sim.distill import distill
 from sim.metrics import evaluate
 from sim.model import PEFT_PREFIX, Adapter, Foundation, target_module_names
 from sim.schedule import Contribution
-from sim.store import Commit
+from sim.commit import Commit
 from sim.train import train_adapter
 
 

@@ -97,7 +97,7 @@ def corrupt_commit(commit, kind: str, key: bytes | None):
     """
     import torch
 
-    from sim.store import sign_commit
+    from sim.commit import sign_commit
 
     if kind not in CORRUPT_KINDS:
         raise ValueError(f"unknown corruption kind {kind!r}; known: {', '.join(CORRUPT_KINDS)}")

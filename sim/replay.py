@@ -4,13 +4,12 @@ A run with ``schedule.init_from: base`` has commits that do not depend on each o
 the foundation), so its log can be merged again in any order: what changes is only what the merge does with the
 order (MedForge's sequential Fusion/Mixture searches two coefficients per arriving commit, on the distilled sets
 received so far). Order 0 is the original order and reproduces the run's final metrics; order k ≥ 1 is a seeded
-permutation (``derive_seed(seed, "order", k)``). Each order builds its branches with ``sim.store.MainBranches``
+permutation (``derive_seed(seed, "order", k)``). Each order builds its branches with ``sim.branches.MainBranches``
 exactly as the merge actor did (same merge seeds per sequence position) and is evaluated with
 ``sim.evaluation.evaluate_snapshot`` on every task of the run.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
@@ -18,9 +17,11 @@ from typing import Sequence
 import numpy as np
 import yaml
 
+from sim.branches import MainBranches
+from sim.commit import Commit
+from sim.commit_log import CommitLog
 from sim.config import SimConfig, config_from_dict
 from sim.data.base import derive_seed
-from sim.store import Commit, CommitLog, MainBranches
 
 
 def load_run(run_dir: str | Path) -> tuple[SimConfig, list[Commit]]:
@@ -63,18 +64,15 @@ def replay_order(cfg: SimConfig, commits: Sequence[Commit], order: Sequence[int]
     ``proxy_cache``: a ``sim.merge.mixture.ProbabilityCache`` shared by the orders of one replay — each adapter's
     probabilities on each distilled set do not depend on the order, so the mixture search computes them once.
     """
-    from sim.merge import start_sequence
-
     out = {}
     for s in strategies:
         branches = MainBranches((s,), cfg, foundation)
-        if s == "mixture" and proxy_cache is not None:
-            branches.states[s] = dataclasses.replace(start_sequence(s), cache=proxy_cache)
+        if proxy_cache is not None:
+            branches.share_probability_cache(proxy_cache)
         t0 = time.perf_counter()
         for position, i in enumerate(order):
-            update, _ = branches.propose(commits[i], position + 1, 0)
-            branches.apply(update)
-        out[s] = (branches.merged[s], time.perf_counter() - t0)
+            branches.add(commits[i], position + 1, 0)
+        out[s] = (branches.predictor(s), time.perf_counter() - t0)
     return out
 
 

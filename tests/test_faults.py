@@ -26,7 +26,8 @@ from sim.config import CORRUPT_KINDS, FaultsConfig, config_from_dict, config_to_
 from sim.data.base import DistilledSet
 from sim.faults import corrupt_commit, expected_reason, plan_faults
 from sim.model import load_adapter, new_adapter
-from sim.store import Commit, MainState, institution_key, sign_commit
+from sim.commit import Commit, institution_key, sign_commit
+from sim.main_state import MainState
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"s" * 32
@@ -155,7 +156,7 @@ def test_pull_at_a_past_version_needs_the_history(tmp_path, store_cfg, instituti
 
 
 def test_resume_point_skips_what_the_log_has_and_replays_early_pulls():
-    from actors.runner import resume_point
+    from sim.commit_log import resume_point
     from sim.config import ScheduleConfig
     from sim.schedule import build_schedule
 

@@ -10,7 +10,10 @@ import torch
 
 from sim.data.base import DistilledSet
 from sim.model import new_adapter
-from sim.store import Commit, CommitLog, MainState, expected_shapes, save_main, validate_commit
+from sim.branches import save_main
+from sim.commit import Commit, expected_shapes, validate_commit
+from sim.commit_log import CommitLog
+from sim.main_state import MainState
 
 
 @pytest.fixture(scope="module")

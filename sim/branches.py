@@ -1,0 +1,139 @@
+"""The branches: one merged predictor per strategy over the same stream of accepted commits, and ``main/`` on disk."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sim.commit import Commit
+from sim.config import SimConfig
+from sim.data.base import DistilledSet, derive_seed
+from sim.merge import SEQUENTIAL, Mixture, default_weights, merge, merge_step, save_mixture, start_sequence
+from sim.merge.api import SequentialState
+from sim.model import Adapter, Foundation, save_adapter
+
+Predictor = Adapter | Mixture | None
+
+
+class MainBranches:
+    """One branch per strategy over the same commit stream.
+
+    fusion/mixture with ``merge.search_mode: sequential``: MedForge's merge as commits arrive (``merge_step``), the
+    two stage coefficients searched on the proxy — the latest distilled set of every institution received so far.
+    fusion/mixture with ``global``: all N coefficients searched again on each commit. Every other strategy:
+    ``merge`` over every accepted adapter, with its default weights — or, with ``schedule.staleness_weighting``,
+    each commit's weight times 1/(1 + staleness) (renormalised for the averaging strategies). Searched strategies
+    are not staleness-weighted: their coefficients are fitted on the proxy instead.
+
+    Merges are deterministic: each is seeded from the run seed, the strategy and the commit's sequence number, so
+    replaying the accepted commits in order rebuilds the same branches.
+    """
+
+    def __init__(self, strategies: Sequence[str], cfg: SimConfig, foundation: Foundation) -> None:
+        self.strategies = tuple(strategies)
+        self.cfg, self.foundation = cfg, foundation
+        self.adapters: list[Adapter] = []
+        self.staleness: list[int] = []
+        self.proxy_sets: dict[int, DistilledSet] = {}
+        self.states: dict[str, SequentialState] = {}
+        self.merged: dict[str, Predictor] = {s: None for s in self.strategies}
+
+    # -- reading --------------------------------------------------------------------------
+    def predictor(self, strategy: str) -> Predictor:
+        """``strategy``'s branch now; ``None`` before the first commit."""
+        return self.merged[strategy]
+
+    def snapshot(self) -> dict[str, Predictor]:
+        """Every branch now, ``{strategy: predictor}`` (a copy: later commits do not change it)."""
+        return dict(self.merged)
+
+    # -- merging --------------------------------------------------------------------------
+    def share_probability_cache(self, cache) -> None:
+        """Start the output-space branches' sequences with ``cache`` (a ``sim.merge.mixture.ProbabilityCache``):
+        replays of the same commits in other orders then compute each adapter's proxy probabilities once."""
+        for s in self.strategies:
+            if s == "mixture":
+                self.states[s] = dataclasses.replace(start_sequence(s), cache=cache)
+
+    def add(self, commit: Commit, seq: int, staleness: int) -> list[dict]:
+        """Merge ``commit`` into every branch now (``propose`` then ``apply``); returns the merge records."""
+        update, records = self.propose(commit, seq, staleness)
+        self.apply(update)
+        return records
+
+    def _sequential(self, strategy: str) -> bool:
+        return strategy in SEQUENTIAL and self.cfg.merge.search_mode == "sequential"
+
+    def _weights(self, strategy: str, staleness: list[int]) -> np.ndarray | None:
+        if not self.cfg.schedule.staleness_weighting:
+            return None
+        base = default_weights(strategy, len(staleness))
+        factor = 1.0 / (1.0 + np.asarray(staleness, dtype=np.float64))
+        if np.isclose(base.sum(), 1.0):
+            return factor / factor.sum()
+        return base * factor
+
+    def _merge_branch(self, s: str, commit: Commit, adapters: list[Adapter], stale: list[int],
+                      proxy: list[DistilledSet], seed: int) -> tuple[SequentialState | None, Predictor, dict]:
+        """``(sequential state or None, merged predictor, merge record fields)`` of branch ``s`` with ``commit``."""
+        if self._sequential(s):
+            state = merge_step(self.states.get(s) or start_sequence(s), commit.adapter, foundation=self.foundation,
+                               proxy=proxy, cfg=self.cfg.merge, seed=seed)
+            rec = {k: v for k, v in state.stages[-1].items() if k != "trace"}
+            rec["coefficients"] = np.asarray(state.coefficients).tolist()
+            return state, state.merged, rec
+        res = merge(s, adapters, self._weights(s, stale), cfg=self.cfg.merge, foundation=self.foundation,
+                    proxy=proxy if s in SEQUENTIAL else None, seed=seed)
+        rec = res.record()
+        if res.coefficients is not None:
+            rec["coefficients"] = np.asarray(res.coefficients).tolist()
+        return None, res.merged, rec
+
+    def propose(self, commit: Commit, seq: int, staleness: int) -> tuple[dict, list[dict]]:
+        """Every branch with ``commit`` merged in, without changing this object: ``(update, merge records)``.
+
+        Raises whatever a merge raises; ``apply(update)`` makes the update current.
+        """
+        adapters = self.adapters + [commit.adapter]
+        stale = self.staleness + [staleness]
+        proxy_sets = dict(self.proxy_sets) | {commit.institution: commit.distilled}
+        proxy = list(proxy_sets.values())
+        states, merged, records = {}, {}, []
+        for s in self.strategies:
+            seed = derive_seed(self.cfg.seed, "merge", s, seq)
+            state, merged[s], rec = self._merge_branch(s, commit, adapters, stale, proxy, seed)
+            if state is not None:
+                states[s] = state
+            records.append({"event": "merged", "seq": seq, "id": commit.id, "strategy": s} | rec)
+        update = {"adapters": adapters, "staleness": stale, "proxy_sets": proxy_sets, "states": states,
+                  "merged": merged}
+        return update, records
+
+    def apply(self, update: dict) -> None:
+        """Make a ``propose`` update current."""
+        self.adapters, self.staleness = update["adapters"], update["staleness"]
+        self.proxy_sets = update["proxy_sets"]
+        self.states |= update["states"]
+        self.merged |= update["merged"]
+
+
+def save_main(snapshot: Mapping[str, Predictor], out_dir: str | Path) -> Path:
+    """``main/<strategy>/``: a peft adapter dir, or a mixture dir (``save_mixture``); branches without a commit are
+    skipped."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for strategy, predictor in snapshot.items():
+        if predictor is None:
+            continue
+        target = out / strategy
+        shutil.rmtree(target, ignore_errors=True)
+        if isinstance(predictor, Mixture):
+            save_mixture(predictor, target)
+        else:
+            save_adapter(predictor, target)
+    return out
+
+
