@@ -11,7 +11,7 @@ import numpy as np
 from sim.commit import Commit
 from sim.config import SimConfig
 from sim.data.base import DistilledSet, derive_seed
-from sim.merge import SEQUENTIAL, Mixture, default_weights, merge, merge_step, save_mixture, start_sequence
+from sim.merge import Mixture, StrategySpec, get_spec, merge, merge_step, save_mixture, start_sequence
 from sim.merge.api import SequentialState
 from sim.model import Adapter, Foundation, save_adapter
 
@@ -19,11 +19,12 @@ Predictor = Adapter | Mixture | None
 
 
 class MainBranches:
-    """One branch per strategy over the same commit stream.
+    """One branch per strategy over the same commit stream; what each branch does is read from its strategy's spec.
 
-    fusion/mixture with ``merge.search_mode: sequential``: MedForge's merge as commits arrive (``merge_step``), the
-    two stage coefficients searched on the proxy — the latest distilled set of every institution received so far.
-    fusion/mixture with ``global``: all N coefficients searched again on each commit. Every other strategy:
+    A sequential strategy (``StrategySpec.sequential``: fusion, mixture) with ``merge.search_mode: sequential``:
+    MedForge's merge as commits arrive (``merge_step``), the two stage coefficients searched on the proxy — the
+    latest distilled set of every institution received so far. With ``global``: all N coefficients searched again
+    on each commit (the proxy goes to every strategy whose spec ``needs_proxy``). Every other strategy:
     ``merge`` over every accepted adapter, with its default weights — or, with ``schedule.staleness_weighting``,
     each commit's weight times 1/(1 + staleness) (renormalised for the averaging strategies). Searched strategies
     are not staleness-weighted: their coefficients are fitted on the proxy instead.
@@ -34,6 +35,7 @@ class MainBranches:
 
     def __init__(self, strategies: Sequence[str], cfg: SimConfig, foundation: Foundation) -> None:
         self.strategies = tuple(strategies)
+        self.specs: dict[str, StrategySpec] = {s: get_spec(s) for s in self.strategies}   # an unknown name fails here
         self.cfg, self.foundation = cfg, foundation
         self.adapters: list[Adapter] = []
         self.staleness: list[int] = []
@@ -55,7 +57,7 @@ class MainBranches:
         """Start the output-space branches' sequences with ``cache`` (a ``sim.merge.mixture.ProbabilityCache``):
         replays of the same commits in other orders then compute each adapter's proxy probabilities once."""
         for s in self.strategies:
-            if s == "mixture":
+            if self.specs[s].space == "output":
                 self.states[s] = dataclasses.replace(start_sequence(s), cache=cache)
 
     def add(self, commit: Commit, seq: int, staleness: int) -> list[dict]:
@@ -65,12 +67,12 @@ class MainBranches:
         return records
 
     def _sequential(self, strategy: str) -> bool:
-        return strategy in SEQUENTIAL and self.cfg.merge.search_mode == "sequential"
+        return self.specs[strategy].sequential and self.cfg.merge.search_mode == "sequential"
 
     def _weights(self, strategy: str, staleness: list[int]) -> np.ndarray | None:
         if not self.cfg.schedule.staleness_weighting:
             return None
-        base = default_weights(strategy, len(staleness))
+        base = self.specs[strategy].default_weights(len(staleness))
         factor = 1.0 / (1.0 + np.asarray(staleness, dtype=np.float64))
         if np.isclose(base.sum(), 1.0):
             return factor / factor.sum()
@@ -86,7 +88,7 @@ class MainBranches:
             rec["coefficients"] = np.asarray(state.coefficients).tolist()
             return state, state.merged, rec
         res = merge(s, adapters, self._weights(s, stale), cfg=self.cfg.merge, foundation=self.foundation,
-                    proxy=proxy if s in SEQUENTIAL else None, seed=seed)
+                    proxy=proxy if self.specs[s].needs_proxy else None, seed=seed)
         rec = res.record()
         if res.coefficients is not None:
             rec["coefficients"] = np.asarray(res.coefficients).tolist()

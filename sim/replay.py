@@ -87,8 +87,8 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
     import torch
 
     from sim.data import build_cohort
+    from sim.merge import get_spec
     from sim.merge.mixture import ProbabilityCache
-    from sim.merge import get_strategy
     from sim.model import load_foundation
 
     order_ids = list(range(orders)) if isinstance(orders, int) else [int(k) for k in orders]
@@ -97,7 +97,7 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
     cfg, commits = loaded or load_replayable(run_dir)
     strategies = tuple(strategies or cfg.merge.strategies)
     for s in strategies:
-        get_strategy(s)
+        get_spec(s)
     torch.set_num_threads(cfg.runtime.threads)
     foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
     cohort = cohort or build_cohort(cfg.data, cfg.seed)
