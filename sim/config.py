@@ -3,7 +3,9 @@
 Every section is a frozen dataclass with defaults, a one-line help per field (``metadata["help"]``)
 and checks in ``__post_init__`` that raise one ``ValueError`` naming the field and what is allowed,
 in the manner of peft's ``LoraConfig`` and nanoGPT's ``GPTConfig``. ``SimConfig`` composes the
-sections; it loads from YAML/JSON and takes ``section.field=value`` overrides.
+sections; it loads from YAML/JSON and takes ``section.field=value`` overrides. Fields that name a registry entry
+are checked against that registry. One file for every section (over 400 lines) so that each field's default, help
+and check sit together and the whole configuration surface reads in one place.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sim.registry import check_names
 
 __all__ = [
     "DataConfig", "ModelConfig", "LoraConfig", "TrainConfig", "DistillConfig", "MergeConfig",
@@ -42,6 +46,14 @@ def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
     _check(value in choices, name, f"one of {', '.join(choices)}", value)
 
 
+# Fields that name a registry entry (data.name, distill.method, merge.strategies, schedule.arrival, the pulled
+# branch) are checked against the registry itself, never a retyped list of names, so adding an entry is one edit.
+# The registries live with what they register and import this module (sim.merge, sim.distill and sim.schedule take
+# their config dataclasses from here), so each check imports its registry inside the function: by the time a
+# config is constructed this module is fully loaded and the cycle is harmless, whereas a separate names-only list
+# would be a second copy to keep in step (and the pull check needs each strategy's space, not only its name).
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -61,7 +73,7 @@ class DataConfig:
     rare_prevalence: float = _f(0.0, "if > 0, the last class of every task is subsampled to this prevalence")
 
     def __post_init__(self) -> None:
-        from sim.data import DATASETS  # registry lives with the loaders
+        from sim.data import DATASETS  # the registry lives with the loaders; see the note above _choice
 
         _choice("data.name", self.name, DATASETS)
         _check(self.n_tasks >= 1, "data.n_tasks", "an integer >= 1", self.n_tasks)
@@ -189,7 +201,9 @@ class DistillConfig:
     audit_max_auc: float = _f(0.6, "audit: flag the set if the membership-inference AUC exceeds this")
 
     def __post_init__(self) -> None:
-        _choice("distill.method", self.method, ("dm", "random", "herding", "noise"))
+        from sim.distill import DISTILLERS  # the registry; imported here, see the note above _choice
+
+        _choice("distill.method", self.method, DISTILLERS)
         _check(self.ipc >= 1, "distill.ipc", "an integer >= 1", self.ipc)
         _check(self.iterations >= 0, "distill.iterations", "an integer >= 0", self.iterations)
         _check(self.lr_img > 0, "distill.lr_img", "a number > 0", self.lr_img)
@@ -227,6 +241,9 @@ class MergeConfig:
         _check(len(self.strategies) > 0, "merge.strategies", "a non-empty list", self.strategies)
         _check(len(set(self.strategies)) == len(self.strategies), "merge.strategies", "distinct names",
                self.strategies)
+        from sim.merge.specs import SPECS  # the registry; imported here, see the note above _choice
+
+        check_names(SPECS, self.strategies, "merge strategy", "merge.strategies")
         _check(self.budget >= 1, "merge.budget", "an integer >= 1", self.budget)
         _check(self.bound > 0, "merge.bound", "a number > 0", self.bound)
         _check(self.l1 >= 0, "merge.l1", "a number >= 0", self.l1)
@@ -259,7 +276,9 @@ class ScheduleConfig:
     wall_scale: float = _f(0.05, "runtime.clock=wall: seconds of real time per unit of virtual time")
 
     def __post_init__(self) -> None:
-        _choice("schedule.arrival", self.arrival, ("poisson", "uniform", "periodic", "trace"))
+        from sim.schedule import ARRIVALS  # the registry; imported here, see the note above _choice
+
+        _choice("schedule.arrival", self.arrival, ARRIVALS)
         _check(self.contributions >= 1, "schedule.contributions", "an integer >= 1", self.contributions)
         _check(0 < self.rate < math.inf, "schedule.rate", "a finite number > 0", self.rate)
         _check(0 <= self.speed_sigma < math.inf, "schedule.speed_sigma", "a finite number >= 0", self.speed_sigma)
@@ -359,6 +378,28 @@ class SimConfig:
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(self.data.institutions >= self.data.task_count, "data.institutions",
                f"at least the number of tasks ({self.data.task_count})", self.data.institutions)
+        self.pull_branch  # noqa: B018 - raises here, at construction, if init_from=main has no branch to pull
+
+    @property
+    def pull_branch(self) -> str | None:
+        """The branch contributions pull with ``schedule.init_from: main`` (``None`` with ``init_from: base``).
+
+        ``schedule.pull_strategy``, or the first entry of ``merge.strategies`` whose spec merges in parameter space
+        (an output-space predictor such as the mixture has no weights to start training from).
+        """
+        if self.schedule.init_from != "main":
+            return None
+        from sim.merge.specs import SPECS  # the registry; imported here, see the note above _choice
+
+        name = self.schedule.pull_strategy or next(
+            (s for s in self.merge.strategies if SPECS[s].space != "output"), "")
+        if not name or (name in SPECS and SPECS[name].space == "output"):
+            raise ValueError("schedule.init_from=main needs a parameter-space strategy to pull (schedule.pull_strategy "
+                             "or a non-mixture entry in merge.strategies)")
+        if name not in self.merge.strategies:
+            raise ValueError(f"schedule.pull_strategy {name!r} is not one of merge.strategies "
+                             f"({', '.join(self.merge.strategies)})")
+        return name
 
     def replace(self, **sections: Any) -> "SimConfig":
         return dataclasses.replace(self, **sections)

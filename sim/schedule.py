@@ -32,6 +32,7 @@ import numpy as np
 
 from sim.config import ScheduleConfig
 from sim.data.base import derive_rng, derive_seed
+from sim.registry import lookup
 
 __all__ = ["Contribution", "Schedule", "ARRIVALS", "get_arrival", "build_schedule", "read_trace",
            "poisson", "uniform", "periodic", "trace"]
@@ -146,10 +147,7 @@ ARRIVALS: dict[str, Callable[[ScheduleConfig, Sequence[float], int], list[np.nda
 
 def get_arrival(name: str) -> Callable[[ScheduleConfig, Sequence[float], int], list[np.ndarray]]:
     """Look an arrival process up by name; a typo lists the known names."""
-    try:
-        return ARRIVALS[name]
-    except KeyError:
-        raise ValueError(f"unknown arrival process {name!r}; known: {', '.join(ARRIVALS)}") from None
+    return lookup(ARRIVALS, name, "arrival process")
 
 
 def read_trace(path: str | Path | None, n_institutions: int | None = None) -> dict[int, list[float]]:

@@ -17,6 +17,7 @@ from sim.data.digits import load_digits_tasks
 from sim.data.medmnist import load_medmnist_tasks
 from sim.data.shift import apply_site_shift, sample_site_shift
 from sim.data.synthetic import load_synthetic_tasks
+from sim.registry import lookup
 
 __all__ = ["DATASETS", "get_dataset", "build_cohort", "Cohort", "Institution", "Split", "TaskPool",
            "DistilledSet", "derive_rng", "derive_seed", "resize_uint8", "to_rgb_uint8", "to_unit_float"]
@@ -31,10 +32,7 @@ DATASETS: dict[str, Callable] = {
 
 def get_dataset(name: str) -> Callable:
     """Look a dataset loader up by name; a typo lists the known names."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+    return lookup(DATASETS, name, "dataset")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from sim.config import DistillConfig
 from sim.data.base import DistilledSet, Split, derive_seed, to_unit_float
 from sim.distill.baselines import herding, noise, random
 from sim.distill.dm import dm
+from sim.registry import lookup
 
 __all__ = ["DISTILLERS", "get_distiller", "distill", "RARE_PREVALENCE"]
 
@@ -49,10 +50,7 @@ RARE_PREVALENCE = 0.05
 
 def get_distiller(name: str) -> Callable:
     """Look a distiller up by name; a typo lists the known names."""
-    try:
-        return DISTILLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown distiller {name!r}; known: {', '.join(DISTILLERS)}") from None
+    return lookup(DISTILLERS, name, "distiller")
 
 
 def _class_report(classes: Sequence[str], counts: np.ndarray, out_counts: list[int], ipc: int) -> dict:
