@@ -7,7 +7,7 @@ import typing
 
 import yaml
 
-from experiments.cli import COMMON_FLAGS, add_config_args, add_data_args, resolve_config
+from experiments.common import COMMON_FLAGS, add_config_args, add_data_args, resolve_config
 from sim.config import SECTIONS, SimConfig, config_to_dict
 
 HELP = "print the resolved configuration (YAML), or --fields to list every field with its help"

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from experiments.cli import COMMON_FLAGS, add_config_args, add_data_args, prepare_out_dir, resolve_config
-from experiments.cmd_train import train_task
+from experiments.common import COMMON_FLAGS, add_config_args, add_data_args, prepare_out_dir, resolve_config
 from sim.config import config_to_dict
 from sim.data import build_cohort
 from sim.model import load_foundation, save_adapter
+from sim.train import train_task
 
 HELP = "run the default end-to-end demo and write a run dir with figures and a report"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cli import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir, resolve_config
+from experiments.common import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir, resolve_config
 from sim.config import config_to_dict
 from sim.data import Cohort, DistilledSet, Institution, build_cohort
 from sim.distill import distill
@@ -38,15 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-
-
-def check_out_dir(path: str | Path, overwrite: bool) -> None:
-    """The checks of ``prepare_out_dir`` without creating anything, so that bad input writes nothing."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CLIError(f"--out {out} is not empty; choose a new directory (or pass --overwrite)")
 
 
 def pick_institution(cohort: Cohort, task: str | None, institution: int | None) -> Institution:
@@ -96,7 +87,7 @@ def save_preview(distilled: DistilledSet, path: Path, max_cols: int = PREVIEW_MA
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, COMMON_FLAGS | {"method": "distill.method", "ipc": "distill.ipc"})
-    check_out_dir(args.out, args.overwrite)
+    prepare_out_dir(args.out, args.overwrite, create=False)      # bad input writes nothing
     t0 = time.perf_counter()
     cohort = build_cohort(cfg.data, cfg.seed)
     inst = pick_institution(cohort, args.task, args.institution)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cli import CLIError, add_config_args, prepare_out_dir, resolve_config
+from experiments.common import CLIError, add_config_args, prepare_out_dir, resolve_config
 from sim.config import config_to_dict
 from sim.data.base import DistilledSet
 from sim.merge import STRATEGIES, Mixture, check_compatible, merge, save_mixture

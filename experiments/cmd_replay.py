@@ -5,7 +5,7 @@ import argparse
 import json
 import time
 
-from experiments.cli import CLIError, prepare_out_dir
+from experiments.common import CLIError, prepare_out_dir
 
 HELP = "re-merge a run's accepted commits in K seeded orders (order 0 = original); writes orders.parquet"
 

@@ -9,7 +9,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from experiments.cli import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir, resolve_config
+from experiments.common import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir, resolve_config
 from sim.config import SimConfig
 
 RUN_DIR_MARKERS = ("config.yaml", "log.jsonl", "summary.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.cli import CLIError, add_config_args, resolve_config
+from experiments.common import CLIError, add_config_args, resolve_config
 
 HELP = "run a study (scaling, order, forgetting, ipc, rank) as a Ray Tune sweep and write a sweep dir"
 

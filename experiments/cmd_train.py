@@ -7,12 +7,11 @@ import time
 
 import torch
 
-from experiments.cli import COMMON_FLAGS, add_config_args, add_data_args, prepare_out_dir, resolve_config
-from sim.config import SimConfig, config_to_dict
-from sim.data import Cohort, build_cohort
-from sim.metrics import chance_accuracy, evaluate
-from sim.model import Adapter, Foundation, load_foundation, save_adapter
-from sim.train import train_adapter
+from experiments.common import COMMON_FLAGS, add_config_args, add_data_args, prepare_out_dir, resolve_config
+from sim.config import config_to_dict
+from sim.data import build_cohort
+from sim.model import load_foundation, save_adapter
+from sim.train import train_task
 
 HELP = "train one LoRA adapter on one task; writes a peft adapter dir and metrics.json"
 
@@ -25,33 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-
-
-def train_task(cfg: SimConfig, cohort: Cohort, foundation: Foundation, task: str) -> tuple[Adapter, dict]:
-    """Train on the union of ``task``'s training splits; score on its test set, the base, and other tasks."""
-    classes = cohort.task_classes[task]
-    result = train_adapter(foundation, cohort.task_split(task, "train"), task, classes, cfg.lora, cfg.train,
-                           seed=cfg.seed, head=cfg.model.head)
-    test = cohort.task_split(task, "test")
-    t0 = time.perf_counter()
-    own = evaluate(foundation, result.adapter, test, task, classes)
-    eval_s = time.perf_counter() - t0
-    base = evaluate(foundation, None, test, task, classes)
-    cross = {}
-    if cfg.model.head == "prototype":  # a linear head only scores its own task's classes
-        cross = {other: evaluate(foundation, result.adapter, cohort.task_split(other, "test"), other,
-                                 cohort.task_classes[other])["acc"] for other in cohort.tasks if other != task}
-    metrics = {
-        "task": task, "classes": list(classes), "acc": own["acc"], "auc": own["auc"],
-        "base_acc": base["acc"], "base_auc": base["auc"], "chance": chance_accuracy(len(classes)),
-        "train_s": result.stats["train_s"], "train_images_per_s": result.stats["images_per_s"],
-        "test_images_per_s": own["n"] / eval_s, "n_train": len(cohort.task_split(task, "train")),
-        "n_test": own["n"], "cross_task_acc": cross, "loss_first": result.stats["loss_first"],
-        "loss_last": result.stats["loss_last"], "rank": cfg.lora.rank, "steps": cfg.train.steps,
-        "seed": cfg.seed, "base_fingerprint": foundation.fingerprint, "storage_bytes": result.adapter.num_bytes(),
-    }
-    result.adapter.meta.update({"seed": cfg.seed, "steps": cfg.train.steps})
-    return result.adapter, metrics
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,15 +5,19 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim.config import LoraConfig, TrainConfig
+from sim.config import LoraConfig, SimConfig, TrainConfig
 from sim.data.base import Split, derive_seed, to_unit_float
+from sim.metrics import chance_accuracy, evaluate
 from sim.model import Adapter, Foundation, augment, logits_from_features, new_adapter
+
+if TYPE_CHECKING:
+    from sim.data import Cohort
 
 
 @dataclass
@@ -45,6 +49,33 @@ def train_adapter(foundation: Foundation, split: Split, task: str, classes: Sequ
 
     return _fit(foundation, lora, cfg, seed, cfg.steps, draw, init, len(classes) if head == "linear" else 0,
                 meta={"task": task, "classes": list(classes)})
+
+
+def train_task(cfg: SimConfig, cohort: Cohort, foundation: Foundation, task: str) -> tuple[Adapter, dict]:
+    """Train on the union of ``task``'s training splits; score on its test set, the base, and other tasks."""
+    classes = cohort.task_classes[task]
+    result = train_adapter(foundation, cohort.task_split(task, "train"), task, classes, cfg.lora, cfg.train,
+                           seed=cfg.seed, head=cfg.model.head)
+    test = cohort.task_split(task, "test")
+    t0 = time.perf_counter()
+    own = evaluate(foundation, result.adapter, test, task, classes)
+    eval_s = time.perf_counter() - t0
+    base = evaluate(foundation, None, test, task, classes)
+    cross = {}
+    if cfg.model.head == "prototype":  # a linear head only scores its own task's classes
+        cross = {other: evaluate(foundation, result.adapter, cohort.task_split(other, "test"), other,
+                                 cohort.task_classes[other])["acc"] for other in cohort.tasks if other != task}
+    metrics = {
+        "task": task, "classes": list(classes), "acc": own["acc"], "auc": own["auc"],
+        "base_acc": base["acc"], "base_auc": base["auc"], "chance": chance_accuracy(len(classes)),
+        "train_s": result.stats["train_s"], "train_images_per_s": result.stats["images_per_s"],
+        "test_images_per_s": own["n"] / eval_s, "n_train": len(cohort.task_split(task, "train")),
+        "n_test": own["n"], "cross_task_acc": cross, "loss_first": result.stats["loss_first"],
+        "loss_last": result.stats["loss_last"], "rank": cfg.lora.rank, "steps": cfg.train.steps,
+        "seed": cfg.seed, "base_fingerprint": foundation.fingerprint, "storage_bytes": result.adapter.num_bytes(),
+    }
+    result.adapter.meta.update({"seed": cfg.seed, "steps": cfg.train.steps})
+    return result.adapter, metrics
 
 
 def train_joint_adapter(foundation: Foundation, parts: Sequence[tuple[Split, str, Sequence[str]]], lora: LoraConfig,

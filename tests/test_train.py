@@ -2,12 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.cmd_train import train_task
 from sim.config import SimConfig, TrainConfig, apply_overrides
 from sim.data import build_cohort
 from sim.metrics import accuracy, evaluate, macro_auc
 from sim.model import load_foundation
-from sim.train import train_adapter
+from sim.train import train_adapter, train_task
 
 
 def test_training_is_seeded_and_leaves_global_rng_alone(tiny_cfg, tiny_foundation, tiny_cohort):
