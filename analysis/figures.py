@@ -1,6 +1,8 @@
 """One function per figure: records (DataFrames) in, a PNG and a PDF out.
 
-Every function takes the tables it needs and an output dir, and returns a ``FigureResult`` (paths, the axis labels,
+Where a figure needs more than selecting columns, a shaping function (``cost_frames``, ``forgetting_frames``,
+``timeline_frames``) turns the records into the DataFrames it draws, and a drawing function (``draw_cost`` …) takes
+them; ``plot_*`` is the two in turn. Every ``plot_*`` takes the tables it needs and an output dir, and returns a ``FigureResult`` (paths, the axis labels,
 the legend entries and a caption), or ``None`` when its data does not exist — so a report shows a figure only when
 there is something to show. Lines are means over seeds with a 95% t confidence band of the mean where there are
 several seeds (``analysis.load.mean_ci``). Figures are built on ``matplotlib.figure.Figure`` (Agg canvas), never
@@ -22,17 +24,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from analysis.cost import DEFAULT_MAX_MS_PER_POINT, mixture_breakeven, stops_paying
 from analysis.load import REFERENCES, mean_ci
 
-__all__ = ["FigureResult", "strategy_color", "plot_scaling", "plot_cost", "mixture_breakeven", "plot_orders",
-           "plot_forgetting", "plot_ipc", "plot_rank", "plot_timeline", "plot_progress", "DEFAULT_MAX_MS_PER_POINT"]
+__all__ = ["FigureResult", "strategy_color", "plot_scaling", "plot_cost", "cost_frames", "draw_cost",
+           "plot_orders", "plot_forgetting", "forgetting_frames", "draw_forgetting", "plot_ipc", "plot_rank",
+           "plot_timeline", "timeline_frames", "draw_timeline", "plot_progress"]
 
 DPI = 150
-# Mixture "pays" while each accuracy point (pp) it adds over Fusion costs at most this many ms of inference/image.
-DEFAULT_MAX_MS_PER_POINT = 1.0
-
-_KNOWN = ("lora_avg", "fusion", "mixture", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-          "magmax", "svd")
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 _REF_STYLE = {"base": ("0.55", ":"), "individual": ("0.1", "--"), "joint": ("#8c2d04", "-.")}
@@ -57,12 +56,11 @@ class FigureResult:
 
 
 def strategy_color(name: str, others: Sequence[str] = ()) -> str:
-    """A fixed colour per strategy (the same in every figure); unknown names take the next free colours."""
-    if name in _KNOWN:
-        return _PALETTE[_KNOWN.index(name)]
-    extra = [s for s in dict.fromkeys(others) if s not in _KNOWN]
-    i = extra.index(name) if name in extra else len(extra)
-    return _PALETTE[(len(_KNOWN) + i) % len(_PALETTE)]
+    """The colour of strategy ``name``: its place among ``others``, the strategies of the records in order of
+    appearance (a name not among them takes the next colour). The records name the strategies, so no list of names
+    is kept here; a report's figures read the same strategies in the same order, so they agree on the colours."""
+    order = list(dict.fromkeys(others))
+    return _PALETTE[(order.index(name) if name in order else len(order)) % len(_PALETTE)]
 
 
 def _save(fig: Figure, out_dir: Path, name: str, caption: str, notes: dict | None = None) -> FigureResult:
@@ -143,13 +141,15 @@ def _log_y(ax: Axes) -> None:
 
 
 # 1. scaling -------------------------------------------------------------------------------------------------------
-def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contributors") -> FigureResult | None:
+def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contributors",
+                 x_label: str = "contributors (institutions)") -> FigureResult | None:
     """Mean ACC and AUC vs number of contributors, per strategy, with base/individual/joint references.
 
     Args:
         results: sweep rows (one per trial × strategy) with ``x``, ``strategy``, ``acc``, ``auc`` and optionally
             ``seed`` and reference columns ``base_acc``, ``individual_auc``, ….
         out_dir: where ``scaling.png``/``.pdf`` go.
+        x, x_label: the column on the x axis and its axis label.
     Returns:
         The figure's result, or None without at least two values of ``x``.
     """
@@ -162,7 +162,7 @@ def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contribut
         for s in strategies:
             _line_ci(ax, results[results["strategy"] == s], x, metric, s, strategy_color(s, strategies))
         _references(ax, results, x, metric)
-        ax.set_xlabel("contributors (institutions)")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(label)
         ax.set_xticks(sorted(results[x].unique()))
         ax.grid(alpha=0.3)
@@ -177,53 +177,36 @@ def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contribut
 
 
 # 2. cost ----------------------------------------------------------------------------------------------------------
-def mixture_breakeven(results: pd.DataFrame, max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT,
-                      x: str = "contributors") -> pd.DataFrame:
-    """Mixture's accuracy gain over Fusion and its extra inference cost, per contributor count.
-
-    Rule: at each ``x``, gain = mean ACC(mixture) − mean ACC(fusion) in percentage points (pp), extra = mean
-    inference ms/image(mixture) − (fusion). Mixture *pays* at ``x`` when gain > 0 and extra / gain ≤
-    ``max_ms_per_point``. Returns columns ``x``, ``gain_pp``, ``extra_ms``, ``ms_per_pp`` (NaN when gain ≤ 0),
-    ``pays``; empty without both strategies.
-    """
-    need = {"acc", "infer_ms_per_image", "strategy", x}
-    if results.empty or not need <= set(results.columns) or not {"mixture", "fusion"} <= set(results["strategy"]):
-        return pd.DataFrame(columns=[x, "gain_pp", "extra_ms", "ms_per_pp", "pays"])
-    means = results[results["strategy"].isin(("mixture", "fusion"))].groupby([x, "strategy"])[
-        ["acc", "infer_ms_per_image"]].mean().unstack("strategy").dropna()
-    out = pd.DataFrame({x: means.index,
-                        "gain_pp": 100 * (means[("acc", "mixture")] - means[("acc", "fusion")]).to_numpy(),
-                        "extra_ms": (means[("infer_ms_per_image", "mixture")]
-                                     - means[("infer_ms_per_image", "fusion")]).to_numpy()})
-    out["ms_per_pp"] = np.where(out["gain_pp"] > 0, out["extra_ms"] / out["gain_pp"].where(out["gain_pp"] > 0),
-                                np.nan)
-    out["pays"] = (out["gain_pp"] > 0) & (out["ms_per_pp"] <= max_ms_per_point)
-    return out.reset_index(drop=True)
+_COST_PANELS = (("storage_mb", "storage of the merged predictor (MB)"), ("merge_s", "merge time per commit (s)"),
+                ("infer_ms_per_image", "inference time (ms / image)"))
 
 
-def _stops_paying(table: pd.DataFrame, x: str) -> float | None:
-    """Smallest ``x`` from which Mixture does not pay at any larger tested ``x`` (None if it pays at the last)."""
-    if table.empty or bool(table["pays"].iloc[-1]):
-        return None
-    paying = table.index[table["pays"]]
-    first_bad = paying.max() + 1 if len(paying) else 0
-    return float(table[x].iloc[first_bad])
-
-
-def plot_cost(results: pd.DataFrame, out_dir: str | Path, max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT,
-              x: str = "contributors") -> FigureResult | None:
-    """Storage (MB), merge time (s per commit) and inference (ms/image) vs contributors, per strategy; plus
-    Mixture's accuracy gain over Fusion, marking where it stops paying for its inference cost (``mixture_breakeven``).
-    """
+def cost_frames(results: pd.DataFrame, max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT, x: str = "contributors",
+                mixture: str = "mixture", fusion: str = "fusion") -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The cost figure's data: the sweep rows with ``storage_mb``, and Mixture's break-even table
+    (``analysis.cost.mixture_breakeven``); None without two values of ``x`` or any cost column."""
     cost_cols = [c for c in ("storage_bytes", "merge_s", "infer_ms_per_image") if c in results.columns]
     if results.empty or x not in results.columns or results[x].nunique() < 2 or not cost_cols:
         return None
     df = results.assign(storage_mb=results["storage_bytes"] / 1e6) if "storage_bytes" in results else results
-    panels = [(c, lab) for c, lab in (("storage_mb", "storage of the merged predictor (MB)"),
-                                      ("merge_s", "merge time per commit (s)"),
-                                      ("infer_ms_per_image", "inference time (ms / image)")) if c in df.columns]
-    table = mixture_breakeven(results, max_ms_per_point, x)
-    stop = _stops_paying(table, x)
+    return df, mixture_breakeven(results, max_ms_per_point, x, mixture, fusion)
+
+
+def plot_cost(results: pd.DataFrame, out_dir: str | Path, max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT,
+              x: str = "contributors", x_label: str = "contributors (institutions)") -> FigureResult | None:
+    """Storage (MB), merge time (s per commit) and inference (ms/image) vs contributors, per strategy; plus
+    Mixture's accuracy gain over Fusion, marking where it stops paying for its inference cost (``mixture_breakeven``).
+    """
+    frames = cost_frames(results, max_ms_per_point, x)
+    return None if frames is None else draw_cost(*frames, out_dir, max_ms_per_point, x, x_label)
+
+
+def draw_cost(df: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path,
+              max_ms_per_point: float = DEFAULT_MAX_MS_PER_POINT, x: str = "contributors",
+              x_label: str = "contributors (institutions)") -> FigureResult:
+    """Draw ``cost_frames``' tables: three cost panels per strategy and the break-even panel."""
+    panels = [(c, lab) for c, lab in _COST_PANELS if c in df.columns]
+    stop = stops_paying(table, x)
     fig = Figure(figsize=(11, 8.2))
     axes = list(fig.subplots(2, 2).ravel())
     strategies = _strategies(df)
@@ -236,25 +219,13 @@ def plot_cost(results: pd.DataFrame, out_dir: str | Path, max_ms_per_point: floa
         ax.set_ylabel(label)
     gain_ax = axes[3]
     if not table.empty:
-        gain_ax.axhline(0, color="0.5", lw=0.8)
-        gain_ax.plot(table[x], table["gain_pp"], "-s", color="0.15", ms=4, label="Mixture − Fusion ACC gain")
-        lo_x, hi_x = table[x].min(), table[x].max()
-        for _, r in table.iterrows():
-            text = f"{r['ms_per_pp']:.2g} ms/pp" if r["gain_pp"] > 0 else "no gain"
-            # the outermost labels grow inwards, so they stay inside the axes
-            ha = "left" if r[x] == lo_x and lo_x != hi_x else "right" if r[x] == hi_x and lo_x != hi_x else "center"
-            gain_ax.annotate(text, (r[x], r["gain_pp"]), textcoords="offset points", xytext=(0, 7), ha=ha,
-                             fontsize=7, color="0.2")
-        low, high = min(0.0, table["gain_pp"].min()), max(0.0, table["gain_pp"].max())
-        gain_ax.set_ylim(low - 0.08 * (high - low + 1e-9), high + 0.2 * (high - low + 1e-9))
-        gain_ax.margins(x=0.08)
-        gain_ax.set_ylabel("Mixture − Fusion ACC (percentage points)")
+        _gain_panel(gain_ax, table, x)
     else:
         gain_ax.axis("off")
         gain_ax.text(0.5, 0.5, "Mixture and Fusion not both in this sweep", ha="center", va="center",
                      transform=gain_ax.transAxes, color="0.4")
     for ax in axes[:len(panels)] + ([gain_ax] if not table.empty else []):
-        ax.set_xlabel("contributors (institutions)")
+        ax.set_xlabel(x_label)
         ax.set_xticks(sorted(df[x].unique()))
         ax.grid(alpha=0.3)
         if stop is not None:
@@ -262,19 +233,40 @@ def plot_cost(results: pd.DataFrame, out_dir: str | Path, max_ms_per_point: floa
     for ax in axes[len(panels):3]:
         ax.axis("off")
     _fig_legend(fig, axes)
+    return _save(fig, Path(out_dir), "cost", _cost_caption(table, stop, max_ms_per_point, df),
+                 {"breakeven": stop, "max_ms_per_point": max_ms_per_point})
+
+
+def _gain_panel(ax: Axes, table: pd.DataFrame, x: str) -> None:
+    """Mixture − Fusion ACC gain per ``x``, each point annotated with its price in ms/image per pp."""
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.plot(table[x], table["gain_pp"], "-s", color="0.15", ms=4, label="Mixture − Fusion ACC gain")
+    lo_x, hi_x = table[x].min(), table[x].max()
+    for _, r in table.iterrows():
+        text = f"{r['ms_per_pp']:.2g} ms/pp" if r["gain_pp"] > 0 else "no gain"
+        # the outermost labels grow inwards, so they stay inside the axes
+        ha = "left" if r[x] == lo_x and lo_x != hi_x else "right" if r[x] == hi_x and lo_x != hi_x else "center"
+        ax.annotate(text, (r[x], r["gain_pp"]), textcoords="offset points", xytext=(0, 7), ha=ha,
+                    fontsize=7, color="0.2")
+    low, high = min(0.0, table["gain_pp"].min()), max(0.0, table["gain_pp"].max())
+    ax.set_ylim(low - 0.08 * (high - low + 1e-9), high + 0.2 * (high - low + 1e-9))
+    ax.margins(x=0.08)
+    ax.set_ylabel("Mixture − Fusion ACC (percentage points)")
+
+
+def _cost_caption(table: pd.DataFrame, stop: float | None, max_ms_per_point: float, df: pd.DataFrame) -> str:
     if table.empty:
         verdict = "Mixture and Fusion are not both present, so no break-even is marked."
     elif stop is None:
         verdict = "Mixture pays at the largest contributor count tested, so no break-even is marked."
     else:
         verdict = f"By this rule Mixture stops paying from {stop:g} contributors on (red dotted line)."
-    caption = ("Cost: storage of the merged predictor (MB), mean merge time per commit (s) and inference time "
-               "(ms per test image) against the number of contributors, per strategy (log scale where values span "
-               "more than 20×). Bottom right: Mixture's ACC gain over Fusion in percentage points (pp), annotated with "
-               "the extra inference ms/image it costs per pp. Rule: Mixture pays at n contributors when its gain "
-               f"is > 0 and costs at most {max_ms_per_point:g} ms/image per pp; it stops paying at the smallest n "
-               f"from which it pays at no larger n tested. {verdict} {_seed_note(results)}")
-    return _save(fig, Path(out_dir), "cost", caption, {"breakeven": stop, "max_ms_per_point": max_ms_per_point})
+    return ("Cost: storage of the merged predictor (MB), mean merge time per commit (s) and inference time "
+            "(ms per test image) against the number of contributors, per strategy (log scale where values span "
+            "more than 20×). Bottom right: Mixture's ACC gain over Fusion in percentage points (pp), annotated with "
+            "the extra inference ms/image it costs per pp. Rule: Mixture pays at n contributors when its gain "
+            f"is > 0 and costs at most {max_ms_per_point:g} ms/image per pp; it stops paying at the smallest n "
+            f"from which it pays at no larger n tested. {verdict} {_seed_note(df)}")
 
 
 # 3. order sensitivity ---------------------------------------------------------------------------------------------
@@ -338,8 +330,9 @@ def plot_orders(orders: pd.DataFrame, out_dir: str | Path) -> FigureResult | Non
 
 
 # 4. forgetting ----------------------------------------------------------------------------------------------------
-def _heatmap(ax: Axes, g: pd.DataFrame, tasks: list[str], versions: list[int], cmap, annotate: bool):
-    grid = g.pivot_table(index="task", columns="version", values="acc").reindex(index=tasks, columns=versions)
+def _heatmap(ax: Axes, grid: pd.DataFrame, cmap, annotate: bool):
+    """One strategy's task × version accuracy grid (``forgetting_frames``' rows of that strategy)."""
+    tasks, versions = list(grid.index), list(grid.columns)
     values = np.ma.masked_invalid(grid.to_numpy(float))
     im = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     if annotate:
@@ -353,6 +346,35 @@ def _heatmap(ax: Axes, g: pd.DataFrame, tasks: list[str], versions: list[int], c
     return im
 
 
+def forgetting_frames(history: pd.DataFrame | None, bars: pd.DataFrame | None
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The forgetting figure's data (each empty when its input is).
+
+    Returns:
+        heat: test accuracy, rows (strategy, task) — strategies in order of appearance, tasks in order of arrival —
+            columns the evaluated main versions; NaN where a task was not yet seen.
+        bar_stats: one row per strategy, columns (``forgetting`` | ``bwt``, ``mean`` | ``lo`` | ``hi`` | ``n``)
+            (``analysis.load.mean_ci`` over the rows, i.e. seeds) and (``rows``, ``n``): the strategy's rows.
+    """
+    heat, bar_stats = pd.DataFrame(), pd.DataFrame()
+    if history is not None and not history.empty and history["version"].nunique() >= 1:
+        tasks = list(dict.fromkeys(history.sort_values("version", kind="stable")["task"]))   # order of arrival
+        versions = sorted(int(v) for v in history["version"].unique())
+        strategies = _strategies(history)
+        if strategies:
+            heat = pd.concat([history[history["strategy"] == s].pivot_table(index="task", columns="version",
+                                                                            values="acc")
+                              .reindex(index=tasks, columns=versions) for s in strategies], keys=strategies,
+                             names=["strategy", "task"])
+    if bars is not None and not bars.empty and bars[["forgetting", "bwt"]].notna().any().any():
+        names = _strategies(bars)
+        parts = {col: mean_ci(bars, ["strategy"], col).set_index("strategy").reindex(names)
+                 for col in ("forgetting", "bwt")}
+        parts["rows"] = bars.groupby("strategy").size().reindex(names).to_frame("n")
+        bar_stats = pd.concat(parts, axis=1)
+    return heat, bar_stats
+
+
 def plot_forgetting(history: pd.DataFrame | None, bars: pd.DataFrame | None, out_dir: str | Path
                     ) -> FigureResult | None:
     """Per strategy, a task × merge-event (main version) accuracy heatmap; and forgetting / BWT bars.
@@ -361,11 +383,19 @@ def plot_forgetting(history: pd.DataFrame | None, bars: pd.DataFrame | None, out
         history: evaluations during a run (``strategy``, ``task``, ``version``, ``acc``), or None.
         bars: ``strategy``, ``forgetting``, ``bwt``: one row per run (seed); several rows give a 95% CI error bar.
     """
-    has_heat = history is not None and not history.empty and history["version"].nunique() >= 1
-    has_bars = bars is not None and not bars.empty and bars[["forgetting", "bwt"]].notna().any().any()
+    heat, bar_stats = forgetting_frames(history, bars)
+    return draw_forgetting(heat, bar_stats, out_dir)
+
+
+_BARS = (("forgetting", "forgetting (best earlier − final ACC)", ""), ("bwt", "BWT (final − first ACC)", "//"))
+
+
+def draw_forgetting(heat: pd.DataFrame, bar_stats: pd.DataFrame, out_dir: str | Path) -> FigureResult | None:
+    """Draw ``forgetting_frames``' tables: one heatmap per strategy above the forgetting / BWT bars."""
+    has_heat, has_bars = not heat.empty, not bar_stats.empty
     if not has_heat and not has_bars:
         return None
-    strategies = _strategies(history) if has_heat else []
+    strategies = list(dict.fromkeys(heat.index.get_level_values("strategy"))) if has_heat else []
     ncols = max(1, min(len(strategies), 4))
     nrows = math.ceil(len(strategies) / ncols) if strategies else 0
     fig = Figure(figsize=(max(9.0, 3.4 * ncols + 1.2), 2.9 * nrows + (3.6 if has_bars else 0.6)))
@@ -373,42 +403,9 @@ def plot_forgetting(history: pd.DataFrame | None, bars: pd.DataFrame | None, out
                             width_ratios=[1] * ncols + [0.05],
                             height_ratios=[1] * nrows + ([1.15] if has_bars else []), hspace=0.55, wspace=0.3)
     if has_heat:
-        import matplotlib
-
-        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.92")
-        tasks = list(dict.fromkeys(history.sort_values("version", kind="stable")["task"]))   # order of arrival
-        versions = sorted(int(v) for v in history["version"].unique())
-        im = None
-        for i, s in enumerate(strategies):
-            ax = fig.add_subplot(grid[i // ncols, i % ncols])
-            im = _heatmap(ax, history[history["strategy"] == s], tasks, versions, cmap, len(versions) <= 12)
-            ax.set_title(s, fontsize=10)
-            ax.set_xlabel("main version (accepted commits)")
-            ax.set_ylabel("task" if i % ncols == 0 else "")
-            if i % ncols:
-                ax.set_yticklabels([])
-        cax = fig.add_subplot(grid[:nrows, ncols])
-        fig.colorbar(im, cax=cax, label="test accuracy (fraction)")
+        _heatmaps(fig, grid, heat, strategies, ncols, nrows)
     if has_bars:
-        ax = fig.add_subplot(grid[nrows, :ncols] if has_heat else grid[0, :ncols])
-        names = _strategies(bars)
-        pos = np.arange(len(names))
-        for k, (col, label, hatch) in enumerate((("forgetting", "forgetting (best earlier − final ACC)", ""),
-                                                 ("bwt", "BWT (final − first ACC)", "//"))):
-            stats = mean_ci(bars, ["strategy"], col).set_index("strategy").reindex(names)
-            err = np.vstack([stats["mean"] - stats["lo"], stats["hi"] - stats["mean"]])
-            ax.bar(pos + (k - 0.5) * 0.38, stats["mean"], width=0.38, label=label, hatch=hatch,
-                   color=[strategy_color(s, names) for s in names], alpha=0.9 if k == 0 else 0.45,
-                   edgecolor="0.2", yerr=err if (stats["n"] > 1).any() else None, capsize=3)
-        ax.axhline(0, color="0.3", lw=0.8)
-        ax.set_xticks(pos, names)
-        ax.set_xlabel("merge strategy")
-        ax.set_ylabel("accuracy change (fraction)")
-        # the bars take their strategy's colour: the legend tells the two kinds by fill and hatch only
-        ax.legend(handles=[Patch(facecolor="0.45", edgecolor="0.2", label="forgetting (best earlier − final ACC)"),
-                           Patch(facecolor="0.85", edgecolor="0.2", hatch="//", label="BWT (final − first ACC)")],
-                  loc="best", fontsize=8, frameon=True, framealpha=0.9)
-        ax.grid(alpha=0.3, axis="y")
+        _forgetting_bars(fig.add_subplot(grid[nrows, :ncols] if has_heat else grid[0, :ncols]), bar_stats)
     caption = ""
     if has_heat:
         caption += ("Forgetting: each heatmap shows one strategy's test accuracy per task (rows, in order of "
@@ -417,12 +414,53 @@ def plot_forgetting(history: pd.DataFrame | None, bars: pd.DataFrame | None, out
     if has_bars:
         caption += ("Bars: forgetting = mean over tasks of (best earlier accuracy − final accuracy), higher is worse; "
                     "BWT (backward transfer) = mean over tasks of (final − first accuracy), negative means forgetting"
-                    + ("; error bars: 95% CI over seeds." if len(bars) > bars["strategy"].nunique() else "."))
+                    + ("; error bars: 95% CI over seeds." if (bar_stats[("rows", "n")] > 1).any() else "."))
     return _save(fig, Path(out_dir), "forgetting", caption)
 
 
+def _heatmaps(fig: Figure, grid, heat: pd.DataFrame, strategies: list[str], ncols: int, nrows: int) -> None:
+    """One task × version heatmap per strategy, and their shared colour bar."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.92")
+    annotate = len(heat.columns) <= 12
+    im = None
+    for i, s in enumerate(strategies):
+        ax = fig.add_subplot(grid[i // ncols, i % ncols])
+        im = _heatmap(ax, heat.loc[s], cmap, annotate)
+        ax.set_title(s, fontsize=10)
+        ax.set_xlabel("main version (accepted commits)")
+        ax.set_ylabel("task" if i % ncols == 0 else "")
+        if i % ncols:
+            ax.set_yticklabels([])
+    cax = fig.add_subplot(grid[:nrows, ncols])
+    fig.colorbar(im, cax=cax, label="test accuracy (fraction)")
+
+
+def _forgetting_bars(ax: Axes, bar_stats: pd.DataFrame) -> None:
+    """Forgetting and BWT per strategy, side by side in the strategy's colour, CI error bars over seeds."""
+    names = list(bar_stats.index)
+    pos = np.arange(len(names))
+    for k, (col, label, hatch) in enumerate(_BARS):
+        stats = bar_stats[col]
+        err = np.vstack([stats["mean"] - stats["lo"], stats["hi"] - stats["mean"]])
+        ax.bar(pos + (k - 0.5) * 0.38, stats["mean"], width=0.38, label=label, hatch=hatch,
+               color=[strategy_color(s, names) for s in names], alpha=0.9 if k == 0 else 0.45,
+               edgecolor="0.2", yerr=err if (stats["n"] > 1).any() else None, capsize=3)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xticks(pos, names)
+    ax.set_xlabel("merge strategy")
+    ax.set_ylabel("accuracy change (fraction)")
+    # the bars take their strategy's colour: the legend tells the two kinds by fill and hatch only
+    ax.legend(handles=[Patch(facecolor="0.45", edgecolor="0.2", label=_BARS[0][1]),
+                       Patch(facecolor="0.85", edgecolor="0.2", hatch="//", label=_BARS[1][1])],
+              loc="best", fontsize=8, frameon=True, framealpha=0.9)
+    ax.grid(alpha=0.3, axis="y")
+
+
 # 5. IPC -----------------------------------------------------------------------------------------------------------
-def plot_ipc(results: pd.DataFrame, out_dir: str | Path, x: str = "ipc") -> FigureResult | None:
+def plot_ipc(results: pd.DataFrame, out_dir: str | Path, x: str = "ipc", x_label: str = "images per class (IPC)"
+             ) -> FigureResult | None:
     """ACC vs images per class (IPC) per strategy, with distillation fidelity and privacy (MIA AUC) panels."""
     if results.empty or x not in results.columns or results[x].nunique() < 2:
         return None
@@ -451,7 +489,7 @@ def plot_ipc(results: pd.DataFrame, out_dir: str | Path, x: str = "ipc") -> Figu
             ax.set_ylabel("membership-inference AUC")
             ax.set_title("Privacy")
     for ax in axes:
-        ax.set_xlabel("images per class (IPC)")
+        ax.set_xlabel(x_label)
         ax.set_xticks(sorted(results[x].unique()))
         ax.grid(alpha=0.3)
     _fig_legend(fig, axes)
@@ -466,7 +504,8 @@ def plot_ipc(results: pd.DataFrame, out_dir: str | Path, x: str = "ipc") -> Figu
 
 
 # 6. rank ----------------------------------------------------------------------------------------------------------
-def plot_rank(results: pd.DataFrame, out_dir: str | Path, x: str = "rank") -> FigureResult | None:
+def plot_rank(results: pd.DataFrame, out_dir: str | Path, x: str = "rank", x_label: str = "LoRA rank r"
+              ) -> FigureResult | None:
     """ACC and storage (MB) of the merged predictor vs LoRA rank, per strategy."""
     if results.empty or x not in results.columns or results[x].nunique() < 2:
         return None
@@ -488,7 +527,7 @@ def plot_rank(results: pd.DataFrame, out_dir: str | Path, x: str = "rank") -> Fi
             ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [f"{r:g}" for r in ranks])
         ax.minorticks_off()
-        ax.set_xlabel("LoRA rank r")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     _fig_legend(fig, axes)
@@ -498,6 +537,18 @@ def plot_rank(results: pd.DataFrame, out_dir: str | Path, x: str = "rank") -> Fi
 
 
 # 7. timeline ------------------------------------------------------------------------------------------------------
+def timeline_frames(contribs: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The timeline's data: the contributions with a pull time, plus ``t_end`` (the commit, or the pull where there
+    was none) and ``t_mark`` (where the verdict mark goes: the commit, the pull for a dropout); and the staleness of
+    the accepted commits."""
+    spans = contribs.dropna(subset=["t_pull"]) if not contribs.empty else contribs
+    if spans.empty:
+        return spans, pd.Series(dtype=float, name="staleness")
+    spans = spans.assign(t_end=spans["t_commit"].where(spans["t_commit"].notna(), spans["t_pull"]),
+                         t_mark=spans["t_pull"].where(spans["status"] == "dropout", spans["t_commit"]))
+    return spans, contribs.loc[contribs["status"] == "accepted", "staleness"].dropna()
+
+
 def plot_timeline(contribs: pd.DataFrame, out_dir: str | Path, time_label: str = "virtual time (units)"
                   ) -> FigureResult | None:
     """Each institution's training spans (pull → commit) and commit marks over time; staleness histogram.
@@ -506,37 +557,50 @@ def plot_timeline(contribs: pd.DataFrame, out_dir: str | Path, time_label: str =
         contribs: ``analysis.load.contributions(events)``.
         time_label: the x-axis label (virtual or wall time and its unit).
     """
-    spans = contribs.dropna(subset=["t_pull"]) if not contribs.empty else contribs
-    if spans.empty:
-        return None
-    stale = contribs.loc[contribs["status"] == "accepted", "staleness"].dropna()
+    spans, stale = timeline_frames(contribs)
+    return None if spans.empty else draw_timeline(spans, stale, out_dir, time_label)
+
+
+# (status, marker, colour, legend label) of the commit marks
+_MARKS = (("accepted", "o", "black", "commit accepted"), ("rejected", "X", "#d62728", "commit rejected"),
+          ("pending", "o", "0.6", "commit (no verdict)"), ("dropout", "x", "0.35", "dropout"))
+
+
+def draw_timeline(spans: pd.DataFrame, stale: pd.Series, out_dir: str | Path,
+                  time_label: str = "virtual time (units)") -> FigureResult:
+    """Draw ``timeline_frames``' tables: the spans and marks per institution (left), the staleness histogram."""
     insts = sorted(int(i) for i in spans["institution"].dropna().unique())
-    tasks = sorted(t for t in spans["task"].dropna().unique())
-    task_color = {t: _PALETTE[(i + 10) % len(_PALETTE)] if len(tasks) > 10 else _PALETTE[i]
-                  for i, t in enumerate(tasks)}
     height = max(3.6, 0.24 * len(insts) + 1.8)
     fig = Figure(figsize=(13, height))
     grid = fig.add_gridspec(1, 2, width_ratios=[3.2, 1], wspace=0.25)
-    ax = fig.add_subplot(grid[0, 0])
+    _spans_panel(fig.add_subplot(grid[0, 0]), spans, insts, time_label)
+    _staleness_panel(fig.add_subplot(grid[0, 1]), stale)
+    caption = ("Timeline: each institution's local training spans, from pulling the main branch (tick) to "
+               f"committing (marker: the merge actor's verdict), coloured by task; x axis: {time_label}. Right: the "
+               "staleness of the accepted commits, i.e. how many commits were merged between a contribution's pull "
+               "and its own merge (dashed: mean).")
+    return _save(fig, Path(out_dir), "timeline", caption)
+
+
+def _spans_panel(ax: Axes, spans: pd.DataFrame, insts: list[int], time_label: str) -> None:
+    tasks = sorted(t for t in spans["task"].dropna().unique())
+    # more tasks than the first ten colours: start further on in the palette
+    task_color = {t: _PALETTE[(i + 10) % len(_PALETTE)] if len(tasks) > 10 else _PALETTE[i]
+                  for i, t in enumerate(tasks)}
     # Step 1: the spans, coloured by task.
     work = spans[spans["status"] != "dropout"]
     for _, r in work.iterrows():
-        color = task_color.get(r["task"], "0.6")
-        end = r["t_commit"] if not math.isnan(r["t_commit"]) else r["t_pull"]
-        ax.hlines(r["institution"], r["t_pull"], end, color=color, lw=5, alpha=0.75)
+        ax.hlines(r["institution"], r["t_pull"], r["t_end"], color=task_color.get(r["task"], "0.6"), lw=5, alpha=0.75)
     # a pull tick separates back-to-back contributions of one institution
     ax.scatter(work["t_pull"], work["institution"], marker="|", s=90, color="0.25", zorder=3, label="pull")
     # Step 2: the commit marks by verdict, and dropouts.
-    marks = (("accepted", "o", "black", "commit accepted"), ("rejected", "X", "#d62728", "commit rejected"),
-             ("pending", "o", "0.6", "commit (no verdict)"), ("dropout", "x", "0.35", "dropout"))
     handles = [Patch(color=task_color[t], alpha=0.75, label=f"training: {t}") for t in tasks]
     handles.append(Line2D([], [], marker="|", ls="", color="0.25", ms=9, label="pull"))
-    for status, marker, color, label in marks:
+    for status, marker, color, label in _MARKS:
         g = spans[spans["status"] == status]
         if g.empty:
             continue
-        t = g["t_pull"] if status == "dropout" else g["t_commit"]
-        ax.scatter(t, g["institution"], marker=marker, s=22, color=color, zorder=3, label=label)
+        ax.scatter(g["t_mark"], g["institution"], marker=marker, s=22, color=color, zorder=3, label=label)
         handles.append(Line2D([], [], marker=marker, ls="", color=color, label=label))
     step = max(1, math.ceil(len(insts) / 30))
     ax.set_yticks(insts[::step], [f"inst {i}" for i in insts[::step]], fontsize=8)
@@ -547,8 +611,10 @@ def plot_timeline(contribs: pd.DataFrame, out_dir: str | Path, time_label: str =
     ax.grid(alpha=0.3, axis="x")
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.14 if len(insts) < 15 else -0.08),
               ncol=math.ceil(len(handles) / math.ceil(len(handles) / 6)), fontsize=8, frameon=False)
-    # Step 3: staleness of the accepted commits.
-    hx = fig.add_subplot(grid[0, 1])
+
+
+def _staleness_panel(hx: Axes, stale: pd.Series) -> None:
+    """Step 3: a histogram of the accepted commits' staleness, with its mean."""
     if len(stale):
         top = int(stale.max())
         bins = np.arange(-0.5, top + 1.5, max(1, math.ceil((top + 1) / 25)))
@@ -563,11 +629,6 @@ def plot_timeline(contribs: pd.DataFrame, out_dir: str | Path, time_label: str =
     hx.set_ylabel("accepted commits (count)")
     hx.set_title("Staleness")
     hx.grid(alpha=0.3, axis="y")
-    caption = ("Timeline: each institution's local training spans, from pulling the main branch (tick) to "
-               f"committing (marker: the merge actor's verdict), coloured by task; x axis: {time_label}. Right: the "
-               "staleness of the accepted commits, i.e. how many commits were merged between a contribution's pull "
-               "and its own merge (dashed: mean).")
-    return _save(fig, Path(out_dir), "timeline", caption)
 
 
 # 8. progress of one run -------------------------------------------------------------------------------------------

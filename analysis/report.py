@@ -11,18 +11,20 @@ import base64
 import html
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 
-from analysis import figures as F
+from analysis import cost, figures
+from analysis.figures import FigureResult
+from analysis.layout import StudyLayout, read_layouts
 from analysis.load import (REFERENCES, RunData, SweepData, contributions, cost_table, dir_kind, eval_history,
                            load_run, load_sweep, study_rows, strategy_task_table)
 
-__all__ = ["Table", "Report", "build_report", "run_report", "sweep_report", "FIGURE_NAMES"]
-
-FIGURE_NAMES = ("scaling", "cost", "orders", "forgetting", "ipc", "rank", "timeline", "progress")
+__all__ = ["Table", "Report", "build_report", "run_report", "sweep_report", "check_layout", "FIGURES", "TABLES",
+           "FIGURE_NAMES"]
 
 
 @dataclass
@@ -55,12 +57,12 @@ class Report:
         if table is not None and table.rows:
             self.blocks.append(("table", table))
 
-    def figure(self, result: F.FigureResult | None) -> None:
+    def figure(self, result: FigureResult | None) -> None:
         if result is not None:
             self.blocks.append(("fig", result))
 
     @property
-    def figures(self) -> list[F.FigureResult]:
+    def figures(self) -> list[FigureResult]:
         return [b[1] for b in self.blocks if b[0] == "fig"]
 
 
@@ -186,7 +188,7 @@ def orders_table(orders: pd.DataFrame) -> Table | None:
         g = orders[orders["strategy"] == s]
         row, rr = [s], []
         for metric in ("auc", "acc"):
-            spread = F._order_range(g, metric)
+            spread = figures._order_range(g, metric)
             first = g.loc[g["order"] == 0, metric]
             row += [_mean_sd(g[metric]), f"{100 * spread:.1f}", _pct(first.mean()) if len(first) else "–"]
             rr.append(spread)
@@ -238,9 +240,9 @@ def run_report(run: RunData, fig_dir: Path) -> Report:
     history = eval_history(run.metrics)
     bars = _forgetting_bars(run.summary)
     rep.heading("Figures")
-    rep.figure(F.plot_progress(history, run.summary.get("references") or {}, fig_dir))
-    rep.figure(F.plot_forgetting(history, bars, fig_dir))
-    rep.figure(F.plot_timeline(contributions(run.events), fig_dir, _time_label(run)))
+    rep.figure(figures.plot_progress(history, run.summary.get("references") or {}, fig_dir))
+    rep.figure(figures.plot_forgetting(history, bars, fig_dir))
+    rep.figure(figures.plot_timeline(contributions(run.events), fig_dir, _time_label(run)))
     return rep
 
 
@@ -250,8 +252,134 @@ def _forgetting_bars(summary: dict) -> pd.DataFrame:
     return df[["strategy", "forgetting", "bwt"]] if not df.empty else df
 
 
-def sweep_report(sweep: SweepData, fig_dir: Path, max_ms_per_point: float = F.DEFAULT_MAX_MS_PER_POINT) -> Report:
-    """The report of one sweep dir: one section per study whose data exists."""
+@dataclass(frozen=True)
+class StudyData:
+    """One study's records as its report sections read them: the sweep, the study's layout and where figures go."""
+
+    sweep: SweepData
+    layout: StudyLayout
+    fig_dir: Path
+    max_ms_per_point: float = cost.DEFAULT_MAX_MS_PER_POINT
+
+    @cached_property
+    def rows(self) -> pd.DataFrame:
+        """The study's rows whose x takes at least two values (empty for a study without x)."""
+        if not self.layout.x:
+            return pd.DataFrame()
+        return study_rows(self.sweep.results, self.layout.study, self.layout.x)
+
+    @cached_property
+    def forgetting_rows(self) -> pd.DataFrame:
+        """The study's rows with a forgetting or BWT value (every row without a ``study`` column)."""
+        res = self.sweep.results
+        if res is None or not {"forgetting", "bwt"} <= set(res.columns):
+            return pd.DataFrame()
+        rows = res[res["study"] == self.layout.study] if "study" in res.columns else res
+        return rows.dropna(subset=["forgetting", "bwt"], how="all")
+
+    @property
+    def orders(self) -> pd.DataFrame:
+        return self.sweep.orders if self.sweep.orders is not None else pd.DataFrame()
+
+
+def _scaling(st: StudyData) -> FigureResult | None:
+    return figures.plot_scaling(st.rows, st.fig_dir, st.layout.x, st.layout.axis_label)
+
+
+def _cost(st: StudyData) -> FigureResult | None:
+    return figures.plot_cost(st.rows, st.fig_dir, st.max_ms_per_point, st.layout.x, st.layout.axis_label)
+
+
+def _ipc(st: StudyData) -> FigureResult | None:
+    return figures.plot_ipc(st.rows, st.fig_dir, st.layout.x, st.layout.axis_label)
+
+
+def _rank(st: StudyData) -> FigureResult | None:
+    return figures.plot_rank(st.rows, st.fig_dir, st.layout.x, st.layout.axis_label)
+
+
+def _orders(st: StudyData) -> FigureResult | None:
+    return figures.plot_orders(st.sweep.orders, st.fig_dir)
+
+
+def _forgetting(st: StudyData) -> FigureResult | None:
+    """Forgetting bars from the study's rows, the heatmap from the study's first run dir (if it was kept)."""
+    rows, history = st.forgetting_rows, None
+    runs = st.sweep.run_dirs(st.layout.study)
+    if runs:
+        history = eval_history(load_run(runs[0]).metrics)
+    result = figures.plot_forgetting(history, rows[["strategy", "forgetting", "bwt"] + (["seed"] if "seed" in rows
+                                                                                        else [])], st.fig_dir)
+    if result is not None and runs:
+        result.caption += f" Heatmaps: the run in `{runs[0].relative_to(st.sweep.path)}`."
+    return result
+
+
+# figure name -> (the data a section with it needs: shown only when non-empty, the figure)
+FIGURES: dict[str, tuple[Callable[[StudyData], pd.DataFrame], Callable[[StudyData], FigureResult | None]]] = {
+    "scaling": (lambda st: st.rows, _scaling),
+    "cost": (lambda st: st.rows, _cost),
+    "orders": (lambda st: st.orders, _orders),
+    "forgetting": (lambda st: st.forgetting_rows, _forgetting),
+    "ipc": (lambda st: st.rows, _ipc),
+    "rank": (lambda st: st.rows, _rank),
+}
+# every figure a report may write: a figure whose data is gone must not survive from an earlier report
+FIGURE_NAMES = (*FIGURES, "timeline", "progress")
+
+
+def breakeven_table(rows: pd.DataFrame, max_ms_per_point: float, x: str, x_label: str) -> Table | None:
+    """Mixture vs Fusion per value of ``x`` (``analysis.cost.mixture_breakeven``)."""
+    table = cost.mixture_breakeven(rows, max_ms_per_point, x)
+    if table.empty:
+        return None
+    return Table("Mixture vs Fusion", [("", x_label), ("", "ACC gain (pp)"), ("", "extra inference ms / image"),
+                                       ("", "ms per pp"), ("", "pays")],
+                 [[f"{v:g}", f"{r.gain_pp:.1f}", _fmt(r.extra_ms), _fmt(r.ms_per_pp), "yes" if r.pays else "no"]
+                  for v, r in zip(table[x], table.itertuples())],
+                 note=f"Mixture pays when its gain is > 0 and costs ≤ {max_ms_per_point:g} ms/image "
+                      "per percentage point.")
+
+
+# table name -> the table (None when its data do not exist)
+TABLES: dict[str, Callable[[StudyData], Table | None]] = {
+    "acc": lambda st: sweep_table(st.rows, st.layout.x, st.layout.x_label, "acc"),
+    "auc": lambda st: sweep_table(st.rows, st.layout.x, st.layout.x_label, "auc"),
+    "mixture_vs_fusion": lambda st: breakeven_table(st.rows, st.max_ms_per_point, st.layout.x, st.layout.x_label),
+    "orders": lambda st: orders_table(st.sweep.orders),
+    "orders_per_task": lambda st: orders_task_table(st.sweep.orders_per_task),
+}
+
+
+def check_layout(layout: StudyLayout) -> None:
+    """Every figure and table a layout names is one the report draws; a section over x needs the layout's x."""
+    for section in layout.sections:
+        if section.figure and section.figure not in FIGURES:
+            raise ValueError(f"study {layout.study!r}: unknown figure {section.figure!r}; known: {', '.join(FIGURES)}")
+        for name in section.tables:
+            if name not in TABLES:
+                raise ValueError(f"study {layout.study!r}: unknown table {name!r}; known: {', '.join(TABLES)}")
+
+
+def study_sections(rep: Report, st: StudyData) -> None:
+    """The sections of one study's layout whose data exist: heading, figure, tables."""
+    for section in st.layout.sections:
+        data = FIGURES[section.figure][0](st) if section.figure else st.rows
+        if data.empty:
+            continue
+        rep.heading(section.heading)
+        if section.figure:
+            rep.figure(FIGURES[section.figure][1](st))
+        for name in section.tables:
+            rep.table(TABLES[name](st))
+
+
+def sweep_report(sweep: SweepData, fig_dir: Path, max_ms_per_point: float = cost.DEFAULT_MAX_MS_PER_POINT,
+                 layouts: Sequence[StudyLayout] | None = None) -> Report:
+    """The report of one sweep dir: the sections of its study's layout (``analysis.layout``) whose data exist.
+
+    ``layouts`` default to the sweep dir's ``study.json`` (``analysis.layout.read_layouts``).
+    """
     rep = Report(f"forgesim report — sweep {sweep.path.name}")
     res = sweep.results
     # Step 1: what the sweep holds.
@@ -265,65 +393,15 @@ def sweep_report(sweep: SweepData, fig_dir: Path, max_ms_per_point: float = F.DE
         facts.append(("merge orders", sweep.orders["order"].nunique()))
     rep.heading("Sweep")
     rep.table(Table("Sweep facts", [("", "fact"), ("", "value")], [[k, str(v)] for k, v in facts]))
-    # Step 2: one section per study that has data.
-    scaling = study_rows(res, "scaling", "contributors")
-    if not scaling.empty:
-        rep.heading("Scaling with the number of contributors")
-        rep.figure(F.plot_scaling(scaling, fig_dir))
-        rep.table(sweep_table(scaling, "contributors", "contributors", "acc"))
-        rep.table(sweep_table(scaling, "contributors", "contributors", "auc"))
-        rep.heading("Cost")
-        cost = F.plot_cost(scaling, fig_dir, max_ms_per_point)
-        rep.figure(cost)
-        table = F.mixture_breakeven(scaling, max_ms_per_point)
-        if not table.empty:
-            rep.table(Table("Mixture vs Fusion", [("", "contributors"), ("", "ACC gain (pp)"),
-                                                  ("", "extra inference ms / image"), ("", "ms per pp"),
-                                                  ("", "pays")],
-                            [[f"{r.contributors:g}", f"{r.gain_pp:.1f}", _fmt(r.extra_ms), _fmt(r.ms_per_pp),
-                              "yes" if r.pays else "no"] for r in table.itertuples()],
-                            note=f"Mixture pays when its gain is > 0 and costs ≤ {max_ms_per_point:g} ms/image "
-                                 "per percentage point."))
-    if sweep.orders is not None:
-        rep.heading("Merge-order sensitivity")
-        rep.figure(F.plot_orders(sweep.orders, fig_dir))
-        rep.table(orders_table(sweep.orders))
-        rep.table(orders_task_table(sweep.orders_per_task))
-    _forgetting_section(rep, sweep, fig_dir)
-    ipc = study_rows(res, "ipc", "ipc")
-    if not ipc.empty:
-        rep.heading("Distillation budget (IPC), fidelity and privacy")
-        rep.figure(F.plot_ipc(ipc, fig_dir))
-        rep.table(sweep_table(ipc, "ipc", "IPC", "acc"))
-    rank = study_rows(res, "rank", "rank")
-    if not rank.empty:
-        rep.heading("LoRA rank")
-        rep.figure(F.plot_rank(rank, fig_dir))
-        rep.table(sweep_table(rank, "rank", "rank", "acc"))
+    # Step 2: each study's sections that have data.
+    layouts = read_layouts(sweep.path) if layouts is None else layouts
+    for layout in layouts:
+        check_layout(layout)
+    for layout in layouts:
+        study_sections(rep, StudyData(sweep, layout, fig_dir, max_ms_per_point))
     if len(rep.blocks) <= 2:
         rep.para("This sweep holds no study with at least two values of its variable, so there is nothing to plot.")
     return rep
-
-
-def _forgetting_section(rep: Report, sweep: SweepData, fig_dir: Path) -> None:
-    """Forgetting bars from the sweep's rows, the heatmap from the study's first run dir (if it was kept)."""
-    res = sweep.results
-    if res is None or not {"forgetting", "bwt"} <= set(res.columns):
-        return
-    rows = res[res["study"] == "forgetting"] if "study" in res.columns else res
-    rows = rows.dropna(subset=["forgetting", "bwt"], how="all")
-    if rows.empty:
-        return
-    history = None
-    runs = sweep.run_dirs("forgetting")
-    if runs:
-        history = eval_history(load_run(runs[0]).metrics)
-    rep.heading("Forgetting")
-    result = F.plot_forgetting(history, rows[["strategy", "forgetting", "bwt"] + (["seed"] if "seed" in rows else [])],
-                               fig_dir)
-    if result is not None and runs:
-        result.caption += f" Heatmaps: the run in `{runs[0].relative_to(sweep.path)}`."
-    rep.figure(result)
 
 
 # Rendering --------------------------------------------------------------------------------------------------------
@@ -432,7 +510,7 @@ def render_html(rep: Report) -> str:
             fig = block[1]
             raw = fig.png.read_bytes()
             # show every figure at the same scale (its size at 96 css px per inch), shrunk only to fit the page
-            width = round(int.from_bytes(raw[16:20], "big") * 96 / F.DPI)
+            width = round(int.from_bytes(raw[16:20], "big") * 96 / figures.DPI)
             data = base64.b64encode(raw).decode("ascii")
             body.append(f'<figure id="fig-{fig.name}"><img alt="Figure {n}: {fig.name}" width="{width}" '
                         f'src="data:image/png;base64,{data}"><figcaption><b>Figure {n}.</b> '
@@ -443,13 +521,13 @@ def render_html(rep: Report) -> str:
 
 
 def build_report(path: str | Path, out: str | Path | None = None,
-                 max_ms_per_point: float = F.DEFAULT_MAX_MS_PER_POINT) -> Path:
+                 max_ms_per_point: float = cost.DEFAULT_MAX_MS_PER_POINT) -> Path:
     """Write ``figures/``, ``report.md`` and ``report.html`` for a run dir or a sweep dir; return report.html's path.
 
     Args:
         path: a run dir (holds summary.json) or a sweep dir (holds results.parquet or orders.parquet).
         out: output dir (default ``path/report``); figures of an earlier report there are replaced.
-        max_ms_per_point: the cost figure's rule for when Mixture stops paying (see ``figures.mixture_breakeven``).
+        max_ms_per_point: the cost figure's rule for when Mixture stops paying (see ``analysis.cost.mixture_breakeven``).
     Raises:
         ValueError: ``path`` is neither a run dir nor a sweep dir, or ``out`` is a file.
     """

@@ -5,7 +5,7 @@ import argparse
 import math
 from pathlib import Path
 
-from experiments.cli import CLIError
+from experiments.common import CLIError
 
 HELP = ("turn a run dir or a sweep dir into figures (PNG + PDF), report.md and a self-contained report.html; "
         "prints the report's path")
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Step 1: check the input before anything is written.
-    from analysis.figures import DEFAULT_MAX_MS_PER_POINT
+    from analysis.cost import DEFAULT_MAX_MS_PER_POINT
     from analysis.load import dir_kind
     from analysis.report import build_report
 
