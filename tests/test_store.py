@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from sim.data.base import DistilledSet
 from sim.model import new_adapter
-from sim.branches import save_main
+from sim.branches import MainBranches, save_main
 from sim.commit import Commit, expected_shapes, validate_commit
 from sim.commit_log import CommitLog
 from sim.main_state import MainState
@@ -227,3 +229,101 @@ def test_save_main_writes_each_branch(state, commits, tmp_path):
         assert load_adapter(out / s).modules() == snap[s].modules()
     assert state.tasks_seen() == list(dict.fromkeys(c.task for c in commits[:3]))
     assert set(state.latest_adapters()) == {0, 1, 2}
+
+
+# -- what the merge actor forwards (MainState) and what replay uses (MainBranches) --------------------------------
+@pytest.fixture()
+def fast_cfg(store_cfg):
+    # deterministic strategies only, so these tests need no coefficient search
+    return store_cfg.replace(merge=dataclasses.replace(store_cfg.merge, strategies=("svd", "ties")))
+
+
+def test_a_delivered_commit_logs_how_it_arrived(tmp_path, fast_cfg, institutions, tiny_foundation, commits):
+    # Prepare
+    state = MainState(tmp_path / "run", fast_cfg, institutions, tiny_foundation)
+    commit = dataclasses.replace(commits[0], meta=commits[0].meta | {"task_s": 0.25})
+    # Execute
+    ack = state.receive_delivered(commit, 2, {"via": "test"}, started=time.perf_counter())
+    # Assert: the log line carries the note, the attempts and the pickled size; the ack also the timings
+    line = json.loads(state.log.path.read_text().splitlines()[0])
+    assert line["event"] == "accepted" and line["via"] == "test" and line["attempts"] == 2
+    assert line["received_bytes"] == len(pickle.dumps(commit, protocol=5))
+    assert list(line)[-4:] == ["via", "attempts", "received_bytes", "dir"]
+    assert ack["task_s"] == 0.25 and ack["ack_s"] >= 0 and "ack_s" not in line
+
+
+def test_an_undelivered_contribution_is_rejected_with_its_failure(tmp_path, fast_cfg, institutions, tiny_foundation):
+    # Prepare
+    state = MainState(tmp_path / "run", fast_cfg, institutions, tiny_foundation)
+    contribution = dataclasses.make_dataclass("C", ["id", "institution"])("inst003-00", 3)
+    # Execute
+    rec = state.reject_undelivered("RuntimeError: boom", contribution, 3, {"injected": None})
+    lost = state.reject_undelivered("lost after 1 attempts", None, 1)
+    # Assert
+    assert rec["reason"] == "contribution failed: RuntimeError: boom" and rec["id"] == "inst003-00"
+    assert rec["institution"] == 3 and rec["attempts"] == 3 and state.version == 0
+    assert lost["id"] is None and lost["institution"] is None
+    assert [json.loads(x)["event"] for x in state.log.path.read_text().splitlines()] == ["rejected", "rejected"]
+
+
+def test_open_starts_fresh_or_restores_and_says_so(tmp_path, fast_cfg, institutions, tiny_foundation, commits):
+    # Prepare / Execute: a new run dir, then the same dir again (a restarted merge actor)
+    run = tmp_path / "run"
+    first = MainState.open(run, fast_cfg, institutions, tiny_foundation)
+    for c in commits[:2]:
+        first.receive(c)
+    replayed = []
+    again = MainState.open(run, fast_cfg, institutions, tiny_foundation, on_apply=lambda s: replayed.append(s.version))
+    # Assert
+    assert first.records()[0]["event"] == "accepted" and again.version == 2 and replayed == [1, 2]
+    last = json.loads(run.joinpath("log.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "restored" and last["version"] == 2
+    assert again.records()[-1]["event"] == "restored"
+    assert_same_branches(first, again)
+
+
+def test_main_state_saves_its_branches_and_their_sizes(tmp_path, fast_cfg, institutions, tiny_foundation, commits):
+    # Prepare
+    state = MainState(tmp_path / "run", fast_cfg, institutions, tiny_foundation)
+    assert state.storage_bytes() == {"svd": 0, "ties": 0}
+    state.receive(commits[0])
+    # Execute
+    out = state.save_main()
+    # Assert
+    assert out == tmp_path / "run" / "main" and {p.name for p in out.iterdir()} == {"svd", "ties"}
+    assert state.storage_bytes() == {s: state.pull(s)[1].num_bytes() for s in ("svd", "ties")}
+
+
+def test_branches_add_is_propose_then_apply(fast_cfg, tiny_foundation, commits):
+    # Prepare
+    a, b = MainBranches(("svd", "ties"), fast_cfg, tiny_foundation), MainBranches(("svd", "ties"), fast_cfg,
+                                                                                    tiny_foundation)
+    # Execute
+    for seq, c in enumerate(commits[:3], start=1):
+        records = a.add(c, seq, 0)
+        update, expected = b.propose(c, seq, 0)
+        b.apply(update)
+        # Assert
+        assert [r["strategy"] for r in records] == ["svd", "ties"]
+        assert [{k: v for k, v in r.items() if k != "merge_s"} for r in records] == [
+            {k: v for k, v in r.items() if k != "merge_s"} for r in expected]
+    for s in ("svd", "ties"):
+        assert all(torch.equal(a.predictor(s).weights[k], b.predictor(s).weights[k]) for k in a.predictor(s).weights)
+    assert a.snapshot().keys() == {"svd", "ties"} and a.snapshot() is not a.merged
+
+
+def test_branches_refuse_an_unknown_strategy_up_front(fast_cfg, tiny_foundation):
+    with pytest.raises(ValueError, match="unknown merge strategy 'tiess'; known: .*ties"):
+        MainBranches(("ties", "tiess"), fast_cfg, tiny_foundation)
+
+
+def test_a_shared_probability_cache_starts_only_the_output_space_branches(store_cfg, tiny_foundation):
+    from sim.merge.mixture import ProbabilityCache
+
+    # Prepare
+    branches = MainBranches(("fusion", "mixture", "svd"), store_cfg, tiny_foundation)
+    cache = ProbabilityCache()
+    # Execute
+    branches.share_probability_cache(cache)
+    # Assert
+    assert set(branches.states) == {"mixture"} and branches.states["mixture"].cache is cache
