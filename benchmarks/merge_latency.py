@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sim.config import MergeConfig, SimConfig, TrainConfig  # noqa: E402
-from sim.merge import STRATEGIES, merge, merge_step, start_sequence  # noqa: E402
+from sim.merge import SPECS, get_spec, merge, merge_step, start_sequence  # noqa: E402
 from sim.model import PEFT_PREFIX, Adapter  # noqa: E402
 
 DIM, QKV, RANK, BLOCKS = 768, 2304, 16, 12
 MODULES = [f"blocks.{i}.attn.qkv" for i in range(BLOCKS)]
-DELTA_SPACE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "magmax", "svd")
+DELTA_SPACE = tuple(name for name, spec in SPECS.items() if spec.space == "delta")
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def search_table(contributors: int, per_class: int, budget: int, train_steps: in
     print(f"  {contributors} adapters ({train_steps} training steps each) in {time.perf_counter() - t0:.0f} s; "
           f"proxy: {n_images} images ({per_class} per class per contributor)", flush=True)
     rows = []
-    for strategy in ("fusion", "mixture"):
+    for strategy in (name for name, spec in SPECS.items() if spec.sequential):
         for mode in ("global", "sequential"):
             mcfg = MergeConfig(budget=budget, search_mode=mode)
             if mode == "global":
@@ -194,7 +194,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes
     strategies = args.strategies.split(",") if args.strategies else list(DELTA_SPACE) + ["lora_avg", "fusion"]
     for s in strategies:
-        STRATEGIES[s]  # noqa: B018 - fail fast on a typo
+        get_spec(s)  # fail fast on a typo
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores")
     if not args.skip_latency:
         print(f"Part 1: merge latency, N rank-{RANK} adapters on {BLOCKS} x Linear({DIM}, {QKV}) (ViT-B/16 qkv)")
