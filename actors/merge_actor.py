@@ -54,7 +54,6 @@ class MergeActor:
                                     on_apply=self._maybe_evaluate)
         # Fault injection: exit after logging these accepted counts (not again once the log holds them).
         self.kill_after = {n for n in cfg.faults.kill_merge_actor_after if n > self.state.version}
-        self.started = time.time()
 
     def ping(self) -> int:
         return self.state.version
