@@ -7,18 +7,17 @@ key (derived from the run's secret, handed over at start). What leaves is a refe
 
 Ray restarts it when it dies (``max_restarts``); calls in flight are retried. A commit it had made is lost with it
 (its owner): the merge actor then calls ``contribute`` again, which makes the identical commit (same seed).
-Threaded (``max_concurrency``), so the merge actor can ask for a contribution again while ``run_wall`` waits.
+When to contribute is the driver's decision (``actors.drivers``, either clock); this actor only forwards, and
+``contribute`` returns at once, so one call at a time is enough.
 """
 from __future__ import annotations
-
-import time
 
 import ray
 
 from actors.tasks import _config, contribute_task
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Institution:
     def __init__(self, inst, cfg_blob: str, task_options: dict, key: bytes | None = None) -> None:
         self.id, self.task = inst.id, inst.task
@@ -45,27 +44,3 @@ class Institution:
                                                                          pull_ref, self._key)
         cfg = _config(self._cfg_blob)
         return [ref] if corrupt_kind(cfg.faults, cfg.seed, contribution.id) is None else [ref, corrupted]
-
-    def run_wall(self, contributions: list, merge_actor, start: float, scale: float, pull_strategy: str | None,
-                 skip: list | tuple = ()) -> list[dict]:
-        """Wall clock: sleep until each scaled start time, train, wait the scaled delay, commit when done.
-
-        Merge order is the order commits reach the merge actor (real concurrency, not reproducible). Contributions
-        the merge actor has accepted already (this call retried after a restart, or a resumed run), or in ``skip``,
-        are not made again.
-        """
-        me = ray.get_runtime_context().current_actor
-        done = set(ray.get(merge_actor.accepted_ids.remote())) | set(skip)
-        acks = []
-        for c in contributions:
-            if c.id in done:
-                continue
-            time.sleep(max(0.0, start + c.t_pull * scale - time.time()))
-            pulled = [merge_actor.pull.remote(pull_strategy)] if pull_strategy else None
-            refs = self.contribute(c, pulled)
-            ray.wait(refs[:1], fetch_local=False)
-            time.sleep(c.delay * scale)
-            for index, ref in enumerate(refs):          # the genuine commit, then a corrupted copy if any
-                note = {"injected": "corrupt"} if index else None
-                acks.append(ray.get(merge_actor.commit.remote([ref], (me, c, pulled, index), note)))
-        return acks

@@ -340,3 +340,54 @@ def test_config_accepts_the_edges():
                          staleness_weighting=True, pull_strategy="svd", init_from="main")
     # Assert
     assert ScheduleConfig().max_staleness == -1 and cfg.max_staleness == 0 and cfg.pull_strategy == "svd"
+
+
+# --------------------------------------------------------------------------------------------
+# The wall clock's timetable (sim.clock)
+# --------------------------------------------------------------------------------------------
+def test_wall_clock_starts_at_scaled_times_and_waits_for_the_previous_acknowledgement(two_institutions):
+    from sim.clock import WallClock
+
+    # Prepare: A pulls at 0 and 3, B at 1 and 2 (virtual); 10 s of real time per unit, start at t = 100 s
+    clock = WallClock(two_institutions, start=100.0, scale=10.0)
+    by_id = {c.id: c for c in two_institutions.contributions}
+    # Execute / Assert: at 100 s only A0 is due; B0 at 110 s
+    assert [c.id for c in clock.due_starts(100.0)] == ["inst000-00"] and clock.next_due() == 110.0
+    assert [c.id for c in clock.due_starts(115.0)] == ["inst001-00"]
+    # B1 is due at 120 s, but B is busy until B0's commit is acknowledged: nothing starts, nothing else is due
+    assert clock.due_starts(125.0) == [] and clock.next_due() is None
+    clock.trained(by_id["inst001-00"], 126.0)          # delay 0: the commit is due at once
+    assert [c.id for c in clock.due_commits(126.0)] == ["inst001-00"] and clock.due_starts(126.0) == []
+    clock.acknowledged(by_id["inst001-00"])
+    assert [c.id for c in clock.due_starts(127.0)] == ["inst001-01"]    # late: as soon as B is free
+    assert not clock.finished
+
+
+def test_wall_clock_sends_commits_after_their_scaled_delay_in_due_order():
+    from sim.clock import WallClock
+
+    # Prepare: two institutions, one contribution each, delays 2 and 0.5 (virtual), scale 2
+    a = Contribution("inst000-00", 0, 0, 0.0, 4.0, 2.0, 2.0, False, 0)
+    b = Contribution("inst001-00", 1, 0, 0.0, 2.0, 1.5, 0.5, False, 0)
+    clock = WallClock(Schedule((b, a), {}, (1.0, 1.0)), start=0.0, scale=2.0)
+    assert [c.id for c in clock.due_starts(0.0)] == ["inst000-00", "inst001-00"]
+    # Execute: A trains until 1 s (due 1 + 4 = 5 s), B until 3 s (due 3 + 1 = 4 s)
+    clock.trained(a, 1.0)
+    clock.trained(b, 3.0)
+    # Assert: nothing before 4 s; B then A, the order they arrive; finished once both are acknowledged
+    assert clock.due_commits(3.9) == [] and clock.next_due() == 4.0
+    assert [c.id for c in clock.due_commits(6.0)] == ["inst001-00", "inst000-00"]
+    clock.acknowledged(a)
+    clock.acknowledged(b)
+    assert clock.finished and clock.next_due() is None
+
+
+def test_wall_clock_skips_what_the_log_has(two_institutions):
+    from sim.clock import WallClock
+
+    # Execute: A0 and B0 were merged before (a resumed run)
+    clock = WallClock(two_institutions, start=0.0, scale=1.0, skip={"inst000-00", "inst001-00"})
+    # Assert: each institution goes on with its second contribution, at its own time
+    assert [c.id for c in clock.due_starts(2.5)] == ["inst001-01"]
+    assert [c.id for c in clock.due_starts(3.0)] == ["inst000-01"]
+    assert WallClock(two_institutions, 0.0, 1.0, skip=[c.id for c in two_institutions.contributions]).finished
