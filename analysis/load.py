@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ import yaml
 
 __all__ = ["RunData", "SweepData", "REFERENCES", "dir_kind", "load_run", "load_sweep", "study_rows",
            "mean_ci", "t_quantile", "final_table", "strategy_task_table", "eval_history", "contributions",
-           "cost_table"]
+           "cost_table", "strategy_scores", "reference_scores", "cache_hits", "distill_audit", "run_orders"]
 
 REFERENCES = ("base", "individual", "joint")   # reference predictors, never merge strategies
 
@@ -281,3 +282,43 @@ def cost_table(summary: dict) -> pd.DataFrame:
                      "infer_ms_per_image": _num(s.get("infer_ms_per_image")),
                      "forgetting": _num(s.get("forgetting")), "bwt": _num(s.get("bwt"))})
     return pd.DataFrame(rows)
+
+
+# One run's numbers as a sweep's results rows carry them ---------------------------------------------------------
+def strategy_scores(summary: dict, strategy: str, metrics: Sequence[str]) -> dict[str, float]:
+    """``{metric: value}`` of one strategy in ``summary.json`` (NaN where the strategy or the metric is missing)."""
+    block = (summary.get("strategies") or {}).get(strategy)
+    return {m: _num(block.get(m)) if block is not None else math.nan for m in metrics}
+
+
+def reference_scores(summary: dict, references: Sequence[str], metrics: Sequence[str] = ("acc", "auc")
+                     ) -> dict[str, float]:
+    """``{<reference>_<metric>: value}`` of ``summary.json``'s references (NaN where missing)."""
+    refs = summary.get("references") or {}
+    return {f"{ref}_{m}": _num(refs[ref].get(m)) if ref in refs else math.nan for ref in references
+            for m in metrics}
+
+
+def cache_hits(events: pd.DataFrame) -> int:
+    """How many of a run's events were served by the commit cache (``cache_hit``)."""
+    if events.empty or "cache_hit" not in events.columns:
+        return 0
+    return int(events["cache_hit"].fillna(False).astype(bool).sum())
+
+
+def distill_audit(events: pd.DataFrame) -> dict[str, float]:
+    """Mean fidelity and membership-inference AUC of the run's accepted distilled sets (NaN without an audit)."""
+    out = {"distill_fidelity": math.nan, "mia_auc": math.nan}
+    if events.empty:
+        return out
+    acc = events[events["event"] == "accepted"] if "event" in events.columns else events.iloc[:0]
+    for col in out:
+        if col in acc.columns and acc[col].notna().any():
+            out[col] = float(acc[col].astype(float).mean())
+    return out
+
+
+def run_orders(path: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """A run dir's merge orders (``orders.parquet``, ``orders_per_task.parquet``; None where missing)."""
+    p = Path(path)
+    return _read_parquet(p / "orders.parquet"), _read_parquet(p / "orders_per_task.parquet")

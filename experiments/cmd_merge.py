@@ -12,7 +12,7 @@ import numpy as np
 from experiments.common import CLIError, add_config_args, prepare_out_dir, resolve_config
 from sim.config import config_to_dict
 from sim.data.base import DistilledSet
-from sim.merge import STRATEGIES, Mixture, check_compatible, merge, save_mixture
+from sim.merge import SPECS, Mixture, check_compatible, get_spec, merge, save_mixture
 from sim.model import Adapter, Foundation, load_adapter, load_foundation, save_adapter
 
 HELP = "merge peft LoRA adapter dirs with one strategy; writes a peft adapter dir (or a mixture dir) and merge.json"
@@ -24,7 +24,7 @@ FLAGS = {"seed": "seed", "density": "merge.density", "svd_threshold": "merge.svd
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", required=True, metavar="NAME",
-                   help=f"merge strategy: {', '.join(STRATEGIES)}")
+                   help=f"merge strategy: {', '.join(SPECS)}")
     p.add_argument("--adapters", required=True, nargs="+", metavar="DIR",
                    help="peft adapter dirs (written by forgesim or by peft itself), in arrival order")
     p.add_argument("--weights", metavar="W1,W2,...",
@@ -115,12 +115,12 @@ def check_fits(foundation: Foundation, adapters: list[Adapter]) -> None:
 def run(args: argparse.Namespace) -> int:
     # Step 1: check every input before anything is written.
     cfg = resolve_config(args, FLAGS)
-    if args.strategy not in STRATEGIES:
-        raise CLIError(f"--strategy {args.strategy!r} is unknown; known: {', '.join(STRATEGIES)}")
+    if args.strategy not in SPECS:
+        raise CLIError(f"--strategy {args.strategy!r} is unknown; known: {', '.join(SPECS)}")
+    spec = get_spec(args.strategy)
     adapters = load_adapters(args.adapters)
     weights = parse_weights(args.weights, len(adapters))
-    check_compatible(adapters, same_modules=args.strategy != "mixture",
-                     same_ranks=args.strategy in ("lora_avg", "fusion"))
+    check_compatible(adapters, same_modules=spec.same_modules, same_ranks=not spec.mixed_ranks)
     foundation, proxy = None, [DistilledSet.load(f) for f in args.proxy]
     if proxy:
         if weights is not None:

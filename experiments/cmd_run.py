@@ -40,16 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
-    """preset (or defaults) < --config < flags < --set."""
+    """preset (or defaults) < --config < flags < --set. Constructing the config validates it (unknown strategies,
+    a branch to pull for ``init_from: main``), so nothing else is checked here."""
     from experiments.presets import get_preset
-    from sim.merge import get_strategy
 
     base = get_preset(args.preset) if args.preset else None
     extra = [f"merge.strategies=[{args.strategies}]"] if args.strategies else []
-    cfg = resolve_config(args, FLAGS, base=base, extra=extra)
-    for s in cfg.merge.strategies:
-        get_strategy(s)
-    return cfg
+    return resolve_config(args, FLAGS, base=base, extra=extra)
 
 
 # flags that do not change what a run computes, so a resumed run may set them
@@ -113,15 +110,12 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from actors.runner import pull_strategy, run_simulation
-
     if args.resume is None and args.out is None:
         raise CLIError("--out DIR is required (or --resume DIR to continue a run)")
     if args.resume is not None:
         cfg, out = resume_config(args)
     else:
         cfg, out = build_config(args), Path(args.out)
-    pull_strategy(cfg)                   # check before anything is written
     if cfg.schedule.arrival == "trace":
         from sim.schedule import read_trace
 
@@ -135,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         if args.overwrite and out.is_dir():
             shutil.rmtree(out)
         out = prepare_out_dir(out)
+    from actors.runner import run_simulation
+
     summary = run_simulation(cfg, out, resume=args.resume is not None)
     if cfg.train.joint:                  # the `joint` reference (Ray Train), added to the run's records
         from experiments.joint import add_joint_reference

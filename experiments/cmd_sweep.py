@@ -25,7 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from experiments.presets import get_study
     from experiments.sweep import SWEEP_FILE, read_plan, run_sweep, write_plan
-    from sim.merge import get_strategy
 
     if args.max_concurrent < 0:
         raise CLIError(f"--max-concurrent must be >= 0, got {args.max_concurrent}")
@@ -40,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.study or not args.out:
             raise CLIError("give a study and --out DIR (or --resume DIR)")
         study = get_study(args.study, smoke=args.smoke)
-        base = resolve_config(args, {"seed": "seed"}, base=study.base)
-        for s in base.merge.strategies:
-            get_strategy(s)
+        base = resolve_config(args, {"seed": "seed"}, base=study.base)     # constructing it validates it
         sweep_dir = Path(args.out)
         if sweep_dir.exists() and not sweep_dir.is_dir():
             raise CLIError(f"--out {sweep_dir} exists and is not a directory")

@@ -1,8 +1,10 @@
-"""Presets: run presets (functions returning a ``SimConfig``, ml_collections' ``get_config(variant)`` habit) and
-study presets (functions returning a ``Study``: a base config and a grid, each with a ``smoke`` size for CI).
+"""Presets: run presets (functions returning a ``SimConfig``) and studies (functions returning a ``Study``).
 
-``PRESETS`` and ``STUDIES`` are the registries; ``get_preset`` / ``get_study`` list the known names on a typo. A
-preset is the starting point; ``--config``, flags and ``--set`` apply on top of it.
+Run presets follow ml_collections' ``get_config(variant)`` habit. A study is one entry: its base config and grid (each
+with a ``smoke`` size for CI), its x axis and the sections of its report; the sweep runs it and writes its layout
+(``analysis.layout``) into the sweep dir, which the report reads. ``PRESETS`` and ``STUDIES`` are the registries;
+``get_preset`` / ``get_study`` list the known names on a typo. A preset is the starting point; ``--config``, flags and
+``--set`` apply on top of it.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
+from analysis.layout import Section, StudyLayout
 from sim.config import SimConfig
+from sim.registry import lookup
 
 
 def default() -> SimConfig:
@@ -39,32 +43,60 @@ PRESETS: dict[str, Callable[[], SimConfig]] = {"default": default, "demo": demo}
 
 def get_preset(name: str) -> SimConfig:
     """The config of preset ``name``; a typo lists the known presets."""
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    return lookup(PRESETS, name, "preset")()
 
 
 # ------------------------------------------------------------------------------------------
 # Studies (``forgesim sweep``)
 # ------------------------------------------------------------------------------------------
+# The config columns of every study's results.parquet (column -> config field); a study's own x axis joins them.
+STANDARD_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """What a study varies: the results ``column`` holding the config ``field``, its name in table headers
+    (``label``) and on figure axes (``axis_label``)."""
+
+    column: str
+    field: str
+    label: str
+    axis_label: str
+
+
+CONTRIBUTORS = Axis("contributors", "data.institutions", "contributors", "contributors (institutions)")
+
+
 @dataclass(frozen=True)
 class Study:
     """One study: every point of ``grid`` (the product of its values, config field -> values) is one Tune trial
     running one simulation of ``base`` with the point's values. ``strategies`` are kept as branches of every trial
     (training is paid once per point, strategies are compared on identical commits); with ``orders`` > 0 each trial
-    also re-merges its commits in that many seeded orders (order 0 = the run's)."""
+    also re-merges its commits in that many seeded orders (order 0 = the run's). ``x`` is the axis its report plots
+    against (None: seeds only) and ``sections`` what its report shows (``analysis.layout.Section``)."""
 
     name: str
     base: SimConfig
     grid: dict[str, tuple] = field(default_factory=dict)
     orders: int = 0
     description: str = ""
+    x: Axis | None = None
+    sections: tuple[Section, ...] = ()
 
     def points(self) -> list[dict]:
         """The grid's points, in a fixed order (the last field varies fastest)."""
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The config columns of this study's results (column -> config field)."""
+        return STANDARD_COLUMNS | ({self.x.column: self.x.field} if self.x else {})
+
+    def layout(self) -> StudyLayout:
+        """What the sweep writes into its dir for the report (``analysis.layout``)."""
+        x = self.x or Axis("", "", "", "")
+        return StudyLayout(self.name, x.column, x.label, x.axis_label, self.columns, self.sections)
 
 
 def _sized(cfg: SimConfig, smoke: bool) -> SimConfig:
@@ -97,7 +129,9 @@ def scaling(smoke: bool = False) -> Study:
     """Accuracy and cost vs contributors (10-50; smoke 4, 8) × seeds, every strategy, with the joint reference."""
     cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES}, train={"joint": True})
     grid = {"data.institutions": (4, 8) if smoke else (10, 20, 30, 40, 50), "seed": (0,) if smoke else (0, 1, 2)}
-    return Study("scaling", cfg, grid, description=scaling.__doc__)
+    return Study("scaling", cfg, grid, description=scaling.__doc__, x=CONTRIBUTORS, sections=(
+        Section("Scaling with the number of contributors", "scaling", ("acc", "auc")),
+        Section("Cost", "cost", ("mixture_vs_fusion",))))
 
 
 def order(smoke: bool = False) -> Study:
@@ -105,28 +139,33 @@ def order(smoke: bool = False) -> Study:
     3), every strategy; no retraining (the orders replay the run's commits)."""
     cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": ("fusion", "mixture", "svd")})
     return Study("order", cfg, {"seed": (0,) if smoke else (0, 1, 2)}, orders=3 if smoke else 20,
-                 description=order.__doc__)
+                 description=order.__doc__,
+                 sections=(Section("Merge-order sensitivity", "orders", ("orders", "orders_per_task")),))
 
 
 def forgetting(smoke: bool = False) -> Study:
     """Per-task accuracy after every merge (forgetting, BWT) of 2 contributions per institution, every strategy."""
     cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES},
                 schedule={"contributions": 2}, runtime={"eval_every": 1})
-    return Study("forgetting", cfg, {"seed": (0,) if smoke else (0, 1, 2)}, description=forgetting.__doc__)
+    return Study("forgetting", cfg, {"seed": (0,) if smoke else (0, 1, 2)}, description=forgetting.__doc__,
+                 sections=(Section("Forgetting", "forgetting"),))
 
 
 def ipc(smoke: bool = False) -> Study:
     """Distilled images per class 1, 5, 10, 20, 50 (smoke: 1, 2) × seeds, with the fidelity and privacy audit."""
     cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": ("fusion", "mixture")}, distill={"audit": True})
     return Study("ipc", cfg, {"distill.ipc": (1, 2) if smoke else (1, 5, 10, 20, 50),
-                              "seed": (0,) if smoke else (0, 1, 2)}, description=ipc.__doc__)
+                              "seed": (0,) if smoke else (0, 1, 2)}, description=ipc.__doc__,
+                 x=Axis("ipc", "distill.ipc", "IPC", "images per class (IPC)"),
+                 sections=(Section("Distillation budget (IPC), fidelity and privacy", "ipc", ("acc",)),))
 
 
 def rank(smoke: bool = False) -> Study:
     """LoRA rank 2, 4, 8, 16, 32 (smoke: 2, 4) × seeds: accuracy and storage."""
     cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES})
     grid = {"lora.rank": (2, 4) if smoke else (2, 4, 8, 16, 32), "seed": (0,) if smoke else (0, 1, 2)}
-    return Study("rank", cfg, grid, description=rank.__doc__)
+    return Study("rank", cfg, grid, description=rank.__doc__, x=Axis("rank", "lora.rank", "rank", "LoRA rank r"),
+                 sections=(Section("LoRA rank", "rank", ("acc",)),))
 
 
 STUDIES: dict[str, Callable[[bool], Study]] = {"scaling": scaling, "order": order, "forgetting": forgetting,
@@ -135,7 +174,4 @@ STUDIES: dict[str, Callable[[bool], Study]] = {"scaling": scaling, "order": orde
 
 def get_study(name: str, smoke: bool = False) -> Study:
     """Study preset ``name`` at full or smoke size; a typo lists the known studies."""
-    try:
-        return STUDIES[name](smoke)
-    except KeyError:
-        raise ValueError(f"unknown study {name!r}; known: {', '.join(STUDIES)}") from None
+    return lookup(STUDIES, name, "study")(smoke)

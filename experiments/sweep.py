@@ -3,6 +3,7 @@
 Sweep dir layout::
 
     DIR/sweep.json          the study, its base config (after --set), the grid points; --resume reads it
+    DIR/study.json          the study's layout (``analysis.layout``): its x column, config columns, report sections
     DIR/tune/               Tune's experiment state (``Tuner.restore`` continues it)
     DIR/runs/<point>/       one run dir per grid point (``forgesim run``'s layout); ``orders.parquet`` for order studies
     DIR/commit_cache/       content-addressed commits (``sim.cache``): a contribution is trained once per
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from experiments.presets import Study
+from analysis.layout import write_layout
+from analysis.load import cache_hits, distill_audit, load_run, reference_scores, run_orders, strategy_scores
+from experiments.presets import STANDARD_COLUMNS, Study
 from sim.config import SimConfig, apply_overrides, config_from_dict, config_hash, config_to_dict
 
 if TYPE_CHECKING:
@@ -37,9 +40,9 @@ if TYPE_CHECKING:
 
 SWEEP_FILE = "sweep.json"
 TUNE_NAME = "tune"
-# results.parquet: the point's standard config columns (name -> config field)
-CONFIG_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc"}
+# results.parquet: each strategy's summary metrics, and the references' ACC/AUC, per trial
 SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image")
+RESULT_REFERENCES = ("base", "individual")
 
 
 def point_name(index: int, point: dict) -> str:
@@ -59,7 +62,8 @@ def trial_config(base: dict, point: dict, sweep_dir: Path) -> SimConfig:
 # ------------------------------------------------------------------------------------------
 def trial(config: dict) -> None:
     """One Tune trial: run (or, after an interruption, reuse) the point's simulation, replay its orders if the study
-    asks, and report flat metrics (``<strategy>/<metric>``) with ``ray.tune.report``."""
+    asks, and report the trial's flat metrics with ``ray.tune.report`` (the results table is built from the run
+    dir's records, ``write_results``)."""
     from ray import tune
 
     from actors.runner import run_simulation
@@ -74,21 +78,17 @@ def trial(config: dict) -> None:
     # Step 1: the simulation. A finished run dir (the trial ran before an interruption) is reused as it is; a
     # partial one is started again, its contributions come from the commit cache.
     if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = load_run(run_dir).summary
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         summary = run_simulation(cfg, run_dir, run_id=name)
     # Step 2: merge orders (order studies): replayed from the run's log as tasks on the trial's pool.
     if config.get("orders", 0) and not (run_dir / "orders.parquet").is_file():
         replay_run(cfg, run_dir, config["orders"])
-    # Step 3: flat metrics.
+    # Step 3: flat metrics of the trial.
     metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
                "commits_accepted": summary["commits_accepted"], "commits_rejected": summary["commits_rejected"],
-               "cache_hits": _cache_hits(run_dir)}
-    for s, values in summary["strategies"].items():
-        metrics |= {f"{s}/{m}": _float(values.get(m)) for m in SUMMARY_METRICS}
-    for ref, values in summary.get("references", {}).items():
-        metrics |= {f"{ref}/acc": _float(values.get("acc")), f"{ref}/auc": _float(values.get("auc"))}
+               "cache_hits": cache_hits(load_run(run_dir).events)}
     _log_attempt(sweep_dir, attempt | {"event": "done", "t": time.time()})
     tune.report(metrics)
 
@@ -97,20 +97,6 @@ def _log_attempt(sweep_dir: Path, record: dict) -> None:
     """``DIR/trials.jsonl``: one line per trial start and end (retries and resumed trials show up here)."""
     with open(sweep_dir / "trials.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
-
-
-def _float(x) -> float:
-    return float(x) if x is not None else math.nan
-
-
-def _cache_hits(run_dir: Path) -> int:
-    import pandas as pd
-
-    path = run_dir / "events.parquet"
-    if not path.is_file():
-        return 0
-    ev = pd.read_parquet(path)
-    return int(ev["cache_hit"].fillna(False).astype(bool).sum()) if "cache_hit" in ev.columns else 0
 
 
 def replay_run(cfg: SimConfig, run_dir: Path, orders: int) -> None:
@@ -153,11 +139,17 @@ def _trainable(cfg: SimConfig):
 
 
 def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: int) -> dict:
+    """``sweep.json`` (what the trials run, what --resume continues) and ``study.json`` (the study's layout)."""
+    from analysis.report import check_layout
+
+    layout = study.layout()
+    check_layout(layout)
     points = study.points()
     plan = {"study": study.name, "description": study.description, "orders": study.orders,
             "base": config_to_dict(base), "max_concurrent": max_concurrent,
             "points": [{"name": point_name(i, p), "values": p} for i, p in enumerate(points)]}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(plan, indent=2))
+    write_layout(sweep_dir, layout)
     return plan
 
 
@@ -243,39 +235,48 @@ def joint_references(plan: dict, sweep_dir: Path) -> dict[str, dict]:
     return out
 
 
+def config_columns(plan: dict, sweep_dir: Path) -> dict[str, str]:
+    """The config columns of the study's results (column -> config field), from its layout record; a sweep planned
+    before it had one carries the standard columns."""
+    from analysis.layout import read_layouts
+
+    return next((layout.columns for layout in read_layouts(sweep_dir) if layout.study == plan["study"]),
+                dict(STANDARD_COLUMNS))
+
+
 def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFrame":
     """``results.parquet`` (one row per trial × strategy) and, for order studies, ``orders.parquet`` +
-    ``orders_per_task.parquet`` (one row per trial × order × strategy [× task])."""
+    ``orders_per_task.parquet`` (one row per trial × order × strategy [× task]), from the records of the run dirs
+    of the trials Tune finished (``analysis.load``)."""
     import pandas as pd
 
-    by_name = {}
+    tune_ids = {}
     for result in grid:
         point = result.config["point"] if result.config else None
         if point is not None and result.error is None and result.metrics:
-            by_name[point["name"]] = (result.metrics, result.metrics.get("trial_id"))
+            tune_ids[point["name"]] = result.metrics.get("trial_id")
+    columns = config_columns(plan, sweep_dir)
     rows, orders, orders_task = [], [], []
     for p in plan["points"]:
-        if p["name"] not in by_name:
+        if p["name"] not in tune_ids:
             continue
-        metrics, trial_id = by_name[p["name"]]
         cfg = trial_config(plan["base"], p["values"], sweep_dir)
         run_dir = sweep_dir / "runs" / p["name"]
-        common = {"trial_id": p["name"], "tune_trial_id": trial_id, "study": plan["study"]}
-        common |= {col: _get(cfg, field) for col, field in CONFIG_COLUMNS.items()}
-        common |= {field: value for field, value in p["values"].items() if field not in CONFIG_COLUMNS.values()}
-        common |= {"wall_s": metrics["wall_s"], "commits_accepted": metrics["commits_accepted"],
-                   "cache_hits": metrics.get("cache_hits", 0)}
-        common |= {f"{ref}_{m}": metrics.get(f"{ref}/{m}", math.nan) for ref in ("base", "individual")
-                   for m in ("acc", "auc")}
+        run = load_run(run_dir)
+        common = {"trial_id": p["name"], "tune_trial_id": tune_ids[p["name"]], "study": plan["study"]}
+        common |= {col: _get(cfg, field) for col, field in columns.items()}
+        common |= {field: value for field, value in p["values"].items() if field not in columns.values()}
+        common |= {"wall_s": run.summary["wall_s"], "commits_accepted": run.summary["commits_accepted"],
+                   "cache_hits": cache_hits(run.events)}
+        common |= reference_scores(run.summary, RESULT_REFERENCES)
         common |= {f"joint_{m}": joint.get(p["name"], {}).get(m, math.nan) for m in ("acc", "auc")}
-        common |= _distill_audit(run_dir)
+        common |= distill_audit(run.events)
         common["run_dir"] = str(run_dir.relative_to(sweep_dir))
         for s in cfg.merge.strategies:
-            rows.append(common | {"strategy": s} | {m: metrics.get(f"{s}/{m}", math.nan) for m in SUMMARY_METRICS})
-        for name, target in (("orders.parquet", orders), ("orders_per_task.parquet", orders_task)):
-            if (run_dir / name).is_file():
-                target += [{"trial_id": p["name"], "seed": cfg.seed} | r
-                           for r in pd.read_parquet(run_dir / name).to_dict("records")]
+            rows.append(common | {"strategy": s} | strategy_scores(run.summary, s, SUMMARY_METRICS))
+        for table, target in zip(run_orders(run_dir), (orders, orders_task)):
+            if table is not None:
+                target += [{"trial_id": p["name"], "seed": cfg.seed} | r for r in table.to_dict("records")]
     df = pd.DataFrame(rows)
     df.to_parquet(sweep_dir / "results.parquet", index=False)
     if orders:
@@ -289,18 +290,3 @@ def _get(cfg: SimConfig, field: str):
     for part in field.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _distill_audit(run_dir: Path) -> dict:
-    """Mean fidelity and membership-inference AUC of the run's accepted distilled sets (NaN without an audit)."""
-    import pandas as pd
-
-    out = {"distill_fidelity": math.nan, "mia_auc": math.nan}
-    path = run_dir / "events.parquet"
-    if path.is_file():
-        ev = pd.read_parquet(path)
-        acc = ev[ev["event"] == "accepted"] if "event" in ev.columns else ev.iloc[:0]
-        for col in out:
-            if col in acc.columns and acc[col].notna().any():
-                out[col] = float(acc[col].astype(float).mean())
-    return out
