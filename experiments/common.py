@@ -1,5 +1,4 @@
-"""What every ``forgesim`` command shares: the user-facing error, the config and data flags, config layering and
-output dirs."""
+"""What every ``forgesim`` command shares: CLIError, the config and data flags, config layering, output dirs."""
 from __future__ import annotations
 
 import argparse

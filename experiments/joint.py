@@ -1,5 +1,7 @@
-"""The ``joint`` reference: one multi-task LoRA trained centrally on the union of every institution's training data,
-with Ray Train — the upper bound merging papers compare to (it needs the private data in one place).
+"""The ``joint`` reference: one multi-task LoRA trained centrally with Ray Train on every institution's data.
+
+The upper bound merging papers compare to (it needs the private data in one place): one adapter trained on the
+union of every institution's training data.
 
 ``train_joint(cfg)`` runs a ``ray.train.torch.TorchTrainer``: ``ScalingConfig(num_workers=runtime.workers,
 use_gpu=runtime.num_gpus > 0 or runtime.device is cuda)``, each worker ``runtime.num_cpus`` CPUs (and

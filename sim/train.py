@@ -1,4 +1,4 @@
-"""Seeded local LoRA training of one institution's adapter (peft on the frozen timm ViT)."""
+"""Seeded LoRA training (peft on the frozen timm ViT): one institution's adapter, one task's, the joint one."""
 from __future__ import annotations
 
 import copy

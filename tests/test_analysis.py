@@ -346,3 +346,53 @@ def test_html_report_renders_in_chromium(tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text('<html><head></head><body><img alt="gone" src="missing.png"></body></html>')
     assert broken_images(bad) == (1, ["gone"])
+
+
+# Shaping and layouts ------------------------------------------------------------------------------------------------
+def test_shaping_functions_return_the_frames_the_figures_draw():
+    # Prepare
+    summary, metrics, events, _ = run_records()
+    bars = pd.DataFrame([{"strategy": s, "forgetting": v["forgetting"], "bwt": v["bwt"]}
+                         for s, v in summary["strategies"].items()])
+    # Execute
+    df, breakeven = F.cost_frames(study_rows(sweep_results(), "scaling", "contributors"))
+    heat, bar_stats = F.forgetting_frames(eval_history(metrics), bars)
+    spans, stale = F.timeline_frames(contributions(events))
+    # Assert
+    assert (df["storage_mb"] == df["storage_bytes"] / 1e6).all() and list(breakeven["contributors"]) == [2, 4, 8, 16]
+    assert list(heat.columns) == [1, 3] and list(heat.loc["fusion"].index) == ["xray", "histology"]
+    assert math.isnan(heat.loc[("mixture", "histology"), 1]) and heat.loc[("fusion", "xray"), 3] == pytest.approx(0.65)
+    assert list(bar_stats.index) == ["fusion", "mixture"] and bar_stats.loc["fusion", ("forgetting", "mean")] == 0.05
+    assert len(spans) == 4 and (spans["t_end"] >= spans["t_pull"]).all() and list(stale) == [0, 1, 1]
+
+
+def test_strategy_colours_follow_the_records_order():
+    assert F.strategy_color("b", ["b", "a"]) == F.strategy_color("a", ["a", "b"]) != F.strategy_color("b", ["a", "b"])
+    assert F.strategy_color("new", ["a", "b"]) == F.strategy_color("c", ["a", "b", "c"])
+
+
+def test_sweep_report_shows_the_sections_of_the_layout_record(tmp_path):
+    from analysis.layout import Section, StudyLayout, read_layouts, write_layout
+
+    # Prepare: the sweep dir's records say it is the IPC study, with a tables-only section
+    sweep = write_sweep(tmp_path / "sweep", with_run=False)
+    layout = StudyLayout("ipc", "ipc", "images", "images per class", {"seed": "seed", "ipc": "distill.ipc"},
+                         (Section("Budget", "ipc", ("acc",)), Section("Budget, AUC", tables=("auc",))))
+    write_layout(sweep, layout)
+    # Execute
+    build_report(sweep, tmp_path / "out")
+    # Assert: only that study's sections (the orders of orders.parquet are not in its layout)
+    assert read_layouts(sweep) == (layout,)
+    assert {p.stem for p in (tmp_path / "out" / "figures").glob("*.png")} == {"ipc"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Budget" in md and "## Budget, AUC" in md and "AUC (%) by images" in md and "Scaling" not in md
+
+
+def test_a_layout_naming_an_unknown_figure_is_refused(tmp_path):
+    from analysis.layout import Section, StudyLayout
+    from analysis.report import check_layout
+
+    with pytest.raises(ValueError, match="study 'toy': unknown figure 'scatter'; known: scaling"):
+        check_layout(StudyLayout("toy", sections=(Section("Toy", "scatter"),)))
+    with pytest.raises(ValueError, match="unknown table 'medians'"):
+        check_layout(StudyLayout("toy", sections=(Section("Toy", tables=("medians",)),)))

@@ -74,3 +74,38 @@ def test_demo_writes_run_dir_with_figure_and_report(tiny_cfg, tiny_foundation, t
         assert (out / name).stat().st_size > 0
     assert (out / "adapters" / "xray" / "adapter_model.safetensors").is_file()
     assert "cross_task_acc.png" in (out / "report.md").read_text()
+
+
+def test_commands_share_helpers_without_importing_the_cli():
+    import subprocess
+    import sys
+
+    # Execute: every command module in a fresh interpreter
+    code = ("import sys, pathlib, importlib; "
+            "[importlib.import_module('experiments.' + p.stem) for p in sorted(pathlib.Path('experiments').glob('cmd_*.py'))]; "
+            "print('experiments.cli' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Assert: no command needs the parser module (cli imports the commands, never the other way round)
+    assert done.stdout.strip() == "False"
+
+
+def test_data_choices_come_from_the_dataset_registry(capsys):
+    from sim.data import DATASETS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "nope", "--out", "x"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(repr(name) in err for name in DATASETS)
+
+
+def test_prepare_out_dir_without_create_checks_and_writes_nothing(tmp_path):
+    from experiments.common import CLIError, prepare_out_dir
+
+    # Execute / Assert: a new dir passes and is not made; a non-empty one is refused either way
+    assert prepare_out_dir(tmp_path / "new", create=False) == tmp_path / "new"
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(CLIError, match="is not empty"):
+        prepare_out_dir(tmp_path / "full", create=False)
+    assert prepare_out_dir(tmp_path / "made").is_dir()

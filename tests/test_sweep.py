@@ -49,6 +49,21 @@ def test_study_presets_full_and_smoke():
         get_study("scalling")
 
 
+def test_a_study_entry_is_what_its_sweep_dir_records_for_the_report(tmp_path):
+    from analysis.layout import DEFAULT_LAYOUTS, read_layouts
+    from experiments.sweep import config_columns, write_plan
+
+    # Execute
+    study = get_study("ipc", smoke=True)
+    plan = write_plan(study, study.base, tmp_path, 0)
+    # Assert: the layout record (x column, config columns, sections) is the entry's, read back by analysis
+    assert read_layouts(tmp_path) == (study.layout(),)
+    assert config_columns(plan, tmp_path) == {"seed": "seed", "contributors": "data.institutions",
+                                              "rank": "lora.rank", "ipc": "distill.ipc"}
+    # ...and a sweep dir without a record is read as its built-in study would have written it
+    assert tuple(get_study(name).layout() for name in STUDIES) == DEFAULT_LAYOUTS
+
+
 # ------------------------------------------------------------------------------------------
 # Commit cache
 # ------------------------------------------------------------------------------------------
