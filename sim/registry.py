@@ -6,6 +6,7 @@ or a flag is answered the same way everywhere.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Mapping, TypeVar
 
 T = TypeVar("T")
@@ -31,3 +32,43 @@ def check_names(registry: Mapping[str, object], names, what: str, field: str | N
         if name not in registry:
             where = f"{field}: " if field else ""
             raise ValueError(f"{where}unknown {what} {name!r}; known: {', '.join(registry)}")
+
+
+def resolve(path: str):
+    """``"package.module:attr"`` → that object, importing the module on first use."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]):
+    """A module ``__getattr__`` (PEP 562) for ``package``: ``exports`` maps a public name to ``"module:attr"``.
+
+    Registries and configs must be readable without torch (institution actors and config validation never import
+    it), so a package whose entries need torch exports them through this: ``from sim.merge import merge`` imports
+    ``sim.merge.api`` at that moment, while ``import sim.merge.specs`` stays light.
+    """
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = resolve(exports[name])
+        setattr(importlib.import_module(package), name, value)   # later lookups skip this hook
+        return value
+
+    return __getattr__
+
+
+class LazyRegistry(Mapping[str, T]):
+    """A registry whose names are known without importing anything and whose entries (``"module:attr"`` paths)
+    are imported on first lookup — for registries a config validates against (see ``lazy_exports``)."""
+
+    def __init__(self, paths: Mapping[str, str]) -> None:
+        self._paths = dict(paths)
+
+    def __getitem__(self, name: str) -> T:
+        return resolve(self._paths[name])
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)

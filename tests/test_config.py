@@ -88,3 +88,16 @@ def test_sections_validate_directly():
         DataConfig(name="medmnist")
     with pytest.raises(ValueError, match="^lora.alpha"):
         LoraConfig(alpha=0)
+
+
+def test_validating_a_config_does_not_import_torch():
+    # Institution actors build the run's config but never touch torch (~350 MB per process); validating strategy,
+    # distiller and arrival names against their registries must not import it.
+    import subprocess
+    import sys
+
+    code = ("import sys; from sim.config import SimConfig; import actors.institution; "
+            "cfg = SimConfig(); assert cfg.merge.strategies and cfg.pull_branch is None; "
+            "print(sorted(m for m in ('torch', 'peft', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

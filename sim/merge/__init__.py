@@ -35,21 +35,18 @@ Entry points for the merge actor and the CLI:
 """
 from __future__ import annotations
 
-from typing import Callable
+from sim.registry import lazy_exports
 
-from sim.merge.api import SEQUENTIAL, MergeResult, SequentialState, merge, merge_step, start_sequence
-from sim.merge.base import check_compatible
-from sim.merge.mixture import Mixture, load_mixture, mixture_proba, save_mixture
-from sim.merge.specs import SPECS, StrategySpec, default_weights, get_spec
-
-__all__ = ["SPECS", "StrategySpec", "get_spec", "STRATEGIES", "get_strategy", "merge", "merge_step",
-           "start_sequence", "MergeResult", "SequentialState", "Mixture", "mixture_proba", "save_mixture",
-           "load_mixture", "check_compatible", "default_weights", "SEQUENTIAL"]
-
-# A view of the specs for callers that only need the function.
-STRATEGIES: dict[str, Callable] = {name: spec.fn for name, spec in SPECS.items()}
-
-
-def get_strategy(name: str) -> Callable:
-    """Look a merge strategy's function up by name; a typo lists the known names."""
-    return get_spec(name).fn
+# Imported on first use (PEP 562), so that ``sim.merge.specs`` — which config validation reads — never imports torch.
+_EXPORTS = {
+    "SPECS": "sim.merge.specs:SPECS", "StrategySpec": "sim.merge.specs:StrategySpec",
+    "get_spec": "sim.merge.specs:get_spec", "default_weights": "sim.merge.specs:default_weights",
+    "STRATEGIES": "sim.merge.api:STRATEGIES", "get_strategy": "sim.merge.api:get_strategy",
+    "merge": "sim.merge.api:merge", "merge_step": "sim.merge.api:merge_step",
+    "start_sequence": "sim.merge.api:start_sequence", "MergeResult": "sim.merge.api:MergeResult",
+    "SequentialState": "sim.merge.api:SequentialState", "check_compatible": "sim.merge.base:check_compatible",
+    "Mixture": "sim.merge.mixture:Mixture", "mixture_proba": "sim.merge.mixture:mixture_proba",
+    "save_mixture": "sim.merge.mixture:save_mixture", "load_mixture": "sim.merge.mixture:load_mixture",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

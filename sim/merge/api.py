@@ -18,8 +18,17 @@ from sim.merge.mixture import Mixture, ProbabilityCache, mixture_loss
 from sim.merge.specs import SPECS, StrategySpec, get_spec
 from sim.model import Adapter, Foundation
 
-# Kept for callers that have not switched to ``get_spec(name).sequential``: derived from the specs, never edited.
+# The strategies merged commit by commit, for messages (derived from the specs).
 SEQUENTIAL = tuple(name for name, spec in SPECS.items() if spec.sequential)
+# A view of the specs for callers that only need the function.
+STRATEGIES: dict[str, Callable] = {name: spec.fn for name, spec in SPECS.items()}
+
+
+def get_strategy(name: str) -> Callable:
+    """Look a merge strategy's function up by name; a typo lists the known names."""
+    return get_spec(name).fn
+
+
 Proxy = Sequence[DistilledSet] | ProxyData | None
 
 

@@ -25,11 +25,8 @@ from peft.utils import merge_utils
 
 from sim.data.base import derive_seed
 from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
+from sim.merge.specs import PLAIN_WEIGHT  # TIES, DARE-TIES and MagMax's default weight (λ = 1, not 1/N)
 from sim.model import Adapter
-
-# Default weight per contributor of TIES, DARE-TIES and MagMax (their specs' ``default_weight``): TIES and DARE-TIES
-# end in a disjoint *mean* and MagMax selects entries, so their papers' plain form has weight 1 (λ = 1), not 1/N.
-PLAIN_WEIGHT = 1.0
 
 def _merge_deltas(adapters: Sequence[Adapter], weights: Weights, default: float | None, strategy: str,
                   merge_module: Callable[[list[torch.Tensor], torch.Tensor, str], torch.Tensor]) -> Adapter:

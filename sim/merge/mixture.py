@@ -158,6 +158,13 @@ def mixture_loss(probs: list[torch.Tensor], data: ProxyData,
 # ------------------------------------------------------------------------------------------
 # Files: a dir of adapters plus mixture.json
 # ------------------------------------------------------------------------------------------
+def mixture_search_loss(foundation: Foundation, data: ProxyData,
+                        adapters: Sequence[Adapter]) -> Callable[[np.ndarray], float]:
+    """The mixture's search objective of w: per-adapter probabilities do not depend on w, so one batched pass,
+    then weighted sums (the same numbers as scoring ``mixture(adapters, w)`` each time)."""
+    return mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
+
+
 def save_mixture(mix: Mixture, out_dir: str | Path) -> Path:
     """Write ``adapter_000/ … adapter_{N-1}/`` (peft adapter dirs) and ``mixture.json`` with the weights."""
     out = Path(out_dir)

@@ -13,12 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from sim.merge.delta import PLAIN_WEIGHT, dare_linear, dare_ties, magmax, magnitude_prune, task_arithmetic, ties
-from sim.merge.factors import lora_avg
-from sim.merge.fusion import fusion, fusion_loss
-from sim.merge.mixture import ProbabilityCache, mixture, mixture_loss
-from sim.merge.svd import svd
-from sim.registry import lookup
+from sim.registry import lookup, resolve
+
+# This module imports neither torch nor the strategies' modules: configs validate strategy names against it, and
+# an institution actor (which builds a config but never merges) must stay free of torch. Functions are named by
+# "module:attr" and imported on first use.
+PLAIN_WEIGHT = 1.0   # TIES and DARE-TIES end in a disjoint *mean* and MagMax selects entries: weight 1 each
 
 SPACES = ("factors", "delta", "output")
 
@@ -27,7 +27,7 @@ SPACES = ("factors", "delta", "output")
 class StrategySpec:
     """What callers need to know about one merge strategy.
 
-    ``fn(adapters, weights=None, **options)`` is the pure merge; ``space``: "factors" (A and B combined
+    ``fn(adapters, weights=None, **options)`` is the pure merge (``impl``: where it lives, ``module:attr``); ``space``: "factors" (A and B combined
     separately), "delta" (ΔW = s B A combined), "output" (a ``Mixture`` of predictions). ``searched``: its
     coefficients are searched on proxy data by default; ``sequential``: a branch merges it commit by commit
     (``merge_step``), so arrival order matters by design. ``default_weight``: weight per contributor when none are
@@ -36,12 +36,12 @@ class StrategySpec:
     same modules. ``order_invariant``: ``fn``'s result does not depend on the contributors' order (weights
     permuted with them); ``seeded``: ``fn`` draws random numbers from its ``seed`` option. ``exact_options``:
     options under which nothing is pruned or truncated, so one contributor at weight 1 comes back unchanged.
-    ``search_loss(foundation, data, adapters) -> loss(w)``: a faster equivalent of the generic search objective
+    ``search_loss(foundation, data, adapters) -> loss(w)`` (``loss_impl``): a faster equivalent of the generic search objective
     (``None``: cross-entropy of ``fn(adapters, w)`` on the proxy data).
     """
 
     name: str
-    fn: Callable
+    impl: str
     space: str
     searched: bool
     sequential: bool
@@ -53,7 +53,17 @@ class StrategySpec:
     order_invariant: bool = True
     seeded: bool = False
     exact_options: tuple[tuple[str, float], ...] = ()
-    search_loss: Callable | None = None
+    loss_impl: str | None = None
+
+    @property
+    def fn(self) -> Callable:
+        """The merge function, ``impl`` imported."""
+        return resolve(self.impl)
+
+    @property
+    def search_loss(self) -> Callable | None:
+        """``loss_impl`` imported (``None`` without one)."""
+        return None if self.loss_impl is None else resolve(self.loss_impl)
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -66,46 +76,41 @@ class StrategySpec:
         return np.full(n, 1.0 / n if self.default_weight is None else self.default_weight)
 
 
-def _mixture_loss(foundation, data, adapters) -> Callable[[np.ndarray], float]:
-    """Per-adapter probabilities do not depend on w: one batched pass, then weighted sums."""
-    return mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
-
-
 _TRIM = (("density", 1.0),)
 _SPECS = (
-    StrategySpec("lora_avg", lora_avg, "factors", searched=False, sequential=False, default_weight=None,
+    StrategySpec("lora_avg", "sim.merge.factors:lora_avg", "factors", searched=False, sequential=False, default_weight=None,
                  needs_proxy=False, mixed_ranks=False, same_modules=True,
                  citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 2 pre-merge baseline"),
-    StrategySpec("fusion", fusion, "factors", searched=True, sequential=True, default_weight=None,
-                 needs_proxy=True, mixed_ranks=False, same_modules=True, search_loss=fusion_loss,
+    StrategySpec("fusion", "sim.merge.fusion:fusion", "factors", searched=True, sequential=True, default_weight=None,
+                 needs_proxy=True, mixed_ranks=False, same_modules=True, loss_impl="sim.merge.fusion:fusion_loss",
                  citation="Tan et al., MedForge (arXiv 2502.16055), official model_fusion.py; LoraHub, Huang et al. "
                           "(arXiv 2307.13269)"),
-    StrategySpec("mixture", mixture, "output", searched=True, sequential=True, default_weight=None,
-                 needs_proxy=True, mixed_ranks=True, same_modules=False, search_loss=_mixture_loss,
+    StrategySpec("mixture", "sim.merge.mixture:mixture", "output", searched=True, sequential=True, default_weight=None,
+                 needs_proxy=True, mixed_ranks=True, same_modules=False, loss_impl="sim.merge.mixture:mixture_search_loss",
                  citation="Tan et al., MedForge (arXiv 2502.16055), official model_mixture.py"),
-    StrategySpec("task_arithmetic", task_arithmetic, "delta", searched=False, sequential=False,
+    StrategySpec("task_arithmetic", "sim.merge.delta:task_arithmetic", "delta", searched=False, sequential=False,
                  default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True,
                  citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"),
-    StrategySpec("ties", ties, "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+    StrategySpec("ties", "sim.merge.delta:ties", "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
                  needs_proxy=False, mixed_ranks=True, same_modules=True, exact_options=_TRIM,
                  citation="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708); peft.utils.merge_utils"),
-    StrategySpec("dare_linear", dare_linear, "delta", searched=False, sequential=False, default_weight=None,
+    StrategySpec("dare_linear", "sim.merge.delta:dare_linear", "delta", searched=False, sequential=False, default_weight=None,
                  needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, seeded=True,
                  exact_options=_TRIM,
                  citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099); "
                           "peft.utils.merge_utils"),
-    StrategySpec("dare_ties", dare_ties, "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+    StrategySpec("dare_ties", "sim.merge.delta:dare_ties", "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
                  needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, seeded=True,
                  exact_options=_TRIM,
                  citation="Yu et al., DARE, ICML 2024 (arXiv 2311.03099) + Yadav et al., TIES-Merging, NeurIPS 2023 "
                           "(arXiv 2306.01708); peft.utils.merge_utils"),
-    StrategySpec("magnitude_prune", magnitude_prune, "delta", searched=False, sequential=False,
+    StrategySpec("magnitude_prune", "sim.merge.delta:magnitude_prune", "delta", searched=False, sequential=False,
                  default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True, exact_options=_TRIM,
                  citation="magnitude pruning of each task vector, then the weighted sum; peft.utils.merge_utils"),
-    StrategySpec("magmax", magmax, "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+    StrategySpec("magmax", "sim.merge.delta:magmax", "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
                  needs_proxy=False, mixed_ranks=True, same_modules=True,
                  citation="Marczak et al., MagMax, ECCV 2024 (arXiv 2407.06322)"),
-    StrategySpec("svd", svd, "delta", searched=False, sequential=False, default_weight=None, needs_proxy=False,
+    StrategySpec("svd", "sim.merge.svd:svd", "delta", searched=False, sequential=False, default_weight=None, needs_proxy=False,
                  mixed_ranks=True, same_modules=True, exact_options=(("threshold", 1.0),),
                  citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 5-6"),
 )
