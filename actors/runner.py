@@ -39,12 +39,6 @@ from sim.schedule import build_schedule
 PACKAGES = ("sim", "actors", "experiments", "analysis")
 
 
-def pull_strategy(cfg: SimConfig) -> str | None:
-    """``cfg.pull_branch`` (validated when the config is built); kept only while ``experiments/cmd_run.py`` imports
-    it, to be deleted then."""
-    return cfg.pull_branch
-
-
 def connect(cfg: SimConfig) -> bool:
     """Connect to Ray; returns True if this call started it (and should shut it down)."""
     if ray.is_initialized():
