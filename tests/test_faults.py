@@ -268,6 +268,25 @@ def test_a_run_whose_faults_only_delay_work_ends_like_the_fault_free_run(referen
     assert all(r.get("slowed_s") == 0.5 for r in log if r["event"] == "accepted" and r["id"] in plan.slow)
 
 
+def test_the_wall_clock_merges_every_contribution_once_through_killed_institutions(ray_session, ref_cfg, tmp_path):
+    from actors.runner import run_simulation
+    from sim.schedule import build_schedule
+
+    # Prepare: the wall clock (arrival order), with killed institutions and corrupted copies
+    cfg = ref_cfg.replace(faults=FaultsConfig(kill_institutions=0.5, kill_delay=0.3, corrupt=0.3),
+                          runtime=dataclasses.replace(ref_cfg.runtime, clock="wall"))
+    ids = [c.id for c in build_schedule(cfg.schedule, cfg.data.institutions, cfg.seed).contributions]
+    plan = plan_faults(cfg.faults, cfg.seed, ids)
+    assert plan.killed and plan.corrupt, plan
+    # Execute
+    summary = run_simulation(cfg, tmp_path / "run")
+    # Assert: each contribution accepted once, exactly the corrupted copies rejected, every planned kill done
+    assert_exactly_once(tmp_path / "run", ids)
+    assert {r["id"] for r in log_of(tmp_path / "run") if r["event"] == "rejected"} == set(plan.corrupt)
+    assert summary["clock"] == "wall" and summary["commits_rejected"] == len(plan.corrupt)
+    assert summary["faults"]["institution_kills_done"] == len(plan.killed)
+
+
 def test_a_lost_contribution_is_made_again_by_the_restarted_institution(ray_session, ref_cfg, tiny_cohort, tmp_path):
     from actors.institution import Institution
     from actors.merge_actor import MergeActor
