@@ -12,6 +12,10 @@
   ``peft.PeftModel.from_pretrained`` loads onto the same timm model.
 * The default foundation is pretrained once by forgesim on the public synthetic ``shapes`` corpus
   (classes disjoint from every task) and cached on disk keyed by its config.
+
+One file (over 400 lines) for the foundation and the adapter because each is defined by the other: an adapter's
+module names, shapes and base fingerprint come from the foundation it was trained on, and loading one checks it
+against the other.
 """
 from __future__ import annotations
 
