@@ -48,7 +48,7 @@ def _cohort(blob: str):
 @ray.remote(max_retries=2, num_returns=2)
 def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key: bytes | None = None):
     """Train + distil one contribution (``sim.contribute.contribute``); returns ``(commit, corrupted)``: the
-    ``Commit``, signed with the institution's ``key`` (``sim.store.sign_commit``) when one is given, and with
+    ``Commit``, signed with the institution's ``key`` (``sim.commit.sign_commit``) when one is given, and with
     ``faults.corrupt`` drawn for this contribution a corrupted copy of it (``sim.faults.corrupt_commit``), else
     ``None`` (made in the same task, which holds the commit already; no second task is needed for it).
 

@@ -11,7 +11,7 @@ times. Making holds a per-key file lock, so two runs that need the same contribu
 it once (the second waits and loads). Entries are written whole (temp dir + rename) and checked against their
 content hash on load; an unreadable entry is trained again and replaced.
 
-Layout: ``<dir>/<key[:2]>/<key>/`` = a commit dir (``sim.store.write_commit_dir``).
+Layout: ``<dir>/<key[:2]>/<key>/`` = a commit dir (``sim.commit_log.write_commit_dir``).
 """
 from __future__ import annotations
 

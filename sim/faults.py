@@ -88,7 +88,7 @@ def expected_reason(kind: str) -> str:
 
 
 def corrupt_commit(commit, kind: str, key: bytes | None):
-    """A corrupted copy of ``commit`` (a ``sim.store.Commit``), signed with the institution's ``key`` like a genuine
+    """A corrupted copy of ``commit`` (a ``sim.commit.Commit``), signed with the institution's ``key`` like a genuine
     one except for ``unsigned`` — so the merge actor must catch the corruption itself, not the signature.
 
     Kinds: ``nan``/``inf`` (one adapter tensor poisoned), ``shape`` (lora_A loses a column), ``fingerprint`` (another
