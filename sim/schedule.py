@@ -26,13 +26,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from sim.config import ScheduleConfig
 from sim.data.base import derive_rng, derive_seed
 from sim.registry import lookup
+
+if TYPE_CHECKING:   # annotations only: sim.config checks schedule.arrival against ARRIVALS, so no import cycle
+    from sim.config import ScheduleConfig
 
 __all__ = ["Contribution", "Schedule", "ARRIVALS", "get_arrival", "build_schedule", "read_trace",
            "poisson", "uniform", "periodic", "trace"]
