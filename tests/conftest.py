@@ -71,3 +71,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fresh_python():
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and return its stdout, stripped."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+    return run

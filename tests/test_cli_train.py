@@ -76,17 +76,13 @@ def test_demo_writes_run_dir_with_figure_and_report(tiny_cfg, tiny_foundation, t
     assert "cross_task_acc.png" in (out / "report.md").read_text()
 
 
-def test_commands_share_helpers_without_importing_the_cli():
-    import subprocess
-    import sys
-
+def test_commands_share_helpers_without_importing_the_cli(fresh_python):
     # Execute: every command module in a fresh interpreter
     code = ("import sys, pathlib, importlib; "
             "[importlib.import_module('experiments.' + p.stem) for p in sorted(pathlib.Path('experiments').glob('cmd_*.py'))]; "
             "print('experiments.cli' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # Assert: no command needs the parser module (cli imports the commands, never the other way round)
-    assert done.stdout.strip() == "False"
+    assert fresh_python(code) == "False"
 
 
 def test_data_choices_come_from_the_dataset_registry(capsys):

@@ -90,14 +90,10 @@ def test_sections_validate_directly():
         LoraConfig(alpha=0)
 
 
-def test_validating_a_config_does_not_import_torch():
+def test_validating_a_config_does_not_import_torch(fresh_python):
     # Institution actors build the run's config but never touch torch (~350 MB per process); validating strategy,
     # distiller and arrival names against their registries must not import it.
-    import subprocess
-    import sys
-
     code = ("import sys; from sim.config import SimConfig; import actors.institution; "
             "cfg = SimConfig(); assert cfg.merge.strategies and cfg.pull_branch is None; "
             "print(sorted(m for m in ('torch', 'peft', 'timm') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert fresh_python(code) == "[]"
