@@ -114,10 +114,14 @@ class MergeActor:
                 for s in snapshot for task in state.tasks_seen()]
 
     def finish(self, references: bool = True) -> dict:
-        """Final evaluation (every strategy, plus ``base`` and ``individual``) and the main branch written to disk.
+        """Final evaluation (every strategy, plus the references) and the main branch written to disk.
 
+        Every predictor is scored on the same sets, each seen task's pooled test set: the strategies and ``base``
+        on ``tasks``, the individual references on the same tasks (``sim.evaluation.evaluate_individual``: one
+        adapter per site of the task, a site without an accepted commit counted as the foundation alone).
         Returns values, not refs (refs owned by this actor would die with it): ``evals`` (every evaluation record,
-        the periodic ones and the final one), ``base``, ``individual`` and the per-strategy storage bytes.
+        the periodic ones and the final one), ``base``, ``individual`` (the records of ``individual`` and
+        ``individual_local``, tagged in ``strategy``) and the per-strategy storage bytes.
         """
         version = self.state.version
         self.state.save_main()

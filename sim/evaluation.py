@@ -2,8 +2,9 @@
 
 Records are flat dicts (one per evaluation × strategy × task): ``{event: "eval", version, strategy, task, acc, auc,
 n, infer_s}``. A merged predictor is scored on each task's *pooled* test set (the union of the test splits of every
-institution holding the task), on that task's classes. References: ``base`` (the foundation alone, every task)
-and ``individual`` (each institution's own latest adapter on its own test split, pooled per task).
+institution holding the task), on that task's classes, and so are the references ``base`` (the foundation alone)
+and ``individual`` (each site's latest adapter, mean over the task's sites); ``individual_local`` scores each
+site's adapter on its own test split instead (``evaluate_individual``).
 """
 from __future__ import annotations
 
@@ -59,23 +60,58 @@ def evaluate_snapshot(foundation: Foundation, snapshot: Mapping[str, object], co
     return records
 
 
-def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter], cohort: Cohort) -> list[dict]:
-    """The ``individual`` reference: each institution's own adapter on its own test split, pooled per task."""
-    by_task: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    infer_s = {}
-    for inst in cohort.institutions:
-        if inst.id not in adapters:
-            continue
-        t0 = time.perf_counter()
-        proba = predict_proba(foundation, adapters[inst.id], inst.test.x, inst.task, inst.classes)
-        infer_s[inst.task] = infer_s.get(inst.task, 0.0) + time.perf_counter() - t0
-        by_task.setdefault(inst.task, []).append((inst.test.y, proba))
+def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter], cohort: Cohort,
+                        tasks: Sequence[str] | None = None) -> list[dict]:
+    """The two individual references: one record per reference × task, ``strategy`` naming the reference.
+
+    ``individual`` is like-for-like with ``base`` and every merge strategy: per task, each of the task's
+    institutions' latest accepted adapter is scored on the task's *pooled* test set (the same images, classes and
+    ``n`` the strategies are scored on), and ACC and AUC are the means over the task's institutions of each
+    model's own ACC and AUC. An AUC is computed from one model's probabilities only: pooling the probabilities
+    of different models would rank one model's scores against another's, and their calibrations differ. This is
+    the specialist row of the merging papers' tables (Med-LEGO, Zhu et al. 2025, Table 1; FusionBench's
+    per-task fine-tuned models, Tang et al. 2024): the expert scored on the test set the merge is scored on.
+
+    ``individual_local`` is the site-local number: each institution's adapter on its own test split (which shares
+    the site's label skew and appearance shift), ACC and AUC per site, then the mean over the task's institutions
+    (again one model per AUC). It is what a site sees at home and is not comparable to the pooled numbers.
+
+    An institution without an accepted commit has no adapter: it counts as the foundation alone (its individual
+    model is ``base``), in both references, so every site of a task counts; ``n_sites`` and ``n_without_commit``
+    record how many. ``tasks``: the tasks to score (default: those of ``adapters``, in first-seen order); a task
+    no institution holds raises ``ValueError``.
+    """
+    if tasks is None:
+        by_id = {inst.id: inst.task for inst in cohort.institutions}
+        tasks = list(dict.fromkeys(by_id[i] for i in adapters if i in by_id))
+    if tasks:
+        _warm_up(foundation, cohort.task_split(tasks[0], "test").x)
     records = []
-    for task, parts in by_task.items():
-        y, proba = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        records.append({"task": task, "acc": accuracy(y, proba), "auc": macro_auc(y, proba), "n": len(y),
-                        "infer_s": infer_s[task]})
+    for task in tasks:
+        test, sites = cohort.task_split(task, "test"), [i for i in cohort.institutions if i.task == task]
+        common = {"task": task, "n": len(test), "n_sites": len(sites),
+                  "n_without_commit": sum(i.id not in adapters for i in sites)}
+        pooled = [_score(foundation, adapters.get(i.id), test, task, cohort.task_classes[task]) for i in sites]
+        local = [_score(foundation, adapters.get(i.id), i.test, task, cohort.task_classes[task]) for i in sites]
+        records.append({"strategy": "individual"} | common | _mean_scores(pooled)
+                       | {"infer_s": float(np.mean([s[2] for s in pooled]))})   # one model's time on n images
+        records.append({"strategy": "individual_local"} | common | _mean_scores(local)
+                       | {"infer_s": float(sum(s[2] for s in local))})          # the sites' splits add up to n
     return records
+
+
+def _score(foundation: Foundation, adapter: Adapter | None, split, task: str, classes: Sequence[str]
+           ) -> tuple[float, float, float]:
+    """``(acc, auc, seconds)`` of one model (``None`` = the foundation alone) on one split."""
+    t0 = time.perf_counter()
+    proba = predict_proba(foundation, adapter, split.x, task, classes)
+    seconds = time.perf_counter() - t0
+    return accuracy(split.y, proba), macro_auc(split.y, proba), seconds
+
+
+def _mean_scores(scores: Sequence[tuple[float, float, float]]) -> dict:
+    """Means over models of their ACC and AUC (a model whose AUC is undefined, NaN, is left out of the AUC)."""
+    return {"acc": finite_mean(s[0] for s in scores), "auc": finite_mean(s[1] for s in scores)}
 
 
 def forgetting_bwt(history: Mapping[str, Sequence[float]]) -> tuple[float, float]:
@@ -125,9 +161,16 @@ def summarise_strategies(evals: Sequence[dict], merges: Sequence[dict], storage:
 
 
 def summarise_reference(records: Sequence[dict]) -> dict:
-    """``{acc, auc, per_task}`` of a reference's records (one per task)."""
-    return {"acc": finite_mean(r["acc"] for r in records), "auc": finite_mean(r["auc"] for r in records),
-            "per_task": {r["task"]: {"acc": r["acc"], "auc": r["auc"]} for r in records}}
+    """``{acc, auc, per_task}`` of a reference's records (one per task): means over tasks, like a strategy's.
+
+    ``per_task`` also carries each task's ``n`` (test images) and, for the individual references, ``n_sites`` and
+    ``n_without_commit``; their sums over tasks are added at the top level.
+    """
+    counts = ("n", "n_sites", "n_without_commit")
+    out = {"acc": finite_mean(r["acc"] for r in records), "auc": finite_mean(r["auc"] for r in records),
+           "per_task": {r["task"]: {"acc": r["acc"], "auc": r["auc"]} | {k: int(r[k]) for k in counts if k in r}
+                        for r in records}}
+    return out | {k: sum(int(r[k]) for r in records) for k in counts[1:] if records and all(k in r for r in records)}
 
 
 def finite_mean(values) -> float:

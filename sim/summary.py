@@ -21,12 +21,27 @@ from sim.records import is_flat, json_safe
 
 @dataclass(frozen=True)
 class FinalEvaluation:
-    """The merge actor's final numbers: every evaluation record, the two references and each branch's bytes."""
+    """The merge actor's final numbers: every evaluation record, the references' records and each branch's bytes.
+
+    ``individual`` holds the records of both individual references (``sim.evaluation.evaluate_individual``), each
+    naming its reference in ``strategy`` (``individual`` or ``individual_local``; untagged records are
+    ``individual``).
+    """
 
     evals: list[dict]
     base: list[dict]
     individual: list[dict]
     storage: dict
+
+    def references(self) -> dict[str, list[dict]]:
+        """Each reference's records by name, in the order the tables show them: base, individual (both always
+        there), then individual_local when the records hold it."""
+        out: dict[str, list[dict]] = {"base": [r | {"strategy": "base", "version": -1} for r in self.base],
+                                      "individual": []}
+        for r in self.individual:
+            name = r.get("strategy", "individual")
+            out.setdefault(name, []).append(r | {"strategy": name, "version": -1})
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,8 +74,7 @@ def metric_rows(run_id: str, final: FinalEvaluation) -> list[dict]:
     """One row per evaluation × strategy × task, the references as version -1; ``busy_s`` is left out (timing)."""
     common = {"run_id": run_id}
     rows = [common | r for r in final.evals]
-    rows += [common | {"event": "eval", "version": -1, "strategy": "base"} | r for r in final.base]
-    rows += [common | {"event": "eval", "version": -1, "strategy": "individual"} | r for r in final.individual]
+    rows += [common | {"event": "eval"} | r for records in final.references().values() for r in records]
     return [{k: v for k, v in r.items() if k != "busy_s"} for r in rows]
 
 
@@ -90,8 +104,7 @@ def summarise_run(cfg: SimConfig, run_id: str, schedule: Schedule, acks: Sequenc
         "seed": cfg.seed, "clock": cfg.runtime.clock, "init_from": cfg.schedule.init_from,
         "strategies": summarise_strategies([r for r in final.evals if r["strategy"] in cfg.merge.strategies],
                                            merges, final.storage),
-        "references": {"base": summarise_reference([r | {"version": -1} for r in final.base]),
-                       "individual": summarise_reference(final.individual)},
+        "references": {name: summarise_reference(records) for name, records in final.references().items()},
         "staleness": {"mean": finite_mean([a.get("staleness") for a in accepted]),
                       "max": max([a.get("staleness") or 0 for a in accepted], default=0)},
     } | (extra or {})
