@@ -34,7 +34,8 @@ __all__ = ["FigureResult", "strategy_color", "plot_scaling", "plot_cost", "cost_
 DPI = 150
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
-_REF_STYLE = {"base": ("0.55", ":"), "individual": ("0.1", "--"), "joint": ("#8c2d04", "-.")}
+_REF_STYLE = {"base": ("0.55", ":"), "individual": ("0.1", "--"), "individual_local": ("#6a51a3", "--"),
+              "joint": ("#8c2d04", "-.")}
 ACC_LABEL = "ACC (mean over tasks, fraction)"
 AUC_LABEL = "AUC (macro one-vs-rest, mean over tasks)"
 
@@ -143,11 +144,11 @@ def _log_y(ax: Axes) -> None:
 # 1. scaling -------------------------------------------------------------------------------------------------------
 def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contributors",
                  x_label: str = "contributors (institutions)") -> FigureResult | None:
-    """Mean ACC and AUC vs number of contributors, per strategy, with base/individual/joint references.
+    """Mean ACC and AUC vs number of contributors, per strategy, with the references (``analysis.load.REFERENCES``).
 
     Args:
         results: sweep rows (one per trial × strategy) with ``x``, ``strategy``, ``acc``, ``auc`` and optionally
-            ``seed`` and reference columns ``base_acc``, ``individual_auc``, ….
+            ``seed`` and reference columns ``base_acc``, ``individual_auc``, ``individual_local_acc``, ….
         out_dir: where ``scaling.png``/``.pdf`` go.
         x, x_label: the column on the x axis and its axis label.
     Returns:
@@ -171,7 +172,9 @@ def plot_scaling(results: pd.DataFrame, out_dir: str | Path, x: str = "contribut
     _fig_legend(fig, axes)
     caption = ("Scaling: final ACC (left) and macro AUC (right), each the mean over tasks, against the number of "
                "contributing institutions, per merge strategy; dashed/dotted curves are the references (base = "
-               f"foundation without adapter, individual = each task's own adapter, joint = centralised). "
+               f"foundation without adapter, individual = each site's own adapter on its task's pooled test set, "
+               f"mean over sites, individual_local = the same adapters on their own sites' test splits, joint = "
+               f"centralised; all but individual_local are scored on the strategies' test sets). "
                f"{_seed_note(results)}")
     return _save(fig, Path(out_dir), "scaling", caption)
 

@@ -25,7 +25,9 @@ __all__ = ["RunData", "SweepData", "REFERENCES", "dir_kind", "load_run", "load_s
            "mean_ci", "t_quantile", "final_table", "strategy_task_table", "eval_history", "contributions",
            "cost_table", "strategy_scores", "reference_scores", "cache_hits", "distill_audit", "run_orders"]
 
-REFERENCES = ("base", "individual", "joint")   # reference predictors, never merge strategies
+# Reference predictors, never merge strategies. All but ``individual_local`` are scored on each task's pooled test
+# set, like the strategies; ``individual_local`` is each site's adapter on its own test split (sim.evaluation).
+REFERENCES = ("base", "individual", "individual_local", "joint")
 
 
 @dataclass
@@ -293,7 +295,8 @@ def strategy_scores(summary: dict, strategy: str, metrics: Sequence[str]) -> dic
 
 def reference_scores(summary: dict, references: Sequence[str], metrics: Sequence[str] = ("acc", "auc")
                      ) -> dict[str, float]:
-    """``{<reference>_<metric>: value}`` of ``summary.json``'s references (NaN where missing)."""
+    """``{<reference>_<metric>: value}`` of ``summary.json``'s references (NaN where missing, e.g.
+    ``individual_local`` in a run dir written before it existed)."""
     refs = summary.get("references") or {}
     return {f"{ref}_{m}": _num(refs[ref].get(m)) if ref in refs else math.nan for ref in references
             for m in metrics}

@@ -103,10 +103,13 @@ def task_table(summary: dict) -> Table | None:
         strat = [wide[col].iloc[i] if k == "strategy" else math.nan for i, k in enumerate(kinds)]
         bold |= {(r, c) for r in _best(strat)}
     return Table("Final accuracy per task (strategy × task)", columns, rows, bold, italic,
-                 "ACC and macro one-vs-rest AUC in %, on each task's test split at the end of the run; mean = mean "
-                 "over tasks. Bold: the best merge strategy per column; references (italic: base = foundation "
-                 "without adapter, individual = each task's own adapter, joint = centralised training) are bounds "
-                 "and are not ranked.")
+                 "ACC and macro one-vs-rest AUC in %, on each task's pooled test set (the test splits of all its "
+                 "sites) at the end of the run; mean = mean over tasks. Bold: the best merge strategy per column; "
+                 "references (italic) are bounds and are not ranked: base = foundation without adapter; "
+                 "individual = each site's own adapter on the same pooled test set, ACC and AUC per adapter, "
+                 "mean over the task's sites (a site without an accepted commit counts as base); "
+                 "individual_local = the same adapters each on its own site's test split, mean over sites (not "
+                 "on the strategies' test sets); joint = centralised training.")
 
 
 def cost_summary_table(summary: dict) -> Table | None:

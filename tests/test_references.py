@@ -147,3 +147,43 @@ def test_strategies_and_references_are_scored_on_identical_sets(tiny_cfg, tiny_f
         expected = _by(individual_records, name)
         assert refs[name]["acc"] == pytest.approx(np.mean([r["acc"] for r in expected.values()]))
         assert {t: v["n"] for t, v in refs[name]["per_task"].items()} == {t: r["n"] for t, r in expected.items()}
+
+
+# The readers of the references -------------------------------------------------------------------------------------
+def _sweep_rows() -> pd.DataFrame:
+    """Two strategies over 2, 4 contributors × 2 seeds, with the four reference columns."""
+    rows = []
+    for n in (2, 4):
+        for seed in (0, 1):
+            refs = {"base_acc": 0.4, "base_auc": 0.6, "individual_acc": 0.7, "individual_auc": 0.8,
+                    "individual_local_acc": 0.9, "individual_local_auc": 0.95, "joint_acc": 0.85, "joint_auc": 0.9}
+            rows += [{"trial_id": f"{n}-{seed}", "seed": seed, "contributors": n, "strategy": s, "acc": a,
+                      "auc": a + 0.1} | refs for s, a in (("fusion", 0.5), ("svd", 0.6))]
+    return pd.DataFrame(rows)
+
+
+def test_individual_local_is_a_reference_everywhere_the_references_are_read(tmp_path):
+    from analysis import figures as F
+    from analysis.load import RunData, eval_history, reference_scores
+    from analysis.report import task_table
+
+    # Prepare: a summary and metrics as a run writes them now
+    block = {"acc": 0.7, "auc": 0.8, "per_task": {"xray": {"acc": 0.7, "auc": 0.8, "n": 48}}}
+    summary = {"strategies": {"svd": {"acc": 0.6, "auc": 0.7, "per_task": {"xray": {"acc": 0.6, "auc": 0.7}}}},
+               "references": {"base": block, "individual": block, "individual_local": block | {"acc": 0.99}}}
+    metrics = pd.DataFrame([{"strategy": s, "version": v, "task": "xray", "acc": 0.5, "auc": 0.6, "event": "eval"}
+                            for s, v in (("svd", 4), ("base", -1), ("individual_local", -1))])
+    # Execute
+    run = RunData(tmp_path, {}, metrics, pd.DataFrame())
+    table = task_table(summary)
+    scaling = F.plot_scaling(_sweep_rows(), tmp_path)
+    # Assert: never a strategy, never ranked, a named column and a reference curve of its own
+    assert run.strategies == ["svd"] and set(eval_history(metrics)["strategy"]) == {"svd"}
+    assert reference_scores(summary, ("individual_local",)) == {"individual_local_acc": 0.99,
+                                                                 "individual_local_auc": 0.8}
+    names = [r[0] for r in table.rows]
+    local = names.index("individual_local (reference)")
+    assert local in table.italic_rows and not any(r == local for r, _ in table.bold)
+    assert "individual_local" in table.note and "pooled test set" in table.note
+    assert scaling.legend_labels == ["fusion", "svd", "base (reference)", "individual (reference)",
+                                     "individual_local (reference)", "joint (reference)"]
