@@ -233,7 +233,11 @@ class MergeConfig:
                                      "parameter-space searches; mixture weights are always per adapter)")
     search_mode: str = _f("sequential", "fusion/mixture: search two coefficients per arriving commit (MedForge), "
                                         "or all N at once (global)")
-    density: float = _f(0.5, "ties/dare/magnitude_prune: fraction of entries kept")
+    density: float | None = _f(None, "ties/dare/magnitude_prune: fraction of entries each contributor keeps; "
+                                     "null = each strategy's published default (ties 0.2, dare 0.5, "
+                                     "magnitude_prune 0.5)")
+    ties_scope: str = _f("global", "ties: trim each contributor's top density over its whole task vector "
+                                   "(global, the paper's) or within each module (module)")
     svd_threshold: float = _f(0.9, "svd: keep singular values up to this cumulative share")
     svd_rank: int = _f(0, "svd: cap on the merged rank; 0 = no cap")
 
@@ -241,7 +245,7 @@ class MergeConfig:
         _check(len(self.strategies) > 0, "merge.strategies", "a non-empty list", self.strategies)
         _check(len(set(self.strategies)) == len(self.strategies), "merge.strategies", "distinct names",
                self.strategies)
-        from sim.merge.specs import SPECS  # the registry; imported here, see the note above _choice
+        from sim.merge.specs import SPECS, TIES_SCOPES  # the registry; imported here, see the note above _choice
 
         check_names(SPECS, self.strategies, "merge strategy", "merge.strategies")
         _check(self.budget >= 1, "merge.budget", "an integer >= 1", self.budget)
@@ -249,7 +253,9 @@ class MergeConfig:
         _check(self.l1 >= 0, "merge.l1", "a number >= 0", self.l1)
         _choice("merge.granularity", self.granularity, ("adapter", "layer"))
         _choice("merge.search_mode", self.search_mode, ("sequential", "global"))
-        _check(0 < self.density <= 1, "merge.density", "a number in (0, 1]", self.density)
+        _check(self.density is None or 0 < self.density <= 1, "merge.density",
+               "null (each strategy's default) or a number in (0, 1]", self.density)
+        _choice("merge.ties_scope", self.ties_scope, TIES_SCOPES)
         _check(0 < self.svd_threshold <= 1, "merge.svd_threshold", "a number in (0, 1]", self.svd_threshold)
         _check(self.svd_rank >= 0, "merge.svd_rank", "an integer >= 0", self.svd_rank)
 

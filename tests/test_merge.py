@@ -76,7 +76,7 @@ def test_strategy_properties(name, tiny_foundation):
 
     # Execute
     merged = merge(name, adapters, w, cfg=MergeConfig(density=0.6), seed=3).merged
-    single = merge(name, adapters[:1], cfg=KEEP_ALL).merged
+    single = merge(name, adapters[:1], [1.0], cfg=KEEP_ALL).merged      # weight 1: the defaults are scales
     scaled = merge(name, adapters, 2.0 * w, cfg=MergeConfig(density=0.6), seed=3).merged
     order = [2, 0, 1]
     permuted = merge(name, [adapters[i] for i in order], w[order], cfg=MergeConfig(density=0.6), seed=3).merged
@@ -145,9 +145,10 @@ def test_magmax_hand_computed():
     # Execute
     merged = STRATEGIES["magmax"](adapters)
     weighted = STRATEGIES["magmax"](adapters, [1.0, 3.0])
-    # Assert: per entry the value of largest magnitude, after weighting; |-3| = |3 · 1| is a tie, the first wins
-    torch.testing.assert_close(merged.delta("m"), torch.tensor([[-2.0, -3.0], [2.0, 0.5]]))
-    torch.testing.assert_close(weighted.delta("m"), torch.tensor([[-6.0, -3.0], [4.5, 1.5]]))
+    # Assert: per entry the value of largest magnitude, after weighting (default λ = 0.5 each); |-3| = |3 · 1| is a
+    # tie, the later contributor wins (MagMax's reference code)
+    torch.testing.assert_close(merged.delta("m"), 0.5 * torch.tensor([[-2.0, -3.0], [2.0, 0.5]]))
+    torch.testing.assert_close(weighted.delta("m"), torch.tensor([[-6.0, 3.0], [4.5, 1.5]]))
 
 
 def test_ties_hand_computed():
@@ -155,8 +156,8 @@ def test_ties_hand_computed():
     adapters = from_delta([[1.0, -3.0], [2.0, 0.0]], [[-2.0, 1.0], [1.5, 0.5]])
     # Execute
     merged = STRATEGIES["ties"](adapters, density=0.5)
-    # Assert: trimmed [[0,-3],[2,0]] and [[-2,0],[1.5,0]]; elected signs [[-,-],[+,+]]; disjoint mean
-    torch.testing.assert_close(merged.delta("m"), torch.tensor([[-2.0, -3.0], [1.75, 0.0]]))
+    # Assert: trimmed [[0,-3],[2,0]] and [[-2,0],[1.5,0]]; elected signs [[-,-],[+,+]]; disjoint mean; λ = 0.3
+    torch.testing.assert_close(merged.delta("m"), 0.3 * torch.tensor([[-2.0, -3.0], [1.75, 0.0]]))
 
 
 def test_svd_threshold_and_rank_hand_computed():
@@ -283,10 +284,11 @@ def test_lora_avg_matches_peft_linear_with_squared_weights():
 
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
 def test_delta_space_methods_match_peft_svd_variants_at_full_rank(name):
-    # peft's "<name>_svd" applies merge_utils.<name> to the ΔW_i, then an SVD; at rank min(out, in) it is exact
+    # peft's "<name>_svd" applies merge_utils.<name> to each module's ΔW_i, then an SVD; at rank min(out, in) it
+    # is exact. It trims per module: ties' scope "module".
     adapters = [make_adapter(i, alpha=2.0 + i) for i in range(3)]
     w = [1.0, 0.6, 0.8]
-    ours = STRATEGIES[name](adapters, w, density=0.4)
+    ours = STRATEGIES[name](adapters, w, density=0.4, **({"scope": "module"} if name == "ties" else {}))
     theirs = _peft_merge(adapters, w, f"{name}_svd", svd_rank=8, density=0.4)
     for m in MODULES:
         torch.testing.assert_close(ours.delta(m), theirs[m], atol=1e-4, rtol=1e-4)

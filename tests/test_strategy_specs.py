@@ -7,6 +7,7 @@ finite output. The expected results are computed here with numpy from the adapte
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -63,8 +64,9 @@ def np_ties(deltas: list[np.ndarray], w: np.ndarray, density: float) -> np.ndarr
 
 
 def np_magmax(deltas: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+    """Per entry the weighted update of largest magnitude; the later contributor wins exact ties."""
     stacked = w[:, None, None] * np.stack(deltas)
-    pick = np.abs(stacked).argmax(0)
+    pick = len(deltas) - 1 - np.abs(stacked[::-1]).argmax(0)          # argmax takes the first: search from the end
     return np.take_along_axis(stacked, pick[None], 0)[0]
 
 
@@ -79,11 +81,12 @@ def np_sum(deltas: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     return np.tensordot(w, np.stack(deltas), 1)
 
 
-# name → (options passed to spec.fn, expected ΔW). DARE is checked here at density 1 (no drop); its random drop
-# is checked by test_dare_drop_keeps_or_rescales_each_entry.
+# name → (options passed to spec.fn, expected ΔW of one module). DARE is checked here at density 1 (no drop); its
+# random drop is checked by test_dare_drop_keeps_or_rescales_each_entry. TIES is checked module by module here (its
+# default trims the whole task vector: tests/test_ties_defaults.py re-derives that scope over all modules).
 DELTA_CASES = {
     "task_arithmetic": ({}, np_sum),
-    "ties": ({"density": 0.5}, lambda d, w: np_ties(d, w, 0.5)),
+    "ties": ({"density": 0.5, "scope": "module"}, lambda d, w: np_ties(d, w, 0.5)),
     "dare_linear": ({"density": 1.0, "seed": 3}, np_sum),
     "dare_ties": ({"density": 1.0, "seed": 3}, lambda d, w: np_ties(d, w, 1.0)),
     "magnitude_prune": ({"density": 0.5}, lambda d, w: np_sum([np_prune(x, 0.5) for x in d], w)),
@@ -146,8 +149,9 @@ def test_one_contributor_is_identity(name):
     # Prepare
     spec = get_spec(name)
     adapter = make_adapter(7)
-    # Execute: default weights, nothing pruned or truncated
-    merged = spec.fn([adapter], None, **dict(spec.exact_options))
+    # Execute: weight 1 (the defaults are published scales, see test_default_weights_are_the_claimed_ones), nothing
+    # pruned or truncated
+    merged = spec.fn([adapter], [1.0], **dict(spec.exact_options))
     # Assert
     if spec.space == "output":
         assert len(merged.adapters) == 1 and merged.adapters[0] is adapter and np.allclose(merged.weights, [1.0])
@@ -195,6 +199,25 @@ def test_default_weights_are_the_claimed_ones(name):
     # Assert
     np.testing.assert_allclose(default_weights(name, 4), expected)
     np.testing.assert_allclose(spec.default_weights(4), expected)
+    if isinstance(implicit, dict):
+        assert implicit == pytest.approx(explicit)
+    else:
+        np.testing.assert_allclose(implicit, explicit, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_options_are_the_claimed_ones(name):
+    # Prepare: the options fn takes as None (its strategy's published default) are those the spec lists
+    spec = get_spec(name)
+    params = inspect.signature(spec.fn).parameters
+    defaulted = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and p.default is None}
+    adapters = [make_adapter(i) for i in range(3)]
+    extra = {"seed": 3} if spec.seeded else {}
+    # Execute
+    implicit = _outcome(spec.fn(adapters, W, **extra))
+    explicit = _outcome(spec.fn(adapters, W, **extra, **dict(spec.default_options)))
+    # Assert
+    assert set(dict(spec.default_options)) == defaulted
     if isinstance(implicit, dict):
         assert implicit == pytest.approx(explicit)
     else:

@@ -2,31 +2,44 @@
 
 * ``task_arithmetic`` — Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.04089):
   Σ w_i ΔW_i.
-* ``ties`` — Yadav et al., "TIES-Merging", NeurIPS 2023 (arXiv 2306.01708): trim, elect sign, disjoint mean.
+* ``ties`` — Yadav et al., "TIES-Merging", NeurIPS 2023 (arXiv 2306.01708): trim, elect sign, disjoint mean; the
+  trim ranks the whole task vector (all modules) of each contributor, as the paper does, or each module alone.
 * ``dare_linear`` / ``dare_ties`` — Yu et al., "Language Models are Super Mario" (DARE), ICML 2024
-  (arXiv 2311.03099): random drop with rescaling, then a weighted sum / TIES.
+  (arXiv 2311.03099): random drop with rescaling, then a weighted sum / TIES' sign election and disjoint mean.
 * ``magnitude_prune`` — magnitude trimming of each ΔW_i, then the weighted sum.
 * ``magmax`` — Marczak et al., "MagMax", ECCV 2024 (arXiv 2407.06322): per entry, the update of largest magnitude.
 
-``ties``, ``dare_*`` and ``magnitude_prune`` are peft's own ``peft.utils.merge_utils`` functions applied to the
-ΔW_i of each module (peft's ``add_weighted_adapter`` applies them to the A and B factors instead, except in its
-``*_svd`` combination types). ``density`` is the fraction of entries each ΔW_i keeps, per module.
-
-The dense results are generically of full rank, so they are written back as exact LoRA factors of rank
-min(out, in) (``base.dense_factors``: ΔW and an identity factor, scaling 1).
+Default scales and densities are the published ones (``sim.merge.specs``: FusionBench's ViT-B/32 configs); a
+``None`` option takes its strategy's default. ``dare_*`` and ``magnitude_prune`` are peft's own
+``peft.utils.merge_utils`` functions applied to the ΔW_i of each module (peft's ``add_weighted_adapter`` applies
+them to the A and B factors instead, except in its ``*_svd`` combination types). Results are written back as
+the smallest exact LoRA factors of their numerical rank (``base.dense_factors``).
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from peft.utils import merge_utils
 
 from sim.data.base import derive_seed
 from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
-from sim.merge.specs import PLAIN_WEIGHT  # TIES, DARE-TIES and MagMax's default weight (λ = 1, not 1/N)
+from sim.merge.specs import (DARE_DENSITY, DARE_LINEAR_SCALE, DARE_TIES_SCALE, MAGMAX_SCALE, PRUNE_DENSITY, TA_SCALE,
+                             TIES_DENSITY, TIES_SCALE, TIES_SCOPES)
 from sim.model import Adapter
+
+ROWS = 128   # output rows of ΔW formed at a time: N blocks of (ROWS, in) stay small at N = 50
+
+
+def _density(density: float | None, default: float) -> float:
+    """``density``, or the strategy's published ``default`` when ``None``; one clear error outside (0, 1]."""
+    d = default if density is None else float(density)
+    if not 0 < d <= 1:
+        raise ValueError(f"density (merge.density) must be a number in (0, 1], got {density!r}")
+    return d
+
 
 def _merge_deltas(adapters: Sequence[Adapter], weights: Weights, default: float | None, strategy: str,
                   merge_module: Callable[[list[torch.Tensor], torch.Tensor, str], torch.Tensor]) -> Adapter:
@@ -63,14 +76,15 @@ def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Ada
 
     Args:
         adapters: N adapters with the same modules and shapes (ranks may differ).
-        weights: (N,) or (N, M); default 1/N (the mean update).
+        weights: (N,) or (N, M); default λ = 0.3 each (FusionBench's ``task_arithmetic.yaml`` scaling_factor for
+            ViT-B/32: θ = θ_0 + λ Σ τ_i).
     Returns:
         The exact sum as LoRA factors, scaling 1: the stacked factors ``B = [w_1 s_1 B_1 … w_N s_N B_N]``,
-        ``A = [A_1; …; A_N]`` (rank Σ r_i) while Σ r_i < min(out, in), else the dense sum (rank min(out, in)).
+        ``A = [A_1; …; A_N]`` (rank Σ r_i) while Σ r_i < min(out, in), else the sum at its numerical rank.
     """
     check_compatible(adapters)
     modules = adapters[0].modules()
-    w = resolve_weights(weights, len(adapters), len(modules), None)
+    w = resolve_weights(weights, len(adapters), len(modules), TA_SCALE)
     factors = {}
     for j, m in enumerate(modules):
         a_cat = torch.cat([a.factors(m)[0].float() for a in adapters], dim=0)                     # (R, in)
@@ -84,64 +98,161 @@ def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Ada
     return build_adapter(factors, adapters, "task_arithmetic")
 
 
-def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float = 0.5) -> Adapter:
-    """TIES-Merging (Yadav et al. 2023), space ΔW, via ``peft.utils.merge_utils.ties`` per module.
+# ------------------------------------------------------------------------------------------
+# TIES: trim (per task vector or per module), elect, disjoint mean
+# ------------------------------------------------------------------------------------------
+def _scaled_factors(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), s B (out, r)) in float32: ΔW = (s B) A."""
+    a, b = adapter.factors(module)
+    return a.float(), b.float() * adapter.scaling(module)
 
-    Each ΔW_i keeps its ``density`` largest-magnitude entries; the sign with the larger total mass wins per
-    entry; entries agreeing with it are weighted by w_i and averaged over the contributors that agree.
-    Default weights 1 (the paper's λ = 1; the disjoint mean already averages).
+
+def _delta_rows(a: torch.Tensor, sb: torch.Tensor) -> Iterator[torch.Tensor]:
+    """ΔW = sb @ a in blocks of ``ROWS`` rows: the thresholds and the merge see the very same float32 values."""
+    for r0 in range(0, sb.shape[0], ROWS):
+        yield sb[r0:r0 + ROWS] @ a
+
+
+def _kth_largest(values: torch.Tensor, density: float) -> float:
+    """The magnitude t with |x| ≥ t keeping the k = int(density · numel) largest entries of ``values``.
+
+    Exact (``torch.kthvalue``); entries tied with t are all kept (FusionBench's ``>=``); k = 0 keeps none.
     """
-    return _merge_deltas(adapters, weights, PLAIN_WEIGHT, "ties", _peft(merge_utils.ties, density))
+    k = int(density * values.numel())
+    if k == 0:
+        return math.inf
+    return float(torch.kthvalue(values.reshape(-1), values.numel() - k + 1).values)
 
 
-def dare_linear(adapters: Sequence[Adapter], weights: Weights = None, *, density: float = 0.5,
+def ties_thresholds(adapters: Sequence[Adapter], density: float, scope: str) -> torch.Tensor:
+    """(N, M) trim thresholds: contributor i keeps the entries of module j with |ΔW_i| ≥ t[i, j].
+
+    ``global``: t[i, :] keeps the top ``density`` of contributor i's whole task vector (every adapted module,
+    flattened, as TIES-Merging and FusionBench's ``topk_values_mask`` do); one contributor's |ΔW_i| is held at a
+    time. ``module``: each module's own top ``density``.
+    """
+    if scope not in TIES_SCOPES:
+        raise ValueError(f"ties scope (merge.ties_scope) must be one of {', '.join(TIES_SCOPES)}, got {scope!r}")
+    modules = adapters[0].modules()
+    t = torch.zeros(len(adapters), len(modules))
+    if density >= 1:
+        return t                                                          # nothing trimmed
+    ends = torch.tensor([a.shape[1] * sb.shape[0] for a, sb in (_scaled_factors(adapters[0], m) for m in modules)])
+    ends = ends.cumsum(0).tolist()
+    mags = torch.empty(ends[-1])                                          # |ΔW_i| of every module, flattened
+    for i, adapter in enumerate(adapters):
+        pos = 0
+        for m in modules:
+            for x in _delta_rows(*_scaled_factors(adapter, m)):
+                torch.abs(x.reshape(-1), out=mags[pos:pos + x.numel()])
+                pos += x.numel()
+        if scope == "global":
+            t[i] = _kth_largest(mags, density)
+        else:
+            t[i] = torch.tensor([_kth_largest(mags[s:e], density) for s, e in zip([0] + ends[:-1], ends)])
+    return t
+
+
+def _ties_module(factors: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One module's TIES merge, ``ROWS`` rows at a time: trim at ``t`` (N,), elect, weighted disjoint mean.
+
+    The sign elected per entry is that of the trimmed entries' sum (the larger total mass, the paper's eq.;
+    0 → +, as peft's ``calculate_majority_sign_mask``); the mean runs over the contributors that agree with it.
+    """
+    blocks = [_delta_rows(a, sb) for a, sb in factors]
+    rows = []
+    for parts in zip(*blocks):
+        x = torch.stack(parts)                                            # (N, rows, in)
+        x.mul_(x.abs() >= t[:, None, None])
+        elected = torch.where(x.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.sign(x) == elected                                  # zeros never agree
+        rows.append((x * w[:, None, None] * agree).sum(0) / agree.sum(0).clamp_min(1))
+        del x, agree
+    return torch.cat(rows)
+
+
+def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
+         scope: str = "global") -> Adapter:
+    """TIES-Merging (Yadav et al. 2023), space ΔW.
+
+    Each contributor keeps the ``density`` (default 0.2, the paper's top-k = 20 %) largest-magnitude entries of
+    its task vector, ranked over all its modules (``scope="global"``, the paper's, and FusionBench's
+    ``ties_merging``) or within each module (``"module"``, what peft's ``merge_utils.ties`` does per tensor); the
+    sign with the larger total mass wins per entry; the agreeing entries, weighted by w_i, are averaged over the
+    contributors that agree (the paper's disjoint mean). Default weights λ = 0.3 each (FusionBench's ViT-B/32
+    ``ties_merging.yaml`` scaling_factor; note FusionBench pairs it with a disjoint *sum*, the mean here is the
+    paper's and peft's, so the default update is 0.3 × the agreeing mean).
+    """
+    check_compatible(adapters)
+    d = _density(density, TIES_DENSITY)
+    modules = adapters[0].modules()
+    w = resolve_weights(weights, len(adapters), len(modules), TIES_SCALE)
+    t = ties_thresholds(adapters, d, scope)
+    factors = {}
+    for j, m in enumerate(modules):
+        merged = _ties_module([_scaled_factors(a, m) for a in adapters], w[:, j], t[:, j])
+        a, b = dense_factors(merged)
+        factors[m] = (a, b, 1.0)
+    return build_adapter(factors, adapters, "ties")
+
+
+# ------------------------------------------------------------------------------------------
+# DARE, magnitude pruning (peft's merge_utils per module), MagMax
+# ------------------------------------------------------------------------------------------
+def dare_linear(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
                 seed: int = 0) -> Adapter:
     """DARE (Yu et al. 2024) + weighted sum, space ΔW, via ``merge_utils.dare_linear`` per module.
 
-    Each entry of ΔW_i is kept with probability ``density`` and rescaled by 1/density (seeded per module
-    from ``seed``), then Σ w_i. Default weights 1/N.
+    Each entry of ΔW_i is kept with probability ``density`` (default 0.5: FusionBench's DARE sparsity_ratio 0.5)
+    and rescaled by 1/density (seeded per module from ``seed``), then Σ w_i. Default weights λ = 0.3 each
+    (FusionBench's ``dare/task_arithmetic.yaml``: DARE, then task arithmetic).
     """
-    return _merge_deltas(adapters, weights, None, "dare_linear", _peft(merge_utils.dare_linear, density, seed))
+    d = _density(density, DARE_DENSITY)
+    return _merge_deltas(adapters, weights, DARE_LINEAR_SCALE, "dare_linear", _peft(merge_utils.dare_linear, d, seed))
 
 
-def dare_ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float = 0.5,
+def dare_ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
               seed: int = 0) -> Adapter:
     """DARE drop-and-rescale, then TIES sign election and disjoint mean, space ΔW, via ``merge_utils.dare_ties``.
 
-    Default weights 1, as for ``ties``.
+    Density default 0.5 and weights λ = 0.5 each: FusionBench's ``dare/ties_merging.yaml`` (sparsity_ratio 0.5,
+    scaling_factor 0.5). As in peft and mergekit, the random drop replaces TIES' magnitude trim (FusionBench trims
+    the dropped vectors to the top 20 % as well, and sums instead of averaging).
     """
-    return _merge_deltas(adapters, weights, PLAIN_WEIGHT, "dare_ties",
-                         _peft(merge_utils.dare_ties, density, seed))
+    d = _density(density, DARE_DENSITY)
+    return _merge_deltas(adapters, weights, DARE_TIES_SCALE, "dare_ties", _peft(merge_utils.dare_ties, d, seed))
 
 
-def magnitude_prune(adapters: Sequence[Adapter], weights: Weights = None, *, density: float = 0.5) -> Adapter:
-    """Magnitude pruning of each ΔW_i to ``density``, then Σ w_i, via ``merge_utils.magnitude_prune``.
+def magnitude_prune(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None) -> Adapter:
+    """Magnitude pruning of each ΔW_i to ``density`` (default 0.5), then Σ w_i, via ``merge_utils.magnitude_prune``.
 
-    Default weights 1/N.
+    No paper defines it, so it has no published default; default weights 1/N (the mean of the pruned updates).
     """
-    return _merge_deltas(adapters, weights, None, "magnitude_prune", _peft(merge_utils.magnitude_prune, density))
+    d = _density(density, PRUNE_DENSITY)
+    return _merge_deltas(adapters, weights, None, "magnitude_prune", _peft(merge_utils.magnitude_prune, d))
 
 
-def _magmax_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """Per entry, the w_i ΔW_i of largest magnitude (the earliest contributor wins exact ties).
+def _magmax_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor) -> torch.Tensor:
+    """Per entry, the w_i ΔW_i of largest magnitude; on exact ties the later contributor wins.
 
-    Works through ΔW in blocks of ``rows`` output rows, so each block of every w_i ΔW_i is formed from the factors
-    while the running maximum stays in cache (N dense ΔW_i are never held at once).
+    Folds the contributors in order with ``>=``, as MagMax's released ``merge_max_abs`` (danielm1405/magmax) and
+    FusionBench's ``_magmax_select`` do. Works through ΔW in blocks of ``ROWS`` output rows, so N dense ΔW_i are
+    never held at once.
     """
     factors = [(a.factors(module)[0].float(), a.factors(module)[1].float() * a.scaling(module)) for a in adapters]
     out_f, in_f = factors[0][1].shape[0], factors[0][0].shape[1]
     best_all = torch.empty(out_f, in_f)
-    for r0 in range(0, out_f, rows):
-        best = best_all[r0:r0 + rows]                                            # (b, in), a view
+    for r0 in range(0, out_f, ROWS):
+        best = best_all[r0:r0 + ROWS]                                            # (b, in), a view
         a0, b0 = factors[0]
-        torch.mm(w[0] * b0[r0:r0 + rows], a0, out=best)
+        torch.mm(w[0] * b0[r0:r0 + ROWS], a0, out=best)
         best_abs = best.abs()
         cur, cur_abs = torch.empty_like(best), torch.empty_like(best)
         take = torch.empty_like(best, dtype=torch.bool)
         for wi, (a, b) in zip(w[1:], factors[1:]):
-            torch.mm(wi * b[r0:r0 + rows], a, out=cur)
+            torch.mm(wi * b[r0:r0 + ROWS], a, out=cur)
             torch.abs(cur, out=cur_abs)
-            torch.gt(cur_abs, best_abs, out=take)
+            torch.ge(cur_abs, best_abs, out=take)
             best.copy_(torch.where(take, cur, best))
             torch.maximum(cur_abs, best_abs, out=best_abs)
     return best_all
@@ -150,13 +261,14 @@ def _magmax_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor, ro
 def magmax(adapters: Sequence[Adapter], weights: Weights = None) -> Adapter:
     """MagMax (Marczak et al. 2024), space ΔW: per entry, the w_i ΔW_i of largest magnitude across contributors.
 
-    Weights scale each ΔW_i before the selection (a negative weight flips a task vector); default 1, the
-    paper's plain selection. Invariant to the order of contributors except for entries of exactly equal
-    magnitude, where the earliest wins.
+    Weights scale each ΔW_i before the selection (a negative weight flips a task vector); default λ = 0.5 each,
+    so equal weights select as the paper does and scale the selection by 0.5 (FusionBench's ``magmax.yaml``,
+    from MagMax's released 8-dataset script). Invariant to the order of contributors except for entries of
+    exactly equal magnitude, where the later contributor wins (the reference code's ``>=``).
     """
     check_compatible(adapters)
     modules = adapters[0].modules()
-    w = resolve_weights(weights, len(adapters), len(modules), PLAIN_WEIGHT)
+    w = resolve_weights(weights, len(adapters), len(modules), MAGMAX_SCALE)
     factors = {}
     for j, m in enumerate(modules):
         a, b = dense_factors(_magmax_module(adapters, m, w[:, j]))

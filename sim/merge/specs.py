@@ -18,7 +18,18 @@ from sim.registry import lookup, resolve
 # This module imports neither torch nor the strategies' modules: configs validate strategy names against it, and
 # an institution actor (which builds a config but never merges) must stay free of torch. Functions are named by
 # "module:attr" and imported on first use.
-PLAIN_WEIGHT = 1.0   # TIES and DARE-TIES end in a disjoint *mean* and MagMax selects entries: weight 1 each
+# Published defaults, read by ``sim.merge.delta`` (its functions' ``None`` options) and by the specs below. The
+# scales are FusionBench's defaults for CLIP ViT-B/32 on its eight tasks (``tanganke/fusion_bench``,
+# ``config/method/*.yaml``); a scale is the weight of every contributor when none are given.
+TA_SCALE = 0.3            # task arithmetic λ: FusionBench config/method/task_arithmetic.yaml scaling_factor
+TIES_SCALE = 0.3          # TIES λ: FusionBench config/method/ties_merging.yaml scaling_factor
+TIES_DENSITY = 0.2        # TIES keeps the top k = 20 %: Yadav et al. 2023; FusionBench ties_merging.yaml threshold 20
+DARE_DENSITY = 0.5        # DARE drop rate p = 0.5 (density 1 - p): FusionBench config/method/dare/*.yaml sparsity_ratio
+DARE_LINEAR_SCALE = 0.3   # DARE + task arithmetic λ: FusionBench config/method/dare/task_arithmetic.yaml
+DARE_TIES_SCALE = 0.5     # DARE + TIES λ: FusionBench config/method/dare/ties_merging.yaml
+MAGMAX_SCALE = 0.5        # MagMax λ: FusionBench config/method/magmax/magmax.yaml (= MagMax's merge_8datasets.py 0.5)
+PRUNE_DENSITY = 0.5       # magnitude_prune is no paper's method: no published default; half the entries
+TIES_SCOPES = ("global", "module")   # TIES trims each contributor's whole task vector (the paper's) or each module
 
 SPACES = ("factors", "delta", "output")
 
@@ -36,6 +47,8 @@ class StrategySpec:
     same modules. ``order_invariant``: ``fn``'s result does not depend on the contributors' order (weights
     permuted with them); ``seeded``: ``fn`` draws random numbers from its ``seed`` option. ``exact_options``:
     options under which nothing is pruned or truncated, so one contributor at weight 1 comes back unchanged.
+    ``default_options``: the published value of each option ``fn`` takes as ``None`` (e.g. TIES' density 0.2),
+    which a ``null`` config field (``merge.density``) leaves in force.
     ``search_loss(foundation, data, adapters) -> loss(w)`` (``loss_impl``): a faster equivalent of the generic search objective
     (``None``: cross-entropy of ``fn(adapters, w)`` on the proxy data).
     """
@@ -53,6 +66,7 @@ class StrategySpec:
     order_invariant: bool = True
     seeded: bool = False
     exact_options: tuple[tuple[str, float], ...] = ()
+    default_options: tuple[tuple[str, float], ...] = ()
     loss_impl: str | None = None
 
     @property
@@ -89,27 +103,34 @@ _SPECS = (
                  needs_proxy=True, mixed_ranks=True, same_modules=False, loss_impl="sim.merge.mixture:mixture_search_loss",
                  citation="Tan et al., MedForge (arXiv 2502.16055), official model_mixture.py"),
     StrategySpec("task_arithmetic", "sim.merge.delta:task_arithmetic", "delta", searched=False, sequential=False,
-                 default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True,
-                 citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"),
-    StrategySpec("ties", "sim.merge.delta:ties", "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
+                 default_weight=TA_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089); "
+                          "λ = 0.3: FusionBench (tanganke/fusion_bench) config/method/task_arithmetic.yaml"),
+    StrategySpec("ties", "sim.merge.delta:ties", "delta", searched=False, sequential=False, default_weight=TIES_SCALE,
                  needs_proxy=False, mixed_ranks=True, same_modules=True, exact_options=_TRIM,
-                 citation="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708); peft.utils.merge_utils"),
-    StrategySpec("dare_linear", "sim.merge.delta:dare_linear", "delta", searched=False, sequential=False, default_weight=None,
-                 needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, seeded=True,
-                 exact_options=_TRIM,
+                 default_options=(("density", TIES_DENSITY),),
+                 citation="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708); k = 20 %, λ = 0.3: "
+                          "FusionBench config/method/ties_merging.yaml"),
+    StrategySpec("dare_linear", "sim.merge.delta:dare_linear", "delta", searched=False, sequential=False,
+                 default_weight=DARE_LINEAR_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 order_invariant=False, seeded=True, exact_options=_TRIM, default_options=(("density", DARE_DENSITY),),
                  citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099); "
-                          "peft.utils.merge_utils"),
-    StrategySpec("dare_ties", "sim.merge.delta:dare_ties", "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
-                 needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, seeded=True,
-                 exact_options=_TRIM,
+                          "peft.utils.merge_utils; p = 0.5, λ = 0.3: FusionBench "
+                          "config/method/dare/task_arithmetic.yaml"),
+    StrategySpec("dare_ties", "sim.merge.delta:dare_ties", "delta", searched=False, sequential=False,
+                 default_weight=DARE_TIES_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 order_invariant=False, seeded=True, exact_options=_TRIM, default_options=(("density", DARE_DENSITY),),
                  citation="Yu et al., DARE, ICML 2024 (arXiv 2311.03099) + Yadav et al., TIES-Merging, NeurIPS 2023 "
-                          "(arXiv 2306.01708); peft.utils.merge_utils"),
+                          "(arXiv 2306.01708); peft.utils.merge_utils; p = 0.5, λ = 0.5: FusionBench "
+                          "config/method/dare/ties_merging.yaml"),
     StrategySpec("magnitude_prune", "sim.merge.delta:magnitude_prune", "delta", searched=False, sequential=False,
                  default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True, exact_options=_TRIM,
+                 default_options=(("density", PRUNE_DENSITY),),
                  citation="magnitude pruning of each task vector, then the weighted sum; peft.utils.merge_utils"),
-    StrategySpec("magmax", "sim.merge.delta:magmax", "delta", searched=False, sequential=False, default_weight=PLAIN_WEIGHT,
-                 needs_proxy=False, mixed_ranks=True, same_modules=True,
-                 citation="Marczak et al., MagMax, ECCV 2024 (arXiv 2407.06322)"),
+    StrategySpec("magmax", "sim.merge.delta:magmax", "delta", searched=False, sequential=False,
+                 default_weight=MAGMAX_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Marczak et al., MagMax, ECCV 2024 (arXiv 2407.06322), danielm1405/magmax; λ = 0.5: "
+                          "FusionBench config/method/magmax/magmax.yaml"),
     StrategySpec("svd", "sim.merge.svd:svd", "delta", searched=False, sequential=False, default_weight=None, needs_proxy=False,
                  mixed_ranks=True, same_modules=True, exact_options=(("threshold", 1.0),),
                  citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 5-6"),
