@@ -76,17 +76,43 @@ def resolve_weights(weights: Weights, n: int, n_modules: int, default: float | N
     return w.contiguous()
 
 
-def dense_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact LoRA factors (A, B) of a dense ΔW (out, in) at rank min(out, in), scaling 1.
+def rank_tolerance(sigma_max: float, shape: tuple[int, int]) -> float:
+    """Singular values at or below this are round-off of a float32 matrix of ``shape``.
 
-    A dense merge (ties, dare, magnitude pruning, magmax) is generically full rank, so no factorisation
-    is smaller than rank min(out, in); the identity factor makes it exact at no cost:
-    in <= out: A = I (in, in), B = ΔW; otherwise A = ΔW, B = I (out, out).
+    numpy's ``matrix_rank`` default (Press et al., Numerical Recipes, 2nd ed., §2.6): σ_max · max(M, N) · eps,
+    with eps of float32, the precision ΔW is stored in.
     """
+    return sigma_max * max(shape) * torch.finfo(torch.float32).eps
+
+
+def dense_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest exact LoRA factors (A (r, in), B (out, r)) of a dense ΔW (out, in), scaling 1.
+
+    r is ΔW's numerical rank (``rank_tolerance``), so a merge is stored at the rank it has, not the layer's width:
+    a LoRA adapter holds r · (in + out) numbers per module and no exact factorisation has fewer. The rank comes
+    from the eigenvalues of the float64 Gram matrix of the shorter side (σ² resolved to ~1e-16 σ_max², far below
+    the tolerance; an SVD would cost about twice as much). r < min(out, in): A = V_rᵀ, B = ΔW V_r (ΔW projected
+    on its r leading right singular vectors: off by at most the dropped round-off). r = min(out, in), what ties,
+    DARE and MagMax generically give: the identity form (in <= out: A = I, B = ΔW; else A = ΔW, B = I), bit-exact
+    at the same size. Then r · (in + out) exceeds the in · out of a dense ΔW, which a user could ship instead (e.g.
+    folded into the base weight); a peft LoRA adapter cannot hold a dense ΔW, so the LoRA form is what is stored.
+    An all-zero ΔW keeps one zero factor (peft needs r >= 1).
+    """
+    delta = delta.float().contiguous()
     out_f, in_f = delta.shape
-    if in_f <= out_f:
-        return torch.eye(in_f, dtype=delta.dtype), delta.contiguous()
-    return delta.contiguous(), torch.eye(out_f, dtype=delta.dtype)
+    wide = in_f > out_f                                   # Gram of the shorter side: (q, q), q = min(out, in)
+    d64 = delta.double()
+    gram = d64 @ d64.T if wide else d64.T @ d64
+    sigma = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()          # descending
+    r = int((sigma > rank_tolerance(float(sigma[0]), (out_f, in_f))).sum())
+    if r == min(out_f, in_f):
+        if wide:
+            return delta, torch.eye(out_f, dtype=delta.dtype)
+        return torch.eye(in_f, dtype=delta.dtype), delta
+    v = torch.linalg.eigh(gram)[1].flip(1)[:, :max(r, 1)].float()   # (q, r): leading singular vectors, shorter side
+    if wide:                                               # ΔW ≈ U_r (U_rᵀ ΔW)
+        return (v.T @ delta).contiguous(), v.contiguous()
+    return v.T.contiguous(), (delta @ v).contiguous()      # ΔW ≈ (ΔW V_r) V_rᵀ
 
 
 def build_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], adapters: Sequence[Adapter],

@@ -14,7 +14,10 @@ small Gram matrix (``MᵀM = A_catᵀ (B_catᵀ B_cat) A_cat``, min(out, in) squ
 gives the singular values and the right vectors V, and ``B = M V_k = B_cat (A_cat V_k)``: about 3× faster than a
 dense SVD of M on CPU. Its singular values are exact to ~1e-5 · σ_max (fp32), so the kept rank can differ from a
 dense SVD's only when the threshold falls within that of a cumulative share; ``B A`` is always the orthogonal
-projection of M on the kept right singular vectors, and v = 1 keeps M exactly.
+projection of M on the kept right singular vectors. At v = 1 the kept rank is M's numerical rank, so that
+path forms M and its Gram matrix in float64 instead: σ² of round-off then sit ~1e-16 σ_max² deep, far below the
+rank tolerance (float32 σ_max · max(out, in) · eps, numpy's ``matrix_rank`` rule), where in float32 they would
+reach ~1e-3 σ_max and every sum of N ≥ min(out, in) / r adapters would read as full rank.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sim.merge.base import Weights, build_adapter, check_compatible, resolve_weights
+from sim.merge.base import Weights, build_adapter, check_compatible, rank_tolerance, resolve_weights
 from sim.model import Adapter
 
 
@@ -34,12 +37,13 @@ def stacked_factors(adapters: Sequence[Adapter], module: str, w: torch.Tensor) -
     return b_cat, a_cat
 
 
-def lowrank_svd(b_cat: torch.Tensor, a_cat: torch.Tensor, keep: Callable[[torch.Tensor], int] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lowrank_svd(b_cat: torch.Tensor, a_cat: torch.Tensor, keep: Callable[[torch.Tensor], int] | None = None,
+                *, precise: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of ``M = b_cat @ a_cat`` in factored form: (left (out, k), S (q,), right (k, in)), S descending.
 
     ``left @ right`` is the best rank-k approximation of M (``left = U S, right = Vᵀ`` or ``left = U,
-    right = Uᵀ M``); k = ``keep(S)``, or all q singular values (then ``left @ right = M``).
+    right = Uᵀ M``); k = ``keep(S)``, or all q singular values (then ``left @ right = M``). ``precise``: the
+    Gram path works in float64, so that singular values at round-off level come out as such (for a rank decision).
     """
     out_f, r = b_cat.shape
     in_f = a_cat.shape[1]
@@ -49,29 +53,36 @@ def lowrank_svd(b_cat: torch.Tensor, a_cat: torch.Tensor, keep: Callable[[torch.
         u, s, vh = torch.linalg.svd(r_b @ r_a.T)                 # (R, R) each
         k = keep(s) if keep else s.shape[0]
         return q_b @ (u[:, :k] * s[:k]), s, vh[:k] @ q_a.T
-    if in_f <= out_f:
-        lam, v = torch.linalg.eigh(a_cat.T @ ((b_cat.T @ b_cat) @ a_cat))   # MᵀM (in, in), ascending
-        s = lam.flip(0).clamp_min(0).sqrt()
-        k = keep(s) if keep else s.shape[0]
-        v = v.flip(1)[:, :k]                                                 # (in, k)
-        return b_cat @ (a_cat @ v), s, v.T.contiguous()
-    lam, u = torch.linalg.eigh(b_cat @ ((a_cat @ a_cat.T) @ b_cat.T))       # M Mᵀ (out, out)
-    s = lam.flip(0).clamp_min(0).sqrt()
+    lam, vec = torch.linalg.eigh(_gram(b_cat, a_cat, precise))              # MᵀM (in, in) or M Mᵀ (out, out)
+    s = lam.flip(0).clamp_min(0).sqrt().float()
     k = keep(s) if keep else s.shape[0]
-    u = u.flip(1)[:, :k]                                                     # (out, k)
-    return u.contiguous(), s, (u.T @ b_cat) @ a_cat
+    vec = vec.flip(1)[:, :k].float()
+    if in_f <= out_f:                                                        # vec = V_k (in, k)
+        return b_cat @ (a_cat @ vec), s, vec.T.contiguous()
+    return vec.contiguous(), s, (vec.T @ b_cat) @ a_cat                       # vec = U_k (out, k)
 
 
-def kept_rank(s: torch.Tensor, threshold: float, rank: int = 0) -> int:
-    """Smallest k with Σ_{j<=k} σ_j ≥ threshold · Σ σ (v = 1: the numerical rank), capped by ``rank``; at least 1."""
+def _gram(b_cat: torch.Tensor, a_cat: torch.Tensor, precise: bool) -> torch.Tensor:
+    """Gram matrix of M = b_cat a_cat on its shorter side, from the factors (float32) or from M (float64)."""
+    wide = a_cat.shape[1] > b_cat.shape[0]
+    if precise:
+        m = (b_cat @ a_cat).double()
+        return m @ m.T if wide else m.T @ m
+    return b_cat @ ((a_cat @ a_cat.T) @ b_cat.T) if wide else a_cat.T @ ((b_cat.T @ b_cat) @ a_cat)
+
+
+def kept_rank(s: torch.Tensor, threshold: float, rank: int = 0, shape: tuple[int, int] | None = None) -> int:
+    """Smallest k with Σ_{j<=k} σ_j ≥ threshold · Σ σ, capped by ``rank``; at least 1.
+
+    v = 1: the numerical rank, the σ above ``rank_tolerance`` for a matrix of ``shape`` (default (q, q)).
+    """
     s64 = s.double()
     total = float(s64.sum())
     if total <= 0.0:
         k = 1
     elif threshold >= 1.0:
         # every singular value that is not round-off: M is kept exactly (to fp32 precision)
-        tol = float(s64[0]) * max(s.shape[0], 1) * torch.finfo(torch.float32).eps
-        k = int((s64 > tol).sum())
+        k = int((s64 > rank_tolerance(float(s64[0]), shape or (s.shape[0], s.shape[0]))).sum())
     else:
         share = torch.cumsum(s64, 0) / total
         k = int(torch.searchsorted(share, torch.tensor(threshold, dtype=torch.float64))) + 1
@@ -97,6 +108,8 @@ def svd(adapters: Sequence[Adapter], weights: Weights = None, *, threshold: floa
     factors = {}
     for j, m in enumerate(modules):
         b_cat, a_cat = stacked_factors(adapters, m, w[:, j])
-        left, _, right = lowrank_svd(b_cat, a_cat, keep=lambda s: kept_rank(s, threshold, rank))
+        shape = (b_cat.shape[0], a_cat.shape[1])
+        left, _, right = lowrank_svd(b_cat, a_cat, keep=lambda s: kept_rank(s, threshold, rank, shape),
+                                     precise=threshold >= 1.0)
         factors[m] = (right, left, 1.0)                            # A (k, in), B (out, k), scaling 1
     return build_adapter(factors, adapters, "svd")
