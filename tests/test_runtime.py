@@ -50,11 +50,15 @@ def test_small_run_end_to_end(run_two_workers, tiny_run_cfg):
     for s in summary["strategies"].values():
         assert STRATEGY_KEYS <= set(s) and 0 <= s["acc"] <= 1 and s["storage_bytes"] > 0
         assert set(s["per_task"]) == {"histology", "xray"}
-    assert set(summary["references"]) == {"base", "individual"}
+    assert set(summary["references"]) == {"base", "individual", "individual_local"}
     metrics = pd.read_parquet(out / "metrics.parquet")
     # evaluations at versions 4 and 8 (eval_every 4), every strategy × task, plus the references
     assert set(metrics[metrics.strategy == "svd"].version) == {4, 8}
-    assert {"base", "individual"} <= set(metrics.strategy)
+    assert {"base", "individual", "individual_local"} <= set(metrics.strategy)
+    # every strategy and every reference is scored on the same test set of each task (one n per task)
+    final = metrics[metrics.version.isin([8, -1])]
+    assert final.groupby("task")["n"].nunique().eq(1).all()
+    assert all(summary["references"]["individual"]["per_task"][t]["n_sites"] == 2 for t in ("histology", "xray"))
     events = pd.read_parquet(out / "events.parquet")
     assert {"pull", "commit", "accepted"} <= set(events.event)
     assert json.loads((out / "summary.json").read_text())["run_id"] == summary["run_id"]
