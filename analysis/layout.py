@@ -22,7 +22,8 @@ class Section:
 
     ``figure``: a figure of ``analysis.report.FIGURES`` (``scaling``, ``cost``, ``ipc``, ``rank`` read the study's
     rows over x; ``orders`` the sweep's merge orders; ``forgetting`` its forgetting rows and first run), or ``""``
-    for tables only (shown when the study's rows over x exist). ``tables``: names of ``analysis.report.TABLES``.
+    for tables only (shown when the study's rows over x exist, or, for tables with data of their own such as
+    ``claims``, when those exist). ``tables``: names of ``analysis.report.TABLES``.
     """
 
     heading: str
@@ -89,4 +90,8 @@ DEFAULT_LAYOUTS: tuple[StudyLayout, ...] = (
     StudyLayout("ipc", "ipc", "IPC", "images per class (IPC)", _COLUMNS, (
         Section("Distillation budget (IPC), fidelity and privacy", "ipc", ("acc",)),)),
     StudyLayout("rank", "rank", "rank", "LoRA rank r", _COLUMNS, (Section("LoRA rank", "rank", ("acc",)),)),
+    StudyLayout("medforge", columns=_COLUMNS, sections=(
+        Section("Claims side by side", tables=("claims",)),
+        Section("Merge-order sensitivity", "orders", ("orders", "orders_per_task")))),
+    StudyLayout("medlego", columns=_COLUMNS, sections=(Section("Claims side by side", tables=("claims",)),)),
 )

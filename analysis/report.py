@@ -17,14 +17,14 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from analysis import cost, figures
+from analysis import claims, cost, figures
 from analysis.figures import FigureResult
 from analysis.layout import StudyLayout, read_layouts
 from analysis.load import (REFERENCES, RunData, SweepData, contributions, cost_table, dir_kind, eval_history,
                            load_run, load_sweep, study_rows, strategy_task_table)
 
-__all__ = ["Table", "Report", "build_report", "run_report", "sweep_report", "check_layout", "FIGURES", "TABLES",
-           "FIGURE_NAMES"]
+__all__ = ["Table", "Report", "build_report", "run_report", "sweep_report", "check_layout", "claims_table", "FIGURES",
+           "TABLES", "TABLE_DATA", "FIGURE_NAMES"]
 
 
 @dataclass
@@ -218,6 +218,31 @@ def orders_task_table(per_task: pd.DataFrame | None) -> Table | None:
                  note="Range (max − min over merge orders) of each task's AUC, in points of %.")
 
 
+CLAIMS_TITLE = "Claims side by side"
+
+
+def claims_table(findings: Sequence[claims.Finding]) -> Table | None:
+    """The seed papers' claims side by side with forgesim's numbers and a verdict each (``analysis.claims``)."""
+    if not findings:
+        return None
+    rows, bold = [], set()
+    for r, f in enumerate(findings):
+        what = f.claim.statement + (f" — {f.subject}" if f.subject else "")
+        rows.append([what, f.claim.source, f.paper, f.measured, str(f.n) if f.n else "–", f.verdict, f.reason])
+        if f.verdict in ("holds", "fails"):
+            bold.add((r, 5))
+    columns = [("", "claim"), ("", "source"), ("", "paper"), ("forgesim", "measured: mean ± 95 % CI; Δ [CI]"),
+               ("forgesim", "n"), ("", "verdict"), ("", "why")]
+    return Table(CLAIMS_TITLE, columns, rows, bold, note=(
+        "Scores on [0, 1], final evaluation, mean over tasks. n = trials (seeds) with both numbers; ± and [ ] are "
+        "the two-sided 95 % Student t interval of the mean over them; Δ is a paired per-trial difference (trials "
+        "merge identical commits). Verdict: holds when the interval of the claim's difference lies entirely on its "
+        "side of the threshold (0; collapse: a share < " f"{claims.COLLAPSE_SHARE:g} of individual's gain over "
+        "base), fails when entirely on the other side, inconclusive when it contains the threshold or n = 1; not "
+        "testable here when the sweep lacks what the claim needs. Rows of a sweep that varies distill.method use "
+        "its dm (DM-DSA) trials, except the distiller claim."))
+
+
 # Report bodies ----------------------------------------------------------------------------------------------------
 def _time_label(run: RunData) -> str:
     """The schedule's times are virtual; with the wall clock, institutions slept ``wall_scale`` s per unit."""
@@ -283,6 +308,11 @@ class StudyData:
     @property
     def orders(self) -> pd.DataFrame:
         return self.sweep.orders if self.sweep.orders is not None else pd.DataFrame()
+
+    @cached_property
+    def claim_data(self) -> claims.ClaimData:
+        """The study's rows and merge orders as the claims read them (``analysis.claims``)."""
+        return claims.claim_data(self.sweep, self.layout.study)
 
 
 def _scaling(st: StudyData) -> FigureResult | None:
@@ -351,7 +381,11 @@ TABLES: dict[str, Callable[[StudyData], Table | None]] = {
     "mixture_vs_fusion": lambda st: breakeven_table(st.rows, st.max_ms_per_point, st.layout.x, st.layout.x_label),
     "orders": lambda st: orders_table(st.sweep.orders),
     "orders_per_task": lambda st: orders_task_table(st.sweep.orders_per_task),
+    "claims": lambda st: claims_table(claims.evaluate(st.claim_data)),
 }
+# table name -> the data a tables-only section of it needs (shown only when non-empty); other tables read the
+# study's rows over x
+TABLE_DATA: dict[str, Callable[[StudyData], pd.DataFrame]] = {"claims": lambda st: st.claim_data.results}
 
 
 def check_layout(layout: StudyLayout) -> None:
@@ -367,14 +401,23 @@ def check_layout(layout: StudyLayout) -> None:
 def study_sections(rep: Report, st: StudyData) -> None:
     """The sections of one study's layout whose data exist: heading, figure, tables."""
     for section in st.layout.sections:
-        data = FIGURES[section.figure][0](st) if section.figure else st.rows
+        data = FIGURES[section.figure][0](st) if section.figure else _tables_data(st, section.tables)
         if data.empty:
             continue
+        if "claims" in section.tables and any(b[0] == "table" and b[1].title == CLAIMS_TITLE for b in rep.blocks):
+            continue            # a dir without study.json reads several studies' layouts: one claims table
         rep.heading(section.heading)
         if section.figure:
             rep.figure(FIGURES[section.figure][1](st))
         for name in section.tables:
             rep.table(TABLES[name](st))
+
+
+def _tables_data(st: StudyData, tables: Sequence[str]) -> pd.DataFrame:
+    """A tables-only section's data: its tables' own (``TABLE_DATA``) when they all have one, else the rows over x."""
+    if tables and all(name in TABLE_DATA for name in tables):
+        return TABLE_DATA[tables[0]](st)
+    return st.rows
 
 
 def sweep_report(sweep: SweepData, fig_dir: Path, max_ms_per_point: float = cost.DEFAULT_MAX_MS_PER_POINT,

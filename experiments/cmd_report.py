@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ms-per-point", type=float, default=None, metavar="MS",
                    help="cost figure: Mixture pays while each accuracy point it adds over Fusion costs at most MS "
                         "ms of inference per image (default 1.0)")
+    p.add_argument("--claims", action="store_true",
+                   help="also print the seed papers' claims with forgesim's numbers and verdicts for a sweep dir "
+                        "(every row of it; analysis.claims) before the report's path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +42,20 @@ def run(args: argparse.Namespace) -> int:
     limit = DEFAULT_MAX_MS_PER_POINT if args.max_ms_per_point is None else args.max_ms_per_point
     if not (limit > 0 and math.isfinite(limit)):
         raise CLIError(f"--max-ms-per-point must be a finite number > 0, got {args.max_ms_per_point}")
+    if args.claims and dir_kind(src) != "sweep":
+        raise CLIError(f"--claims needs a sweep dir (results.parquet); {src} is a run dir")
     # Step 2: build it (a malformed records file ends as one ValueError line from the CLI).
     html = build_report(src, out, limit)
+    if args.claims:
+        print(claims_md(src))
     print(html)
     return 0
+
+
+def claims_md(src: Path) -> str:
+    """The claims table of every row of the sweep dir ``src``, as markdown."""
+    from analysis.claims import claim_data, evaluate
+    from analysis.load import load_sweep
+    from analysis.report import claims_table, table_md
+
+    return table_md(claims_table(evaluate(claim_data(load_sweep(src)))))

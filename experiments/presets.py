@@ -152,9 +152,13 @@ def forgetting(smoke: bool = False) -> Study:
 
 
 def ipc(smoke: bool = False) -> Study:
-    """Distilled images per class 1, 5, 10, 20, 50 (smoke: 1, 2) × seeds, with the fidelity and privacy audit."""
-    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": ("fusion", "mixture")}, distill={"audit": True})
+    """Distilled images per class 1, 5, 10, 20, 50 (smoke: 1, 2) × DM's init (real images or noise; smoke: real)
+    × seeds, with the fidelity and privacy audit (nearest-neighbour memorisation and a per-record LiRA
+    membership-inference attack with 2 shadows: TPR at 1 % FPR for all members and the exposed ones)."""
+    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": ("fusion", "mixture")},
+                distill={"audit": True, "audit_shadows": 2})
     return Study("ipc", cfg, {"distill.ipc": (1, 2) if smoke else (1, 5, 10, 20, 50),
+                              "distill.init": ("real",) if smoke else ("real", "noise"),
                               "seed": (0,) if smoke else (0, 1, 2)}, description=ipc.__doc__,
                  x=Axis("ipc", "distill.ipc", "IPC", "images per class (IPC)"),
                  sections=(Section("Distillation budget (IPC), fidelity and privacy", "ipc", ("acc",)),))
@@ -168,8 +172,57 @@ def rank(smoke: bool = False) -> Study:
                  sections=(Section("LoRA rank", "rank", ("acc",)),))
 
 
+# The seed papers' protocols (``analysis.claims`` holds what each paper claims and how a sweep tests it) --------------
+CLAIMS_SECTION = Section("Claims side by side", tables=("claims",))
+# MedForge Table 3 compares its DM-DSA distilled sets with other ways of making the proxy sets; here: the registry's
+# other distillers (``sim.distill.DISTILLERS``: random and herding real images, DM's untrained noise init).
+MEDFORGE_DISTILLERS = ("dm", "random", "herding", "noise")
+
+
+def medforge(smoke: bool = False) -> Study:
+    """MedForge's protocol (Tan et al., arXiv 2502.16055): 3 tasks with one institution each, LoRA rank 16 and alpha
+    16, IPC 20 distilled sets, an NGOpt search of budget 40 per stage, Fusion and Mixture with the base, individual
+    and joint references; every trial re-merges its 3 commits in all 3! = 6 orders (MedForge Table 2), and the grid
+    crosses the distiller (``distill.method``: dm, i.e. DM with DSA, vs random, herding, noise; MedForge Table 3)
+    with seeds 0-2 (12 trials). Smoke: a tiny model, budget 6, dm vs random, seed 0 (2 trials, still 6 orders).
+    Sizes on a 2-core laptop: smoke ≈ 1.5 min, full ≈ 10 min (trainings are 50 steps; DM runs 30 iterations)."""
+    r = dataclasses.replace
+    cfg = _sized(SimConfig(), smoke)
+    cfg = _with(cfg, data={"n_tasks": 3, "institutions": 3}, lora={"rank": 16, "alpha": 16.0},
+                distill={"ipc": 20, "dsa": True}, train={"joint": True},
+                merge={"strategies": ("fusion", "mixture"), "optimizer": "NGOpt",
+                       "budget": cfg.merge.budget if smoke else 40})
+    cfg = cfg.replace(schedule=r(cfg.schedule, contributions=1, init_from="base"))
+    grid = {"distill.method": MEDFORGE_DISTILLERS[:2] if smoke else MEDFORGE_DISTILLERS,
+            "seed": (0,) if smoke else (0, 1, 2)}
+    return Study("medforge", cfg, grid, orders=6, description=medforge.__doc__, sections=(
+        CLAIMS_SECTION, Section("Merge-order sensitivity", "orders", ("orders", "orders_per_task"))))
+
+
+# Med-LEGO Table 1's merges that forgesim has (``sim.merge.specs.SPECS``): LoRA averaging, task arithmetic, TIES,
+# MagMax and the SVD merge (ViT averaging and PEM composition merge full weights / negated modules: not here).
+MEDLEGO_STRATEGIES = ("lora_avg", "task_arithmetic", "ties", "magmax", "svd")
+
+
+def medlego(smoke: bool = False) -> Study:
+    """Med-LEGO's cross-domain protocol (Zhu et al., arXiv 2503.01164, Table 1): one institution per task (each task
+    its own modality), per-task linear heads trained with the adapter (the merged backbone update is scored with each
+    task's own head), LoRA rank 4 on qkv, the training-free merges of Table 1 with the base, individual and joint
+    references; 5 tasks (digits holds 5), seeds 0-2. The merges use no proxy data, so the institutions send random
+    real images (no distillation cost). Smoke: a tiny model, 3 tasks, seeds 0 and 1 (2 trials). Sizes on a 2-core
+    laptop: smoke ≈ 1 min, full ≈ 5 min."""
+    r = dataclasses.replace
+    n = 3 if smoke else 5
+    cfg = _with(_sized(SimConfig(), smoke), data={"n_tasks": n, "institutions": n}, model={"head": "linear"},
+                lora={"rank": 4}, distill={"method": "random"}, train={"joint": True},
+                merge={"strategies": MEDLEGO_STRATEGIES})
+    cfg = cfg.replace(schedule=r(cfg.schedule, contributions=1, init_from="base"))
+    return Study("medlego", cfg, {"seed": (0, 1) if smoke else (0, 1, 2)}, description=medlego.__doc__,
+                 sections=(CLAIMS_SECTION,))
+
+
 STUDIES: dict[str, Callable[[bool], Study]] = {"scaling": scaling, "order": order, "forgetting": forgetting,
-                                               "ipc": ipc, "rank": rank}
+                                               "ipc": ipc, "rank": rank, "medforge": medforge, "medlego": medlego}
 
 
 def get_study(name: str, smoke: bool = False) -> Study:

@@ -99,18 +99,39 @@ def _log_attempt(sweep_dir: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def distinct_orders(n_commits: int, orders: int, seed: int) -> list[int]:
+    """The indices of ``orders`` merge orders of ``n_commits`` commits that are distinct permutations: order 0 (the
+    run's own) and the next seeded orders (``sim.replay.permutation``) that repeat none before them; all n! orders
+    when ``orders`` >= n! (MedForge Table 2 merges its 3 tasks in all 3! = 6 orders). Seeded permutations of few
+    commits repeat (6 draws of 3 commits give 3.6 distinct orders on average), which would count one order twice."""
+    from sim.replay import permutation
+
+    want = min(orders, math.factorial(n_commits)) if n_commits >= 1 else 0
+    seen, picked, k = set(), [], 0
+    while len(picked) < want:
+        perm = tuple(permutation(n_commits, k, seed))
+        if perm not in seen:
+            seen.add(perm)
+            picked.append(k)
+        k += 1
+    return picked
+
+
 def replay_run(cfg: SimConfig, run_dir: Path, orders: int) -> None:
-    """Orders ``0..orders-1`` of ``run_dir``'s commits, split over the pool's workers as Ray tasks; writes
-    ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir."""
+    """``orders`` distinct merge orders of ``run_dir``'s accepted commits (``distinct_orders``), split over the pool's
+    workers as Ray tasks; writes ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir."""
     import pandas as pd
     import ray
 
     from actors.runner import task_options, worker_pool
     from actors.tasks import replay_task
+    from sim.commit_log import CommitLog
 
+    n_commits = sum(r.get("event") == "accepted" for r in CommitLog(run_dir).read())
+    ids = np.array(distinct_orders(n_commits, orders, cfg.seed))
     pg, own = worker_pool(cfg)
     try:
-        chunks = [c.tolist() for c in np.array_split(np.arange(orders), min(orders, cfg.runtime.workers)) if len(c)]
+        chunks = [c.tolist() for c in np.array_split(ids, min(len(ids), cfg.runtime.workers)) if len(c)]
         parts = ray.get([replay_task.options(**task_options(cfg, pg)).remote(str(run_dir), chunk) for chunk in chunks])
     finally:
         if own:
