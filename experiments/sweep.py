@@ -83,8 +83,9 @@ def trial(config: dict) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         summary = run_simulation(cfg, run_dir, run_id=name)
     # Step 2: merge orders (order studies): replayed from the run's log as tasks on the trial's pool.
-    if config.get("orders", 0) and not (run_dir / "orders.parquet").is_file():
-        replay_run(cfg, run_dir, config["orders"])
+    orders = config["point"].get("orders", config.get("orders", 0))      # a plan without per-point orders: all
+    if orders and not (run_dir / "orders.parquet").is_file():
+        replay_run(cfg, run_dir, orders)
     # Step 3: flat metrics of the trial.
     metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
                "commits_accepted": summary["commits_accepted"], "commits_rejected": summary["commits_rejected"],
@@ -168,7 +169,8 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
     points = study.points()
     plan = {"study": study.name, "description": study.description, "orders": study.orders,
             "base": config_to_dict(base), "max_concurrent": max_concurrent,
-            "points": [{"name": point_name(i, p), "values": p} for i, p in enumerate(points)]}
+            "points": [{"name": point_name(i, p), "values": p, "orders": study.orders_of(p)}
+                       for i, p in enumerate(points)]}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(plan, indent=2))
     write_layout(sweep_dir, layout)
     return plan
