@@ -1,10 +1,24 @@
 """MedForge's Mixture (Tan et al., "MedForge", arXiv 2502.16055; official code ``model_mixture.py``), space: output.
 
-A ``Mixture`` keeps all N adapters and predicts ``q ∝ max(0, Σ w_i softmax(logits of adapter i))``: for
-non-negative weights summing to 1 this is exactly Σ w_i p_i; otherwise it is renormalised per row (negative mass
-clipped) so that it stays a distribution, which the cross-entropy objective scores. MedForge searches the
-weights sequentially: at each new commit two coefficients (a, b) give ``w ← [a · w_prev, b]`` (it rescales the
-previous weights every stage); the ``global`` mode searches all N at once.
+A ``Mixture`` keeps all N adapters; its class scores are ``z = Σ w_i softmax(logits of adapter i)``.
+
+Search objective (``mixture_loss``): MedForge's ``get_mixture_loss`` passes the *unnormalised* sum z to
+``nn.CrossEntropyLoss``, which applies ``log_softmax`` to its input: z is scored as logits, ``-log softmax(z)_y``,
+so negative or zero mass needs no clipping. This is not invariant to the scale of w (Σ|w| sets how sharp
+softmax(z) is), so the L1 term ``0.05 · mean|w|`` (``sim.coefficients.l1_penalty``, MedForge's ``get_regular``)
+trades fit against weight size. A renormalised Σ w_i p_i would make CE(c · w) = CE(w), and the L1 term would then
+only shrink the weights (and let each sequential start (0.5, 0.5) hand the newest commit most of the weight).
+
+Prediction (``combine_probabilities``, used by ``mixture_proba`` for evaluation): ``q ∝ max(0, z)`` per row
+(uniform where no mass is left): for w ≥ 0 the weighted average Σ w_i p_i / Σ w_i of the members' distributions,
+so a prediction does not depend on the scale of w and one adapter with any positive weight predicts its own
+probabilities. It agrees with what the search optimises where the metrics look: its argmax is argmax z = the
+argmax of softmax(z) whenever some z_k > 0, and for two classes with w ≥ 0 it ranks images by z_1 - z_0, as
+softmax(z) does, so ACC and AUC equal those of the scored distribution (they can differ only for rows whose mass is
+all clipped, i.e. with negative weights, and in the one-vs-rest ranking of 3+ classes).
+
+MedForge searches the weights sequentially: at each new commit two coefficients (a, b) give ``w ← [a · w_prev, b]``
+(it rescales the previous weights every stage); the ``global`` mode searches all N at once.
 
 The N adapters are evaluated one after the other with their merged weights ``W + ΔW_i`` (inference costs N
 forward passes per image: the price of an output-space merge). During a search the per-adapter
@@ -20,8 +34,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from sim.coefficients import ProxyData, probabilities_cross_entropy
+from sim.coefficients import ProxyData
 from sim.merge.base import Weights, check_compatible, collect_heads, common_base
 from sim.model import Adapter, Foundation, load_adapter, logits_from_features, save_adapter
 
@@ -69,10 +84,16 @@ def mixture(adapters: Sequence[Adapter], weights: Weights = None) -> Mixture:
     return Mixture(list(adapters), w, {"merge_strategy": "mixture", "n_contributors": n})
 
 
-def combine_probabilities(probs: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """(N, n, K) per-adapter probabilities and (N,) weights → (n, K) mixture distribution (see module doc)."""
+def mixture_scores(probs: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(N, n, K) per-adapter probabilities and (N,) weights → (n, K) unnormalised class scores ``z = Σ w_i p_i``."""
     w = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=probs.device)
-    mixed = torch.einsum("i,ink->nk", w, probs).clamp_min(0.0)                   # (n, K)
+    return torch.einsum("i,ink->nk", w, probs)
+
+
+def combine_probabilities(probs: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(N, n, K) per-adapter probabilities and (N,) weights → (n, K) predicted distribution ``max(0, z) / Σ``
+    (uniform where no mass is left); scale-free in w, unlike the search objective (module doc)."""
+    mixed = mixture_scores(probs, weights).clamp_min(0.0)                        # (n, K)
     total = mixed.sum(dim=1, keepdim=True)
     uniform = torch.full_like(mixed, 1.0 / mixed.shape[1])
     return torch.where(total > 1e-12, mixed / total.clamp_min(1e-12), uniform)
@@ -145,13 +166,16 @@ class ProbabilityCache:
 
 def mixture_loss(probs: list[torch.Tensor], data: ProxyData,
                  to_weights: Callable[[np.ndarray], np.ndarray] = lambda w: w) -> Callable[[np.ndarray], float]:
-    """Cross-entropy of the mixture on the proxy data as a function of the searched coefficients.
+    """MedForge's mixture objective as a function of the searched coefficients: per proxy set the mean
+    cross-entropy of ``softmax(Σ w_i p_i)`` (the weighted sum as logits, ``get_mixture_loss``), then the mean over
+    sets. Not scale-free: ``loss(c · w) != loss(w)`` in general (module doc).
 
     ``to_weights`` maps searched coefficients to weights over all N adapters (sequential: ``[a · w_prev, b]``).
     """
     def loss(c: np.ndarray) -> float:
         w = to_weights(np.asarray(c, dtype=np.float64))
-        return probabilities_cross_entropy([combine_probabilities(p, w) for p in probs], data)
+        losses = [F.cross_entropy(mixture_scores(p, w), s.y) for p, s in zip(probs, data.sets)]
+        return float(torch.stack(losses).mean())
     return loss
 
 
@@ -160,8 +184,8 @@ def mixture_loss(probs: list[torch.Tensor], data: ProxyData,
 # ------------------------------------------------------------------------------------------
 def mixture_search_loss(foundation: Foundation, data: ProxyData,
                         adapters: Sequence[Adapter]) -> Callable[[np.ndarray], float]:
-    """The mixture's search objective of w: per-adapter probabilities do not depend on w, so one batched pass,
-    then weighted sums (the same numbers as scoring ``mixture(adapters, w)`` each time)."""
+    """The mixture's search objective of w (``mixture_loss``): per-adapter probabilities do not depend on w, so one
+    batched pass, then weighted sums (the numbers the adapters' own predictions give for each w)."""
     return mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
 
 
