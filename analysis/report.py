@@ -404,13 +404,22 @@ def study_sections(rep: Report, st: StudyData) -> None:
         data = FIGURES[section.figure][0](st) if section.figure else _tables_data(st, section.tables)
         if data.empty:
             continue
-        if "claims" in section.tables and any(b[0] == "table" and b[1].title == CLAIMS_TITLE for b in rep.blocks):
-            continue            # a dir without study.json reads several studies' layouts: one claims table
+        if _shown(rep, section):
+            continue
         rep.heading(section.heading)
         if section.figure:
             rep.figure(FIGURES[section.figure][1](st))
         for name in section.tables:
             rep.table(TABLES[name](st))
+
+
+def _shown(rep: Report, section) -> bool:
+    """Whether the section's figure (or claims table) is in the report already: a dir without study.json reads
+    several studies' layouts, and those that read the same sweep-wide data (its merge orders, its claims) would
+    draw it twice."""
+    if section.figure:
+        return any(fig.name == section.figure for fig in rep.figures)
+    return "claims" in section.tables and any(b[0] == "table" and b[1].title == CLAIMS_TITLE for b in rep.blocks)
 
 
 def _tables_data(st: StudyData, tables: Sequence[str]) -> pd.DataFrame:

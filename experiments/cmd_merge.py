@@ -35,8 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="svd: cap on the merged rank, 0 = none (merge.svd_rank)")
     p.add_argument("--proxy", nargs="+", metavar="FILE.npz", default=[],
                    help="distilled sets (distilled.npz): search the coefficients on them with nevergrad (fusion and "
-                        "mixture: merge.search_mode; other strategies: all N weights at once). Needs the foundation "
-                        "the adapters were trained on: give its --config (model and data.img_size). Without --proxy "
+                        "mixture: merge.search_mode; other strategies: all N weights at once). A sequential search "
+                        "takes one file per --adapters dir, in the same order (the set each adapter came with): "
+                        "stage i searches on the sets of adapters 0..i, as in a run. Needs the foundation the "
+                        "adapters were trained on: give its --config (model and data.img_size). Without --proxy "
                         "fusion and mixture use --weights or 1/N")
     p.add_argument("--optimizer", help="nevergrad optimizer of the search (merge.optimizer)")
     p.add_argument("--budget", type=int, help="evaluations of the search (merge.budget)")
@@ -81,6 +83,20 @@ def check_keys(adapter: Adapter, where: str) -> None:
         if have != {"A", "B"}:
             raise CLIError(f"--adapters {where}: module {module} has lora_{''.join(sorted(have))} but not "
                            f"lora_{''.join(sorted({'A', 'B'} - have))}")
+
+
+def pair_proxy(dirs: list[str], adapters: list[Adapter], files: list[str], proxy: list[DistilledSet]) -> None:
+    """A sequential search pairs ``--proxy`` with ``--adapters`` by position: one file each, of the adapter's task
+    where the adapter records one (forgesim adapters do; a joint adapter or a peft-written dir does not)."""
+    if len(files) != len(dirs):
+        raise CLIError(f"--proxy: a sequential search (merge.search_mode: sequential) needs one distilled set per "
+                       f"--adapters dir, in the same order (stage i searches on the sets of adapters 0..i); got "
+                       f"{len(files)} file(s) for {len(dirs)} adapters (--search-mode global uses any number)")
+    for d, a, f, ds in zip(dirs, adapters, files, proxy):
+        task = a.meta.get("task")
+        if isinstance(task, str) and task != "joint" and task != ds.task:
+            raise CLIError(f"--proxy {f} holds task {ds.task!r} but is paired with --adapters {d}, trained on task "
+                           f"{task!r}: give --proxy in the order of --adapters")
 
 
 def load_adapters(dirs: list[str]) -> list[Adapter]:
@@ -128,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         from sim.coefficients import get_optimizer
 
         get_optimizer(cfg.merge.optimizer)
+        if spec.sequential and cfg.merge.search_mode == "sequential":
+            pair_proxy(args.adapters, adapters, args.proxy, proxy)
         foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
         check_fits(foundation, adapters)
     out = prepare_out_dir(args.out, args.overwrite)

@@ -1,6 +1,7 @@
 """``forgesim merge``: round trips over peft adapter dirs, mixtures, proxy search, and clean failures."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -102,25 +103,37 @@ def test_mixture_writes_its_adapters_and_weights(tmp_path):
     torch.testing.assert_close(mix.adapters[1].delta(MODULES[0]), adapters[1].delta(MODULES[0]))
 
 
+def three_institutions(cohort) -> list:
+    """Institutions 0 and 1 and the next one of institution 0's task: two tasks, one of them twice."""
+    first, second = cohort.institutions[:2]
+    third = next(i for i in cohort.institutions[2:] if i.task == first.task)
+    assert first.task != second.task
+    return [first, second, third]
+
+
 @pytest.fixture()
 def search_inputs(tmp_path, tiny_cfg, tiny_foundation, tiny_cohort):
-    """Adapters on the tiny foundation, a proxy .npz and the config file that rebuilds that foundation."""
+    """Three adapters on the tiny foundation, each with the proxy .npz of its institution (same order), and the
+    config file that rebuilds that foundation."""
     shape = tuple(tiny_foundation.weight(MODULES[0]).shape)
-    dirs = [write(tmp_path, f"a{i}", make_adapter(i, out_f=shape[0], in_f=shape[1],
-                                                   base=tiny_foundation.fingerprint)) for i in range(3)]
-    inst = tiny_cohort.institutions[0]
-    proxy = DistilledSet(inst.task, inst.classes, inst.train.x[:12].astype(np.float32) / 255.0, inst.train.y[:12])
-    proxy_file = str(proxy.save(tmp_path / "distilled.npz"))
+    dirs, proxy_files = [], []
+    for i, inst in enumerate(three_institutions(tiny_cohort)):
+        adapter = make_adapter(i, out_f=shape[0], in_f=shape[1], base=tiny_foundation.fingerprint)
+        adapter.meta["task"] = inst.task
+        dirs.append(write(tmp_path, f"a{i}", adapter))
+        proxy = DistilledSet(inst.task, inst.classes, inst.train.x[:12].astype(np.float32) / 255.0,
+                             inst.train.y[:12])
+        proxy_files.append(str(proxy.save(tmp_path / f"distilled{i}.npz")))
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(config_to_dict(tiny_cfg)))
-    return dirs, proxy_file, str(cfg_file)
+    return dirs, proxy_files, str(cfg_file)
 
 
 @pytest.mark.parametrize("strategy", ["fusion", "mixture"])
 def test_search_on_proxy_data(strategy, tmp_path, search_inputs):
-    dirs, proxy_file, cfg_file = search_inputs
+    dirs, proxy_files, cfg_file = search_inputs
     out = tmp_path / "searched"
-    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, "--proxy", proxy_file, "--config", cfg_file,
+    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, "--proxy", *proxy_files, "--config", cfg_file,
                  "--budget", "5", "--seed", "3", "--out", str(out)])
     assert code == 0
     summary = json.loads((out / "merge.json").read_text())
@@ -129,9 +142,27 @@ def test_search_on_proxy_data(strategy, tmp_path, search_inputs):
     assert summary["record"]["objective"] <= summary["record"]["initial_objective"]
 
 
+def test_sequential_cli_merge_is_the_one_shot_merge_with_sets_paired_by_position(tmp_path, search_inputs, tiny_cfg,
+                                                                                 tiny_foundation):
+    # Prepare: the same adapters and sets through the API, one set per adapter in arrival order
+    dirs, proxy_files, cfg_file = search_inputs
+    adapters = [load_adapter(d) for d in dirs]
+    sets = [DistilledSet.load(f) for f in proxy_files]
+    # Execute
+    out = tmp_path / "seq"
+    assert main(["merge", "--strategy", "fusion", "--adapters", *dirs, "--proxy", *proxy_files, "--config",
+                 cfg_file, "--budget", "4", "--seed", "3", "--out", str(out)]) == 0
+    api = merge("fusion", adapters, cfg=dataclasses.replace(tiny_cfg.merge, budget=4), foundation=tiny_foundation,
+                proxy=sets, seed=3)
+    # Assert: the CLI's coefficients are the API's, and a global search takes any number of sets
+    np.testing.assert_allclose(json.loads((out / "merge.json").read_text())["coefficients"], api.coefficients)
+    assert main(["merge", "--strategy", "mixture", "--adapters", *dirs, "--proxy", proxy_files[0], "--config",
+                 cfg_file, "--budget", "3", "--search-mode", "global", "--out", str(tmp_path / "glob")]) == 0
+
+
 def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
     good = [write(tmp_path, f"g{i}", make_adapter(i)) for i in range(2)]
-    dirs, proxy_file, cfg_file = search_inputs
+    dirs, proxy_files, cfg_file = search_inputs
     return {
         "shape": (["--strategy", "ties", "--adapters", good[0], write(tmp_path, "s", make_adapter(5, out_f=90))],
                   "different shapes"),
@@ -146,15 +177,19 @@ def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
         "missing": (["--strategy", "svd", "--adapters", good[0], str(tmp_path / "nope")], "is not a directory"),
         "not_peft": (["--strategy", "svd", "--adapters", good[0], str(tmp_path)], "is not a peft adapter dir"),
         "density": (["--strategy", "ties", "--adapters", *good, "--density", "1.5"], "merge.density must be"),
-        "foundation": (["--strategy", "fusion", "--adapters", *good, "--proxy", proxy_file, "--config", cfg_file],
-                       "trained on base base0"),
-        "optimizer": (["--strategy", "fusion", "--adapters", *dirs, "--proxy", proxy_file, "--config", cfg_file,
+        "foundation": (["--strategy", "fusion", "--adapters", *good, "--proxy", proxy_files[0], "--config",
+                        cfg_file, "--search-mode", "global"], "trained on base base0"),
+        "optimizer": (["--strategy", "fusion", "--adapters", *dirs, "--proxy", *proxy_files, "--config", cfg_file,
                        "--optimizer", "Nope"], "unknown optimizer"),
+        "proxy_count": (["--strategy", "mixture", "--adapters", *dirs, "--proxy", proxy_files[0], "--config",
+                         cfg_file], "needs one distilled set per --adapters dir, in the same order"),
+        "proxy_order": (["--strategy", "fusion", "--adapters", *dirs, "--proxy", proxy_files[1], proxy_files[0],
+                         proxy_files[2], "--config", cfg_file], "give --proxy in the order of --adapters"),
     }
 
 
 @pytest.mark.parametrize("case", ["shape", "base", "modules", "ranks", "weights", "strategy", "missing", "not_peft",
-                                  "density", "foundation", "optimizer"])
+                                  "density", "foundation", "optimizer", "proxy_count", "proxy_order"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, search_inputs, capsys):
     args, message = _bad_cases(tmp_path, search_inputs)[case]
     out = tmp_path / "out"

@@ -150,9 +150,9 @@ def test_global_search_beats_uniform_weights(strategy, granularity, tiny_foundat
 
 @pytest.mark.parametrize("strategy", ["fusion", "mixture"])
 def test_sequential_search_tracks_weights_over_all_contributors(strategy, tiny_foundation, trained):
-    # Prepare: two trained adapters then a noisy one, proxy = both tasks' sets
+    # Prepare: two trained adapters then a noisy one, proxy = the set each came with (the noisy one: set 0 again)
     adapters = [trained[0][0], trained[1][0], noise_adapter(trained[0][0], seed=2, scale=0.5)]
-    proxy = [ds for _, ds in trained]
+    proxy = [ds for _, ds in trained] + [trained[0][1]]
     cfg = MergeConfig(budget=12)
     # Execute
     result = merge(strategy, adapters, cfg=cfg, foundation=tiny_foundation, proxy=proxy, seed=5)

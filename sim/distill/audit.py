@@ -198,20 +198,23 @@ def merged_fidelity(foundation, institutions: Sequence, adapters: Sequence, dist
                     merge_cfg, strategy: str = "fusion", seed: int = 0) -> dict:
     """Merged accuracy with coefficients searched on the distilled sets ÷ with them searched on real val data.
 
-    ``institutions[i]`` trained ``adapters[i]`` and sent ``distilled[i]``. Both merges use ``strategy`` (one that
-    searches coefficients: fusion or mixture), ``merge_cfg`` and ``seed``; only the proxy data differ (the union of
-    the distilled sets vs the union of the institutions' real validation splits). Each merged predictor is scored
-    on every institution's real test split.
+    ``institutions[i]`` trained ``adapters[i]`` and sent ``distilled[i]``, in arrival order. Both merges use
+    ``strategy`` (one that searches coefficients: fusion or mixture), ``merge_cfg`` and ``seed``; only the proxy
+    data differ (the distilled sets vs the institutions' real validation splits). As in a run, a sequential search's
+    stage i sees only the sets of institutions 0..i (``sim.merge.api.ArrivedProxy``, keyed by institution id); a
+    global one sees all. Each merged predictor is scored on every institution's real test split.
     """
     from sim.merge import merge
+    from sim.merge.api import ArrivedProxy
     from sim.metrics import evaluate
 
     if not (len(institutions) == len(adapters) == len(distilled)) or not institutions:
         raise ValueError("merged fidelity needs one adapter and one distilled set per institution")
+    sources = tuple(inst.id for inst in institutions)
     results = {}
-    for proxy_name, proxy in (("distilled", list(distilled)), ("real_val", [real_proxy(i) for i in institutions])):
-        results[proxy_name] = merge(strategy, list(adapters), cfg=merge_cfg, foundation=foundation, proxy=proxy,
-                                    seed=seed, search=True)
+    for proxy_name, sets in (("distilled", list(distilled)), ("real_val", [real_proxy(i) for i in institutions])):
+        results[proxy_name] = merge(strategy, list(adapters), cfg=merge_cfg, foundation=foundation,
+                                    proxy=ArrivedProxy(tuple(sets), sources), seed=seed, search=True)
     per_inst = {}
     for inst in institutions:
         acc = {name: evaluate(foundation, res.merged, inst.test, inst.task, inst.classes)["acc"]

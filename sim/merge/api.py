@@ -5,7 +5,7 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -29,7 +29,52 @@ def get_strategy(name: str) -> Callable:
     return get_spec(name).fn
 
 
-Proxy = Sequence[DistilledSet] | ProxyData | None
+@dataclass(frozen=True)
+class ArrivedProxy:
+    """Distilled sets in the order they arrived: ``sets[i]`` came with adapter i, from ``sources[i]``.
+
+    A run's merge actor holds the latest set of every institution received so far (``sim.branches.MainBranches``;
+    MedForge's Fusion searches stage t on ``syndatalist[:t+2]``, the sets of the contributors merged so far).
+    ``seen(i)`` is that list after adapter i: the latest set of each source among 0..i, in first-arrival order.
+    ``sources`` (e.g. institution ids) default to one per adapter; a source that sends again replaces its set.
+    """
+
+    sets: tuple[DistilledSet, ...]
+    sources: tuple[Hashable, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sets", tuple(self.sets))
+        if self.sources is not None:
+            object.__setattr__(self, "sources", tuple(self.sources))
+            if len(self.sources) != len(self.sets):
+                raise ValueError(f"ArrivedProxy: {len(self.sources)} sources for {len(self.sets)} distilled sets")
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def seen(self, i: int) -> list[DistilledSet]:
+        """The sets a run's merge actor holds once adapters 0..i have arrived."""
+        sources = self.sources if self.sources is not None else range(len(self.sets))
+        latest: dict = {}
+        for source, ds in zip(list(sources)[:i + 1], self.sets[:i + 1]):
+            latest[source] = ds                  # a later set of a known source keeps that source's place
+        return list(latest.values())
+
+
+Proxy = Sequence[DistilledSet] | ArrivedProxy | ProxyData | None
+
+
+def arrived_proxy(proxy: Proxy, n: int) -> ArrivedProxy:
+    """``proxy`` as one set per adapter, for a sequential search of ``n`` adapters; anything else is an error."""
+    if isinstance(proxy, ProxyData):
+        raise ValueError("a sequential search needs the distilled set each adapter arrived with (a list of one "
+                         "DistilledSet per adapter, or ArrivedProxy); prepared ProxyData cannot say which is whose")
+    arrived = proxy if isinstance(proxy, ArrivedProxy) else ArrivedProxy(tuple(proxy or ()))
+    if len(arrived) != n:
+        raise ValueError(f"a sequential search (merge.search_mode: sequential) needs one distilled set per adapter, "
+                         f"in arrival order (stage i sees the sets of adapters 0..i, as in a run); got "
+                         f"{len(arrived)} sets for {n} adapters")
+    return arrived
 
 
 @dataclass
@@ -93,12 +138,15 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
         weights: explicit coefficients, (N,) or (N, M); ``None`` = searched (if searching) or the default.
         cfg: density, svd threshold/rank and the search settings (optimizer, budget, bound, l1, granularity,
             search_mode).
-        foundation, proxy: needed to search coefficients (cross-entropy on the distilled sets).
-        seed: seeds DARE's random drop and the search.
+        foundation, proxy: needed to search coefficients (cross-entropy on the distilled sets). A sequential
+            search needs one set per adapter in arrival order (a list, or ``ArrivedProxy`` with the sources);
+            stage i sees only the sets of adapters 0..i (``ArrivedProxy.seen``), as it does in a run. Global
+            searches use every set (an ``ArrivedProxy``: the latest of each source).
+        seed: seeds DARE's random drop and the search (a sequential stage i as a run seeds commit i + 1).
         search: search coefficients; default: yes for a ``searched`` strategy (fusion, mixture) when no
             ``weights`` are given and foundation and proxy are. A ``sequential`` strategy follows
-            ``cfg.search_mode`` (sequential = fold ``merge_step`` over the adapters, every stage seeing all of
-            ``proxy``; global = all N at once); any other strategy searches its N (or N × M) weights globally.
+            ``cfg.search_mode`` (sequential = fold ``merge_step`` over the adapters; global = all N at once);
+            any other strategy searches its N (or N × M) weights globally.
     """
     cfg = cfg or MergeConfig()
     spec = get_spec(strategy)
@@ -112,21 +160,25 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
     # Check everything before the first evaluation: optimizer name, compatibility, bases, proxy images.
     get_optimizer(cfg.optimizer)
     check_compatible(adapters, same_modules=spec.same_modules, same_ranks=not spec.mixed_ranks)
-    data = _proxy_data(foundation, proxy, adapters)
     if spec.sequential and cfg.search_mode == "sequential":
-        result = _merge_sequentially(strategy, adapters, foundation, data, cfg, seed)
+        arrived = arrived_proxy(proxy, len(adapters))
+        _proxy_data(foundation, arrived.seen(len(adapters) - 1), adapters)
+        result = _merge_sequentially(strategy, adapters, foundation, arrived, cfg, seed)
     else:
-        result = _merge_global(spec, adapters, foundation, data, cfg, seed)
+        every = proxy.seen(len(proxy) - 1) if isinstance(proxy, ArrivedProxy) else proxy
+        result = _merge_global(spec, adapters, foundation, _proxy_data(foundation, every, adapters), cfg, seed)
     result.merge_s = time.perf_counter() - t0
     return result
 
 
-def _merge_sequentially(strategy: str, adapters: Sequence[Adapter], foundation: Foundation, data: ProxyData,
+def _merge_sequentially(strategy: str, adapters: Sequence[Adapter], foundation: Foundation, proxy: ArrivedProxy,
                         cfg: MergeConfig, seed: int) -> MergeResult:
-    """Fold ``merge_step`` over the adapters in order; every stage searches on all of ``data``."""
+    """Fold ``merge_step`` over the adapters in order, as a run's branch does: stage i searches on the sets of
+    adapters 0..i only and is seeded like commit ``seq = i + 1`` of a run with seed ``seed``."""
     state = start_sequence(strategy)
     for i, a in enumerate(adapters):
-        state = merge_step(state, a, foundation=foundation, proxy=data, cfg=cfg, seed=derive_seed(seed, "stage", i))
+        state = merge_step(state, a, foundation=foundation, proxy=proxy.seen(i), cfg=cfg,
+                           seed=derive_seed(seed, "merge", strategy, i + 1))
     trace = [v for st in state.stages for v in st["trace"]]
     return MergeResult(strategy, state.merged, state.coefficients, trace,
                        stages=[{k: v for k, v in st.items() if k != "trace"} for st in state.stages])
