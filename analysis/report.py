@@ -19,7 +19,7 @@ import pandas as pd
 
 from analysis import claims, cost, figures
 from analysis.figures import FigureResult
-from analysis.layout import StudyLayout, read_layouts
+from analysis.layout import Section, StudyLayout, read_layouts
 from analysis.load import (REFERENCES, RunData, SweepData, contributions, cost_table, dir_kind, eval_history,
                            load_run, load_sweep, study_rows, strategy_task_table)
 
@@ -413,7 +413,7 @@ def study_sections(rep: Report, st: StudyData) -> None:
             rep.table(TABLES[name](st))
 
 
-def _shown(rep: Report, section) -> bool:
+def _shown(rep: Report, section: Section) -> bool:
     """Whether the section's figure (or claims table) is in the report already: a dir without study.json reads
     several studies' layouts, and those that read the same sweep-wide data (its merge orders, its claims) would
     draw it twice."""
