@@ -192,13 +192,19 @@ class DistillConfig:
                                 "distillation of a 32 px institution under 30 s on one CPU core, about 4x cheaper)")
     embed_depth: int = _f(3, "dm: conv blocks of the random ConvNet (DM paper: 3; capped by the image side)")
     audit: bool = _f(False, "audit every distilled set as it is made (fidelity: accuracy of an adapter trained on it "
-                            "÷ the real adapter's; privacy: memorised share, membership-inference AUC); results in "
-                            "each commit's record")
+                            "÷ the real adapter's; privacy: memorised share, membership-inference TPR at 1 % and "
+                            "0.1 % FPR); results in each commit's record")
     audit_near: float = _f(0.5, "audit: an image is a near-copy if its distance to the nearest training image is "
                                 "below this share of the median real-to-real nearest-neighbour distance")
     audit_ratio: float = _f(0.5, "audit: ...and below this share of its distance to the nearest held-out image")
     audit_max_memorised: float = _f(0.0, "audit: flag the set if more than this share of its images are near-copies")
-    audit_max_auc: float = _f(0.6, "audit: flag the set if the membership-inference AUC exceeds this")
+    audit_max_tpr: float = _f(0.1, "audit: flag the set if the membership-inference TPR at 1 % FPR (all members or "
+                                   "the exposed ones) exceeds this (0.1 = ten times the FPR)")
+    audit_shadows: int = _f(2, "audit: shadow adapters of the membership-inference attack (LiRA, in complementary "
+                               "pairs of halves; each costs one distillation and one adapter training); 0 = the "
+                               "global-threshold loss attack")
+    audit_attack: str = _f("lira_offline", "audit: lira_offline (per-record OUT Gaussians) or lira_online (IN and "
+                                           "OUT Gaussians); ignored with audit_shadows=0")
 
     def __post_init__(self) -> None:
         from sim.distill import DISTILLERS  # the registry; imported here, see the note above _choice
@@ -219,7 +225,11 @@ class DistillConfig:
         _check(0 < self.audit_ratio <= 1, "distill.audit_ratio", "a number in (0, 1]", self.audit_ratio)
         _check(0 <= self.audit_max_memorised < 1, "distill.audit_max_memorised", "a number in [0, 1)",
                self.audit_max_memorised)
-        _check(0.5 <= self.audit_max_auc <= 1, "distill.audit_max_auc", "a number in [0.5, 1]", self.audit_max_auc)
+        _check(0 <= self.audit_max_tpr <= 1, "distill.audit_max_tpr", "a number in [0, 1]", self.audit_max_tpr)
+        _check(self.audit_shadows == 0 or self.audit_shadows >= 2, "distill.audit_shadows",
+               "0 or an integer >= 2 (complementary halves: every record needs a shadow without it)",
+               self.audit_shadows)
+        _choice("distill.audit_attack", self.audit_attack, ("lira_offline", "lira_online"))
 
 
 @dataclass(frozen=True)
