@@ -462,48 +462,101 @@ def _forgetting_bars(ax: Axes, bar_stats: pd.DataFrame) -> None:
 
 
 # 5. IPC -----------------------------------------------------------------------------------------------------------
+# The membership attack's operating point the privacy panel plots: all members, and the exposed ones (the members
+# nearest to a distilled image), each with its pooled 95% Clopper-Pearson interval (``analysis.load.distill_audit``).
+_MIA_LINES = (("mia_tpr_at_1pct_fpr", "all members", "0.25"), ("mia_exposed_tpr_at_1pct_fpr", "exposed members",
+                                                                  "tab:red"))
+_INIT = "distill.init"
+
+
+def _init_groups(results: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(label suffix, line style, rows) per distillation init when the study varies it, else one group."""
+    if _INIT not in results.columns or results[_INIT].nunique() < 2:
+        return [("", "-", results)]
+    styles = {"real": "-", "noise": "--"}
+    return [(f" (init {v})", styles.get(v, ":"), results[results[_INIT] == v])
+            for v in sorted(results[_INIT].dropna().unique())]
+
+
+def _fidelity_panel(ax: Axes, groups: list, strategies: list[str], x: str) -> None:
+    for suffix, style, df in groups:
+        per_strategy = "trial_id" in df.columns and df.groupby("trial_id")["distill_fidelity"].nunique().max() > 1
+        if per_strategy:
+            for s in strategies:
+                _line_ci(ax, df[df["strategy"] == s], x, "distill_fidelity", s + suffix, strategy_color(s, strategies),
+                         style)
+        else:
+            _line_ci(ax, _per_trial(df, [x, "seed"]), x, "distill_fidelity", "distilled sets (all strategies)" + suffix,
+                     "0.25", style)
+    ax.axhline(1.0, color="0.5", ls=":", lw=1, label="fidelity 1 = as good as real data")
+    ax.set_ylabel("distillation fidelity (ACC distilled / ACC real)")
+    ax.set_title("Fidelity")
+
+
+def _privacy_panel(ax: Axes, groups: list, x: str) -> None:
+    """TPR at 1% FPR of the membership attack per x: mean over seeds (band: over seeds) and the pooled
+    Clopper-Pearson interval (vertical bars, mean over seeds)."""
+    for suffix, style, df in groups:
+        trials = _per_trial(df, [x, "seed"])
+        for col, label, color in _MIA_LINES:
+            if col not in trials.columns or trials[col].isna().all():
+                continue
+            _line_ci(ax, trials, x, col, f"TPR@1%FPR, {label}{suffix}", color, style)
+            if {f"{col}_lo", f"{col}_hi"} <= set(trials.columns):
+                ci = trials.groupby(x)[[f"{col}_lo", f"{col}_hi"]].mean().dropna()
+                ax.vlines(ci.index, ci[f"{col}_lo"], ci[f"{col}_hi"], color=color, lw=4, alpha=0.3)
+    ax.axhline(0.01, color="0.5", ls=":", lw=1, label="TPR = FPR 1% (no membership leak)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("membership-inference TPR at 1% FPR")
+    ax.set_title("Privacy")
+
+
 def plot_ipc(results: pd.DataFrame, out_dir: str | Path, x: str = "ipc", x_label: str = "images per class (IPC)"
              ) -> FigureResult | None:
-    """ACC vs images per class (IPC) per strategy, with distillation fidelity and privacy (MIA AUC) panels."""
+    """ACC vs images per class (IPC) per strategy, with distillation fidelity and privacy (membership-inference
+    TPR at 1% FPR with its confidence interval) panels; one line style per distillation init when it varies."""
     if results.empty or x not in results.columns or results[x].nunique() < 2:
         return None
-    extra = [c for c in ("distill_fidelity", "mia_auc") if c in results.columns and results[c].notna().any()]
+    extra = [c for c in ("distill_fidelity", "mia_tpr_at_1pct_fpr")
+             if c in results.columns and results[c].notna().any()]
     fig = Figure(figsize=(5.2 * (1 + len(extra)), 4.4))
     axes = list(np.atleast_1d(fig.subplots(1, 1 + len(extra))))
-    strategies = _strategies(results)
+    strategies, groups = _strategies(results), _init_groups(results)
     for s in strategies:
-        _line_ci(axes[0], results[results["strategy"] == s], x, "acc", s, strategy_color(s, strategies))
+        for suffix, style, df in groups:
+            _line_ci(axes[0], df[df["strategy"] == s], x, "acc", s + suffix, strategy_color(s, strategies), style)
     _references(axes[0], results, x, "acc")
     axes[0].set_ylabel(ACC_LABEL)
     axes[0].set_title("Accuracy")
     for ax, col in zip(axes[1:], extra):
-        per_strategy = "trial_id" in results.columns and results.groupby("trial_id")[col].nunique().max() > 1
-        if per_strategy:
-            for s in strategies:
-                _line_ci(ax, results[results["strategy"] == s], x, col, s, strategy_color(s, strategies))
-        else:
-            _line_ci(ax, _per_trial(results, [x, "seed"]), x, col, "distilled sets (all strategies)", "0.25")
         if col == "distill_fidelity":
-            ax.axhline(1.0, color="0.5", ls="--", lw=1, label="fidelity 1 = as good as real data")
-            ax.set_ylabel("distillation fidelity (ACC distilled / ACC real)")
-            ax.set_title("Fidelity")
+            _fidelity_panel(ax, groups, strategies, x)
         else:
-            ax.axhline(0.5, color="0.5", ls="--", lw=1, label="MIA AUC 0.5 = no membership leak")
-            ax.set_ylabel("membership-inference AUC")
-            ax.set_title("Privacy")
+            _privacy_panel(ax, groups, x)
     for ax in axes:
         ax.set_xlabel(x_label)
         ax.set_xticks(sorted(results[x].unique()))
         ax.grid(alpha=0.3)
     _fig_legend(fig, axes)
-    caption = ("Distillation budget: final ACC (mean over tasks) against the number of distilled images per class "
-               "(IPC) each institution commits, per strategy, with references"
-               + ("; distillation fidelity (accuracy of an adapter trained on the distilled set / on the real "
-                  "training split, 1 = lossless)" if "distill_fidelity" in extra else "")
-               + ("; privacy as membership-inference AUC of real training images against the distilled set "
-                  "(0.5 = no leak, higher = leak)" if "mia_auc" in extra else "")
-               + f". {_seed_note(results)}")
-    return _save(fig, Path(out_dir), "ipc", caption)
+    return _save(fig, Path(out_dir), "ipc", _ipc_caption(results, extra, len(groups) > 1))
+
+
+def _ipc_caption(results: pd.DataFrame, extra: list[str], by_init: bool) -> str:
+    n = results.drop_duplicates("trial_id") if "trial_id" in results.columns else results
+    counts = ""
+    if "mia_n_members" in n.columns and n["mia_n_members"].notna().any():
+        counts = (f" (per trial, pooled over its distilled sets: about {n['mia_n_members'].mean():.0f} members, "
+                  f"{n['mia_exposed_n_members'].mean():.0f} exposed, {n['mia_n_nonmembers'].mean():.0f} non-members)")
+    return ("Distillation budget: final ACC (mean over tasks) against the number of distilled images per class "
+            "(IPC) each institution commits, per strategy, with references"
+            + ("; solid lines: distilled from real-image init, dashed: from noise" if by_init else "")
+            + ("; distillation fidelity (accuracy of an adapter trained on the distilled set / on the real "
+               "training split, 1 = lossless)" if "distill_fidelity" in extra else "")
+            + ("; privacy as the true-positive rate at 1% false-positive rate of a per-record membership-inference "
+               "attack (LiRA, Carlini et al. 2022) on an adapter trained on the distilled set, for all members and "
+               "for the exposed ones (nearest to a distilled image)" + counts + "; vertical bars: pooled 95% "
+               "Clopper-Pearson interval; TPR = 0.01 is no leak" if "mia_tpr_at_1pct_fpr" in extra else "")
+            + f". {_seed_note(results)}")
 
 
 # 6. rank ----------------------------------------------------------------------------------------------------------

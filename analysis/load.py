@@ -310,14 +310,39 @@ def cache_hits(events: pd.DataFrame) -> int:
 
 
 def distill_audit(events: pd.DataFrame) -> dict[str, float]:
-    """Mean fidelity and membership-inference AUC of the run's accepted distilled sets (NaN without an audit)."""
-    out = {"distill_fidelity": math.nan, "mia_auc": math.nan}
-    if events.empty:
-        return out
-    acc = events[events["event"] == "accepted"] if "event" in events.columns else events.iloc[:0]
-    for col in out:
+    """The privacy and fidelity audit of the run's accepted distilled sets (NaN without an audit).
+
+    ``distill_fidelity``, ``mia_auc`` and ``memorised_fraction`` are means over the sets. The membership attack's
+    TPR at 1 % / 0.1 % FPR (``mia_tpr_at_<point>_fpr``; ``mia_exposed_…`` for the exposed members) is pooled: the
+    members found at each institution's own threshold over all members attacked, with its 95 % Clopper–Pearson
+    interval (``…_lo``, ``…_hi``); ``mia_n_members`` / ``mia_n_nonmembers`` are the pooled counts. A point no set
+    could resolve (fewer than 1 / FPR non-members) stays NaN.
+    """
+    from scipy.stats import beta
+
+    out = {"distill_fidelity": math.nan, "mia_auc": math.nan, "memorised_fraction": math.nan}
+    acc = events[events["event"] == "accepted"] if not events.empty and "event" in events.columns else events.iloc[:0]
+    for col in list(out):
         if col in acc.columns and acc[col].notna().any():
             out[col] = float(acc[col].astype(float).mean())
+    nonmembers = acc["mia_n_nonmembers"].astype(float) if "mia_n_nonmembers" in acc.columns else None
+    out["mia_n_nonmembers"] = (float(nonmembers.sum()) if nonmembers is not None and nonmembers.notna().any()
+                               else math.nan)
+    for prefix in ("mia", "mia_exposed"):
+        n_col = f"{prefix}_n_members"
+        n = acc[n_col].astype(float) if n_col in acc.columns else pd.Series(dtype=float)
+        out[n_col] = float(n.sum()) if n.notna().any() else math.nan
+        for point in ("1pct", "0p1pct"):
+            col = f"{prefix}_tpr_at_{point}_fpr"
+            tpr = acc[col].astype(float) if col in acc.columns else pd.Series(dtype=float)
+            ok = tpr.notna() & n.reindex(tpr.index).notna()
+            k, total = float((tpr[ok] * n[ok]).round().sum()), float(n[ok].sum())
+            if total == 0:
+                out |= {col: math.nan, f"{col}_lo": math.nan, f"{col}_hi": math.nan}
+                continue
+            lo = 0.0 if k == 0 else float(beta.ppf(0.025, k, total - k + 1))
+            hi = 1.0 if k == total else float(beta.ppf(0.975, k + 1, total - k))
+            out |= {col: k / total, f"{col}_lo": lo, f"{col}_hi": hi}
     return out
 
 
