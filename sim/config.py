@@ -248,6 +248,8 @@ class MergeConfig:
                                      "magnitude_prune 0.5)")
     ties_scope: str = _f("global", "ties: trim each contributor's top density over its whole task vector "
                                    "(global, the paper's) or within each module (module)")
+    ties_disjoint: str = _f("sum", "ties: sum the agreeing entries (sum, FusionBench's default, with its λ 0.3) or "
+                                   "average them (mean, the paper's τ_m, whose untuned λ is 1)")
     svd_threshold: float = _f(0.9, "svd: keep singular values up to this cumulative share")
     svd_rank: int = _f(0, "svd: cap on the merged rank; 0 = no cap")
 
@@ -255,7 +257,7 @@ class MergeConfig:
         _check(len(self.strategies) > 0, "merge.strategies", "a non-empty list", self.strategies)
         _check(len(set(self.strategies)) == len(self.strategies), "merge.strategies", "distinct names",
                self.strategies)
-        from sim.merge.specs import SPECS, TIES_SCOPES  # the registry; imported here, see the note above _choice
+        from sim.merge.specs import SPECS, TIES_DISJOINT, TIES_SCOPES  # the registry; imported here, see the note above _choice
 
         check_names(SPECS, self.strategies, "merge strategy", "merge.strategies")
         _check(self.budget >= 1, "merge.budget", "an integer >= 1", self.budget)
@@ -266,6 +268,7 @@ class MergeConfig:
         _check(self.density is None or 0 < self.density <= 1, "merge.density",
                "null (each strategy's default) or a number in (0, 1]", self.density)
         _choice("merge.ties_scope", self.ties_scope, TIES_SCOPES)
+        _choice("merge.ties_disjoint", self.ties_disjoint, TIES_DISJOINT)
         _check(0 < self.svd_threshold <= 1, "merge.svd_threshold", "a number in (0, 1]", self.svd_threshold)
         _check(self.svd_rank >= 0, "merge.svd_rank", "an integer >= 0", self.svd_rank)
 

@@ -156,8 +156,11 @@ def test_ties_hand_computed():
     adapters = from_delta([[1.0, -3.0], [2.0, 0.0]], [[-2.0, 1.0], [1.5, 0.5]])
     # Execute
     merged = STRATEGIES["ties"](adapters, density=0.5)
-    # Assert: trimmed [[0,-3],[2,0]] and [[-2,0],[1.5,0]]; elected signs [[-,-],[+,+]]; disjoint mean; λ = 0.3
-    torch.testing.assert_close(merged.delta("m"), 0.3 * torch.tensor([[-2.0, -3.0], [1.75, 0.0]]))
+    mean = STRATEGIES["ties"](adapters, [1.0, 1.0], density=0.5, disjoint="mean")
+    # Assert: trimmed [[0,-3],[2,0]] and [[-2,0],[1.5,0]]; elected signs [[-,-],[+,+]]; default: FusionBench's
+    # disjoint sum at λ = 0.3; the paper's disjoint mean at λ = 1
+    torch.testing.assert_close(merged.delta("m"), 0.3 * torch.tensor([[-2.0, -3.0], [3.5, 0.0]]))
+    torch.testing.assert_close(mean.delta("m"), torch.tensor([[-2.0, -3.0], [1.75, 0.0]]))
 
 
 def test_svd_threshold_and_rank_hand_computed():
@@ -285,10 +288,11 @@ def test_lora_avg_matches_peft_linear_with_squared_weights():
 @pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
 def test_delta_space_methods_match_peft_svd_variants_at_full_rank(name):
     # peft's "<name>_svd" applies merge_utils.<name> to each module's ΔW_i, then an SVD; at rank min(out, in) it
-    # is exact. It trims per module: ties' scope "module".
+    # is exact. It trims per module and takes the disjoint mean: ties' scope "module", disjoint "mean".
     adapters = [make_adapter(i, alpha=2.0 + i) for i in range(3)]
     w = [1.0, 0.6, 0.8]
-    ours = STRATEGIES[name](adapters, w, density=0.4, **({"scope": "module"} if name == "ties" else {}))
+    options = {"scope": "module", "disjoint": "mean"} if name == "ties" else {}
+    ours = STRATEGIES[name](adapters, w, density=0.4, **options)
     theirs = _peft_merge(adapters, w, f"{name}_svd", svd_rank=8, density=0.4)
     for m in MODULES:
         torch.testing.assert_close(ours.delta(m), theirs[m], atol=1e-4, rtol=1e-4)

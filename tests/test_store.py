@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sim.data.base import DistilledSet
+from sim.merge.specs import get_spec
 from sim.model import new_adapter
 from sim.branches import MainBranches, save_main
 from sim.commit import Commit, expected_shapes, validate_commit
@@ -163,13 +164,15 @@ def test_staleness_weighting_down_weights_stale_commits(tmp_path, store_cfg, ins
         st.receive(make_commit(tiny_foundation, tiny_cohort, cfg, 1, 0))
         results[weighting] = st
     a = [c.adapter for c in results[True].commits]
-    # Assert: weights 1/(1+s) renormalised: (1, 1/2) / 1.5
+    # Assert: task arithmetic's default λ per contributor (a scale, not 1/N) times 1/(1+s): λ·(1, 1/2)
+    lam = get_spec("task_arithmetic").default_weight
+    assert lam is not None and lam != 0.5                      # a published scale, not a mean of two
     merged = results[True].pull("task_arithmetic")[1]
     m = a[0].modules()[0]
-    expected = a[0].delta(m) * (2 / 3) + a[1].delta(m) * (1 / 3)
+    expected = lam * (a[0].delta(m) + a[1].delta(m) / 2)
     assert torch.allclose(merged.delta(m), expected, atol=1e-5)
     plain = results[False].pull("task_arithmetic")[1]
-    assert torch.allclose(plain.delta(m), (a[0].delta(m) + a[1].delta(m)) / 2, atol=1e-5)
+    assert torch.allclose(plain.delta(m), lam * (a[0].delta(m) + a[1].delta(m)), atol=1e-5)
 
 
 def test_restore_rebuilds_every_acknowledged_commit_and_branch(state, commits, store_cfg, institutions,

@@ -86,7 +86,7 @@ def np_sum(deltas: list[np.ndarray], w: np.ndarray) -> np.ndarray:
 # default trims the whole task vector: tests/test_ties_defaults.py re-derives that scope over all modules).
 DELTA_CASES = {
     "task_arithmetic": ({}, np_sum),
-    "ties": ({"density": 0.5, "scope": "module"}, lambda d, w: np_ties(d, w, 0.5)),
+    "ties": ({"density": 0.5, "scope": "module", "disjoint": "mean"}, lambda d, w: np_ties(d, w, 0.5)),
     "dare_linear": ({"density": 1.0, "seed": 3}, np_sum),
     "dare_ties": ({"density": 1.0, "seed": 3}, lambda d, w: np_ties(d, w, 1.0)),
     "magnitude_prune": ({"density": 0.5}, lambda d, w: np_sum([np_prune(x, 0.5) for x in d], w)),

@@ -38,12 +38,14 @@ def np_trim(tau: np.ndarray, density: float) -> np.ndarray:
     return np.where(np.abs(tau) >= t, tau, 0.0)
 
 
-def np_ties_vectors(taus: np.ndarray, w: np.ndarray, density: float) -> np.ndarray:
-    """TIES on flat task vectors (N, d): trim each, elect the sign of the total mass, weighted disjoint mean."""
+def np_ties_vectors(taus: np.ndarray, w: np.ndarray, density: float, disjoint: str = "sum") -> np.ndarray:
+    """TIES on flat task vectors (N, d): trim each, elect the sign of the total mass, weighted disjoint sum
+    (FusionBench's default) or mean (the paper's)."""
     trimmed = np.stack([np_trim(t, density) for t in taus])
     elected = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
     agree = np.sign(trimmed) == elected
-    return (w[:, None] * trimmed * agree).sum(0) / np.maximum(agree.sum(0), 1)
+    total = (w[:, None] * trimmed * agree).sum(0)
+    return total / np.maximum(agree.sum(0), 1) if disjoint == "mean" else total
 
 
 def np_ties(adapters: list[Adapter], w: np.ndarray, density: float, scope: str) -> list[np.ndarray]:
@@ -156,3 +158,26 @@ def test_magmax_exact_ties_go_to_the_later_contributor():
     torch.testing.assert_close(reversed_.delta("m"), torch.tensor([[2.0, -1.0]]))
     flipped = STRATEGIES["magmax"](one_module(first, second), [1.0, 1.0])
     torch.testing.assert_close(flipped.delta("m"), torch.tensor([[-2.0, 1.0]]))
+
+
+@pytest.mark.parametrize("disjoint", ["sum", "mean"])
+def test_ties_disjoint_sum_or_mean_matches_numpy(disjoint):
+    """FusionBench's default disjoint *sum* (θ_0 + λ Σ agreeing τ_i) vs the paper's disjoint mean, re-derived."""
+    adapters = [make_adapter(s, scales=(1.0, 3.0)) for s in (11, 12, 13)]
+    w = np.array([0.3, 0.3, 0.3])
+    merged = STRATEGIES["ties"](adapters, w, density=0.5, scope="global", disjoint=disjoint)
+    deltas = [[np_delta(a, m) for m in MODULES] for a in adapters]
+    flat = np.stack([np.concatenate([x.ravel() for x in d]) for d in deltas])
+    trimmed = np.stack([np_trim(t, 0.5) for t in flat])
+    elected = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(trimmed) == elected
+    total = (w[:, None] * trimmed * agree).sum(0)
+    want = total / np.maximum(agree.sum(0), 1) if disjoint == "mean" else total
+    got = np.concatenate([d.ravel() for d in merged_deltas(merged)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ties_disjoint_default_is_fusionbench_sum_and_config_checks_it():
+    assert MergeConfig().ties_disjoint == "sum"
+    with pytest.raises(ValueError, match="merge.ties_disjoint"):
+        MergeConfig(ties_disjoint="median")

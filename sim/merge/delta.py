@@ -2,7 +2,7 @@
 
 * ``task_arithmetic`` — Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.04089):
   Σ w_i ΔW_i.
-* ``ties`` — Yadav et al., "TIES-Merging", NeurIPS 2023 (arXiv 2306.01708): trim, elect sign, disjoint mean; the
+* ``ties`` — Yadav et al., "TIES-Merging", NeurIPS 2023 (arXiv 2306.01708): trim, elect sign, disjoint sum (FusionBench) or mean (the paper); the
   trim ranks the whole task vector (all modules) of each contributor, as the paper does, or each module alone.
 * ``dare_linear`` / ``dare_ties`` — Yu et al., "Language Models are Super Mario" (DARE), ICML 2024
   (arXiv 2311.03099): random drop with rescaling, then a weighted sum / TIES' sign election and disjoint mean.
@@ -27,7 +27,7 @@ from peft.utils import merge_utils
 from sim.data.base import derive_seed
 from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
 from sim.merge.specs import (DARE_DENSITY, DARE_LINEAR_SCALE, DARE_TIES_SCALE, MAGMAX_SCALE, PRUNE_DENSITY, TA_SCALE,
-                             TIES_DENSITY, TIES_SCALE, TIES_SCOPES)
+                             TIES_DENSITY, TIES_DISJOINT, TIES_SCALE, TIES_SCOPES)
 from sim.model import Adapter
 
 ROWS = 128   # output rows of ΔW formed at a time: N blocks of (ROWS, in) stay small at N = 50
@@ -99,7 +99,7 @@ def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Ada
 
 
 # ------------------------------------------------------------------------------------------
-# TIES: trim (per task vector or per module), elect, disjoint mean
+# TIES: trim (per task vector or per module), elect, disjoint sum or mean
 # ------------------------------------------------------------------------------------------
 def _scaled_factors(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, in), s B (out, r)) in float32: ΔW = (s B) A."""
@@ -153,11 +153,13 @@ def ties_thresholds(adapters: Sequence[Adapter], density: float, scope: str) -> 
     return t
 
 
-def _ties_module(factors: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """One module's TIES merge, ``ROWS`` rows at a time: trim at ``t`` (N,), elect, weighted disjoint mean.
+def _ties_module(factors: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor, t: torch.Tensor,
+                 disjoint: str = "sum") -> torch.Tensor:
+    """One module's TIES merge, ``ROWS`` rows at a time: trim at ``t`` (N,), elect, weighted disjoint sum or mean.
 
     The sign elected per entry is that of the trimmed entries' sum (the larger total mass, the paper's eq.;
-    0 → +, as peft's ``calculate_majority_sign_mask``); the mean runs over the contributors that agree with it.
+    0 → +, as peft's ``calculate_majority_sign_mask``); ``disjoint="mean"`` divides by the number of contributors
+    that agree with it, ``"sum"`` does not.
     """
     blocks = [_delta_rows(a, sb) for a, sb in factors]
     rows = []
@@ -166,23 +168,28 @@ def _ties_module(factors: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tens
         x.mul_(x.abs() >= t[:, None, None])
         elected = torch.where(x.sum(0) >= 0, 1.0, -1.0)
         agree = torch.sign(x) == elected                                  # zeros never agree
-        rows.append((x * w[:, None, None] * agree).sum(0) / agree.sum(0).clamp_min(1))
+        merged = (x * w[:, None, None] * agree).sum(0)
+        rows.append(merged / agree.sum(0).clamp_min(1) if disjoint == "mean" else merged)
         del x, agree
     return torch.cat(rows)
 
 
 def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
-         scope: str = "global") -> Adapter:
+         scope: str = "global", disjoint: str = "sum") -> Adapter:
     """TIES-Merging (Yadav et al. 2023), space ΔW.
 
     Each contributor keeps the ``density`` (default 0.2, the paper's top-k = 20 %) largest-magnitude entries of
     its task vector, ranked over all its modules (``scope="global"``, the paper's, and FusionBench's
     ``ties_merging``) or within each module (``"module"``, what peft's ``merge_utils.ties`` does per tensor); the
-    sign with the larger total mass wins per entry; the agreeing entries, weighted by w_i, are averaged over the
-    contributors that agree (the paper's disjoint mean). Default weights λ = 0.3 each (FusionBench's ViT-B/32
-    ``ties_merging.yaml`` scaling_factor; note FusionBench pairs it with a disjoint *sum*, the mean here is the
-    paper's and peft's, so the default update is 0.3 × the agreeing mean).
+    sign with the larger total mass wins per entry; the agreeing entries, weighted by w_i, are summed
+    (``disjoint="sum"``, FusionBench's ``merge_func: sum`` default, so that the default λ = 0.3 (FusionBench's
+    ViT-B/32 scaling_factor) means what it means there: θ = θ_0 + 0.3 · Σ agreeing τ_i) or averaged over the
+    contributors that agree (``"mean"``, the paper's eq. for τ_m and peft's ``disjoint_merge``; the paper's
+    untuned λ is then 1, so pass weights 1 with it).
     """
+    if disjoint not in TIES_DISJOINT:
+        raise ValueError(f"ties disjoint merge (merge.ties_disjoint) must be one of {', '.join(TIES_DISJOINT)}, "
+                         f"got {disjoint!r}")
     check_compatible(adapters)
     d = _density(density, TIES_DENSITY)
     modules = adapters[0].modules()
@@ -190,7 +197,7 @@ def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float
     t = ties_thresholds(adapters, d, scope)
     factors = {}
     for j, m in enumerate(modules):
-        merged = _ties_module([_scaled_factors(a, m) for a in adapters], w[:, j], t[:, j])
+        merged = _ties_module([_scaled_factors(a, m) for a in adapters], w[:, j], t[:, j], disjoint)
         a, b = dense_factors(merged)
         factors[m] = (a, b, 1.0)
     return build_adapter(factors, adapters, "ties")

@@ -30,6 +30,7 @@ DARE_TIES_SCALE = 0.5     # DARE + TIES λ: FusionBench config/method/dare/ties_
 MAGMAX_SCALE = 0.5        # MagMax λ: FusionBench config/method/magmax/magmax.yaml (= MagMax's merge_8datasets.py 0.5)
 PRUNE_DENSITY = 0.5       # magnitude_prune is no paper's method: no published default; half the entries
 TIES_SCOPES = ("global", "module")   # TIES trims each contributor's whole task vector (the paper's) or each module
+TIES_DISJOINT = ("sum", "mean")      # TIES' disjoint merge: FusionBench's default sum (with λ 0.3) or the paper's mean
 
 SPACES = ("factors", "delta", "output")
 
