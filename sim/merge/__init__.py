@@ -12,10 +12,12 @@ strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`
 | ``lora_avg`` | factors: A = Σ w A_i, B = Σ w B_i | (N,) or (N, M); 1/N | no | ``factors`` |
 | ``fusion`` | factors, LoraHub-style, searched w | (N,) or (N, M); 1/N | yes | ``fusion`` |
 | ``mixture`` | output: Σ w_i softmax(logits_i) | (N,); 1/N | yes | ``mixture`` |
-| ``task_arithmetic`` | delta: Σ w_i ΔW_i | (N,) or (N, M); 1/N | no | ``delta`` |
-| ``ties``, ``dare_ties`` | delta, peft ``merge_utils`` | (N,) or (N, M); 1 | no | ``delta`` |
-| ``dare_linear``, ``magnitude_prune`` | delta, peft ``merge_utils`` | (N,) or (N, M); 1/N | no | ``delta`` |
-| ``magmax`` | delta, per-entry max magnitude | (N,) or (N, M); 1 | no | ``delta`` |
+| ``task_arithmetic`` | delta: Σ w_i ΔW_i | (N,) or (N, M); λ 0.3 | no | ``delta`` |
+| ``ties`` | delta: trim 20 % of each task vector, elect, disjoint sum | (N,) or (N, M); λ 0.3 | no | ``delta`` |
+| ``dare_ties`` | delta, peft ``merge_utils`` (drop half, TIES) | (N,) or (N, M); λ 0.5 | no | ``delta`` |
+| ``dare_linear`` | delta, peft ``merge_utils`` (drop half, sum) | (N,) or (N, M); λ 0.3 | no | ``delta`` |
+| ``magnitude_prune`` | delta, peft ``merge_utils`` | (N,) or (N, M); 1/N | no | ``delta`` |
+| ``magmax`` | delta, per-entry max magnitude | (N,) or (N, M); λ 0.5 | no | ``delta`` |
 | ``svd`` | delta: truncated SVD of Σ w_i ΔW_i (Med-LEGO) | (N,) or (N, M); 1/N | no | ``svd`` |
 
 ``ΔW_i = B_i A_i · alpha_i / r_i``. Parameter-space results carry the contributors' base fingerprint and are saved
