@@ -78,11 +78,10 @@ def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contri
     distilled = distill(inst.train, inst.task, inst.classes, cfg.distill, contribution.seed, foundation)
     audit = {}
     if cfg.distill.audit:             # fidelity reuses the adapter just trained on the real data
-        from sim.distill.audit import audit_institution
+        from sim.distill.audit import audit_fields, audit_institution
 
         report = audit_institution(foundation, inst, distilled, cfg, contribution.seed, real_adapter=result.adapter)
-        audit = {"distill_fidelity": report["fidelity"], "mia_auc": report["mia_auc"],
-                 "memorised_fraction": report["memorised_fraction"]}
+        audit = audit_fields(report)
     meta = audit | {"train_s": result.stats["train_s"], "train_loss_first": result.stats["loss_first"],
             "train_loss_last": result.stats["loss_last"], "distill_s": distilled.meta["distill_s"],
             "val_acc": local["acc"], "val_auc": local["auc"], "busy_s": time.perf_counter() - t0,

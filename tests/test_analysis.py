@@ -42,6 +42,11 @@ def sweep_results() -> pd.DataFrame:
                         "base_acc": 0.40, "base_auc": 0.60, "individual_acc": 0.90 + noise, "individual_auc": 0.97,
                         "joint_acc": 0.85, "joint_auc": 0.95, "distill_fidelity": 0.5 + 0.04 * v if x == "ipc" else
                         math.nan, "mia_auc": 0.5 + 0.01 * v if x == "ipc" else math.nan}
+                if x == "ipc":      # the membership attack's TPR at 1 % FPR, pooled with its interval
+                    for prefix, tpr in (("mia", 0.02 + 0.01 * v), ("mia_exposed", 0.1 + 0.05 * v)):
+                        base |= {f"{prefix}_tpr_at_1pct_fpr": tpr, f"{prefix}_tpr_at_1pct_fpr_lo": tpr / 2,
+                                 f"{prefix}_tpr_at_1pct_fpr_hi": min(1.0, 2 * tpr)}
+                    base |= {"mia_n_members": 145, "mia_exposed_n_members": 30, "mia_n_nonmembers": 145}
                 fusion_acc = 0.55 + noise
                 accs = {"fusion": fusion_acc, "mixture": fusion_acc + (8 - 0.5 * n) / 100, "svd": 0.50 + noise}
                 infer = {"fusion": 0.9, "mixture": 0.9 * n, "svd": 0.9}
@@ -228,9 +233,9 @@ def test_plot_ipc_with_fidelity_and_privacy(tmp_path):
     result = F.plot_ipc(study_rows(sweep_results(), "ipc", "ipc"), tmp_path)
     assert_written(result)
     assert [y for _, y in result.axes_labels] == [F.ACC_LABEL, "distillation fidelity (ACC distilled / ACC real)",
-                                                  "membership-inference AUC"]
+                                                  "membership-inference TPR at 1% FPR"]
     assert {x for x, _ in result.axes_labels} == {"images per class (IPC)"}
-    assert {"fusion", "distilled sets (all strategies)", "MIA AUC 0.5 = no membership leak"} <= set(
+    assert {"fusion", "distilled sets (all strategies)", "TPR = FPR 1% (no membership leak)"} <= set(
         result.legend_labels)
 
 
