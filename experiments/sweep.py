@@ -42,7 +42,7 @@ SWEEP_FILE = "sweep.json"
 TUNE_NAME = "tune"
 # results.parquet: each strategy's summary metrics, and the references' ACC/AUC, per trial
 SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image")
-RESULT_REFERENCES = ("base", "individual")
+RESULT_REFERENCES = ("base", "individual", "individual_local")
 
 
 def point_name(index: int, point: dict) -> str:
