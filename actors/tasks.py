@@ -96,7 +96,8 @@ def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int)
 
 @ray.remote(max_retries=2)
 def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
-    """The ``individual`` reference: each institution's latest adapter on its own test split."""
+    """The ``individual`` references: each institution's latest adapter on its task's pooled test set
+    (``individual``) and on its own test split (``individual_local``)."""
     from sim.evaluation import evaluate_individual
 
     t0 = time.perf_counter()
