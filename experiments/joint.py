@@ -1,7 +1,8 @@
 """The ``joint`` reference: one multi-task LoRA trained centrally with Ray Train on every institution's data.
 
 The upper bound merging papers compare to (it needs the private data in one place): one adapter trained on the
-union of every institution's training data.
+union of every institution's training data — with ``model.head=linear`` together with one linear head per task,
+which score it (as a merge is scored: shared backbone update, each task's head).
 
 ``train_joint(cfg)`` runs a ``ray.train.torch.TorchTrainer``: ``ScalingConfig(num_workers=runtime.workers,
 use_gpu=runtime.num_gpus > 0 or runtime.device is cuda)``, each worker ``runtime.num_cpus`` CPUs (and
@@ -51,7 +52,7 @@ def _train_worker(config: dict) -> None:
             g /= world
 
     result = train_joint_adapter(foundation, parts, cfg.lora, cfg.train, cfg.seed, steps, rank, world,
-                                 sync if world > 1 else None)
+                                 sync if world > 1 else None, head=cfg.model.head)
     metrics = {k: float(v) for k, v in result.stats.items()} | {"world": world}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -71,9 +72,6 @@ def train_joint(cfg: SimConfig, storage: str | Path, name: str = "joint"):
 
     use_gpu = cfg.runtime.num_gpus > 0 or cfg.runtime.device.startswith("cuda")
     resources = {"CPU": cfg.runtime.num_cpus} | ({"GPU": cfg.runtime.num_gpus or 1.0} if use_gpu else {})
-    if cfg.model.head != "prototype":
-        raise ValueError("train.joint needs model.head=prototype (one multi-task adapter scores every task's "
-                         "classes through the fixed class prototypes)")
     trainer = TorchTrainer(
         _train_worker, train_loop_config={"cfg": config_to_dict(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.runtime.workers, use_gpu=use_gpu, resources_per_worker=resources),

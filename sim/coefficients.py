@@ -10,7 +10,9 @@ Huang et al., arXiv 2307.13269); its paper names Shiwa and Cobyla. Here:
   objective is deterministic) with the objective trace.
 * ``prepare_proxy`` / ``proxy_loss`` — the cross-entropy objective: the union of distilled sets, each scored on
   its own task's classes, mean CE per set, then the mean over sets (as MedForge's ``get_loss`` does). Images are
-  normalised and concatenated once, so one evaluation is one batched forward pass.
+  normalised and concatenated once, so one evaluation is one batched forward pass. With linear heads each set
+  is scored with the scored adapter's head of the set's task (a candidate merge carries its pool's heads), so
+  the proxy data holds no head of its own.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +128,6 @@ class ProxySet:
     stop: int
     y: torch.Tensor
     key: str
-    head: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -149,9 +150,8 @@ def set_key(ds: DistilledSet) -> str:
     return h.hexdigest()
 
 
-def prepare_proxy(foundation: Foundation, proxy: Sequence[DistilledSet],
-                  heads: Mapping[str, dict[str, torch.Tensor]] | None = None) -> ProxyData:
-    """Check, normalise and concatenate the distilled sets once; ``heads`` maps task → linear head (optional)."""
+def prepare_proxy(foundation: Foundation, proxy: Sequence[DistilledSet]) -> ProxyData:
+    """Check, normalise and concatenate the distilled sets once (scored with whichever adapter is evaluated)."""
     if len(proxy) == 0:
         raise ValueError("coefficient search needs proxy data (at least one distilled set)")
     xs, sets, start = [], [], 0
@@ -163,8 +163,7 @@ def prepare_proxy(foundation: Foundation, proxy: Sequence[DistilledSet],
             continue
         xs.append(foundation.normalize(torch.from_numpy(ds.x)))
         y = torch.from_numpy(ds.y.astype(np.int64)).to(foundation.device)
-        sets.append(ProxySet(ds.task, tuple(ds.classes), start, start + len(ds), y, set_key(ds),
-                             (heads or {}).get(ds.task)))
+        sets.append(ProxySet(ds.task, tuple(ds.classes), start, start + len(ds), y, set_key(ds)))
         start += len(ds)
     if not sets:
         raise ValueError("coefficient search needs proxy data; all distilled sets are empty")
@@ -183,19 +182,22 @@ def proxy_features(foundation: Foundation, data: ProxyData, weights: dict[str, t
     return torch.cat(out)
 
 
-def features_cross_entropy(foundation: Foundation, data: ProxyData, feats: torch.Tensor) -> float:
-    """Mean over sets of the mean cross-entropy of each set's images on its own task's classes."""
+def features_cross_entropy(foundation: Foundation, data: ProxyData, feats: torch.Tensor,
+                           adapter: Adapter | None = None) -> float:
+    """Mean over sets of the mean cross-entropy of each set's images on its own task's classes, scored with
+    ``adapter``'s linear head of the set's task (``Adapter.head_for``) or, without linear heads, the prototypes."""
     losses = []
     for s in data.sets:
-        logits = logits_from_features(feats[s.start:s.stop], s.task, s.classes, foundation.cfg.tau, s.head)
+        head = adapter.head_for(s.task) if adapter is not None else None
+        logits = logits_from_features(feats[s.start:s.stop], s.task, s.classes, foundation.cfg.tau, head)
         losses.append(F.cross_entropy(logits, s.y))
     return float(torch.stack(losses).mean())
 
 
 def proxy_loss(foundation: Foundation, data: ProxyData, adapter: Adapter | None) -> float:
-    """Cross-entropy on the proxy data of foundation + ``adapter`` (one batched forward pass)."""
+    """Cross-entropy on the proxy data of foundation + ``adapter`` (one batched forward pass), with its heads."""
     weights = foundation.merged_weights(adapter) if adapter is not None else None
-    return features_cross_entropy(foundation, data, proxy_features(foundation, data, weights))
+    return features_cross_entropy(foundation, data, proxy_features(foundation, data, weights), adapter)
 
 
 def probabilities_cross_entropy(probs: Sequence[torch.Tensor], data: ProxyData, eps: float = 1e-8) -> float:

@@ -39,14 +39,16 @@ def predict_proba(foundation: Foundation, adapter: Adapter | None, x: np.ndarray
                   classes: Sequence[str], batch_size: int = 512) -> np.ndarray:
     """Softmax probabilities (n, K) of ``task``'s classes for uint8 images ``x`` (n, 3, S, S).
 
-    ``adapter`` may also be a ``sim.merge.Mixture`` (output-level merge of N adapters, evaluated batched).
+    ``adapter`` may also be a ``sim.merge.Mixture`` (output-level merge of N adapters, evaluated batched). With
+    linear heads, ``task`` is scored with the adapter's head of that task (``Adapter.head_for``: a merge carries
+    every contributor task's head); without them, with the prototype head.
     """
     from sim.merge.mixture import Mixture, mixture_proba
 
     if isinstance(adapter, Mixture):
         return mixture_proba(foundation, adapter, x, task, classes, batch_size=max(1, batch_size // 2))
     weights = foundation.merged_weights(adapter) if adapter is not None else None
-    head = adapter.head if adapter is not None else None
+    head = adapter.head_for(task) if adapter is not None else None
     out = []
     for start in range(0, len(x), batch_size):
         feats = foundation.features(torch.from_numpy(x[start:start + batch_size]), weights)

@@ -5,7 +5,8 @@
 * Heads: by default a frozen *class-prototype* head, the stand-in for CLIP's text embeddings in
   MedForge: class ``task/name`` has a fixed unit vector seeded from its name, and
   ``logits = cos(features, prototypes) / tau``. Optionally per-task linear heads (Med-LEGO protocol),
-  trained with the adapter and carried in ``Adapter.head``.
+  trained with the adapter and carried in ``Adapter.head``: one head of the adapter's own task, or one per task
+  (merges, the joint reference; see ``Adapter``).
 * ``Adapter``: LoRA factors keyed exactly as peft saves them
   (``base_model.model.blocks.0.attn.qkv.lora_A.weight``: (r, in); ``...lora_B.weight``: (out, r)),
   with the update ``ΔW = B A · alpha / r``. Saved as a standard peft adapter dir that
@@ -29,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ PEFT_PREFIX = "base_model.model."
 # forgesim's short names for the adaptable linear layers of a timm ViT block
 MODULE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+HEAD_SEP = "/"                       # per-task linear head keys: "<task>/weight", "<task>/bias"
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,6 +289,13 @@ class Adapter:
     ``weights[f"base_model.model.{module}.lora_B.weight"]``: (out, r).
     ``ΔW(module) = B @ A * alpha(module) / r(module)``; r and alpha may differ per module
     (``rank_pattern`` / ``alpha_pattern``, as in peft) for merges that produce uneven ranks.
+
+    ``head`` (``model.head=linear`` only; ``None`` with prototype heads) is a flat tensor dict, in one of two
+    layouts, saved as it is in ``head.safetensors``: a trained adapter's single head ``{"weight": (K, D),
+    "bias": (K,)}`` of its task ``meta["task"]`` (the layout training has always written), or per-task heads
+    ``{"<task>/weight", "<task>/bias"}`` (merges and the joint reference) with ``meta["head_counts"]`` = {task:
+    how many contributors' heads were averaged}, so that a merge folded in later weighs each exactly.
+    ``task_heads`` reads either layout; ``head_for(task)`` is the head that scores ``task``.
     """
 
     weights: dict[str, torch.Tensor]
@@ -306,6 +315,45 @@ class Adapter:
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise ValueError(f"adapter module {m}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                                  f"do not form a low-rank pair")
+        if self.head is not None and set(self.head) != {"weight", "bias"}:
+            bad = [k for k in self.head if k.rpartition(HEAD_SEP)[2] not in ("weight", "bias") or HEAD_SEP not in k]
+            if bad:
+                raise ValueError(f"adapter head key {bad[0]!r} is neither 'weight'/'bias' (one head) nor "
+                                 f"'<task>{HEAD_SEP}weight'/'<task>{HEAD_SEP}bias' (per-task heads)")
+
+    def task_heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """task → ``{"weight": (K, D), "bias": (K,)}`` for every linear head the adapter carries ({} if none)."""
+        if self.head is None:
+            return {}
+        if set(self.head) == {"weight", "bias"}:
+            task = self.meta.get("task")
+            if not task:
+                raise ValueError("adapter carries one linear head but no meta['task'] saying which task it scores")
+            return {task: dict(self.head)}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.head.items():
+            task, _, part = key.rpartition(HEAD_SEP)
+            out.setdefault(task, {})[part] = t
+        return out
+
+    def head_counts(self) -> dict[str, int]:
+        """task → number of contributors whose heads were averaged into this one (1 for a trained head)."""
+        counts = self.meta.get("head_counts") or {}
+        return {task: int(counts.get(task, 1)) for task in self.task_heads()}
+
+    def head_for(self, task: str) -> dict[str, torch.Tensor] | None:
+        """The linear head that scores ``task``; ``None`` without linear heads (the prototype head scores it).
+
+        An adapter with linear heads but none for ``task`` is an error: silently scoring it with the random
+        prototype head instead is what made merged models look worse than they are.
+        """
+        heads = self.task_heads()
+        if not heads:
+            return None
+        if task not in heads:
+            raise ValueError(f"adapter has linear heads for tasks {sorted(heads)} but none for task {task!r} "
+                             f"(model.head=linear scores a task only with a head trained on it)")
+        return heads[task]
 
     def modules(self) -> list[str]:
         mods = {k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in self.weights}
@@ -357,6 +405,11 @@ class Adapter:
         )
 
 
+def pack_heads(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """task → {weight, bias} as the flat per-task layout of ``Adapter.head`` (``"<task>/weight"``, ...)."""
+    return {f"{task}{HEAD_SEP}{part}": t for task, head in heads.items() for part, t in head.items()}
+
+
 def _module_order(module: str) -> tuple:
     parts = module.split(".")
     return tuple(int(p) if p.isdigit() else p for p in parts)
@@ -384,7 +437,10 @@ META_FILE = "forgesim_adapter.json"
 
 
 def save_adapter(adapter: Adapter, out_dir: str | Path) -> Path:
-    """Write a standard peft adapter dir (+ forgesim's base fingerprint and metadata beside it)."""
+    """Write a standard peft adapter dir (+ forgesim's base fingerprint and metadata beside it).
+
+    Linear heads go to ``head.safetensors`` in the adapter's layout (one head, or per-task heads whose
+    ``head_counts`` travel in the metadata file), so ``load_adapter`` gives them back unchanged."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter.to_peft_config().save_pretrained(str(out))

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from sim.config import LoraConfig, SimConfig, TrainConfig
 from sim.data.base import Split, derive_seed, to_unit_float
+from sim.merge.base import base_reference
 from sim.metrics import chance_accuracy, evaluate
-from sim.model import Adapter, Foundation, augment, logits_from_features, new_adapter
+from sim.model import Adapter, Foundation, augment, logits_from_features, new_adapter, pack_heads
 
 if TYPE_CHECKING:
     from sim.data import Cohort
@@ -47,7 +48,7 @@ def train_adapter(foundation: Foundation, split: Split, task: str, classes: Sequ
         idx = torch.randint(len(y_all), (cfg.batch_size,), generator=g)
         return x_all[idx], y_all[idx], task, classes
 
-    return _fit(foundation, lora, cfg, seed, cfg.steps, draw, init, len(classes) if head == "linear" else 0,
+    return _fit(foundation, lora, cfg, seed, cfg.steps, draw, init, {task: len(classes)} if head == "linear" else {},
                 meta={"task": task, "classes": list(classes)})
 
 
@@ -60,7 +61,7 @@ def train_task(cfg: SimConfig, cohort: Cohort, foundation: Foundation, task: str
     t0 = time.perf_counter()
     own = evaluate(foundation, result.adapter, test, task, classes)
     eval_s = time.perf_counter() - t0
-    base = evaluate(foundation, None, test, task, classes)
+    base = evaluate(foundation, base_reference([result.adapter]), test, task, classes)   # linear: the trained head
     cross = {}
     if cfg.model.head == "prototype":  # a linear head only scores its own task's classes
         cross = {other: evaluate(foundation, result.adapter, cohort.task_split(other, "test"), other,
@@ -80,9 +81,11 @@ def train_task(cfg: SimConfig, cohort: Cohort, foundation: Foundation, task: str
 
 def train_joint_adapter(foundation: Foundation, parts: Sequence[tuple[Split, str, Sequence[str]]], lora: LoraConfig,
                         cfg: TrainConfig, seed: int, steps: int, rank: int = 0, world: int = 1,
-                        sync: Callable[[list[torch.Tensor]], None] | None = None) -> TrainResult:
+                        sync: Callable[[list[torch.Tensor]], None] | None = None,
+                        head: str = "prototype") -> TrainResult:
     """The ``joint`` reference: one multi-task adapter on the union of ``parts`` = ``(split, task, classes)`` (every
-    institution's training data), prototype head only (one adapter scores every task's classes).
+    institution's training data). With ``head == "linear"`` it trains one linear head per task alongside (the
+    multi-task layout of ``Adapter.head``), so it is scored like a merge: shared backbone update, each task's head.
 
     Step s trains on task ``s % len(parts)`` (tasks in turn, so each gets the same number of steps), a batch drawn
     from that task's union. Data-parallel over ``world`` ranks: rank r keeps every ``world``-th image of each task,
@@ -105,15 +108,20 @@ def train_joint_adapter(foundation: Foundation, parts: Sequence[tuple[Split, str
         idx = torch.randint(len(y), (per_rank,), generator=g)
         return x[idx], y[idx], task, classes
 
-    return _fit(foundation, lora, cfg, seed, steps, draw, None, 0, sync=sync, batch_seed=derive_seed(seed, "rank", rank),
-                meta={"task": "joint", "tasks": [t for _, t, _ in parts]})
+    linear = {t: len(classes) for _, t, classes in parts} if head == "linear" else {}
+    return _fit(foundation, lora, cfg, seed, steps, draw, None, linear, sync=sync,
+                batch_seed=derive_seed(seed, "rank", rank), meta={"task": "joint", "tasks": [t for _, t, _ in parts]})
 
 
 def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, steps: int, draw: Callable,
-         init: Adapter | None, linear_classes: int, sync: Callable | None = None, batch_seed: int | None = None,
-         meta: dict | None = None) -> TrainResult:
+         init: Adapter | None, linear_classes: dict[str, int], sync: Callable | None = None,
+         batch_seed: int | None = None, meta: dict | None = None) -> TrainResult:
     """The training loop: peft model on a copy of the backbone, AdamW/SGD with a cosine schedule over ``steps``;
-    ``draw(step, generator)`` gives ``(images uint8 (B, 3, S, S), labels, task, classes)``."""
+    ``draw(step, generator)`` gives ``(images uint8 (B, 3, S, S), labels, task, classes)``.
+
+    ``linear_classes``: task → K for a linear head per task (empty: prototype head). A task's head starts from
+    ``init``'s head of that task when it has one of that shape (a pulled merge carries every task's), else fresh.
+    One task gives the single-head layout of ``Adapter.head``, several the per-task one."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     t0 = time.perf_counter()
@@ -127,11 +135,8 @@ def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, 
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
-        linear = None
-        if linear_classes:
-            linear = torch.nn.Linear(foundation.dim, linear_classes).to(foundation.device)
-            if init is not None and init.head is not None and init.head["weight"].shape[0] == linear_classes:
-                linear.load_state_dict(init.head)
+        linears = _linear_heads(foundation, linear_classes, init)
+        for linear in linears.values():
             params += list(linear.parameters())
         opt = _optimizer(params, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -143,22 +148,38 @@ def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, 
             if cfg.augment:
                 xb = augment(xb, g)
             feats = model(foundation.normalize(xb))                          # (B, D)
-            head_w = dict(linear.named_parameters()) if linear is not None else None
+            head_w = dict(linears[task].named_parameters()) if linears else None
             loss = F.cross_entropy(logits_from_features(feats, task, classes, foundation.cfg.tau, head_w),
                                    yb.to(foundation.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if sync is not None:
-                sync([p.grad for p in params])
+                sync([p.grad for p in params if p.grad is not None])   # other tasks' heads: no grad this step
             opt.step()
             sched.step()
             losses.append(loss.item())
             images += len(yb)
         weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    head_state = {k: v.detach().cpu().clone() for k, v in linear.state_dict().items()} if linear else None
+    states = {t: {k: v.detach().cpu().clone() for k, v in lin.state_dict().items()} for t, lin in linears.items()}
+    single = len(states) == 1 and (meta or {}).get("task") in states
+    head_state = (states[meta["task"]] if single else pack_heads(states)) if states else None
     train_s = time.perf_counter() - t0
     adapter = Adapter(weights, start.alpha, foundation.fingerprint, dict(start.alpha_pattern), head_state,
                       meta=meta or {})
     stats = {"train_s": train_s, "steps": steps, "images": images, "images_per_s": images / train_s,
              "loss_first": float(np.mean(losses[:10])), "loss_last": float(np.mean(losses[-10:]))}
     return TrainResult(adapter, stats)
+
+
+def _linear_heads(foundation: Foundation, linear_classes: dict[str, int], init: Adapter | None
+                  ) -> dict[str, torch.nn.Linear]:
+    """One ``nn.Linear(D, K)`` per task (from the global RNG, in task order), loaded from ``init``'s head of that
+    task when it has one of that shape."""
+    pulled = init.task_heads() if init is not None else {}
+    out = {}
+    for task, k in linear_classes.items():
+        linear = torch.nn.Linear(foundation.dim, k).to(foundation.device)
+        if task in pulled and pulled[task]["weight"].shape[0] == k:
+            linear.load_state_dict(pulled[task])
+        out[task] = linear
+    return out

@@ -12,7 +12,7 @@ import numpy as np
 from sim.coefficients import ProxyData, SearchResult, get_optimizer, prepare_proxy, proxy_loss, search_coefficients
 from sim.config import MergeConfig
 from sim.data.base import DistilledSet, derive_seed
-from sim.merge.base import Weights, check_compatible, collect_heads
+from sim.merge.base import Weights, check_compatible
 from sim.merge.fusion import fusion_weights_after
 from sim.merge.mixture import Mixture, ProbabilityCache, mixture_loss
 from sim.merge.specs import SPECS, StrategySpec, get_spec
@@ -120,7 +120,8 @@ def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[
         raise ValueError("a coefficient search needs the foundation and proxy data (distilled sets)")
     for a in adapters:
         a.check_base(foundation)
-    return proxy if isinstance(proxy, ProxyData) else prepare_proxy(foundation, proxy, collect_heads(adapters))
+    # No heads here: each candidate is scored with its own (the merged pool's) heads, see ``proxy_loss``.
+    return proxy if isinstance(proxy, ProxyData) else prepare_proxy(foundation, proxy)
 
 
 def _search(loss: Callable, init: np.ndarray, cfg: MergeConfig, seed: int, **kw) -> SearchResult:

@@ -13,13 +13,57 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from sim.model import PEFT_PREFIX, Adapter
+from sim.model import PEFT_PREFIX, Adapter, pack_heads
 
 Weights = Union[None, Sequence[float], np.ndarray, torch.Tensor]
 
+def merge_heads(adapters: Sequence[Adapter]) -> tuple[dict[str, torch.Tensor] | None, dict[str, int]]:
+    """Per-task linear heads of a merge: ``(head in the per-task layout or None, {task: contributors})``.
+
+    Med-LEGO (Zhu et al., arXiv 2503.01164) merges the backbone update and keeps each task's own head; with one
+    contributor per task that is exactly that task's head. When several contributors hold a task, their heads
+    are averaged, weight and bias alike — FedAvg of the classifier (McMahan et al., 2017) with equal client
+    weights: every head reads the same backbone feature space, and the merge coefficients weigh backbone
+    updates, not classifiers. An already merged contributor counts as the number of heads it averaged
+    (``Adapter.head_counts``), so folding ``[merged so far, new]`` gives the same average as merging all
+    contributors at once. ``(None, {})`` when no contributor has a linear head (prototype heads).
+    """
+    sums: dict[str, list] = {}                                   # task -> [Σ c·W, Σ c·b, Σ c]
+    for a in adapters:
+        counts = a.head_counts()
+        for task, head in a.task_heads().items():
+            c = counts[task]
+            w, b = head["weight"].detach().double() * c, head["bias"].detach().double() * c
+            if task not in sums:
+                sums[task] = [w, b, c]
+                continue
+            if sums[task][0].shape != w.shape:
+                raise ValueError(f"linear heads of task {task!r} have shapes {tuple(sums[task][0].shape)} and "
+                                 f"{tuple(w.shape)}; contributors of one task must share its classes")
+            sums[task] = [sums[task][0] + w, sums[task][1] + b, sums[task][2] + c]
+    if not sums:
+        return None, {}
+    heads = {t: {"weight": (w / c).float().contiguous(), "bias": (b / c).float().contiguous()}
+             for t, (w, b, c) in sums.items()}
+    return pack_heads(heads), {t: int(c) for t, (_, _, c) in sums.items()}
+
+
 def collect_heads(adapters: Sequence[Adapter]) -> dict[str, dict[str, torch.Tensor]]:
-    """task → linear head of the contributors that carry one (Med-LEGO protocol; the latest wins)."""
-    return {a.meta["task"]: a.head for a in adapters if a.head is not None and a.meta.get("task")}
+    """task → the average linear head of that task's contributors (``merge_heads``); {} with prototype heads."""
+    head, _ = merge_heads(adapters)
+    return {} if head is None else Adapter({}, 1.0, head=head).task_heads()
+
+
+def base_reference(adapters: Sequence[Adapter]) -> Adapter | None:
+    """The ``base`` reference's predictor: the frozen backbone (no LoRA update) with each task's contributors'
+    average head (``merge_heads``), so ``base`` differs from a merge only by the backbone update. ``None`` — the
+    bare foundation and its prototype head — when no contributor has a linear head: the foundation has no
+    trained classifier of its own."""
+    head, counts = merge_heads(adapters)
+    if head is None:
+        return None
+    return Adapter({}, 1.0, common_base(adapters), head=head,
+                   meta={"merge_strategy": "base", "head_counts": counts, "n_contributors": len(adapters)})
 
 
 def check_compatible(adapters: Sequence[Adapter], *, same_modules: bool = True, same_ranks: bool = False) -> None:
@@ -120,7 +164,8 @@ def build_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], 
     """An ``Adapter`` from {module: (A, B, scaling)}, with alpha chosen so that alpha / r = scaling per module.
 
     The most common alpha becomes ``alpha``; modules that differ go to ``alpha_pattern`` (peft's convention,
-    which ``Adapter.to_peft_config`` writes next to the matching ``rank_pattern``).
+    which ``Adapter.to_peft_config`` writes next to the matching ``rank_pattern``). Every parameter-space
+    strategy ends here, so every one carries its contributors' per-task linear heads (``merge_heads``).
     """
     alphas = {m: float(s) * a.shape[0] for m, (a, _, s) in factors.items()}
     base_alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -129,5 +174,6 @@ def build_adapter(factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], 
         weights[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a.detach().to(torch.float32).contiguous()
         weights[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b.detach().to(torch.float32).contiguous()
     pattern = {m: a for m, a in alphas.items() if a != base_alpha}
-    return Adapter(weights, base_alpha, common_base(adapters), pattern,
-                   meta={"merge_strategy": strategy, "n_contributors": len(adapters)})
+    head, counts = merge_heads(adapters)
+    meta = {"merge_strategy": strategy, "n_contributors": len(adapters)} | ({"head_counts": counts} if counts else {})
+    return Adapter(weights, base_alpha, common_base(adapters), pattern, head, meta)

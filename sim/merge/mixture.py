@@ -27,6 +27,7 @@ evaluation is a weighted sum.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,25 @@ class Mixture:
 
     def num_bytes(self) -> int:
         return sum(a.num_bytes() for a in self.adapters)
+
+    def member_heads(self, task: str) -> list[dict[str, torch.Tensor] | None]:
+        """The head each adapter scores ``task`` with (``member_heads``)."""
+        return member_heads(self.adapters, task)
+
+
+def member_heads(adapters: Sequence[Adapter], task: str) -> list[dict[str, torch.Tensor] | None]:
+    """Per adapter, the linear head it scores ``task`` with: an output-space merge is Σ w_i softmax(head_i(f_i)),
+    each adapter with its *own* head of ``task``. An adapter that has none (it was trained on another task) uses
+    the task's contributors' average head (``sim.merge.base.merge_heads``, what a parameter-space merge carries).
+    All ``None`` without linear heads (prototype head); an error when no adapter has a head for ``task``."""
+    own = [a.task_heads().get(task) for a in adapters]
+    if all(h is not None for h in own):
+        return own
+    shared = collect_heads(adapters).get(task)
+    if shared is None and any(a.head is not None for a in adapters):
+        raise ValueError(f"no adapter of the mixture has a linear head for task {task!r} "
+                         f"(model.head=linear scores a task only with a head trained on it)")
+    return [h if h is not None else shared for h in own]
 
 
 def mixture(adapters: Sequence[Adapter], weights: Weights = None) -> Mixture:
@@ -120,22 +140,35 @@ def adapter_features(foundation: Foundation, adapters: Sequence[Adapter], x: tor
 
 
 def adapter_probabilities(foundation: Foundation, feats: torch.Tensor, task: str, classes: Sequence[str],
-                          head: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """(N, n, D) features → (N, n, K) class probabilities on ``task``'s classes."""
+                          head: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor] | None] | None = None
+                          ) -> torch.Tensor:
+    """(N, n, D) features → (N, n, K) class probabilities on ``task``'s classes.
+
+    ``head``: one linear head for all N, or one per adapter (``member_heads``); ``None`` = prototype head.
+    """
     n_adapters, n, d = feats.shape
-    logits = logits_from_features(feats.reshape(n_adapters * n, d), task, classes, foundation.cfg.tau, head)
-    return torch.softmax(logits, dim=1).reshape(n_adapters, n, -1)
+    heads = list(head) if isinstance(head, (list, tuple)) else None
+    if heads is not None and len(heads) != n_adapters:
+        raise ValueError(f"{len(heads)} heads for {n_adapters} adapters' features")
+    if heads is not None and all(h is None for h in heads):
+        head, heads = None, None
+    if heads is None:
+        logits = logits_from_features(feats.reshape(n_adapters * n, d), task, classes, foundation.cfg.tau, head)
+        return torch.softmax(logits, dim=1).reshape(n_adapters, n, -1)
+    return torch.stack([torch.softmax(logits_from_features(f, task, classes, foundation.cfg.tau, h), dim=1)
+                        for f, h in zip(feats, heads)])
 
 
 @torch.inference_mode()
 def mixture_proba(foundation: Foundation, mix: Mixture, x: np.ndarray, task: str, classes: Sequence[str],
                   batch_size: int = 256) -> np.ndarray:
-    """Mixture class probabilities (n, K) for images ``x`` (n, 3, S, S), uint8 or float in [0, 1]."""
-    head = collect_heads(mix.adapters).get(task)
+    """Mixture class probabilities (n, K) for images ``x`` (n, 3, S, S), uint8 or float in [0, 1]; each adapter
+    scores ``task`` with its own head (``member_heads``)."""
+    heads = mix.member_heads(task)
     out = []
     for start in range(0, len(x), batch_size):
         xb = foundation.normalize(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])))
-        probs = adapter_probabilities(foundation, adapter_features(foundation, mix.adapters, xb), task, classes, head)
+        probs = adapter_probabilities(foundation, adapter_features(foundation, mix.adapters, xb), task, classes, heads)
         out.append(combine_probabilities(probs, mix.weights))
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(classes)), np.float32)
 
@@ -143,25 +176,39 @@ def mixture_proba(foundation: Foundation, mix: Mixture, x: np.ndarray, task: str
 class ProbabilityCache:
     """Per-(adapter, proxy set) probabilities, computed batched and kept across search stages.
 
-    Entries are keyed by the adapter's identity and the set's content hash; the cache holds a reference to each
-    adapter so that identities stay unique.
+    Entries are keyed by the adapter's identity and the set's content hash, and remember the content of the head
+    they were scored with (``member_heads`` of the adapters asked for): an adapter without its own head of a set's
+    task borrows the task's average head, which changes when another contributor of the task arrives, and is
+    then scored again. The cache holds a reference to each adapter so that identities stay unique.
     """
 
     def __init__(self) -> None:
-        self._store: dict[tuple[int, str], tuple[Adapter, torch.Tensor]] = {}
+        self._store: dict[tuple[int, str], tuple[Adapter, str | None, torch.Tensor]] = {}
 
     def probabilities(self, foundation: Foundation, adapters: Sequence[Adapter], data: ProxyData) -> list[torch.Tensor]:
         """For each proxy set, (N, n_s, K_s) probabilities of the N adapters (missing ones computed in one pass)."""
         out = []
         for s in data.sets:
-            missing = [a for a in adapters if (id(a), s.key) not in self._store]
+            heads = dict(zip(map(id, adapters), member_heads(adapters, s.task)))
+            digests = {i: _head_digest(h) for i, h in heads.items()}
+            missing = [a for a in adapters if self._store.get((id(a), s.key), (None, "", None))[1] != digests[id(a)]]
             if missing:
                 feats = adapter_features(foundation, missing, data.x[s.start:s.stop])
-                probs = adapter_probabilities(foundation, feats, s.task, s.classes, s.head)
+                probs = adapter_probabilities(foundation, feats, s.task, s.classes, [heads[id(a)] for a in missing])
                 for a, p in zip(missing, probs):
-                    self._store[(id(a), s.key)] = (a, p)
-            out.append(torch.stack([self._store[(id(a), s.key)][1] for a in adapters]))
+                    self._store[(id(a), s.key)] = (a, digests[id(a)], p)
+            out.append(torch.stack([self._store[(id(a), s.key)][2] for a in adapters]))
         return out
+
+
+def _head_digest(head: dict[str, torch.Tensor] | None) -> str | None:
+    """Content hash of a linear head (``None`` for the prototype head): what a cached probability was scored with."""
+    if head is None:
+        return None
+    h = hashlib.blake2b(digest_size=12)
+    for part in ("weight", "bias"):
+        h.update(head[part].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def mixture_loss(probs: list[torch.Tensor], data: ProxyData,
