@@ -129,7 +129,11 @@ class MergeActor:
         final = self.evals.get(version) or self._evaluate()     # evaluated already if the last commit hit eval_every
         refs = {}
         if references:
-            refs["base"] = evaluate_task.options(**self.options).remote(self.cfg_blob, {"base": None}, tasks, version)
+            from sim.merge.base import base_reference
+
+            # linear heads: the frozen backbone with each task's contributors' average head (prototype: None)
+            base = base_reference(list(self.state.latest_adapters().values()))
+            refs["base"] = evaluate_task.options(**self.options).remote(self.cfg_blob, {"base": base}, tasks, version)
             refs["individual"] = individual_task.options(**self.options).remote(self.cfg_blob,
                                                                                 self.state.latest_adapters())
         periodic = [r for v in sorted(self.evals) if v != version for part in ray.get(self.evals[v]) for r in part]

@@ -47,7 +47,9 @@ def project_adapter(adapter: Adapter, foundation: Foundation, lora: LoraConfig) 
             a, b = torch.zeros(lora.rank, in_f), torch.zeros(out_f, lora.rank)
         weights[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a
         weights[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b
-    return Adapter(weights, float(lora.alpha), foundation.fingerprint)
+    # the head (and the task/head_counts meta that picks it) travels with the projected update
+    meta = {k: adapter.meta[k] for k in ("task", "head_counts") if k in adapter.meta}
+    return Adapter(weights, float(lora.alpha), foundation.fingerprint, head=adapter.head, meta=meta)
 
 
 def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contribution: Contribution,

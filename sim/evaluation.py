@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sim.data import Cohort
+from sim.merge.base import base_reference
 from sim.metrics import accuracy, macro_auc, predict_proba
 from sim.model import Adapter, Foundation
 
@@ -91,8 +92,11 @@ def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter],
         test, sites = cohort.task_split(task, "test"), [i for i in cohort.institutions if i.task == task]
         common = {"task": task, "n": len(test), "n_sites": len(sites),
                   "n_without_commit": sum(i.id not in adapters for i in sites)}
-        pooled = [_score(foundation, adapters.get(i.id), test, task, cohort.task_classes[task]) for i in sites]
-        local = [_score(foundation, adapters.get(i.id), i.test, task, cohort.task_classes[task]) for i in sites]
+        # a site without a commit is the foundation alone: with linear heads, the task's contributors' average head
+        fallback = base_reference([adapters[i.id] for i in sites if i.id in adapters])
+        models = [adapters.get(i.id, fallback) for i in sites]
+        pooled = [_score(foundation, m, test, task, cohort.task_classes[task]) for m in models]
+        local = [_score(foundation, m, i.test, task, cohort.task_classes[task]) for m, i in zip(models, sites)]
         records.append({"strategy": "individual"} | common | _mean_scores(pooled)
                        | {"infer_s": float(np.mean([s[2] for s in pooled]))})   # one model's time on n images
         records.append({"strategy": "individual_local"} | common | _mean_scores(local)

@@ -10,6 +10,7 @@ exactly as the merge actor did (same merge seeds per sequence position) and is e
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Sequence
@@ -137,7 +138,10 @@ class ReplayEvaluator:
 
         from sim.merge.mixture import adapter_features, adapter_probabilities
 
-        key = (id(adapter), task)
+        # the head is part of the key: a borrowed (average) head changes as the task's contributors arrive
+        head_key = None if head is None else hashlib.blake2b(
+            b"".join(head[k].detach().cpu().numpy().tobytes() for k in sorted(head)), digest_size=8).hexdigest()
+        key = (id(adapter), task, head_key)
         if key not in self._probs:
             x, classes = self.cohort.task_split(task, "test").x, self.cohort.task_classes[task]
             chunks = []
@@ -152,12 +156,12 @@ class ReplayEvaluator:
     def _mixture_record(self, mix, task: str) -> dict:
         import torch
 
-        from sim.merge.mixture import collect_heads, combine_probabilities
+        from sim.merge.mixture import combine_probabilities
         from sim.metrics import accuracy, macro_auc
 
         t0 = time.perf_counter()
-        head = collect_heads(mix.adapters).get(task)
-        per_adapter = [self._adapter_chunks(a, task, head) for a in mix.adapters]
+        # each adapter with its own head of the task (``Mixture.member_heads``), as ``mixture_proba`` scores it
+        per_adapter = [self._adapter_chunks(a, task, h) for a, h in zip(mix.adapters, mix.member_heads(task))]
         proba = torch.cat([combine_probabilities(torch.stack([c[j] for c in per_adapter]), mix.weights)
                            for j in range(len(per_adapter[0]))]).cpu().numpy()
         y = self.cohort.task_split(task, "test").y

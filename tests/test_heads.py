@@ -1,6 +1,8 @@
 """Per-task linear heads (model.head=linear): every merge, the mixture, the search and the references use them."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,32 @@ def test_joint_reference_trains_and_is_scored_with_per_task_heads(tiny_cfg, tiny
             predict_proba(tiny_foundation, joint, test.x, task, tiny_cohort.task_classes[task]),
             np_proba(tiny_foundation, joint, test.x, (head["weight"].double().numpy(), head["bias"].double().numpy())),
             atol=1e-5)
+
+
+def test_a_pull_projected_to_the_configured_rank_keeps_its_heads(tiny_cfg, tiny_foundation, contributors):
+    # svd's result has another rank than the configured LoRA, so a pull projects it (truncated SVD per module)
+    from sim.contribute import project_adapter
+
+    insts, adapters = contributors
+    merged = merge("svd", adapters).merged
+    pulled = project_adapter(merged, tiny_foundation, dataclasses.replace(tiny_cfg.lora, rank=1))
+    for task in (insts[0].task, insts[1].task):
+        np.testing.assert_allclose(pulled.head_for(task)["weight"].numpy(), np_head(adapters, task)[0], atol=1e-5)
+
+
+def test_a_site_without_a_commit_counts_as_base_with_its_tasks_average_head(tiny_foundation, tiny_cohort,
+                                                                             contributors):
+    # institution 2 (task 0) sends nothing: its individual model is the foundation with task 0's average head
+    from sim.evaluation import evaluate_individual
+    from sim.metrics import accuracy
+
+    insts, adapters = contributors
+    recs = evaluate_individual(tiny_foundation, {0: adapters[0], 1: adapters[1]}, tiny_cohort, [insts[0].task])
+    task = insts[0].task
+    test = tiny_cohort.task_split(task, "test")
+    sites = [i for i in tiny_cohort.institutions if i.task == task]
+    fallback = np_head([adapters[0]], task)
+    accs = [accuracy(test.y, np_proba(tiny_foundation, adapters[0], test.x, np_head([adapters[0]], task))
+                     if i.id == 0 else np_proba(tiny_foundation, None, test.x, fallback)) for i in sites]
+    individual = next(r for r in recs if r["strategy"] == "individual")
+    assert individual["acc"] == pytest.approx(float(np.mean(accs)), abs=1e-9)

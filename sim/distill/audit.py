@@ -252,7 +252,9 @@ def fidelity(foundation, distilled: DistilledSet, train: Split, test: Split, lor
     if real_adapter is None:
         real_adapter = train_adapter(foundation, train, task, classes, lora, train_cfg, seed, head=head).adapter
     real = evaluate(foundation, real_adapter, test, task, classes)
-    base = evaluate(foundation, None, test, task, classes)
+    from sim.merge.base import base_reference
+
+    base = evaluate(foundation, base_reference([real_adapter]), test, task, classes)   # linear: the real head
     if distilled_adapter is None:
         distilled_adapter = distilled_target(foundation, distilled, lora, train_cfg, seed, head)
     dist = evaluate(foundation, distilled_adapter, test, task, classes)

@@ -23,7 +23,8 @@ strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`
 ``ΔW_i = B_i A_i · alpha_i / r_i``. Parameter-space results carry the contributors' base fingerprint and are saved
 with ``sim.model.save_adapter`` as peft adapter dirs whose rank is what the strategy produced and whose
 ``lora_alpha``/``alpha_pattern`` give the right scaling (ΔW-space results: scaling 1, alpha = rank). Per-task
-linear heads are not merged into parameter-space results; a ``Mixture`` scores a task with that task's head.
+linear heads travel with every result: a parameter-space merge carries each task's contributors' average head;
+in a ``Mixture`` each adapter scores with its own.
 
 Entry points for the merge actor and the CLI:
 
