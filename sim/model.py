@@ -387,8 +387,15 @@ class Adapter:
                              f"this foundation is {foundation.fingerprint}")
 
     def num_bytes(self) -> int:
-        tensors = list(self.weights.values()) + list((self.head or {}).values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes one would ship: per module the smaller of its factors and its dense ΔW (out × in), plus heads.
+
+        A full-rank merge (TIES, DARE, MagMax) is written as exact factors of rank min(out, in), which hold more
+        numbers than ΔW itself (r·(out + in) > out·in); whoever ships it ships ΔW, so that is what it costs."""
+        total = sum(t.numel() * t.element_size() for t in (self.head or {}).values())
+        for m in self.modules():
+            a, b = self.factors(m)
+            total += min(a.numel() + b.numel(), b.shape[0] * a.shape[1]) * a.element_size()
+        return total
 
     def to_peft_config(self, dropout: float = 0.0):
         """The ``peft.LoraConfig`` that reproduces this adapter's modules, ranks and scalings."""

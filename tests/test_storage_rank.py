@@ -44,15 +44,14 @@ def lora_bytes(rank: int, out_f: int = 12, in_f: int = 8) -> int:
 @pytest.mark.parametrize("name, positive", [("ties", True), ("magnitude_prune", False), ("dare_linear", False)])
 def test_density_1_merge_of_two_rank_2_adapters_is_stored_at_rank_4(name, positive):
     # Prepare: at density 1 nothing is trimmed or dropped; magnitude_prune and DARE are then the weighted sum, TIES
-    # (all entries positive: every sign agrees) the weighted mean — rank <= 4 either way
+    # (all entries positive: every sign agrees) the weighted disjoint sum, its default — rank <= 4 either way
     adapters = [make_adapter(0, positive=positive), make_adapter(1, positive=positive)]
     w = np.array([0.7, 0.4])
-    divisor = 2.0 if name == "ties" else 1.0
     # Execute
     result = merge(name, adapters, w, cfg=MergeConfig(density=1.0), seed=0)
     # Assert: the exact result, at numpy's numerical rank of it, with the bytes of that rank
     for m in MODULES:
-        expected = sum(wi * np_delta(a, m) for wi, a in zip(w, adapters)) / divisor
+        expected = sum(wi * np_delta(a, m) for wi, a in zip(w, adapters))
         assert np.linalg.matrix_rank(expected) == 4
         assert result.merged.rank(m) == 4
         np.testing.assert_allclose(result.merged.delta(m).double().numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -84,7 +83,14 @@ def test_a_full_rank_merge_keeps_the_width_and_is_exact():
     # Assert
     for m in MODULES:
         assert np.linalg.matrix_rank(merged.delta(m).double().numpy()) == 8 == merged.rank(m)
-    assert merged.num_bytes() == lora_bytes(8)
+    # its exact factors hold 8·(12 + 8) numbers per module, more than ΔW's 12·8: what one ships (and counts) is ΔW
+    assert lora_bytes(8) > len(MODULES) * 12 * 8 * 4
+    assert merged.num_bytes() == len(MODULES) * 12 * 8 * 4
+
+
+def test_storage_of_a_low_rank_adapter_is_its_factors():
+    adapter = make_adapter(0, r=2)
+    assert adapter.num_bytes() == lora_bytes(2) < len(MODULES) * 12 * 8 * 4
 
 
 # ------------------------------------------------------------------------------------------
