@@ -14,6 +14,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,11 +477,21 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     return value
 
 
+# Fields a run dir written by an earlier version may hold, and why they are gone: reading such a run (replay,
+# report, resume) drops them with a warning instead of refusing the run.
+RETIRED_FIELDS = {"distill.audit_max_auc": "the audit flags on the membership attack's TPR at 1 % FPR "
+                                           "(distill.audit_max_tpr) instead of the distance AUC"}
+
+
 def _section_from_dict(cls: type, prefix: str, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"{prefix} must be a mapping of fields, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    for name in sorted(set(values) - known):
+        if f"{prefix}.{name}" in RETIRED_FIELDS:
+            warnings.warn(f"{prefix}.{name} is no longer a field and is ignored: {RETIRED_FIELDS[f'{prefix}.{name}']}")
+            values = {k: v for k, v in values.items() if k != name}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{prefix}.{unknown[0]} is not a field; known fields: {', '.join(sorted(known))}")

@@ -97,3 +97,17 @@ def test_validating_a_config_does_not_import_torch(fresh_python):
             "cfg = SimConfig(); assert cfg.merge.strategies and cfg.pull_branch is None; "
             "print(sorted(m for m in ('torch', 'peft', 'timm') if m in sys.modules))")
     assert fresh_python(code) == "[]"
+
+
+def test_a_run_dir_config_with_a_retired_field_still_loads_with_a_warning():
+    # a run written before the audit flagged on TPR at 1 % FPR holds distill.audit_max_auc
+    from sim.config import config_from_dict, config_to_dict
+
+    doc = config_to_dict(SimConfig())
+    doc["distill"]["audit_max_auc"] = 0.6
+    with pytest.warns(UserWarning, match="distill.audit_max_auc is no longer a field"):
+        cfg = config_from_dict(doc)
+    assert cfg == SimConfig()
+    doc["distill"]["audit_max_aucc"] = 0.6
+    with pytest.raises(ValueError, match="distill.audit_max_aucc is not a field"):
+        config_from_dict(doc)
