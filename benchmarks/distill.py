@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from sim.config import SimConfig, apply_overrides  # noqa: E402
 from sim.data import build_cohort  # noqa: E402
 from sim.distill import distill  # noqa: E402
-from sim.distill.audit import audit_institution  # noqa: E402
+from sim.distill.audit import audit_institution, tpr_text  # noqa: E402
 from sim.model import load_foundation  # noqa: E402
 from sim.train import train_adapter  # noqa: E402
 
@@ -55,8 +55,8 @@ def main() -> None:
           f"{len(inst.classes)} classes): {time.perf_counter() - t0:.1f} s (target <= 30 s)\n")
 
     print("| institution | task | method | IPC | images | distill s | fidelity | gain recovered | acc distilled | "
-          "acc real | memorised | MIA AUC | flagged |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "acc real | memorised | MIA TPR@1%FPR exposed | MIA TPR@1%FPR all | flagged |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for inst_id in (int(i) for i in args.institutions.split(",")):
         inst = cohort.institutions[inst_id]
         ref = train_adapter(foundation, inst.train, inst.task, inst.classes, cfg.lora, cfg.train, cfg.seed,
@@ -68,7 +68,7 @@ def main() -> None:
                 r = audit_institution(foundation, inst, ds, cfg.replace(distill=dcfg), cfg.seed, real_adapter=ref)
                 print(f"| {inst.name} | {inst.task} | {method} | {ipc} | {len(ds)} | {ds.meta['distill_s']:.1f} | "
                       f"{r['fidelity']:.3f} | {r['gain_recovered']:.3f} | {r['acc_distilled']:.3f} | "
-                      f"{r['acc_real']:.3f} | {r['memorised_fraction']:.2f} | {r['mia_auc']:.3f} | "
+                      f"{r['acc_real']:.3f} | {r['memorised_fraction']:.2f} | {tpr_text(r, 'mia_exposed')} | {tpr_text(r, 'mia')} | "
                       f"{'yes' if r['flagged'] else 'no'} |", flush=True)
 
 

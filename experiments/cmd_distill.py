@@ -17,7 +17,7 @@ from experiments.common import COMMON_FLAGS, CLIError, add_config_args, add_data
 from sim.config import config_to_dict
 from sim.data import Cohort, DistilledSet, Institution, build_cohort
 from sim.distill import distill
-from sim.distill.audit import audit_institution
+from sim.distill.audit import audit_institution, tpr_text
 from sim.model import load_foundation
 from sim.records import json_safe
 
@@ -117,5 +117,7 @@ def run(args: argparse.Namespace) -> int:
     fid = "skipped" if report["fidelity"] is None else f"{report['fidelity']:.3f}"
     print(f"{inst.name} ({inst.task}) {cfg.distill.method} IPC {cfg.distill.ipc}: {len(distilled)} images in "
           f"{meta['distill_s']:.1f}s | fidelity {fid} | memorised {report['memorised_fraction']:.2f} | "
-          f"MIA AUC {report['mia_auc']:.3f} | {'FLAGGED' if report['flagged'] else 'not flagged'} -> {out}")
+          f"MIA TPR@1%FPR {tpr_text(report, 'mia_exposed')} exposed, {tpr_text(report, 'mia')} all | "
+          f"{'FLAGGED' if report['flagged'] else 'not flagged'} -> {out}")
     return 0
+

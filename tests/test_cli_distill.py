@@ -45,7 +45,8 @@ def test_distill_round_trip(tmp_path, tiny_config_file, tiny_cohort, capsys):
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "preview.png").ndim == 3
-    assert "fidelity" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fidelity" in printed and "MIA TPR@1%FPR" in printed and "MIA AUC" not in printed
 
 
 def test_distill_random_is_flagged_without_fidelity(tmp_path, tiny_config_file):
