@@ -42,11 +42,15 @@ def tiny_cohort(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole suite (never a cluster per test)."""
+    """One local Ray for the whole suite (never a cluster per test), whose idle pooled workers stay alive between
+    runs: Ray otherwise kills an idle worker after 1 s once the session holds more processes than CPUs (the actors
+    of a run count), so every run of the suite started its pool again (a torch + timm + peft import, ~10 s of CPU
+    per worker). Kept, a later run's first task finds the foundation loaded; what a run computes is unchanged."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000})
     yield ray
     ray.shutdown()
 
