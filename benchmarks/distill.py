@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from sim.config import SimConfig, apply_overrides  # noqa: E402
 from sim.data import build_cohort  # noqa: E402
 from sim.distill import distill  # noqa: E402
-from sim.distill.audit import audit_institution, tpr_text  # noqa: E402
+from sim.distill.audit import audit_institution, point_text  # noqa: E402
 from sim.model import load_foundation  # noqa: E402
 from sim.train import train_adapter  # noqa: E402
 
@@ -68,7 +68,9 @@ def main() -> None:
                 r = audit_institution(foundation, inst, ds, cfg.replace(distill=dcfg), cfg.seed, real_adapter=ref)
                 print(f"| {inst.name} | {inst.task} | {method} | {ipc} | {len(ds)} | {ds.meta['distill_s']:.1f} | "
                       f"{r['fidelity']:.3f} | {r['gain_recovered']:.3f} | {r['acc_distilled']:.3f} | "
-                      f"{r['acc_real']:.3f} | {r['memorised_fraction']:.2f} | {tpr_text(r, 'mia_exposed')} | {tpr_text(r, 'mia')} | "
+                      f"{r['acc_real']:.3f} | {r['memorised_fraction']:.2f} | "
+                      f"{point_text(r['mia']['combined']['exposed']['1pct'])} | "
+                      f"{point_text(r['mia']['combined']['all']['1pct'])} | "
                       f"{'yes' if r['flagged'] else 'no'} |", flush=True)
 
 

@@ -24,14 +24,8 @@ sys.path.insert(0, str(ROOT))
 from sim.config import SimConfig, apply_overrides  # noqa: E402
 from sim.data import build_cohort  # noqa: E402
 from sim.distill import distill  # noqa: E402
-from sim.distill.audit import audit_institution  # noqa: E402
+from sim.distill.audit import audit_institution, point_text  # noqa: E402
 from sim.model import load_foundation  # noqa: E402
-
-
-def _fmt(p: dict) -> str:
-    if p["tpr"] is None:
-        return f"n/a (min FPR {p['min_resolvable_fpr']:.4f})"
-    return f"{p['tpr']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}] at {p['fpr_achieved']:.4f}"
 
 
 def main() -> None:
@@ -63,8 +57,8 @@ def main() -> None:
                     continue
                 a, e = r["mia"][name]["all"], r["mia"][name]["exposed"]
                 print(f"| {method} | {r['mia']['attack']} | {k} | {name} | {a['1pct']['n_members']} / "
-                      f"{a['1pct']['n_nonmembers']} | {_fmt(a['1pct'])} | {e['1pct']['n_members']} | "
-                      f"{_fmt(e['1pct'])} | {_fmt(e['0p1pct'])} | {a['auc']:.3f} | {e['auc']:.3f} | "
+                      f"{a['1pct']['n_nonmembers']} | {point_text(a['1pct'])} | {e['1pct']['n_members']} | "
+                      f"{point_text(e['1pct'])} | {point_text(e['0p1pct'])} | {a['auc']:.3f} | {e['auc']:.3f} | "
                       f"{'yes' if r['flagged'] else 'no'} | {audit_s:.0f} |", flush=True)
 
 

@@ -17,7 +17,7 @@ from experiments.common import COMMON_FLAGS, CLIError, add_config_args, add_data
 from sim.config import config_to_dict
 from sim.data import Cohort, DistilledSet, Institution, build_cohort
 from sim.distill import distill
-from sim.distill.audit import audit_institution, tpr_text
+from sim.distill.audit import audit_institution, point_text
 from sim.model import load_foundation
 from sim.records import json_safe
 
@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "audit.json").write_text(json.dumps(json_safe(audit), indent=2))
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     fid = "skipped" if report["fidelity"] is None else f"{report['fidelity']:.3f}"
+    mia = report["mia"]["combined"]
     print(f"{inst.name} ({inst.task}) {cfg.distill.method} IPC {cfg.distill.ipc}: {len(distilled)} images in "
           f"{meta['distill_s']:.1f}s | fidelity {fid} | memorised {report['memorised_fraction']:.2f} | "
-          f"MIA TPR@1%FPR {tpr_text(report, 'mia_exposed')} exposed, {tpr_text(report, 'mia')} all | "
+          f"MIA TPR@1%FPR {point_text(mia['exposed']['1pct'])} exposed, {point_text(mia['all']['1pct'])} all | "
           f"{'FLAGGED' if report['flagged'] else 'not flagged'} -> {out}")
     return 0
-

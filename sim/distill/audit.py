@@ -42,7 +42,7 @@ from sim.config import DistillConfig, LoraConfig, TrainConfig
 from sim.data.base import DistilledSet, Split, derive_seed, to_unit_float
 
 __all__ = ["nearest_distances", "nearest_indices", "privacy_audit", "membership_audit", "audit_verdict", "fidelity",
-           "audit_institution", "audit_fields", "tpr_text", "merged_fidelity", "real_proxy"]
+           "audit_institution", "audit_fields", "point_text", "merged_fidelity", "real_proxy"]
 
 
 def _nearest(queries: torch.Tensor, refs: torch.Tensor, flip: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,15 +237,14 @@ def audit_fields(report: dict) -> dict:
     return out
 
 
+def point_text(p: dict) -> str:
+    """One operating point of the membership attack (``report["mia"][observable][group][point]``) as text: the
+    TPR with its 95 % Clopper-Pearson interval at the FPR achieved, or the smallest FPR the held-out images can
+    resolve when they are too few for this one."""
+    if p["tpr"] is None:
+        return f"n/a (min FPR {p['min_resolvable_fpr']:.4f})"
+    return f"{p['tpr']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}] at {p['fpr_achieved']:.4f}"
 
-def tpr_text(fields: dict, prefix: str = "mia") -> str:
-    """One audit's TPR at 1 % FPR as text, from its flat fields (``audit_fields``): ``prefix`` ``mia`` (all
-    members) or ``mia_exposed``, with the 95 % Clopper-Pearson interval, or why there is none (too few held-out
-    images to resolve 1 % FPR)."""
-    tpr = fields.get(f"{prefix}_tpr_at_1pct_fpr")
-    if tpr is None:
-        return "n/a (1 % FPR not resolvable)"
-    return f"{tpr:.3f} [{fields[f'{prefix}_tpr_at_1pct_fpr_lo']:.3f}, {fields[f'{prefix}_tpr_at_1pct_fpr_hi']:.3f}]"
 
 def fidelity(foundation, distilled: DistilledSet, train: Split, test: Split, lora: LoraConfig,
              train_cfg: TrainConfig, seed: int, head: str = "prototype", real_adapter=None,
