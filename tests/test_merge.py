@@ -7,7 +7,6 @@ import torch
 from peft.utils import merge_utils
 
 from sim.config import MergeConfig
-from sim.data.base import derive_seed
 from sim.merge import (STRATEGIES, Mixture, get_strategy, load_mixture, merge, merge_step, mixture_proba,
                        save_mixture, start_sequence)
 from sim.merge.mixture import adapter_features, combine_probabilities
@@ -299,18 +298,49 @@ def test_delta_space_methods_match_peft_svd_variants_at_full_rank(name):
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
-def test_dare_applies_merge_utils_to_delta_with_a_per_module_seed(name):
+def test_dare_is_merge_utils_definition_on_the_drawn_masks_with_a_per_module_seed(name):
+    # Prepare: the drop mask of contributor i is what a one-hot weight on i reveals (kept entries come back as
+    # x / p, dropped ones as 0); the masks depend on the seed and the contributors, never on the weights
     adapters = [make_adapter(i) for i in range(3)]
     w = torch.tensor([0.5, 0.25, 1.0])
-    ours = STRATEGIES[name](adapters, w, density=0.3, seed=11)
-    again = STRATEGIES[name](adapters, w, density=0.3, seed=11)
-    other = STRATEGIES[name](adapters, w, density=0.3, seed=12)
+    p = 0.3
+    ours = STRATEGIES[name](adapters, w, density=p, seed=11)
+    again = STRATEGIES[name](adapters, w, density=p, seed=11)
+    other = STRATEGIES[name](adapters, w, density=p, seed=12)
+    one_hot = [STRATEGIES["dare_linear"](adapters, torch.eye(3)[i], density=p, seed=11) for i in range(3)]
     for m in MODULES:
-        torch.manual_seed(derive_seed(11, "dare", m))
-        expected = getattr(merge_utils, name)([a.delta(m) for a in adapters], w, 0.3)
-        torch.testing.assert_close(ours.delta(m), expected)
+        deltas = [a.delta(m).double() for a in adapters]
+        # kept: ≈ x / p; dropped: ≈ 0 (to the refactoring's round-off)
+        masks = [(oh.delta(m).double().abs() > 0.5 * d.abs() / p) for oh, d in zip(one_hot, deltas)]
+        for d, oh, mask in zip(deltas, one_hot, masks):           # kept entries are rescaled, the rest are 0
+            torch.testing.assert_close(oh.delta(m).double()[mask], d[mask] / p, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(oh.delta(m).double()[~mask], torch.zeros_like(d[~mask]), rtol=0, atol=1e-4)
+            assert 0.1 < mask.double().mean() < 0.6
+        pruned = torch.stack([d * mask / p for d, mask in zip(deltas, masks)])
+        weighted = pruned * w.double()[:, None, None]
+        if name == "dare_linear":
+            expected = weighted.sum(0)
+        else:       # peft merge_utils.dare_ties after the drop: sign of the total mass, disjoint mean
+            agree = merge_utils.calculate_majority_sign_mask(pruned, method="total")
+            expected = merge_utils.disjoint_merge(weighted, agree)
+        torch.testing.assert_close(ours.delta(m).double(), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(again.delta(m), ours.delta(m))
         assert not torch.allclose(other.delta(m), ours.delta(m))
+
+
+def test_dare_keeps_each_entry_with_probability_density_for_any_density():
+    # Prepare: one large update; 0.3 is not a multiple of 1/256, so the byte draw's tie rule is exercised
+    g = torch.Generator().manual_seed(0)
+    a = Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.randn(4, 300, generator=g),
+                 f"{PEFT_PREFIX}m.lora_B.weight": torch.randn(400, 4, generator=g)}, 4.0)
+    for p in (0.3, 0.5, 0.9):
+        # Execute
+        kept = (STRATEGIES["dare_linear"]([a], [1.0], density=p, seed=5).delta("m").abs() > 1e-9).double()
+        # Assert: the share kept is p within 5 binomial standard errors, and the same in each half of the rows
+        n = kept.numel()
+        se = (p * (1 - p) / n) ** 0.5
+        assert abs(float(kept.mean()) - p) < 5 * se
+        assert abs(float(kept[:200].mean()) - float(kept[200:].mean())) < 5 * (2 * p * (1 - p) / (n / 2)) ** 0.5
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,27 +10,27 @@
 * ``magmax`` — Marczak et al., "MagMax", ECCV 2024 (arXiv 2407.06322): per entry, the update of largest magnitude.
 
 Default scales and densities are the published ones (``sim.merge.specs``: FusionBench's ViT-B/32 configs); a
-``None`` option takes its strategy's default. ``dare_*`` and ``magnitude_prune`` are peft's own
+``None`` option takes its strategy's default. ``dare_*`` and ``magnitude_prune`` follow the definitions of peft's
 ``peft.utils.merge_utils`` functions applied to the ΔW_i of each module (peft's ``add_weighted_adapter`` applies
-them to the A and B factors instead, except in its ``*_svd`` combination types). Results are written back as
-the smallest exact LoRA factors of their numerical rank (``base.dense_factors``).
+them to the A and B factors instead, except in its ``*_svd`` combination types). TIES, DARE and magnitude pruning
+stream ΔW through row blocks of every contributor at once, with exact trims found without sorting
+(``sim.merge.streamed``). Results are written back as the smallest exact LoRA factors of their numerical rank
+(``base.dense_factors``).
 """
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import torch
-from peft.utils import merge_utils
 
 from sim.data.base import derive_seed
 from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
 from sim.merge.specs import (DARE_DENSITY, DARE_LINEAR_SCALE, DARE_TIES_SCALE, MAGMAX_SCALE, PRUNE_DENSITY, TA_SCALE,
                              TIES_DENSITY, TIES_DISJOINT, TIES_SCALE, TIES_SCOPES)
+from sim.merge.streamed import dropped_merge, stack_module, trimmed_merge
 from sim.model import Adapter
 
-ROWS = 128   # output rows of ΔW formed at a time: N blocks of (ROWS, in) stay small at N = 50
+ROWS = 128   # MagMax: output rows of ΔW formed at a time, so N blocks of (ROWS, in) stay small at N = 50
 
 
 def _density(density: float | None, default: float) -> float:
@@ -39,36 +39,6 @@ def _density(density: float | None, default: float) -> float:
     if not 0 < d <= 1:
         raise ValueError(f"density (merge.density) must be a number in (0, 1], got {density!r}")
     return d
-
-
-def _merge_deltas(adapters: Sequence[Adapter], weights: Weights, default: float | None, strategy: str,
-                  merge_module: Callable[[list[torch.Tensor], torch.Tensor, str], torch.Tensor]) -> Adapter:
-    """Form the ΔW_i of every module, merge them with ``merge_module(deltas, w (N,), module)``, refactor."""
-    check_compatible(adapters)
-    modules = adapters[0].modules()
-    w = resolve_weights(weights, len(adapters), len(modules), default)
-    factors = {}
-    for j, m in enumerate(modules):
-        deltas = [a.delta(m) for a in adapters]                 # N × (out, in)
-        merged = merge_module(deltas, w[:, j], m)                # (out, in)
-        del deltas
-        a, b = dense_factors(merged)
-        factors[m] = (a, b, 1.0)
-    return build_adapter(factors, adapters, strategy)
-
-
-def _peft(fn: Callable, density: float, seed: int | None = None) -> Callable:
-    """Wrap a ``merge_utils`` function as ``merge_module``; DARE's random drop is seeded per module."""
-    def merge_module(deltas: list[torch.Tensor], w: torch.Tensor, module: str) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
-            if seed is None:
-                return fn(deltas, w, density)
-            # merge_utils.random_pruning draws from the global RNG: fork it so the merge is a pure function of seed
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, "dare", module))
-                return fn(deltas, w, density)
-    return merge_module
 
 
 def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Adapter:
@@ -99,79 +69,18 @@ def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Ada
 
 
 # ------------------------------------------------------------------------------------------
-# TIES: trim (per task vector or per module), elect, disjoint sum or mean
+# TIES, DARE and magnitude pruning: streamed through row blocks with exact trims (sim.merge.streamed)
 # ------------------------------------------------------------------------------------------
-def _scaled_factors(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, in), s B (out, r)) in float32: ΔW = (s B) A."""
-    a, b = adapter.factors(module)
-    return a.float(), b.float() * adapter.scaling(module)
+def _stacks(adapters: Sequence[Adapter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [stack_module(adapters, m) for m in adapters[0].modules()]
 
 
-def _delta_rows(a: torch.Tensor, sb: torch.Tensor) -> Iterator[torch.Tensor]:
-    """ΔW = sb @ a in blocks of ``ROWS`` rows: the thresholds and the merge see the very same float32 values."""
-    for r0 in range(0, sb.shape[0], ROWS):
-        yield sb[r0:r0 + ROWS] @ a
-
-
-def _kth_largest(values: torch.Tensor, density: float) -> float:
-    """The magnitude t with |x| ≥ t keeping the k = int(density · numel) largest entries of ``values``.
-
-    Exact (``torch.kthvalue``); entries tied with t are all kept (FusionBench's ``>=``); k = 0 keeps none.
-    """
-    k = int(density * values.numel())
-    if k == 0:
-        return math.inf
-    return float(torch.kthvalue(values.reshape(-1), values.numel() - k + 1).values)
-
-
-def ties_thresholds(adapters: Sequence[Adapter], density: float, scope: str) -> torch.Tensor:
-    """(N, M) trim thresholds: contributor i keeps the entries of module j with |ΔW_i| ≥ t[i, j].
-
-    ``global``: t[i, :] keeps the top ``density`` of contributor i's whole task vector (every adapted module,
-    flattened, as TIES-Merging and FusionBench's ``topk_values_mask`` do); one contributor's |ΔW_i| is held at a
-    time. ``module``: each module's own top ``density``.
-    """
-    if scope not in TIES_SCOPES:
-        raise ValueError(f"ties scope (merge.ties_scope) must be one of {', '.join(TIES_SCOPES)}, got {scope!r}")
-    modules = adapters[0].modules()
-    t = torch.zeros(len(adapters), len(modules))
-    if density >= 1:
-        return t                                                          # nothing trimmed
-    ends = torch.tensor([a.shape[1] * sb.shape[0] for a, sb in (_scaled_factors(adapters[0], m) for m in modules)])
-    ends = ends.cumsum(0).tolist()
-    mags = torch.empty(ends[-1])                                          # |ΔW_i| of every module, flattened
-    for i, adapter in enumerate(adapters):
-        pos = 0
-        for m in modules:
-            for x in _delta_rows(*_scaled_factors(adapter, m)):
-                torch.abs(x.reshape(-1), out=mags[pos:pos + x.numel()])
-                pos += x.numel()
-        if scope == "global":
-            t[i] = _kth_largest(mags, density)
-        else:
-            t[i] = torch.tensor([_kth_largest(mags[s:e], density) for s, e in zip([0] + ends[:-1], ends)])
-    return t
-
-
-def _ties_module(factors: list[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor, t: torch.Tensor,
-                 disjoint: str = "sum") -> torch.Tensor:
-    """One module's TIES merge, ``ROWS`` rows at a time: trim at ``t`` (N,), elect, weighted disjoint sum or mean.
-
-    The sign elected per entry is that of the trimmed entries' sum (the larger total mass, the paper's eq.;
-    0 → +, as peft's ``calculate_majority_sign_mask``); ``disjoint="mean"`` divides by the number of contributors
-    that agree with it, ``"sum"`` does not.
-    """
-    blocks = [_delta_rows(a, sb) for a, sb in factors]
-    rows = []
-    for parts in zip(*blocks):
-        x = torch.stack(parts)                                            # (N, rows, in)
-        x.mul_(x.abs() >= t[:, None, None])
-        elected = torch.where(x.sum(0) >= 0, 1.0, -1.0)
-        agree = torch.sign(x) == elected                                  # zeros never agree
-        merged = (x * w[:, None, None] * agree).sum(0)
-        rows.append(merged / agree.sum(0).clamp_min(1) if disjoint == "mean" else merged)
-        del x, agree
-    return torch.cat(rows)
+def _refactor(adapters: Sequence[Adapter], merged: list[torch.Tensor], strategy: str) -> Adapter:
+    factors = {}
+    for m, delta in zip(adapters[0].modules(), merged):
+        a, b = dense_factors(delta)
+        factors[m] = (a, b, 1.0)
+    return build_adapter(factors, adapters, strategy)
 
 
 def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
@@ -179,64 +88,77 @@ def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float
     """TIES-Merging (Yadav et al. 2023), space ΔW.
 
     Each contributor keeps the ``density`` (default 0.2, the paper's top-k = 20 %) largest-magnitude entries of
-    its task vector, ranked over all its modules (``scope="global"``, the paper's, and FusionBench's
-    ``ties_merging``) or within each module (``"module"``, what peft's ``merge_utils.ties`` does per tensor); the
-    sign with the larger total mass wins per entry; the agreeing entries, weighted by w_i, are summed
-    (``disjoint="sum"``, FusionBench's ``merge_func: sum`` default, so that the default λ = 0.3 (FusionBench's
-    ViT-B/32 scaling_factor) means what it means there: θ = θ_0 + 0.3 · Σ agreeing τ_i) or averaged over the
-    contributors that agree (``"mean"``, the paper's eq. for τ_m and peft's ``disjoint_merge``; the paper's
-    untuned λ is then 1, so pass weights 1 with it).
+    its task vector — every entry with |x| ≥ the k-th largest |x|, k = int(density · size), ties included
+    (FusionBench's ``topk_values_mask`` ``>=``) — ranked over all its modules (``scope="global"``, the paper's, and
+    FusionBench's ``ties_merging``) or within each module (``"module"``, what peft's ``merge_utils.ties`` does per
+    tensor); the sign with the larger total mass wins per entry (0 → +, as peft's
+    ``calculate_majority_sign_mask``); the agreeing entries, weighted by w_i, are summed (``disjoint="sum"``,
+    FusionBench's ``merge_func: sum`` default, so that the default λ = 0.3 (FusionBench's ViT-B/32
+    scaling_factor) means what it means there: θ = θ_0 + 0.3 · Σ agreeing τ_i) or averaged over the contributors
+    that agree (``"mean"``, the paper's eq. for τ_m and peft's ``disjoint_merge``; the paper's untuned λ is then 1,
+    so pass weights 1 with it). The k-th magnitudes are found exactly without sorting (``sim.merge.streamed``).
     """
     if disjoint not in TIES_DISJOINT:
         raise ValueError(f"ties disjoint merge (merge.ties_disjoint) must be one of {', '.join(TIES_DISJOINT)}, "
                          f"got {disjoint!r}")
+    if scope not in TIES_SCOPES:
+        raise ValueError(f"ties scope (merge.ties_scope) must be one of {', '.join(TIES_SCOPES)}, got {scope!r}")
     check_compatible(adapters)
     d = _density(density, TIES_DENSITY)
-    modules = adapters[0].modules()
-    w = resolve_weights(weights, len(adapters), len(modules), TIES_SCALE)
-    t = ties_thresholds(adapters, d, scope)
-    factors = {}
-    for j, m in enumerate(modules):
-        merged = _ties_module([_scaled_factors(a, m) for a in adapters], w[:, j], t[:, j], disjoint)
-        a, b = dense_factors(merged)
-        factors[m] = (a, b, 1.0)
-    return build_adapter(factors, adapters, "ties")
+    w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), TIES_SCALE)
+    merged = trimmed_merge(_stacks(adapters), w, d, scope, f"ties_{disjoint}")
+    return _refactor(adapters, merged, "ties")
 
 
-# ------------------------------------------------------------------------------------------
-# DARE, magnitude pruning (peft's merge_utils per module), MagMax
-# ------------------------------------------------------------------------------------------
+def _dare_seeds(adapters: Sequence[Adapter], seed: int) -> list[int]:
+    return [derive_seed(seed, "dare", m) for m in adapters[0].modules()]
+
+
 def dare_linear(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
                 seed: int = 0) -> Adapter:
-    """DARE (Yu et al. 2024) + weighted sum, space ΔW, via ``merge_utils.dare_linear`` per module.
+    """DARE (Yu et al. 2024) + weighted sum, space ΔW: ``merge_utils.dare_linear``'s definition on each ΔW_i.
 
     Each entry of ΔW_i is kept with probability ``density`` (default 0.5: FusionBench's DARE sparsity_ratio 0.5)
-    and rescaled by 1/density (seeded per module from ``seed``), then Σ w_i. Default weights λ = 0.3 each
-    (FusionBench's ``dare/task_arithmetic.yaml``: DARE, then task arithmetic).
+    and rescaled by 1/density, then Σ w_i. The drop is an exact Bernoulli(density) per entry, seeded per module from
+    ``seed`` (``streamed.dropped_merge``; peft draws the same distribution from torch's global generator, one
+    float per entry, which alone took seconds at N = 50). Default weights λ = 0.3 each (FusionBench's
+    ``dare/task_arithmetic.yaml``: DARE, then task arithmetic).
     """
+    check_compatible(adapters)
     d = _density(density, DARE_DENSITY)
-    return _merge_deltas(adapters, weights, DARE_LINEAR_SCALE, "dare_linear", _peft(merge_utils.dare_linear, d, seed))
+    w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), DARE_LINEAR_SCALE)
+    return _refactor(adapters, dropped_merge(_stacks(adapters), w, d, _dare_seeds(adapters, seed), "sum"),
+                     "dare_linear")
 
 
 def dare_ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None,
               seed: int = 0) -> Adapter:
-    """DARE drop-and-rescale, then TIES sign election and disjoint mean, space ΔW, via ``merge_utils.dare_ties``.
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean, space ΔW (``merge_utils.dare_ties``'s
+    definition on each ΔW_i: the sign of the rescaled entries' sum, the weighted agreeing entries averaged over
+    the contributors that agree).
 
     Density default 0.5 and weights λ = 0.5 each: FusionBench's ``dare/ties_merging.yaml`` (sparsity_ratio 0.5,
     scaling_factor 0.5). As in peft and mergekit, the random drop replaces TIES' magnitude trim (FusionBench trims
-    the dropped vectors to the top 20 % as well, and sums instead of averaging).
+    the dropped vectors to the top 20 % as well, and sums instead of averaging). The drop as in ``dare_linear``.
     """
+    check_compatible(adapters)
     d = _density(density, DARE_DENSITY)
-    return _merge_deltas(adapters, weights, DARE_TIES_SCALE, "dare_ties", _peft(merge_utils.dare_ties, d, seed))
+    w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), DARE_TIES_SCALE)
+    return _refactor(adapters, dropped_merge(_stacks(adapters), w, d, _dare_seeds(adapters, seed), "ties_mean"),
+                     "dare_ties")
 
 
 def magnitude_prune(adapters: Sequence[Adapter], weights: Weights = None, *, density: float | None = None) -> Adapter:
-    """Magnitude pruning of each ΔW_i to ``density`` (default 0.5), then Σ w_i, via ``merge_utils.magnitude_prune``.
+    """Magnitude pruning of each ΔW_i to ``density`` (default 0.5), then Σ w_i (``merge_utils.magnitude_prune``).
 
+    Per contributor and module, every entry with |x| ≥ the k-th largest |x| (k = int(density · size)) is kept;
+    peft's ``torch.topk`` keeps exactly k and breaks exact ties arbitrarily, here they are all kept, as TIES does.
     No paper defines it, so it has no published default; default weights 1/N (the mean of the pruned updates).
     """
+    check_compatible(adapters)
     d = _density(density, PRUNE_DENSITY)
-    return _merge_deltas(adapters, weights, None, "magnitude_prune", _peft(merge_utils.magnitude_prune, d))
+    w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), None)
+    return _refactor(adapters, trimmed_merge(_stacks(adapters), w, d, "module", "sum"), "magnitude_prune")
 
 
 def _magmax_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor) -> torch.Tensor:
