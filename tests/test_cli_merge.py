@@ -90,6 +90,22 @@ def test_peft_written_dirs_and_weights(tmp_path):
                                    atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["tsv", "iso_c", "iso_cts", "knots"])
+def test_subspace_merges_on_peft_written_dirs(strategy, tmp_path, capsys):
+    # Prepare: plain peft adapter dirs (no forgesim metadata)
+    dirs, likes = zip(*(write_peft_dir(tmp_path, seed) for seed in (3, 4, 5)))
+    out = tmp_path / "merged"
+    # Execute
+    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, "--out", str(out)])
+    # Assert: the written dir is what the library computes on the same factors
+    assert code == 0, capsys.readouterr().err
+    merged = load_adapter(out)
+    expected = merge(strategy, list(likes), cfg=MergeConfig()).merged
+    for m in MODULES:
+        torch.testing.assert_close(merged.delta(m), expected.delta(m), atol=1e-5, rtol=1e-4)
+    assert json.loads((out / "merge.json").read_text())["strategy"] == strategy
+
+
 def test_mixture_writes_its_adapters_and_weights(tmp_path):
     adapters = [make_adapter(i) for i in range(2)]
     dirs = [write(tmp_path, f"a{i}", a) for i, a in enumerate(adapters)]

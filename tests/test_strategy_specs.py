@@ -17,6 +17,7 @@ from sim.config import MergeConfig, ScheduleConfig, SimConfig
 from sim.merge import (SPECS, STRATEGIES, Mixture, StrategySpec, default_weights, get_spec, get_strategy, merge_step,
                        start_sequence)
 from sim.model import PEFT_PREFIX, Adapter
+from test_subspace_merges import np_iso_c, np_iso_cts, np_knots, np_tsv
 
 MODULES = ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
 W = np.array([0.5, 0.3, 0.2])
@@ -92,6 +93,10 @@ DELTA_CASES = {
     "magnitude_prune": ({"density": 0.5}, lambda d, w: np_sum([np_prune(x, 0.5) for x in d], w)),
     "magmax": ({}, np_magmax),
     "svd": ({"threshold": 0.9}, lambda d, w: np_svd(d, w, 0.9)),
+    "tsv": ({}, np_tsv),
+    "iso_c": ({}, np_iso_c),
+    "iso_cts": ({}, np_iso_cts),
+    "knots": ({"density": 0.5, "scope": "module"}, lambda d, w: np_knots([d], w[:, None], 0.5, "module")[0]),
 }
 
 
@@ -152,12 +157,14 @@ def test_one_contributor_is_identity(name):
     # Execute: weight 1 (the defaults are published scales, see test_default_weights_are_the_claimed_ones), nothing
     # pruned or truncated
     merged = spec.fn([adapter], [1.0], **dict(spec.exact_options))
-    # Assert
+    # Assert: unchanged, except for merges that reshape even one update (Iso-C/CTS flatten its spectrum)
+    own = np.stack([np_delta(adapter, m) for m in MODULES]) if spec.space != "output" else None
     if spec.space == "output":
         assert len(merged.adapters) == 1 and merged.adapters[0] is adapter and np.allclose(merged.weights, [1.0])
+    elif spec.one_is_identity:
+        np.testing.assert_allclose(merged_deltas(merged), own, rtol=1e-4, atol=1e-4)
     else:
-        np.testing.assert_allclose(merged_deltas(merged), np.stack([np_delta(adapter, m) for m in MODULES]),
-                                   rtol=1e-4, atol=1e-4)
+        assert not np.allclose(merged_deltas(merged), own, rtol=1e-4, atol=1e-4)
 
 
 def _outcome(merged) -> np.ndarray | dict:

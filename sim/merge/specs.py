@@ -18,9 +18,10 @@ from sim.registry import lookup, resolve
 # This module imports neither torch nor the strategies' modules: configs validate strategy names against it, and
 # an institution actor (which builds a config but never merges) must stay free of torch. Functions are named by
 # "module:attr" and imported on first use.
-# Published defaults, read by ``sim.merge.delta`` (its functions' ``None`` options) and by the specs below. The
-# scales are FusionBench's defaults for CLIP ViT-B/32 on its eight tasks (``tanganke/fusion_bench``,
-# ``config/method/*.yaml``); a scale is the weight of every contributor when none are given.
+# Published defaults, read by ``sim.merge.delta`` and ``sim.merge.subspace`` (their functions' ``None`` options) and
+# by the specs below. The scales are FusionBench's defaults for CLIP ViT-B/32 on its eight tasks
+# (``tanganke/fusion_bench``, ``config/method/*.yaml``; KnOTS': its authors' ViT-B/32 config); a scale is the weight of
+# every contributor when none are given.
 TA_SCALE = 0.3            # task arithmetic λ: FusionBench config/method/task_arithmetic.yaml scaling_factor
 TIES_SCALE = 0.3          # TIES λ: FusionBench config/method/ties_merging.yaml scaling_factor
 TIES_DENSITY = 0.2        # TIES keeps the top k = 20 %: Yadav et al. 2023; FusionBench ties_merging.yaml threshold 20
@@ -29,6 +30,11 @@ DARE_LINEAR_SCALE = 0.3   # DARE + task arithmetic λ: FusionBench config/method
 DARE_TIES_SCALE = 0.5     # DARE + TIES λ: FusionBench config/method/dare/ties_merging.yaml
 MAGMAX_SCALE = 0.5        # MagMax λ: FusionBench config/method/magmax/magmax.yaml (= MagMax's merge_8datasets.py 0.5)
 PRUNE_DENSITY = 0.5       # magnitude_prune is no paper's method: no published default; half the entries
+TSV_SCALE = 1.0           # TSV-M α: FusionBench config/method/task_singular_vector/TaskSingularVectorMerging.yaml
+ISO_SCALE = 1.0           # Iso-C, Iso-CTS: FusionBench config/method/isotropic_merging/iso_c{,ts}.yaml scaling_factor
+ISO_CTS_COMMON_FRACTION = 0.8   # Iso-CTS: FusionBench iso_cts.yaml common_space_fraction (= danielm1405/iso-merging's)
+KNOTS_SCALE = 0.6         # KnOTS-TIES λ for rank-16 ViT-B/32 LoRAs: gstoica27/KnOTS configs/vitB_r16_knots_ties.py
+KNOTS_BASES = ("ties", "ta")         # KnOTS' base merge of the shared-basis coordinates: TIES (the paper's) or TA
 TIES_SCOPES = ("global", "module")   # TIES trims each contributor's whole task vector (the paper's) or each module
 TIES_DISJOINT = ("sum", "mean")      # TIES' disjoint merge: FusionBench's default sum (with λ 0.3) or the paper's mean
 
@@ -47,7 +53,9 @@ class StrategySpec:
     accepts contributors of different ranks per module; ``same_modules``: needs every contributor to adapt the
     same modules. ``order_invariant``: ``fn``'s result does not depend on the contributors' order (weights
     permuted with them); ``seeded``: ``fn`` draws random numbers from its ``seed`` option. ``exact_options``:
-    options under which nothing is pruned or truncated, so one contributor at weight 1 comes back unchanged.
+    options under which nothing is pruned or truncated, so one contributor at weight 1 comes back unchanged;
+    ``one_is_identity``: that holds at all (``False`` for a merge that reshapes even a single update, as Iso-C and
+    Iso-CTS flatten its spectrum).
     ``default_options``: the published value of each option ``fn`` takes as ``None`` (e.g. TIES' density 0.2),
     which a ``null`` config field (``merge.density``) leaves in force.
     ``search_loss(foundation, data, adapters) -> loss(w)`` (``loss_impl``): a faster equivalent of the generic search objective
@@ -67,6 +75,7 @@ class StrategySpec:
     order_invariant: bool = True
     seeded: bool = False
     exact_options: tuple[tuple[str, float], ...] = ()
+    one_is_identity: bool = True
     default_options: tuple[tuple[str, float], ...] = ()
     loss_impl: str | None = None
 
@@ -135,6 +144,29 @@ _SPECS = (
     StrategySpec("svd", "sim.merge.svd:svd", "delta", searched=False, sequential=False, default_weight=None, needs_proxy=False,
                  mixed_ranks=True, same_modules=True, exact_options=(("threshold", 1.0),),
                  citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 5-6"),
+    StrategySpec("tsv", "sim.merge.subspace:tsv", "delta", searched=False, sequential=False, default_weight=TSV_SCALE,
+                 needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Gargiulo et al., Task Singular Vectors (TSV-M), CVPR 2025 (arXiv 2412.00081); FusionBench "
+                          "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py, α = 1: config/method/"
+                          "task_singular_vector/TaskSingularVectorMerging.yaml"),
+    StrategySpec("iso_c", "sim.merge.subspace:iso_c", "delta", searched=False, sequential=False,
+                 default_weight=ISO_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 one_is_identity=False,
+                 citation="Marczak et al., No Task Left Behind (Iso-C), ICML 2025 (arXiv 2502.04959); FusionBench "
+                          "fusion_bench/method/isotropic_merging/iso_utils.py, scaling 1: config/method/"
+                          "isotropic_merging/iso_c.yaml"),
+    StrategySpec("iso_cts", "sim.merge.subspace:iso_cts", "delta", searched=False, sequential=False,
+                 default_weight=ISO_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 one_is_identity=False, default_options=(("common_space_fraction", ISO_CTS_COMMON_FRACTION),),
+                 citation="Marczak et al., No Task Left Behind (Iso-CTS), ICML 2025 (arXiv 2502.04959); FusionBench "
+                          "fusion_bench/method/isotropic_merging/iso_utils.py, scaling 1, common fraction 0.8: "
+                          "config/method/isotropic_merging/iso_cts.yaml"),
+    StrategySpec("knots", "sim.merge.subspace:knots", "delta", searched=False, sequential=False,
+                 default_weight=KNOTS_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 exact_options=_TRIM, default_options=(("density", TIES_DENSITY),),
+                 citation="Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025 (arXiv 2410.19735); "
+                          "gstoica27/KnOTS task_merger.py (SVDMerger), k = 20 %, λ = 0.6: configs/"
+                          "vitB_r16_knots_ties.py; FusionBench fusion_bench/method/knots/knots_utils.py"),
 )
 
 SPECS: dict[str, StrategySpec] = {s.name: s for s in _SPECS}
