@@ -244,7 +244,7 @@ class MergeConfig:
                                      "parameter-space searches; mixture weights are always per adapter)")
     search_mode: str = _f("sequential", "fusion/mixture: search two coefficients per arriving commit (MedForge), "
                                         "or all N at once (global)")
-    density: float | None = _f(None, "ties/dare/magnitude_prune: fraction of entries each contributor keeps; "
+    density: float | None = _f(None, "ties/dare/magnitude_prune/knots: fraction of entries each contributor keeps; "
                                      "null = each strategy's published default (ties 0.2, dare 0.5, "
                                      "magnitude_prune 0.5)")
     ties_scope: str = _f("global", "ties: trim each contributor's top density over its whole task vector "

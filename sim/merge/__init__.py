@@ -14,11 +14,20 @@ strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`
 | ``mixture`` | output: Σ w_i softmax(logits_i) | (N,); 1/N | yes | ``mixture`` |
 | ``task_arithmetic`` | delta: Σ w_i ΔW_i | (N,) or (N, M); λ 0.3 | no | ``delta`` |
 | ``ties`` | delta: trim 20 % of each task vector, elect, disjoint sum | (N,) or (N, M); λ 0.3 | no | ``delta`` |
-| ``dare_ties`` | delta, peft ``merge_utils`` (drop half, TIES) | (N,) or (N, M); λ 0.5 | no | ``delta`` |
-| ``dare_linear`` | delta, peft ``merge_utils`` (drop half, sum) | (N,) or (N, M); λ 0.3 | no | ``delta`` |
-| ``magnitude_prune`` | delta, peft ``merge_utils`` | (N,) or (N, M); 1/N | no | ``delta`` |
+| ``dare_ties`` | delta, peft ``merge_utils``' definition (drop half, TIES) | (N,) or (N, M); λ 0.5 | no | ``delta`` |
+| ``dare_linear`` | delta, peft ``merge_utils``' definition (drop half, sum) | (N,) or (N, M); λ 0.3 | no | ``delta`` |
+| ``magnitude_prune`` | delta, peft ``merge_utils``' definition | (N,) or (N, M); 1/N | no | ``delta`` |
 | ``magmax`` | delta, per-entry max magnitude | (N,) or (N, M); λ 0.5 | no | ``delta`` |
 | ``svd`` | delta: truncated SVD of Σ w_i ΔW_i (Med-LEGO) | (N,) or (N, M); 1/N | no | ``svd`` |
+| ``tsv`` | delta: TSV-M, 1/N of each task's singular vectors, orthogonalised | (N,) or (N, M); 1 | no | ``subspace`` |
+| ``iso_c`` | delta: Σ w_i ΔW_i with a flat (isotropic) spectrum | (N,) or (N, M); 1 | no | ``subspace`` |
+| ``iso_cts`` | delta: Iso-C's common subspace + task-specific ones | (N,) or (N, M); 1 | no | ``subspace`` |
+| ``knots`` | delta: TIES on the tasks' coordinates in one shared SVD basis | (N,) or (N, M); λ 0.6 | no | ``subspace`` |
+
+TIES, DARE and magnitude pruning (and KnOTS' TIES step) stream ΔW through row blocks of all contributors with exact
+top-k trims found without a sort (``streamed``). The continual merges of FusionBench's OPCM study (``opcm`` and
+running task arithmetic, TIES, weight average and MagMax) are pure functions in ``continual`` (``fold``, ``step``);
+they are not registered strategies yet.
 
 ``ΔW_i = B_i A_i · alpha_i / r_i``. Parameter-space results carry the contributors' base fingerprint and are saved
 with ``sim.model.save_adapter`` as peft adapter dirs whose rank is what the strategy produced and whose
