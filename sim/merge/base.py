@@ -66,6 +66,20 @@ def base_reference(adapters: Sequence[Adapter]) -> Adapter | None:
                    meta={"merge_strategy": "base", "head_counts": counts, "n_contributors": len(adapters)})
 
 
+def scaled_factors(adapter: Adapter, module: str, w: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w s B (out, r), A (r, in)) in float32: w ΔW = (w s B) A."""
+    a, b = adapter.factors(module)
+    return b.float() * (w * adapter.scaling(module)), a.float()
+
+
+def check_density(density: float | None, default: float) -> float:
+    """``density``, or the strategy's published ``default`` when ``None``; one clear error outside (0, 1]."""
+    d = default if density is None else float(density)
+    if not 0 < d <= 1:
+        raise ValueError(f"density (merge.density) must be a number in (0, 1], got {density!r}")
+    return d
+
+
 def check_compatible(adapters: Sequence[Adapter], *, same_modules: bool = True, same_ranks: bool = False) -> None:
     """Raise one ``ValueError`` unless the adapters can be merged with each other.
 

@@ -38,7 +38,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from sim.merge.base import build_adapter, dense_factors, rank_tolerance
+from sim.merge.base import build_adapter, check_density, dense_factors, rank_tolerance, scaled_factors
+from sim.merge.specs import TIES_SCOPES
 from sim.model import Adapter
 
 # Published defaults (FusionBench, tanganke/fusion_bench, config/method/...).
@@ -48,7 +49,6 @@ CONTINUAL_TIES_SCALE = 0.5       # opcm/ties_merging.yaml scaling_factor (one-sh
 CONTINUAL_TIES_DENSITY = 0.2     # opcm/ties_merging.yaml threshold: 20 (percent of entries kept)
 CONTINUAL_MAGMAX_SCALE = 0.5     # magmax/magmax.yaml scaling_factor
 TIES_DISJOINT = ("sum", "mean", "max")   # opcm/ties_merging.yaml merge_func (default sum)
-TIES_SCOPES = ("global", "module")       # trim over the whole task vector (FusionBench's) or per module
 ROWS = 128                               # rows of ΔW per block of the elementwise passes (TIES, MagMax)
 
 
@@ -121,12 +121,6 @@ def _weight(weight: float | None, default: float) -> float:
     return w
 
 
-def _scaled_factors(adapter: Adapter, module: str, w: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w s B (out, r), A (r, in)) in float32: w τ = (w s B) A."""
-    a, b = adapter.factors(module)
-    return b.float() * (w * adapter.scaling(module)), a.float()
-
-
 # ------------------------------------------------------------------------------------------
 # Continual task arithmetic, weight average, MagMax
 # ------------------------------------------------------------------------------------------
@@ -141,7 +135,7 @@ def _step_task_arithmetic(state: ContinualState, adapter: Adapter, *, weight: fl
     lam = _weight(weight, CONTINUAL_TA_SCALE)
     merged = {}
     for m in shapes:
-        sb, a = _scaled_factors(adapter, m, lam)
+        sb, a = scaled_factors(adapter, m, lam)
         merged[m] = sb @ a if state.n == 0 else torch.addmm(state.tensors[m], sb, a)
     return _after(state, adapter, shapes, merged)
 
@@ -162,7 +156,7 @@ def _step_weight_average(state: ContinualState, adapter: Adapter, *, weight: flo
     total = before + w
     merged = {}
     for m in shapes:
-        sb, a = _scaled_factors(adapter, m, w / total)
+        sb, a = scaled_factors(adapter, m, w / total)
         merged[m] = sb @ a if state.n == 0 else torch.addmm(state.tensors[m], sb, a, beta=before / total)
     return _after(state, adapter, shapes, merged, {"weight_sum": total})
 
@@ -197,7 +191,7 @@ def _step_magmax(state: ContinualState, adapter: Adapter, *, weight: float | Non
     lam = _weight(weight, CONTINUAL_MAGMAX_SCALE)
     merged, pool = {}, {}
     for m, shape in shapes.items():
-        sb, a = _scaled_factors(adapter, m, lam)
+        sb, a = scaled_factors(adapter, m, lam)
         if state.n == 0:
             merged[m] = sb @ a
             continue
@@ -319,13 +313,11 @@ def _step_ties(state: ContinualState, adapter: Adapter, *, weight: float | None 
         raise ValueError(f"continual_ties disjoint merge must be one of {', '.join(TIES_DISJOINT)}, got {disjoint!r}")
     if scope not in TIES_SCOPES:
         raise ValueError(f"continual_ties scope must be one of {', '.join(TIES_SCOPES)}, got {scope!r}")
-    d = CONTINUAL_TIES_DENSITY if density is None else float(density)
-    if not 0 < d <= 1:
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    d = check_density(density, CONTINUAL_TIES_DENSITY)
     shapes = _check(state, adapter)
     lam = _weight(weight, CONTINUAL_TIES_SCALE)
     modules = list(shapes)
-    factors = [_scaled_factors(adapter, m, 1.0) for m in modules]     # τ_t = sb @ a per module
+    factors = [scaled_factors(adapter, m, 1.0) for m in modules]     # τ_t = sb @ a per module
     if state.n == 0:
         return _after(state, adapter, shapes, {m: lam * (sb @ a) for m, (sb, a) in zip(modules, factors)})
     prevs, pool = [state.tensors[m] for m in modules], {}
@@ -475,7 +467,7 @@ def _step_opcm(state: ContinualState, adapter: Adapter, *, alpha: float | None =
     w = _weight(weight, 1.0)
     tensors, norm2, s_norm2 = {}, 0.0, 0.0
     for m, shape in shapes.items():
-        sb, a = _scaled_factors(adapter, m, w)
+        sb, a = scaled_factors(adapter, m, w)
         norm2 += float(((sb.T @ sb) * (a @ a.T)).sum().double())          # ‖sb a‖_F² = tr(sbᵀsb · a aᵀ)
         if state.n == 0:
             u, k, v = sb.new_zeros(shape[0], 0), sb.new_zeros(0, 0), sb.new_zeros(shape[1], 0)

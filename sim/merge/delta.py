@@ -24,21 +24,13 @@ from typing import Sequence
 import torch
 
 from sim.data.base import derive_seed
-from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
+from sim.merge.base import Weights, build_adapter, check_compatible, check_density, dense_factors, resolve_weights
 from sim.merge.specs import (DARE_DENSITY, DARE_LINEAR_SCALE, DARE_TIES_SCALE, MAGMAX_SCALE, PRUNE_DENSITY, TA_SCALE,
                              TIES_DENSITY, TIES_DISJOINT, TIES_SCALE, TIES_SCOPES)
 from sim.merge.streamed import dropped_merge, stack_module, trimmed_merge
 from sim.model import Adapter
 
 ROWS = 128   # MagMax: output rows of ΔW formed at a time, so N blocks of (ROWS, in) stay small at N = 50
-
-
-def _density(density: float | None, default: float) -> float:
-    """``density``, or the strategy's published ``default`` when ``None``; one clear error outside (0, 1]."""
-    d = default if density is None else float(density)
-    if not 0 < d <= 1:
-        raise ValueError(f"density (merge.density) must be a number in (0, 1], got {density!r}")
-    return d
 
 
 def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Adapter:
@@ -104,7 +96,7 @@ def ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: float
     if scope not in TIES_SCOPES:
         raise ValueError(f"ties scope (merge.ties_scope) must be one of {', '.join(TIES_SCOPES)}, got {scope!r}")
     check_compatible(adapters)
-    d = _density(density, TIES_DENSITY)
+    d = check_density(density, TIES_DENSITY)
     w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), TIES_SCALE)
     merged = trimmed_merge(_stacks(adapters), w, d, scope, f"ties_{disjoint}")
     return _refactor(adapters, merged, "ties")
@@ -125,7 +117,7 @@ def dare_linear(adapters: Sequence[Adapter], weights: Weights = None, *, density
     ``dare/task_arithmetic.yaml``: DARE, then task arithmetic).
     """
     check_compatible(adapters)
-    d = _density(density, DARE_DENSITY)
+    d = check_density(density, DARE_DENSITY)
     w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), DARE_LINEAR_SCALE)
     return _refactor(adapters, dropped_merge(_stacks(adapters), w, d, _dare_seeds(adapters, seed), "sum"),
                      "dare_linear")
@@ -142,7 +134,7 @@ def dare_ties(adapters: Sequence[Adapter], weights: Weights = None, *, density: 
     the dropped vectors to the top 20 % as well, and sums instead of averaging). The drop as in ``dare_linear``.
     """
     check_compatible(adapters)
-    d = _density(density, DARE_DENSITY)
+    d = check_density(density, DARE_DENSITY)
     w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), DARE_TIES_SCALE)
     return _refactor(adapters, dropped_merge(_stacks(adapters), w, d, _dare_seeds(adapters, seed), "ties_mean"),
                      "dare_ties")
@@ -156,7 +148,7 @@ def magnitude_prune(adapters: Sequence[Adapter], weights: Weights = None, *, den
     No paper defines it, so it has no published default; default weights 1/N (the mean of the pruned updates).
     """
     check_compatible(adapters)
-    d = _density(density, PRUNE_DENSITY)
+    d = check_density(density, PRUNE_DENSITY)
     w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), None)
     return _refactor(adapters, trimmed_merge(_stacks(adapters), w, d, "module", "sum"), "magnitude_prune")
 

@@ -20,8 +20,8 @@ larger than the cache. Here:
   for the disjoint mean, the counts of positive and negative entries: the elected sign is that of S, and the
   agreeing entries' weighted sum is P where S ≥ 0, else Q (zeros never agree).
 
-Comparisons run as float arithmetic (``relu(sign(t − a))`` is exactly ``[t > a]``: a float difference is 0 only for
-equal operands), which on CPU is several times faster than boolean masks. ``benchmarks/merge_latency.py`` prints
+The trims avoid boolean masks, which on CPU cost several times a float pass: ``hardshrink(x, λ)`` keeps |x| > λ in
+one pass, and DARE's keep test U < c is ``relu(sign(c − 0.5 − U))`` in floats. ``benchmarks/merge_latency.py`` prints
 the times; ``tests/test_streamed.py`` checks the selection against a sort, ties and bracket misses included.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from sim.merge.base import scaled_factors
 from sim.model import Adapter
 
 ROWS = 32            # output rows per block: N = 50 blocks of (32, 768) floats stay within the cache
@@ -41,16 +42,17 @@ Z = 4.5              # bracket half-width in standard errors of the sample quant
 COMBINES = ("sum", "ties_sum", "ties_mean")
 
 
-def stack_module(adapters: Sequence[Adapter], module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(SB (N, out, r), A (N, r, in)) float32 with SB_i @ A_i = ΔW_i; ranks padded with zeros to the largest."""
+def stack_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SB (N, out, r), A (N, r, in)) with SB_i @ A_i = w_i ΔW_i (w default 1; factors formed in float32, stored
+    as ``dtype``); ranks padded with zeros to the largest, which add nothing."""
     r = max(a.rank(module) for a in adapters)
     first_a, first_b = adapters[0].factors(module)
     n, out_f, in_f = len(adapters), first_b.shape[0], first_a.shape[1]
-    sb, aa = torch.zeros(n, out_f, r), torch.zeros(n, r, in_f)
+    sb, aa = torch.zeros(n, out_f, r, dtype=dtype), torch.zeros(n, r, in_f, dtype=dtype)
     for i, ad in enumerate(adapters):
-        a, b = ad.factors(module)
-        aa[i, :a.shape[0]] = a.float()
-        sb[i, :, :b.shape[1]] = b.float() * ad.scaling(module)
+        b, a = scaled_factors(ad, module, 1.0 if w is None else float(w[i]))
+        sb[i, :, :b.shape[1]], aa[i, :a.shape[0]] = b, a
     return sb, aa
 
 

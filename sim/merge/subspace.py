@@ -36,10 +36,10 @@ from typing import Sequence
 
 import torch
 
-from sim.merge.base import Weights, build_adapter, check_compatible, rank_tolerance, resolve_weights
+from sim.merge.base import Weights, build_adapter, check_compatible, check_density, rank_tolerance, resolve_weights
 from sim.merge.specs import (ISO_CTS_COMMON_FRACTION, ISO_SCALE, KNOTS_BASES, KNOTS_SCALE, TIES_DENSITY, TIES_SCOPES,
                              TSV_SCALE)
-from sim.merge.streamed import trimmed_merge
+from sim.merge.streamed import stack_module, trimmed_merge
 from sim.merge.svd import stacked_factors
 from sim.model import Adapter
 
@@ -49,24 +49,6 @@ WELL_CONDITIONED = 30.0   # κ(xᵀx) up to which a polar factor is computed in 
 # ------------------------------------------------------------------------------------------
 # Linear algebra on factors
 # ------------------------------------------------------------------------------------------
-def _scaled_factors(adapter: Adapter, module: str, w: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w s B (out, r), A (r, in)) in float32: w ΔW = (w s B) A."""
-    a, b = adapter.factors(module)
-    return b.float() * (w * adapter.scaling(module)), a.float()
-
-
-def padded_factors(adapters: Sequence[Adapter], module: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w s B (N, out, r), A (N, r, in)) in float64, ranks padded with zeros to the largest (which add nothing)."""
-    r = max(a.rank(module) for a in adapters)
-    first_a, first_b = adapters[0].factors(module)
-    sb = torch.zeros(len(adapters), first_b.shape[0], r, dtype=torch.float64)
-    aa = torch.zeros(len(adapters), r, first_a.shape[1], dtype=torch.float64)
-    for i, (wi, adapter) in enumerate(zip(w.tolist(), adapters)):
-        b, a = _scaled_factors(adapter, module, wi)
-        sb[i, :, :b.shape[1]], aa[i, :a.shape[0]] = b, a
-    return sb, aa
-
-
 def factored_svd(b: torch.Tensor, a: torch.Tensor, floor: float | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``M = b @ a`` at its numerical rank ρ: (U (out, ρ), S (ρ,), V (in, ρ)), float64, S descending.
@@ -195,7 +177,7 @@ def tsv(adapters: Sequence[Adapter], weights: Weights = None) -> Adapter:
     w = resolve_weights(weights, len(adapters), len(modules), TSV_SCALE)
     factors = {}
     for j, m in enumerate(modules):
-        sb, a = padded_factors(adapters, m, w[:, j])                        # (N, out, r), (N, r, in)
+        sb, a = stack_module(adapters, m, w[:, j], torch.float64)                        # (N, out, r), (N, r, in)
         k = min(sb.shape[1], a.shape[2]) // len(adapters)
         parts = [(u[:, :k], s[:k], v[:, :k]) for u, s, v in task_svds(sb, a)]
         x, s, y = (torch.cat(p, -1) for p in zip(*parts))                  # (out, K), (K,), (in, K)
@@ -298,7 +280,7 @@ def iso_cts(adapters: Sequence[Adapter], weights: Weights = None, *,
         u_c = u[:, :k_c]
         us, ss, vs = [], [s[:k_c]], [v[:, :k_c]]
         if n_per:                                                           # step 2
-            sb, a = padded_factors(adapters, m, w[:, j])                    # (N, out, r), (N, r, in)
+            sb, a = stack_module(adapters, m, w[:, j], torch.float64)                    # (N, out, r), (N, r, in)
             shape = (sb.shape[1], a.shape[2])
             floors = [rank_tolerance(float(own[0]), shape) if own.numel() else math.inf
                       for _, own, _ in task_svds(sb, a)]                    # read against w_i ΔW_i's σ_max
@@ -377,16 +359,14 @@ def knots(adapters: Sequence[Adapter], weights: Weights = None, *, density: floa
         raise ValueError(f"knots base merge must be one of {', '.join(KNOTS_BASES)}, got {base!r}")
     if scope not in TIES_SCOPES:
         raise ValueError(f"knots scope (merge.ties_scope) must be one of {', '.join(TIES_SCOPES)}, got {scope!r}")
-    d = TIES_DENSITY if density is None else float(density)
-    if not 0 < d <= 1:
-        raise ValueError(f"density (merge.density) must be a number in (0, 1], got {density!r}")
+    d = check_density(density, TIES_DENSITY)
     check_compatible(adapters)
     modules = adapters[0].modules()
     w = resolve_weights(weights, len(adapters), len(modules), KNOTS_SCALE)
     # Step 1: each module's shared basis U and every task's coordinate factor P_i = Uᵀ s B_i: Z_i = P_i A_i
     coords, bases = [], []
     for m in modules:
-        sb, a = padded_factors(adapters, m, torch.ones(len(adapters)))     # (N, out, r), (N, r, in)
+        sb, a = stack_module(adapters, m, dtype=torch.float64)     # (N, out, r), (N, r, in)
         u = shared_basis(sb, a)                                             # (out, ρ)
         bases.append(u)
         n, out_f, r = sb.shape
