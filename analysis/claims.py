@@ -235,7 +235,7 @@ def best_distiller(claim: Claim, data: ClaimData) -> list[Finding]:
     df = df[df["strategy"] == strategy]
     if df.empty:
         raise NotTestable(f"the sweep has no {strategy} strategy")
-    keys = [c for c in ("seed", "contributors", "rank", "ipc") if c in df.columns]
+    keys = [c for c in ("seed", "contributors", "rank", "ipc", "partition") if c in df.columns]
     wide = df.pivot_table(index=keys, columns=column, values=metric, aggfunc="mean")
     others = [m for m in wide.columns if m != best]
     if best not in wide.columns or not others:

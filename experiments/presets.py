@@ -50,7 +50,8 @@ def get_preset(name: str) -> SimConfig:
 # Studies (``forgesim sweep``)
 # ------------------------------------------------------------------------------------------
 # The config columns of every study's results.parquet (column -> config field); a study's own x axis joins them.
-STANDARD_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc"}
+STANDARD_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc",
+                    "partition": "data.partition"}
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,12 @@ STUDY_STRATEGIES = ("fusion", "mixture", "svd", "ties")
 
 
 def scaling(smoke: bool = False) -> Study:
-    """Accuracy and cost vs contributors (10-50; smoke 4, 8) × seeds, every strategy, with the joint reference."""
-    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES}, train={"joint": True})
+    """Accuracy and cost vs contributors (10-50; smoke 4, 8) × seeds, every strategy, with the joint reference.
+    Each institution brings its own data (``data.partition: per_institution``, MedForge's setting: the first N of a
+    larger community are the N-community, so more contributors means more data, not the same data split finer);
+    ``--set data.partition=pool`` runs the fixed-data control."""
+    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES}, train={"joint": True},
+                data={"partition": "per_institution"})
     grid = {"data.institutions": (4, 8) if smoke else (10, 20, 30, 40, 50), "seed": (0,) if smoke else (0, 1, 2)}
     return Study("scaling", cfg, grid, description=scaling.__doc__, x=CONTRIBUTORS, sections=(
         Section("Scaling with the number of contributors", "scaling", ("acc", "auc")),

@@ -55,6 +55,8 @@ def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
 # would be a second copy to keep in step (and the pull check needs each strategy's space, not only its name).
 
 
+PARTITIONS = ("pool", "per_institution")   # data.partition; see sim.data.build_cohort
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -66,12 +68,16 @@ class DataConfig:
     n_tasks: int = _f(4, "number of tasks when `tasks` is empty (synthetic: generated modalities; digits: 5 max)")
     institutions: int = _f(12, "number of institutions; institution i holds task i % n_tasks at site i // n_tasks")
     img_size: int = _f(32, "image side in pixels fed to the model (images are resized to it)")
-    train_per_class: int = _f(160, "synthetic: training images per class per site (other datasets: a cap, 0 = all)")
-    val_per_class: int = _f(16, "synthetic: validation images per class per site")
-    test_per_class: int = _f(40, "synthetic: test images per class per site")
+    train_per_class: int = _f(160, "synthetic: training images per class per site (other datasets: a cap, 0 = all); "
+                                        "per_institution: images per class per institution, every dataset")
+    val_per_class: int = _f(16, "synthetic or per_institution: validation images per class per site")
+    test_per_class: int = _f(40, "synthetic or per_institution: test images per class per site")
     dirichlet_alpha: float = _f(1.0, "label skew across sites: Dirichlet concentration per class (0 = no skew)")
     site_shift: float = _f(1.0, "strength of per-site appearance shift (stain/colour, contrast, blur, noise); 0 = none")
     rare_prevalence: float = _f(0.0, "if > 0, the last class of every task is subsampled to this prevalence")
+    partition: str = _f("pool", "pool (a fixed pool of each task split over its sites: more institutions, less data "
+                                "each) or per_institution (institution i's own images, label skew and site shift "
+                                "drawn from (seed, i) alone: the first N of a larger community are the N-community)")
 
     def __post_init__(self) -> None:
         from sim.data import DATASETS  # the registry lives with the loaders; see the note above _choice
@@ -88,6 +94,11 @@ class DataConfig:
         _check(0 <= self.site_shift <= 3, "data.site_shift", "a number in [0, 3]", self.site_shift)
         _check(0 <= self.rare_prevalence < 0.5, "data.rare_prevalence", "a number in [0, 0.5)", self.rare_prevalence)
         _check(len(set(self.tasks)) == len(self.tasks), "data.tasks", "a list of distinct names", self.tasks)
+        _choice("data.partition", self.partition, PARTITIONS)
+        if self.partition == "per_institution":
+            for name in ("train_per_class", "val_per_class", "test_per_class"):
+                _check(getattr(self, name) >= 1, f"data.{name}", "an integer >= 1 with data.partition=per_institution "
+                       "(images per class per institution)", getattr(self, name))
         if self.name == "medmnist":
             _check(bool(self.data_dir), "data.data_dir", "a directory of MedMNIST .npz files for data.name=medmnist",
                    self.data_dir)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -127,3 +129,48 @@ def test_medmnist_missing_and_corrupt_files(tmp_path):
         build_cohort(cfg, 0)
     with pytest.raises(ValueError, match="is not a directory"):
         build_cohort(DataConfig(name="medmnist", data_dir=str(tmp_path / "nope"), n_tasks=1, institutions=1), 0)
+
+
+# ------------------------------------------------------------------------------------------
+# data.partition=per_institution: nested communities
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["synthetic", "digits"])
+def test_per_institution_first_n_of_a_larger_community_are_the_smaller_community(name):
+    # Prepare: the same seed, 4 and 10 institutions (digits: small shares, its pool is finite)
+    sizes = dict(img_size=8, train_per_class=6, val_per_class=2, test_per_class=3)
+    small = build_cohort(DataConfig(name=name, n_tasks=2, institutions=4, partition="per_institution", **sizes), 1)
+    large = build_cohort(DataConfig(name=name, n_tasks=2, institutions=10, partition="per_institution", **sizes), 1)
+    pool = build_cohort(DataConfig(name=name, n_tasks=2, institutions=10, **sizes), 1)
+    # Assert: institution i's images, labels and site are the same in both; the pool split differs with N
+    assert _digest(large)[:4] == _digest(small)
+    assert small.task_classes == large.task_classes
+    assert _digest(pool)[:4] != _digest(build_cohort(DataConfig(name=name, n_tasks=2, institutions=4, **sizes), 1))
+
+
+def test_per_institution_images_are_own_skewed_and_sized():
+    # Prepare
+    cfg = DataConfig(name="digits", n_tasks=5, institutions=25, partition="per_institution", dirichlet_alpha=0.3,
+                     img_size=8, train_per_class=8, val_per_class=2, test_per_class=4)
+    cohort = build_cohort(cfg, 0)
+    # Assert: no image is held by two institutions (finite pools are dealt, not resampled); each site holds about
+    # per_class × classes images with its own label skew, and every class at least once
+    task = cohort.tasks[0]
+    unshifted = build_cohort(dataclasses.replace(cfg, site_shift=0.0), 0)
+    keys = [set(map(bytes, i.train.x.reshape(len(i.train), -1))) for i in unshifted.institutions if i.task == task]
+    assert len(keys) == 5 and all(not (keys[a] & keys[b]) for a in range(5) for b in range(a + 1, 5))
+    for inst in cohort.institutions:
+        counts = inst.train.class_counts(2)
+        assert counts.min() >= 1 and abs(counts.sum() - 16) <= 1
+    shares = [i.train.class_counts(2)[0] / len(i.train) for i in cohort.institutions]
+    assert max(shares) - min(shares) > 0.2
+
+
+def test_per_institution_refuses_a_pool_too_small_naming_the_institution():
+    cfg = DataConfig(name="digits", n_tasks=5, institutions=40, partition="per_institution", img_size=8,
+                     train_per_class=20, val_per_class=2, test_per_class=4)
+    with pytest.raises(ValueError, match=r"per_institution: digits task .* too few for institution \d+"):
+        build_cohort(cfg, 0)
+    with pytest.raises(ValueError, match="data.train_per_class must be an integer >= 1 with data.partition"):
+        DataConfig(name="digits", partition="per_institution", train_per_class=0)
+    with pytest.raises(ValueError, match="data.partition must be one of pool, per_institution"):
+        DataConfig(partition="nested")

@@ -22,8 +22,8 @@ from experiments.presets import STUDIES, get_study  # noqa: E402
 from sim.cache import CommitCache, contribution_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_COLUMNS = {"trial_id", "study", "seed", "contributors", "rank", "ipc", "strategy", "acc", "auc", "forgetting",
-                  "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "wall_s", "base_acc", "base_auc",
+RESULT_COLUMNS = {"trial_id", "study", "seed", "contributors", "rank", "ipc", "partition", "strategy", "acc", "auc",
+                  "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "wall_s", "base_acc", "base_auc",
                   "individual_acc", "individual_auc", "individual_local_acc", "individual_local_auc", "joint_acc",
                   "joint_auc", "distill_fidelity", "mia_auc", "run_dir"}
 

@@ -7,6 +7,7 @@ deterministic from the seed; images are stored as uint8 ``(n, 3, S, S)`` and sca
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,8 @@ from sim.data.digits import load_digits_tasks
 from sim.data.medmnist import load_medmnist_tasks
 from sim.data.shift import apply_site_shift, sample_site_shift
 from sim.data.synthetic import load_synthetic_tasks
+from sim.data.synthetic import render_site as render_synthetic_site
+from sim.data.synthetic import task_classes as synthetic_task_classes
 from sim.registry import lookup
 
 __all__ = ["DATASETS", "get_dataset", "build_cohort", "Cohort", "Institution", "Split", "TaskPool",
@@ -28,6 +31,15 @@ DATASETS: dict[str, Callable] = {
     "digits": load_digits_tasks,
     "medmnist": load_medmnist_tasks,
 }
+
+
+# Datasets that render any site's own images on demand (data.partition=per_institution): name ->
+# (task_classes(cfg) -> {task: classes}, render_site(cfg, seed, task, site, counts) -> {split: Split}). The others
+# are finite pools, dealt out site by site.
+SITE_RENDERERS: dict[str, tuple[Callable, Callable]] = {
+    "synthetic": (synthetic_task_classes, render_synthetic_site),
+}
+SPLITS = ("train", "val", "test")
 
 
 def get_dataset(name: str) -> Callable:
@@ -105,18 +117,23 @@ def _subsample_rare(split: Split, rare_class: int, prevalence: float, rng: np.ra
 def build_cohort(cfg, seed: int) -> Cohort:
     """Load the dataset named in ``cfg`` (a ``DataConfig``) and split it into institutions.
 
-    Institution ``i`` holds task ``i % T`` at site ``i // T``; each task's pools are partitioned over
-    its sites with Dirichlet(``cfg.dirichlet_alpha``) label skew, then every site gets its own
-    appearance shift of strength ``cfg.site_shift``.
+    Institution ``i`` holds task ``i % T`` at site ``i // T``, and every site gets its own appearance shift of
+    strength ``cfg.site_shift`` (the same for its three splits). How the images are divided follows
+    ``cfg.partition``:
+
+    * ``pool``: each task's pools are partitioned over its sites with Dirichlet(``cfg.dirichlet_alpha``) shares of
+      every class across the sites, so a larger community splits the same (finite) data more ways;
+    * ``per_institution``: see ``_own_sites``; institution i's data depend on ``(seed, i)`` alone, so the first N
+      institutions of a larger community *are* the N-institution community.
     """
+    if cfg.partition == "per_institution":
+        return _per_institution_cohort(cfg, seed)
     pools: list[TaskPool] = get_dataset(cfg.name)(cfg, seed)
     if cfg.tasks:
         by_name = {p.name: p for p in pools}
         pools = [by_name[t] for t in cfg.tasks]
     n_tasks = len(pools)
-    if cfg.institutions < n_tasks:
-        raise ValueError(f"data.institutions must be at least the number of tasks ({n_tasks}), "
-                         f"got {cfg.institutions}")
+    _check_institutions(cfg, n_tasks)
     sites_of = [len(range(t, cfg.institutions, n_tasks)) for t in range(n_tasks)]
     per_task_sites: dict[int, list[tuple[Split, Split, Split]]] = {}
     for t, pool in enumerate(pools):
@@ -127,13 +144,103 @@ def build_cohort(cfg, seed: int) -> Cohort:
         shares = _dirichlet_shares(rng, len(pool.classes), sites_of[t], cfg.dirichlet_alpha)
         parts = [_partition(s, shares, rng) for s in splits]
         per_task_sites[t] = list(zip(*parts))
+    classes = {p.name: p.classes for p in pools}
+    return _shifted_cohort(cfg, seed, list(classes), classes, lambda t, site: per_task_sites[t][site])
+
+
+def _check_institutions(cfg, n_tasks: int) -> None:
+    if cfg.institutions < n_tasks:
+        raise ValueError(f"data.institutions must be at least the number of tasks ({n_tasks}), "
+                         f"got {cfg.institutions}")
+
+
+def _shifted_cohort(cfg, seed: int, names: list[str], classes: dict[str, tuple[str, ...]],
+                    site_splits: Callable[[int, int], tuple[Split, Split, Split]]) -> Cohort:
+    """The institutions, each holding ``site_splits(task index, site)`` under its site's appearance shift."""
     institutions = []
     for i in range(cfg.institutions):
-        t, site = i % n_tasks, i // n_tasks
-        pool = pools[t]
+        t, site = i % len(names), i // len(names)
         # One scanner per site: the same shift for its train, val and test images; fresh noise per split.
-        shift = sample_site_shift(derive_rng(seed, "site", pool.name, site), cfg.site_shift)
-        shifted = [apply_site_shift(s, shift, derive_rng(seed, "noise", pool.name, site, k))
-                   for k, s in enumerate(per_task_sites[t][site])]
-        institutions.append(Institution(i, pool.name, site, pool.classes, *shifted))
-    return Cohort(tuple(institutions), {p.name: p.classes for p in pools})
+        shift = sample_site_shift(derive_rng(seed, "site", names[t], site), cfg.site_shift)
+        shifted = [apply_site_shift(s, shift, derive_rng(seed, "noise", names[t], site, k))
+                   for k, s in enumerate(site_splits(t, site))]
+        institutions.append(Institution(i, names[t], site, classes[names[t]], *shifted))
+    return Cohort(tuple(institutions), classes)
+
+
+def site_counts(cfg, seed: int, task: str, n_classes: int, site: int) -> dict[str, np.ndarray]:
+    """Images per class of each split at one site under ``data.partition=per_institution``.
+
+    The site's class proportions are p ~ Dirichlet(``dirichlet_alpha``) over the task's classes (the per-client
+    label skew of Hsu et al. 2019; even when the concentration is 0), floored at 0.02 and renormalised like the
+    pool's shares, drawn from ``(seed, task, site)`` alone; split k holds round(per_class × C × p_c) images of class
+    c, at least one. With ``rare_prevalence`` the last class is then cut to that prevalence of the split."""
+    rng = derive_rng(seed, "per_institution", "skew", task, site)
+    p = _dirichlet_shares(rng, 1, n_classes, cfg.dirichlet_alpha)[0] if n_classes > 1 else np.ones(1)
+    out = {}
+    for split in SPLITS:
+        per_class = getattr(cfg, f"{split}_per_class")
+        n = np.maximum(1, np.round(per_class * n_classes * p)).astype(np.int64)
+        if cfg.rare_prevalence > 0 and n_classes > 1:
+            others = n[:-1].sum()
+            n[-1] = min(n[-1], max(1, int(round(cfg.rare_prevalence * others / (1 - cfg.rare_prevalence)))))
+        out[split] = n
+    return out
+
+
+def _per_institution_cohort(cfg, seed: int) -> Cohort:
+    """``data.partition=per_institution``: every site's images, label skew and shift come from ``(seed, task,
+    site)`` alone (the MedForge setting, each new hospital brings its own data).
+
+    A dataset that renders images (``SITE_RENDERERS``: synthetic) draws each site's own images. A finite pool
+    (digits, medmnist) is dealt out: each class of each split is shuffled once from ``(seed, task, split,
+    class)``, and site s takes the next ``site_counts`` images after those of sites 0..s-1, so no two institutions
+    share an image and a site's images never depend on the community's size; a pool too small for the community
+    is an error naming the first site it cannot serve.
+    """
+    if cfg.name in SITE_RENDERERS:
+        task_classes, render = SITE_RENDERERS[cfg.name]
+        classes = task_classes(cfg)
+        names = list(classes)
+        _check_institutions(cfg, len(names))
+
+        def own(t: int, site: int) -> tuple[Split, ...]:
+            counts = site_counts(cfg, seed, names[t], len(classes[names[t]]), site)
+            rendered = render(cfg, seed, names[t], site, counts)
+            return tuple(rendered[split] for split in SPLITS)
+
+        return _shifted_cohort(cfg, seed, names, classes, own)
+    # The whole pool: the loaders' train_per_class cap is pool mode's; here it is the size of each site's share.
+    pools: list[TaskPool] = get_dataset(cfg.name)(dataclasses.replace(cfg, partition="pool", train_per_class=0), seed)
+    if cfg.tasks:
+        by_name = {p.name: p for p in pools}
+        pools = [by_name[t] for t in cfg.tasks]
+    _check_institutions(cfg, len(pools))
+    names, classes = [p.name for p in pools], {p.name: p.classes for p in pools}
+    n_sites = [len(range(t, cfg.institutions, len(pools))) for t in range(len(pools))]
+    dealt: dict[int, list[tuple[Split, ...]]] = {}
+    for t, pool in enumerate(pools):
+        counts = [site_counts(cfg, seed, pool.name, len(pool.classes), s) for s in range(n_sites[t])]
+        per_split = []
+        for split in SPLITS:
+            data: Split = getattr(pool, split)
+            offsets = np.zeros(len(pool.classes), dtype=np.int64)
+            order = [derive_rng(seed, "per_institution", "deal", pool.name, split, c).permutation(
+                np.flatnonzero(data.y == c)) for c in range(len(pool.classes))]
+            sites = []
+            for s in range(n_sites[t]):
+                need = counts[s][split]
+                short = [c for c in range(len(pool.classes)) if offsets[c] + need[c] > len(order[c])]
+                if short:
+                    c = short[0]
+                    raise ValueError(
+                        f"data.partition=per_institution: {cfg.name} task {pool.name!r} holds {len(order[c])} {split} "
+                        f"images of class {pool.classes[c]!r}, too few for institution {t + s * len(pools)} (site "
+                        f"{s} needs images {offsets[c]}..{offsets[c] + need[c] - 1}); lower data.{split}_per_class "
+                        f"or data.institutions")
+                idx = np.concatenate([order[c][offsets[c]:offsets[c] + need[c]] for c in range(len(pool.classes))])
+                offsets += need
+                sites.append(data.take(np.sort(idx)))
+            per_split.append(sites)
+        dealt[t] = list(zip(*per_split))
+    return _shifted_cohort(cfg, seed, names, classes, lambda t, site: dealt[t][site])

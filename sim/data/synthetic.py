@@ -243,12 +243,7 @@ def _render(gen: Callable, counts: np.ndarray, rng: np.random.Generator, size: i
 
 def load_synthetic_tasks(cfg, seed: int) -> list[TaskPool]:
     """Generate every task's pools; sizes are per class per site, times the task's number of sites."""
-    names = list(cfg.tasks) if cfg.tasks else list(TASKS)[: cfg.n_tasks]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"data.tasks: unknown synthetic task {unknown[0]!r}; known: {', '.join(TASKS)}")
-    if len(names) < cfg.n_tasks and not cfg.tasks:
-        raise ValueError(f"data.n_tasks must be at most {len(TASKS)} for synthetic data, got {cfg.n_tasks}")
+    names = list(task_classes(cfg))
     pools = []
     for t, name in enumerate(names):
         classes, gen = TASKS[name]
@@ -260,6 +255,26 @@ def load_synthetic_tasks(cfg, seed: int) -> list[TaskPool]:
             splits.append(_render(gen, np.full(len(classes), per_class * sites), rng, cfg.img_size))
         pools.append(TaskPool(name, classes, *splits))
     return pools
+
+
+def render_site(cfg, seed: int, task: str, site: int, counts: dict[str, np.ndarray]) -> dict[str, Split]:
+    """One site's own images of ``task`` (``data.partition=per_institution``): ``counts[split][c]`` images of class
+    c per split, from a stream of ``(seed, task, split, site)`` alone, so a site's images never depend on how many
+    other sites there are."""
+    _, gen = TASKS[task]
+    return {split: _render(gen, n, derive_rng(seed, "synthetic-site", task, split, site), cfg.img_size)
+            for split, n in counts.items()}
+
+
+def task_classes(cfg) -> dict[str, tuple[str, ...]]:
+    """The tasks ``cfg`` names (``data.tasks`` or the first ``data.n_tasks``) and their classes, nothing rendered."""
+    names = list(cfg.tasks) if cfg.tasks else list(TASKS)[: cfg.n_tasks]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"data.tasks: unknown synthetic task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    if len(names) < cfg.n_tasks and not cfg.tasks:
+        raise ValueError(f"data.n_tasks must be at most {len(TASKS)} for synthetic data, got {cfg.n_tasks}")
+    return {name: TASKS[name][0] for name in names}
 
 
 # ------------------------------------------------------------------------------------------
