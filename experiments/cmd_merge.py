@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "takes one file per --adapters dir, in the same order (the set each adapter came with): "
                         "stage i searches on the sets of adapters 0..i, as in a run. Needs the foundation the "
                         "adapters were trained on: give its --config (model and data.img_size). Without --proxy "
-                        "fusion and mixture use --weights or 1/N")
+                        "fusion and mixture use --weights or 1/N. regmean and fisher need it, one file per --adapters "
+                        "dir in the same order: their statistics (input Grams, Fisher diagonals) come from each "
+                        "adapter's own set, and their weights are not searched")
     p.add_argument("--optimizer", help="nevergrad optimizer of the search (merge.optimizer)")
     p.add_argument("--budget", type=int, help="evaluations of the search (merge.budget)")
     p.add_argument("--search-mode", choices=("sequential", "global"), help="fusion/mixture search (merge.search_mode)")
@@ -85,13 +87,15 @@ def check_keys(adapter: Adapter, where: str) -> None:
                            f"lora_{''.join(sorted({'A', 'B'} - have))}")
 
 
-def pair_proxy(dirs: list[str], adapters: list[Adapter], files: list[str], proxy: list[DistilledSet]) -> None:
-    """A sequential search pairs ``--proxy`` with ``--adapters`` by position: one file each, of the adapter's task
-    where the adapter records one (forgesim adapters do; a joint adapter or a peft-written dir does not)."""
+def pair_proxy(dirs: list[str], adapters: list[Adapter], files: list[str], proxy: list[DistilledSet],
+               why: str = "a sequential search (merge.search_mode: sequential)",
+               detail: str = "stage i searches on the sets of adapters 0..i") -> None:
+    """A sequential search, or a strategy with per-contributor statistics (``why``), pairs ``--proxy`` with
+    ``--adapters`` by position: one file each, of the adapter's task where the adapter records one (forgesim adapters
+    do; a joint adapter or a peft-written dir does not)."""
     if len(files) != len(dirs):
-        raise CLIError(f"--proxy: a sequential search (merge.search_mode: sequential) needs one distilled set per "
-                       f"--adapters dir, in the same order (stage i searches on the sets of adapters 0..i); got "
-                       f"{len(files)} file(s) for {len(dirs)} adapters (--search-mode global uses any number)")
+        raise CLIError(f"--proxy: {why} needs one distilled set per --adapters dir, in the same order ({detail}); got "
+                       f"{len(files)} file(s) for {len(dirs)} adapters")
     for d, a, f, ds in zip(dirs, adapters, files, proxy):
         task = a.meta.get("task")
         if isinstance(task, str) and task != "joint" and task != ds.task:
@@ -138,20 +142,27 @@ def run(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights, len(adapters))
     check_compatible(adapters, same_modules=spec.same_modules, same_ranks=not spec.mixed_ranks)
     foundation, proxy = None, [DistilledSet.load(f) for f in args.proxy]
+    if spec.statistic_impl is not None and not proxy:
+        raise CLIError(f"--strategy {args.strategy} needs --proxy: the distilled set each adapter was committed with, "
+                       f"one FILE.npz per --adapters dir in the same order (its statistics are computed on them)")
     if proxy:
         if weights is not None:
             raise CLIError("--weights and --proxy exclude each other: give weights, or let the search find them")
         from sim.coefficients import get_optimizer
 
         get_optimizer(cfg.merge.optimizer)
-        if spec.sequential and cfg.merge.search_mode == "sequential":
-            pair_proxy(args.adapters, adapters, args.proxy, proxy)
+        if spec.statistic_impl is not None:
+            pair_proxy(args.adapters, adapters, args.proxy, proxy, f"--strategy {args.strategy}",
+                       "each adapter's statistics are computed on its own set")
+        elif spec.sequential and cfg.merge.search_mode == "sequential":
+            pair_proxy(args.adapters, adapters, args.proxy, proxy, detail="stage i searches on the sets of adapters "
+                       "0..i; --search-mode global uses any number")
         foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
         check_fits(foundation, adapters)
     out = prepare_out_dir(args.out, args.overwrite)
     # Step 2: merge.
     result = merge(args.strategy, adapters, weights, cfg=cfg.merge, foundation=foundation, proxy=proxy or None,
-                   seed=cfg.seed, search=bool(proxy))
+                   seed=cfg.seed, search=bool(proxy) and spec.statistic_impl is None)
     # Step 3: write the merged predictor and how it was made.
     if isinstance(result.merged, Mixture):
         save_mixture(result.merged, out)

@@ -12,7 +12,7 @@ from sim.commit import Commit
 from sim.config import SimConfig
 from sim.data.base import DistilledSet, derive_seed
 from sim.merge import Mixture, StrategySpec, get_spec, merge, merge_step, save_mixture, start_sequence
-from sim.merge.api import SequentialState
+from sim.merge.api import ArrivedProxy, SequentialState
 from sim.model import Adapter, Foundation, save_adapter
 
 Predictor = Adapter | Mixture | None
@@ -40,6 +40,7 @@ class MainBranches:
         self.adapters: list[Adapter] = []
         self.staleness: list[int] = []
         self.proxy_sets: dict[int, DistilledSet] = {}
+        self.arrived: ArrivedProxy = ArrivedProxy((), ())   # the set each adapter came with, and whose it is
         self.states: dict[str, SequentialState] = {}
         self.merged: dict[str, Predictor] = {s: None for s in self.strategies}
 
@@ -79,7 +80,8 @@ class MainBranches:
         return base * factor
 
     def _merge_branch(self, s: str, commit: Commit, adapters: list[Adapter], stale: list[int],
-                      proxy: list[DistilledSet], seed: int) -> tuple[SequentialState | None, Predictor, dict]:
+                      proxy: list[DistilledSet], arrived: ArrivedProxy,
+                      seed: int) -> tuple[SequentialState | None, Predictor, dict]:
         """``(sequential state or None, merged predictor, merge record fields)`` of branch ``s`` with ``commit``."""
         if self._sequential(s):
             state = merge_step(self.states.get(s) or start_sequence(s), commit.adapter, foundation=self.foundation,
@@ -87,8 +89,11 @@ class MainBranches:
             rec = {k: v for k, v in state.stages[-1].items() if k != "trace"}
             rec["coefficients"] = np.asarray(state.coefficients).tolist()
             return state, state.merged, rec
+        spec = self.specs[s]
+        given = (arrived if spec.statistic_impl is not None    # per-contributor statistics: each adapter's own set
+                 else proxy if spec.needs_proxy else None)
         res = merge(s, adapters, self._weights(s, stale), cfg=self.cfg.merge, foundation=self.foundation,
-                    proxy=proxy if self.specs[s].needs_proxy else None, seed=seed)
+                    proxy=given, seed=seed)
         rec = res.record()
         if res.coefficients is not None:
             rec["coefficients"] = np.asarray(res.coefficients).tolist()
@@ -103,21 +108,22 @@ class MainBranches:
         stale = self.staleness + [staleness]
         proxy_sets = dict(self.proxy_sets) | {commit.institution: commit.distilled}
         proxy = list(proxy_sets.values())
+        arrived = ArrivedProxy(self.arrived.sets + (commit.distilled,), self.arrived.sources + (commit.institution,))
         states, merged, records = {}, {}, []
         for s in self.strategies:
             seed = derive_seed(self.cfg.seed, "merge", s, seq)
-            state, merged[s], rec = self._merge_branch(s, commit, adapters, stale, proxy, seed)
+            state, merged[s], rec = self._merge_branch(s, commit, adapters, stale, proxy, arrived, seed)
             if state is not None:
                 states[s] = state
             records.append({"event": "merged", "seq": seq, "id": commit.id, "strategy": s} | rec)
-        update = {"adapters": adapters, "staleness": stale, "proxy_sets": proxy_sets, "states": states,
-                  "merged": merged}
+        update = {"adapters": adapters, "staleness": stale, "proxy_sets": proxy_sets, "arrived": arrived,
+                  "states": states, "merged": merged}
         return update, records
 
     def apply(self, update: dict) -> None:
         """Make a ``propose`` update current."""
         self.adapters, self.staleness = update["adapters"], update["staleness"]
-        self.proxy_sets = update["proxy_sets"]
+        self.proxy_sets, self.arrived = update["proxy_sets"], update["arrived"]
         self.states |= update["states"]
         self.merged |= update["merged"]
 

@@ -176,6 +176,29 @@ def test_sequential_cli_merge_is_the_one_shot_merge_with_sets_paired_by_position
                  cfg_file, "--budget", "3", "--search-mode", "global", "--out", str(tmp_path / "glob")]) == 0
 
 
+@pytest.mark.parametrize("strategy", ["regmean", "fisher"])
+def test_data_aware_merge_computes_statistics_on_each_adapters_set(strategy, tmp_path, search_inputs,
+                                                                   tiny_foundation):
+    # Prepare
+    from sim.merge import data_aware
+
+    dirs, proxy_files, cfg_file = search_inputs
+    adapters, sets = [load_adapter(d) for d in dirs], [DistilledSet.load(f) for f in proxy_files]
+    stat, option = (data_aware.layer_grams, "grams") if strategy == "regmean" else (data_aware.lora_fisher, "fishers")
+    out = tmp_path / strategy
+    # Execute
+    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, "--proxy", *proxy_files, "--config", cfg_file,
+                 "--out", str(out)])
+    # Assert: the written adapter is the merge on each adapter's own set (paired by position), nothing searched
+    assert code == 0
+    expected = getattr(data_aware, strategy)(adapters, **{option: [stat(tiny_foundation, a, ds)
+                                                                   for a, ds in zip(adapters, sets)]})
+    merged = load_adapter(out)
+    for m in MODULES:
+        torch.testing.assert_close(merged.delta(m), expected.delta(m), atol=1e-5, rtol=1e-4)
+    assert json.loads((out / "merge.json").read_text())["trace"] == []
+
+
 def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
     good = [write(tmp_path, f"g{i}", make_adapter(i)) for i in range(2)]
     dirs, proxy_files, cfg_file = search_inputs
@@ -201,11 +224,16 @@ def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
                          cfg_file], "needs one distilled set per --adapters dir, in the same order"),
         "proxy_order": (["--strategy", "fusion", "--adapters", *dirs, "--proxy", proxy_files[1], proxy_files[0],
                          proxy_files[2], "--config", cfg_file], "give --proxy in the order of --adapters"),
+        "statistic_proxy": (["--strategy", "regmean", "--adapters", *dirs, "--config", cfg_file],
+                            "--strategy regmean needs --proxy: the distilled set each adapter was committed with"),
+        "statistic_count": (["--strategy", "fisher", "--adapters", *dirs, "--proxy", *proxy_files[:2], "--config",
+                             cfg_file], "--strategy fisher needs one distilled set per --adapters dir"),
     }
 
 
 @pytest.mark.parametrize("case", ["shape", "base", "modules", "ranks", "weights", "strategy", "missing", "not_peft",
-                                  "density", "foundation", "optimizer", "proxy_count", "proxy_order"])
+                                  "density", "foundation", "optimizer", "proxy_count", "proxy_order",
+                                  "statistic_proxy", "statistic_count"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, search_inputs, capsys):
     args, message = _bad_cases(tmp_path, search_inputs)[case]
     out = tmp_path / "out"

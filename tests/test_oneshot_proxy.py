@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from sim.branches import MainBranches
 from sim.coefficients import prepare_proxy
@@ -109,3 +110,30 @@ def test_a_sequential_search_refuses_sets_it_cannot_pair(tiny_cfg, tiny_foundati
     # a global search takes any number of sets
     glob = dataclasses.replace(tiny_cfg.merge, search_mode="global", budget=2)
     assert merge("mixture", adapters, cfg=glob, foundation=tiny_foundation, proxy=sets[:1]).coefficients.shape == (3,)
+
+
+@pytest.mark.parametrize("strategy", ["regmean", "fisher"])
+def test_data_aware_branch_uses_the_set_each_adapter_arrived_with(strategy, tiny_cfg, tiny_foundation, arrivals):
+    # Prepare: a run's branch fed four commits; institution 0 sends twice, with different sets
+    from sim.merge import data_aware
+
+    cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=(strategy,)))
+    branches = MainBranches((strategy,), cfg, tiny_foundation)
+    adapters = [c.adapter for c in arrivals]
+    stat, option = (data_aware.layer_grams, "grams") if strategy == "regmean" else (data_aware.lora_fisher, "fishers")
+    # Execute
+    for seq, commit in enumerate(arrivals, start=1):
+        branches.add(commit, seq, staleness=0)
+    own = getattr(data_aware, strategy)(adapters, **{option: [stat(tiny_foundation, c.adapter, c.distilled)
+                                                              for c in arrivals]})
+    latest = [arrivals[3].distilled, *[c.distilled for c in arrivals[1:]]]     # adapter 0 paired with 0's newer set
+    wrong = getattr(data_aware, strategy)(adapters, **{option: [stat(tiny_foundation, a, ds)
+                                                                for a, ds in zip(adapters, latest)]})
+    # Assert: the branch is the merge on each adapter's own set, which differs from pairing by institution
+    got = branches.predictor(strategy)
+    for m in adapters[0].modules():
+        torch.testing.assert_close(got.delta(m), own.delta(m), rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(wrong.delta(m), own.delta(m), rtol=1e-4, atol=1e-6) for m in adapters[0].modules())
+    # and a one-shot merge without one set per adapter names what is missing
+    with pytest.raises(ValueError, match=f"{strategy} computes each contributor's statistics .* got 3 for 4"):
+        merge(strategy, adapters, cfg=cfg.merge, foundation=tiny_foundation, proxy=latest[1:])

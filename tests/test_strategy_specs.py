@@ -97,7 +97,28 @@ DELTA_CASES = {
     "iso_c": ({}, np_iso_c),
     "iso_cts": ({}, np_iso_cts),
     "knots": ({"density": 0.5, "scope": "module"}, lambda d, w: np_knots([d], w[:, None], 0.5, "module")[0]),
+    "regmean": ({}, lambda d, w: np_sum(d, w / w.sum())),        # with the identity Grams of ``statistics``
 }
+
+
+def statistics(spec: StrategySpec, adapters: list[Adapter]) -> dict:
+    """Per-contributor statistics for a data-aware spec, made here without data: identity input Grams (RegMean is
+    then the weighted mean of the ΔW_i, normalised by Σ w) and unit Fishers (Fisher merging with normalised Fishers
+    is then the weighted mean of the factors, normalised likewise); ``tests/test_data_aware_merges.py`` checks both
+    against their closed forms on real statistics."""
+    if spec.statistic_impl is None:
+        return {}
+    if spec.name == "regmean":
+        return {"grams": [{m: torch.eye(a.factors(m)[0].shape[1], dtype=torch.float64) for m in a.modules()}
+                          for a in adapters]}
+    if spec.name == "fisher":
+        return {"fishers": [{k: torch.ones_like(v) for k, v in a.weights.items()} for a in adapters]}
+    raise AssertionError(f"give {spec.name}'s statistic a hand-made value here")
+
+
+def call(spec: StrategySpec, adapters: list[Adapter], w, **opts):
+    """``spec.fn(adapters, w, **opts)``, with the hand-made statistics of a data-aware spec."""
+    return spec.fn(adapters, w, **opts, **statistics(spec, adapters))
 
 
 def options(spec: StrategySpec) -> dict:
@@ -128,7 +149,7 @@ def test_merges_in_the_space_it_claims(name):
     spec = get_spec(name)
     adapters = [make_adapter(i) for i in range(3)]
     # Execute
-    merged = spec.fn(adapters, W, **options(spec))
+    merged = call(spec, adapters, W, **options(spec))
     # Assert
     if spec.space == "output":
         assert isinstance(merged, Mixture) and np.allclose(merged.weights, W)
@@ -156,7 +177,7 @@ def test_one_contributor_is_identity(name):
     adapter = make_adapter(7)
     # Execute: weight 1 (the defaults are published scales, see test_default_weights_are_the_claimed_ones), nothing
     # pruned or truncated
-    merged = spec.fn([adapter], [1.0], **dict(spec.exact_options))
+    merged = call(spec, [adapter], [1.0], **dict(spec.exact_options))
     # Assert: unchanged, except for merges that reshape even one update (Iso-C/CTS flatten its spectrum)
     own = np.stack([np_delta(adapter, m) for m in MODULES]) if spec.space != "output" else None
     if spec.space == "output":
@@ -181,9 +202,9 @@ def test_permutation_behaviour_is_as_claimed(name):
     adapters = [make_adapter(i) for i in range(3)]
     order = [2, 0, 1]
     # Execute
-    merged = _outcome(spec.fn(adapters, W, **opts))
-    permuted = _outcome(spec.fn([adapters[i] for i in order], W[order], **opts))
-    again = _outcome(spec.fn(adapters, W, **opts))
+    merged = _outcome(call(spec, adapters, W, **opts))
+    permuted = _outcome(call(spec, [adapters[i] for i in order], W[order], **opts))
+    again = _outcome(call(spec, adapters, W, **opts))
     # Assert: invariant where claimed; otherwise order matters, but the same seed and order repeat exactly
     if isinstance(merged, dict):
         assert spec.order_invariant and merged.keys() == permuted.keys()
@@ -201,8 +222,8 @@ def test_default_weights_are_the_claimed_ones(name):
     adapters = [make_adapter(i) for i in range(4)]
     expected = np.full(4, 0.25 if spec.default_weight is None else spec.default_weight)
     # Execute
-    implicit = _outcome(spec.fn(adapters, None, **options(spec)))
-    explicit = _outcome(spec.fn(adapters, expected, **options(spec)))
+    implicit = _outcome(call(spec, adapters, None, **options(spec)))
+    explicit = _outcome(call(spec, adapters, expected, **options(spec)))
     # Assert
     np.testing.assert_allclose(default_weights(name, 4), expected)
     np.testing.assert_allclose(spec.default_weights(4), expected)
@@ -221,8 +242,8 @@ def test_default_options_are_the_claimed_ones(name):
     adapters = [make_adapter(i) for i in range(3)]
     extra = {"seed": 3} if spec.seeded else {}
     # Execute
-    implicit = _outcome(spec.fn(adapters, W, **extra))
-    explicit = _outcome(spec.fn(adapters, W, **extra, **dict(spec.default_options)))
+    implicit = _outcome(call(spec, adapters, W, **extra))
+    explicit = _outcome(call(spec, adapters, W, **extra, **dict(spec.default_options)))
     # Assert
     assert set(dict(spec.default_options)) == defaulted
     if isinstance(implicit, dict):
@@ -239,9 +260,9 @@ def test_mixed_ranks_accepted_iff_claimed(name):
     # Execute / Assert
     if not spec.mixed_ranks:
         with pytest.raises(ValueError, match="ranks"):
-            spec.fn(adapters, None, **options(spec))
+            call(spec, adapters, None, **options(spec))
         return
-    merged = spec.fn(adapters, None, **options(spec))
+    merged = call(spec, adapters, None, **options(spec))
     if isinstance(merged, Adapter):
         assert np.isfinite(merged_deltas(merged)).all()
 
@@ -254,9 +275,9 @@ def test_different_modules_accepted_iff_claimed(name):
     # Execute / Assert
     if spec.same_modules:
         with pytest.raises(ValueError, match="different modules"):
-            spec.fn(adapters, None, **options(spec))
+            call(spec, adapters, None, **options(spec))
     else:
-        assert spec.fn(adapters, None, **options(spec)) is not None
+        assert call(spec, adapters, None, **options(spec)) is not None
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -274,7 +295,7 @@ def test_sequential_iff_claimed_and_without_proxy_it_is_the_running_mean(name):
         state = merge_step(state, a, cfg=MergeConfig())
     # Assert: (a, b) = (k/(k+1), 1/(k+1)) at each stage gives the default 1/N over all contributors
     np.testing.assert_allclose(state.coefficients, spec.default_weights(3))
-    expected = _outcome(spec.fn(adapters, state.coefficients))
+    expected = _outcome(call(spec, adapters, state.coefficients))
     if isinstance(expected, dict):
         assert _outcome(state.merged) == pytest.approx(expected)
     else:

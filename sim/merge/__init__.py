@@ -23,6 +23,12 @@ strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`
 | ``iso_c`` | delta: Σ w_i ΔW_i with a flat (isotropic) spectrum | (N,) or (N, M); 1 | no | ``subspace`` |
 | ``iso_cts`` | delta: Iso-C's common subspace + task-specific ones | (N,) or (N, M); 1 | no | ``subspace`` |
 | ``knots`` | delta: TIES on the tasks' coordinates in one shared SVD basis | (N,) or (N, M); λ 0.6 | no | ``subspace`` |
+| ``regmean`` | delta: (Σ ΔW_i G̃_i)(Σ G̃_i)⁻¹, G_i the layer's input Gram on set i | (N,) or (N, M); 1/N | no | ``data_aware`` |
+| ``fisher`` | factors: Σ w_i F_i θ_i / Σ w_i F_i, F_i the diagonal Fisher on set i | (N,) or (N, M); 1/N | no | ``data_aware`` |
+
+RegMean and Fisher merging are data-aware: their statistics (``spec.statistic``) are computed by the merge actor on
+the distilled set each adapter was committed with, once per adapter (``merge(..., foundation, proxy)`` with one set per
+adapter, or an ``ArrivedProxy``); their weights are not searched.
 
 TIES, DARE and magnitude pruning (and KnOTS' TIES step) stream ΔW through row blocks of all contributors with exact
 top-k trims found without a sort (``streamed``). The continual merges of FusionBench's OPCM study (``opcm`` and

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
@@ -115,6 +116,47 @@ def _strategy_options(fn: Callable, cfg: MergeConfig, seed: int) -> dict:
     return {k: v for k, v in values.items() if k in params}
 
 
+def per_adapter_sets(proxy: Proxy, n: int, strategy: str) -> list[DistilledSet]:
+    """The distilled set each of the ``n`` adapters arrived with (an ``ArrivedProxy``, or a list of one per adapter),
+    for a strategy whose statistics are per contributor; anything else is an error naming what is missing."""
+    if isinstance(proxy, ProxyData):
+        raise ValueError(f"{strategy} needs the distilled set each adapter arrived with (a list of one DistilledSet "
+                         f"per adapter, or ArrivedProxy); prepared ProxyData cannot say which is whose")
+    sets = list(proxy.sets if isinstance(proxy, ArrivedProxy) else (proxy or ()))
+    if len(sets) != n:
+        raise ValueError(f"{strategy} computes each contributor's statistics on the distilled set it arrived with: "
+                         f"it needs one distilled set per adapter, in the adapters' order; got {len(sets)} for {n}")
+    return sets
+
+
+# Per-contributor statistics (RegMean's Grams, Fisher diagonals), computed once per (statistic, foundation, adapter,
+# distilled set) and dropped with the adapter: a branch re-merges every adapter it holds at each commit.
+_STATISTICS: dict[tuple, object] = {}
+
+
+def _statistic(spec: StrategySpec, foundation: Foundation, adapter: Adapter, ds: DistilledSet):
+    from sim.coefficients import set_key
+
+    key = (spec.statistic_impl, id(foundation), id(adapter), set_key(ds))
+    if key not in _STATISTICS:
+        _STATISTICS[key] = spec.statistic(foundation, adapter, ds)
+        weakref.finalize(adapter, _STATISTICS.pop, key, None)
+    return _STATISTICS[key]
+
+
+def _statistics(spec: StrategySpec, foundation: Foundation | None, adapters: Sequence[Adapter],
+                proxy: Proxy) -> dict:
+    """``{spec.statistic_option: [one statistic per adapter]}`` for a data-aware strategy, ``{}`` for the others."""
+    if spec.statistic_impl is None:
+        return {}
+    sets = per_adapter_sets(proxy, len(adapters), spec.name)
+    if foundation is None:
+        raise ValueError(f"{spec.name} needs the foundation to compute its statistics on the distilled sets")
+    for a in adapters:
+        a.check_base(foundation)
+    return {spec.statistic_option: [_statistic(spec, foundation, a, ds) for a, ds in zip(adapters, sets)]}
+
+
 def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[Adapter]) -> ProxyData:
     if foundation is None or proxy is None or (not isinstance(proxy, ProxyData) and len(proxy) == 0):
         raise ValueError("a coefficient search needs the foundation and proxy data (distilled sets)")
@@ -155,8 +197,9 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
     t0 = time.perf_counter()
     if search is None:
         search = spec.searched and weights is None and foundation is not None and bool(proxy)
+    statistics = _statistics(spec, foundation, adapters, proxy)
     if not search:
-        merged = spec.fn(adapters, weights, **_strategy_options(spec.fn, cfg, seed))
+        merged = spec.fn(adapters, weights, **_strategy_options(spec.fn, cfg, seed), **statistics)
         coeffs = None if weights is None else np.asarray(weights, dtype=np.float64)
         return MergeResult(strategy, merged, coeffs, merge_s=time.perf_counter() - t0)
     # Check everything before the first evaluation: optimizer name, compatibility, bases, proxy images.
@@ -168,7 +211,8 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
         result = _merge_sequentially(strategy, adapters, foundation, arrived, cfg, seed)
     else:
         every = proxy.seen(len(proxy) - 1) if isinstance(proxy, ArrivedProxy) else proxy
-        result = _merge_global(spec, adapters, foundation, _proxy_data(foundation, every, adapters), cfg, seed)
+        result = _merge_global(spec, adapters, foundation, _proxy_data(foundation, every, adapters), cfg, seed,
+                               statistics)
     result.merge_s = time.perf_counter() - t0
     return result
 
@@ -195,7 +239,7 @@ def _objective(spec: StrategySpec, foundation: Foundation, data: ProxyData, adap
 
 
 def _merge_global(spec: StrategySpec, adapters: Sequence[Adapter], foundation: Foundation,
-                  data: ProxyData, cfg: MergeConfig, seed: int) -> MergeResult:
+                  data: ProxyData, cfg: MergeConfig, seed: int, statistics: dict | None = None) -> MergeResult:
     """Search all N (per-layer: N × M) coefficients at once, starting from the strategy's default weights.
 
     Output-space weights are one per adapter whatever the granularity. The objective is the spec's
@@ -205,7 +249,7 @@ def _merge_global(spec: StrategySpec, adapters: Sequence[Adapter], foundation: F
     init = spec.default_weights(n)
     if cfg.granularity == "layer" and spec.space != "output":
         init = np.repeat(init[:, None], n_modules, axis=1)
-    options = _strategy_options(spec.fn, cfg, seed)
+    options = _strategy_options(spec.fn, cfg, seed) | (statistics or {})
     res = _search(_objective(spec, foundation, data, adapters, options), init, cfg, seed)
     return MergeResult(spec.name, spec.fn(adapters, res.coefficients, **options), res.coefficients, res.trace,
                        stages=[res.record() | {"coefficients": res.coefficients.tolist()}])

@@ -34,6 +34,8 @@ TSV_SCALE = 1.0           # TSV-M α: FusionBench config/method/task_singular_ve
 ISO_SCALE = 1.0           # Iso-C, Iso-CTS: FusionBench config/method/isotropic_merging/iso_c{,ts}.yaml scaling_factor
 ISO_CTS_COMMON_FRACTION = 0.8   # Iso-CTS: FusionBench iso_cts.yaml common_space_fraction (= danielm1405/iso-merging's)
 KNOTS_SCALE = 0.6         # KnOTS-TIES λ for rank-16 ViT-B/32 LoRAs: gstoica27/KnOTS configs/vitB_r16_knots_ties.py
+REGMEAN_ALPHA = 0.95      # RegMean off-diagonal scale: FusionBench config/method/regmean/clip_regmean.yaml
+FISHER_FLOOR = 1e-6       # Fisher merging: FusionBench config/method/fisher_merging/clip_fisher_merging.yaml
 KNOTS_BASES = ("ties", "ta")         # KnOTS' base merge of the shared-basis coordinates: TIES (the paper's) or TA
 TIES_SCOPES = ("global", "module")   # TIES trims each contributor's whole task vector (the paper's) or each module
 TIES_DISJOINT = ("sum", "mean")      # TIES' disjoint merge: FusionBench's default sum (with λ 0.3) or the paper's mean
@@ -60,6 +62,9 @@ class StrategySpec:
     which a ``null`` config field (``merge.density``) leaves in force.
     ``search_loss(foundation, data, adapters) -> loss(w)`` (``loss_impl``): a faster equivalent of the generic search objective
     (``None``: cross-entropy of ``fn(adapters, w)`` on the proxy data).
+    ``statistic`` (``statistic_impl``): ``(foundation, adapter, distilled set) -> statistic`` of one contributor on
+    the distilled set it arrived with (RegMean's input Grams, Fisher merging's diagonal Fisher), passed to ``fn`` as
+    the list ``statistic_option=[...]``, one per contributor (``sim.merge.api`` computes each once per adapter).
     """
 
     name: str
@@ -78,6 +83,13 @@ class StrategySpec:
     one_is_identity: bool = True
     default_options: tuple[tuple[str, float], ...] = ()
     loss_impl: str | None = None
+    statistic_impl: str | None = None
+    statistic_option: str = ""
+
+    @property
+    def statistic(self) -> Callable | None:
+        """``statistic_impl`` imported (``None`` for a strategy that needs no per-contributor statistic)."""
+        return None if self.statistic_impl is None else resolve(self.statistic_impl)
 
     @property
     def fn(self) -> Callable:
@@ -92,6 +104,8 @@ class StrategySpec:
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise ValueError(f"strategy {self.name}: space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if (self.statistic_impl is None) != (not self.statistic_option) or (self.statistic_impl and not self.needs_proxy):
+            raise ValueError(f"strategy {self.name}: a statistic needs its option name and needs_proxy")
 
     def default_weights(self, n: int) -> np.ndarray:
         """The weights (N,) ``fn`` uses when given none."""
@@ -167,6 +181,20 @@ _SPECS = (
                  citation="Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025 (arXiv 2410.19735); "
                           "gstoica27/KnOTS task_merger.py (SVDMerger), k = 20 %, λ = 0.6: configs/"
                           "vitB_r16_knots_ties.py; FusionBench fusion_bench/method/knots/knots_utils.py"),
+    StrategySpec("regmean", "sim.merge.data_aware:regmean", "delta", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=True, mixed_ranks=True, same_modules=True,
+                 default_options=(("alpha", REGMEAN_ALPHA),),
+                 statistic_impl="sim.merge.data_aware:layer_grams", statistic_option="grams",
+                 citation="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean), "
+                          "ICLR 2023 (arXiv 2212.09849); FusionBench fusion_bench/method/regmean/regmean.py, "
+                          "off-diagonals × 0.95: config/method/regmean/clip_regmean.yaml; Grams on the distilled sets"),
+    StrategySpec("fisher", "sim.merge.data_aware:fisher", "factors", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=True, mixed_ranks=False, same_modules=True,
+                 statistic_impl="sim.merge.data_aware:lora_fisher", statistic_option="fishers",
+                 citation="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv "
+                          "2111.09832); FusionBench fusion_bench/method/fisher_merging/fisher_merging.py, floor 1e-6 and "
+                          "normalised Fishers: config/method/fisher_merging/clip_fisher_merging.yaml; the diagonal "
+                          "Fisher of the LoRA factors on the distilled sets"),
 )
 
 SPECS: dict[str, StrategySpec] = {s.name: s for s in _SPECS}
