@@ -39,6 +39,15 @@ from sim.schedule import build_schedule
 PACKAGES = ("sim", "actors", "experiments", "analysis")
 
 
+# A local Ray started here keeps a run's idle pooled workers: by default Ray kills an idle worker after 1 s as soon as
+# the node holds more worker processes than CPUs, and a run's actors (institutions, merge actor) count, so the pool's
+# workers died between tasks and every task after a pause started a new one (a torch + timm + peft import, seconds of
+# CPU each). What a run computes is unchanged; the workers go when Ray shuts down.
+# Only the idle-kill delay changes: raising ``num_workers_soft_limit`` as well made Ray prestart that many workers and
+# slowed a run's start-up on 2 cores.
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+
+
 def connect(cfg: SimConfig) -> bool:
     """Connect to Ray; returns True if this call started it (and should shut it down)."""
     if ray.is_initialized():
@@ -50,7 +59,8 @@ def connect(cfg: SimConfig) -> bool:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(cfg.runtime.workers * cfg.runtime.num_cpus))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 _system_config=dict(LOCAL_SYSTEM_CONFIG))
     return True
 
 

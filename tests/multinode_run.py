@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.runner import run_simulation  # noqa: E402
+from actors.runner import LOCAL_SYSTEM_CONFIG, run_simulation  # noqa: E402
 from sim.config import load_config  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> int:
     # A dead node is noticed after health_check_failure_threshold missed checks (default 5 x 3 s; here about 2 s).
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4} | LOCAL_SYSTEM_CONFIG})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
