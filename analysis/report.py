@@ -207,6 +207,46 @@ def orders_table(orders: pd.DataFrame) -> Table | None:
                       "order-sensitive strategy.")
 
 
+def strategies_table(rows: pd.DataFrame, orders: pd.DataFrame | None) -> Table | None:
+    """Every strategy side by side, per dataset: final ACC and AUC (mean ± sd over seeds), their range over merge
+    orders (the mean over trials of max − min), storage, inference cost per image and merge time."""
+    if rows is None or rows.empty:
+        return None
+    datasets = list(dict.fromkeys(rows["dataset"])) if "dataset" in rows.columns else [None]
+    table_rows, bold = [], set()
+    for d in datasets:
+        part = rows if d is None else rows[rows["dataset"] == d]
+        trials = set(part["trial_id"]) if "trial_id" in part.columns else set()
+        mine = (orders[orders["trial_id"].isin(trials)] if orders is not None and not orders.empty
+                and "trial_id" in orders.columns else None)
+        first, accs = len(table_rows), []
+        for s in [s for s in dict.fromkeys(part["strategy"]) if s not in REFERENCES]:
+            g = part[part["strategy"] == s]
+            spread = []
+            for metric in ("acc", "auc"):
+                o = mine[mine["strategy"] == s] if mine is not None else None
+                per_trial = (o.groupby("trial_id")[metric].agg(lambda v: v.max() - v.min())
+                             if o is not None and not o.empty and o["order"].nunique() > 1 else None)
+                spread.append("–" if per_trial is None else f"{100 * per_trial.mean():.1f}")
+            table_rows.append(([d] if d is not None else []) + [
+                s, _mean_sd(g["acc"]), _mean_sd(g["auc"]), *spread,
+                _fmt(g["storage_bytes"].mean() / 1024) if "storage_bytes" in g else "–",
+                _fmt(g["infer_ms_per_image"].mean()) if "infer_ms_per_image" in g else "–",
+                _fmt(g["merge_s"].mean()) if "merge_s" in g else "–"])
+            accs.append(g["acc"].mean())
+        lead = 1 if d is not None else 0
+        bold |= {(first + i, lead + 1) for i in _best(accs)}
+    columns = ([("", "dataset")] if datasets != [None] else []) + [
+        ("", "strategy"), ("", "ACC (%)"), ("", "AUC (%)"), ("order range", "ACC"), ("order range", "AUC"),
+        ("", "storage (KB)"), ("", "inference ms / image"), ("", "merge s")]
+    n_seeds = rows["seed"].nunique() if "seed" in rows.columns else 1
+    return Table("Every strategy on the same commits", columns, table_rows, bold,
+                 note=f"Final ACC and AUC (mean over tasks, in %), mean ± sd over {n_seeds} seed(s); order range: "
+                      "max − min over the replayed merge orders, in points of %, the mean over trials; storage: the "
+                      "merged predictor; inference: ms per test image; merge s: the strategy's merge time of the "
+                      "run (summary). Bold: best ACC per dataset.")
+
+
 def orders_task_table(per_task: pd.DataFrame | None) -> Table | None:
     """Range (max − min over orders) of the AUC per strategy × task, in points of %."""
     if per_task is None or per_task.empty or not {"strategy", "task", "order", "auc"} <= set(per_task.columns):
@@ -297,6 +337,14 @@ class StudyData:
         return study_rows(self.sweep.results, self.layout.study, self.layout.x)
 
     @cached_property
+    def results(self) -> pd.DataFrame:
+        """Every row of the study, whatever it varies (every row without a ``study`` column)."""
+        res = self.sweep.results
+        if res is None or res.empty:
+            return pd.DataFrame()
+        return res[res["study"] == self.layout.study] if "study" in res.columns else res
+
+    @cached_property
     def forgetting_rows(self) -> pd.DataFrame:
         """The study's rows with a forgetting or BWT value (every row without a ``study`` column)."""
         res = self.sweep.results
@@ -381,11 +429,13 @@ TABLES: dict[str, Callable[[StudyData], Table | None]] = {
     "mixture_vs_fusion": lambda st: breakeven_table(st.rows, st.max_ms_per_point, st.layout.x, st.layout.x_label),
     "orders": lambda st: orders_table(st.sweep.orders),
     "orders_per_task": lambda st: orders_task_table(st.sweep.orders_per_task),
+    "strategies": lambda st: strategies_table(st.results, st.sweep.orders),
     "claims": lambda st: claims_table(claims.evaluate(st.claim_data)),
 }
 # table name -> the data a tables-only section of it needs (shown only when non-empty); other tables read the
 # study's rows over x
-TABLE_DATA: dict[str, Callable[[StudyData], pd.DataFrame]] = {"claims": lambda st: st.claim_data.results}
+TABLE_DATA: dict[str, Callable[[StudyData], pd.DataFrame]] = {"claims": lambda st: st.claim_data.results,
+                                                             "strategies": lambda st: st.results}
 
 
 def check_layout(layout: StudyLayout) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from experiments.common import CLIError, add_config_args, resolve_config
 
-HELP = "run a study (scaling, order, forgetting, ipc, rank) as a Ray Tune sweep and write a sweep dir"
+HELP = ("run a study (scaling, order, forgetting, ipc, rank, medforge, medlego, strategies) as a Ray Tune sweep and "
+        "write a sweep dir")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -51,7 +51,7 @@ def get_preset(name: str) -> SimConfig:
 # ------------------------------------------------------------------------------------------
 # The config columns of every study's results.parquet (column -> config field); a study's own x axis joins them.
 STANDARD_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc",
-                    "partition": "data.partition"}
+                    "partition": "data.partition", "dataset": "data.name"}
 
 
 @dataclass(frozen=True)
@@ -236,8 +236,23 @@ def medlego(smoke: bool = False) -> Study:
                  sections=(CLAIMS_SECTION,))
 
 
+def strategies(smoke: bool = False) -> Study:
+    """Every registered merge strategy side by side (``sim.merge.specs.SPECS``, each a branch of the same run, so all
+    merge identical commits): 12 institutions on ``synthetic`` and on ``digits`` × seeds 0-2, each run re-merged in 5
+    seeded orders; the report's table gives per strategy ACC and AUC, their range over orders, storage, inference
+    cost and merge time. Smoke: the tiny model, 4 institutions, synthetic, seed 0, 2 orders (one trial)."""
+    from sim.merge.specs import SPECS
+
+    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": tuple(SPECS)})
+    grid = {"data.name": ("synthetic",) if smoke else ("synthetic", "digits"), "seed": (0,) if smoke else (0, 1, 2)}
+    return Study("strategies", cfg, grid, orders=2 if smoke else 5, description=strategies.__doc__, sections=(
+        Section("Strategies side by side", tables=("strategies",)),
+        Section("Merge-order sensitivity", "orders", ("orders",))))
+
+
 STUDIES: dict[str, Callable[[bool], Study]] = {"scaling": scaling, "order": order, "forgetting": forgetting,
-                                               "ipc": ipc, "rank": rank, "medforge": medforge, "medlego": medlego}
+                                               "ipc": ipc, "rank": rank, "medforge": medforge, "medlego": medlego,
+                                               "strategies": strategies}
 
 
 def get_study(name: str, smoke: bool = False) -> Study:

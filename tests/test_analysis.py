@@ -401,3 +401,25 @@ def test_a_layout_naming_an_unknown_figure_is_refused(tmp_path):
         check_layout(StudyLayout("toy", sections=(Section("Toy", "scatter"),)))
     with pytest.raises(ValueError, match="unknown table 'medians'"):
         check_layout(StudyLayout("toy", sections=(Section("Toy", tables=("medians",)),)))
+
+
+def test_strategies_table_per_dataset_with_order_ranges():
+    from analysis.report import strategies_table
+
+    # Prepare: two datasets × two seeds (one trial each) × two strategies; orders of two trials with known ranges
+    rows = pd.DataFrame([{"trial_id": f"{d}{seed}", "dataset": d, "seed": seed, "strategy": s, "acc": acc,
+                          "auc": acc + 0.1, "storage_bytes": 2048.0, "infer_ms_per_image": 0.5, "merge_s": 0.25}
+                         for d, base in (("synthetic", 0.5), ("digits", 0.7)) for seed in (0, 1)
+                         for s, acc in (("ties", base + 0.02 * seed), ("svd", base - 0.1))])
+    orders = pd.DataFrame([{"trial_id": t, "seed": 0, "order": k, "strategy": "ties", "acc": a, "auc": a}
+                           for t, accs in (("synthetic0", (0.5, 0.6)), ("synthetic1", (0.5, 0.7)))
+                           for k, a in enumerate(accs)])
+    # Execute
+    table = strategies_table(rows, orders)
+    # Assert: one row per dataset × strategy; ACC mean ± sd over seeds; the order range is the mean of per-trial
+    # ranges (10 and 20 points), absent where nothing was replayed; the best ACC per dataset is bold
+    by = {(r[0], r[1]): r for r in table.rows}
+    assert list(by) == [("synthetic", "ties"), ("synthetic", "svd"), ("digits", "ties"), ("digits", "svd")]
+    assert by["synthetic", "ties"][2] == "51.0 ± 1.4" and by["synthetic", "ties"][4] == "15.0"
+    assert by["digits", "ties"][4] == "–" and by["synthetic", "svd"][6] == "2.000"
+    assert table.bold == {(0, 2), (2, 2)}

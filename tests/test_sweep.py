@@ -237,7 +237,8 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
     assert set(res.strategy) == set(preset.base.merge.strategies) and (res.study == study).all()
     assert res[["acc", "auc", "base_acc", "individual_acc"]].notna().all().all()
     for field, values in preset.grid.items():
-        column = {"data.institutions": "contributors", "lora.rank": "rank", "distill.ipc": "ipc"}.get(field, field)
+        column = {"data.institutions": "contributors", "lora.rank": "rank", "distill.ipc": "ipc",
+                  "data.name": "dataset"}.get(field, field)
         assert sorted(res[column].unique()) == sorted(values)
     for run_dir in res.run_dir.unique():
         assert (out / run_dir / "summary.json").is_file()
@@ -247,7 +248,8 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
     from analysis import build_report
 
     html = build_report(out)
-    figure = {"scaling": "scaling", "order": "orders", "forgetting": "forgetting", "ipc": "ipc", "rank": "rank"}[study]
+    figure = {"scaling": "scaling", "order": "orders", "forgetting": "forgetting", "ipc": "ipc", "rank": "rank",
+              "strategies": "orders"}[study]
     assert (html.parent / "figures" / f"{figure}.png").stat().st_size > 0
     assert f"figures/{figure}.png" in (html.parent / "report.md").read_text()
     if study == "scaling":
@@ -257,7 +259,13 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
         assert res.distill_fidelity.notna().all() and res.mia_auc.between(0, 1).all()
     if study == "forgetting":
         assert res.forgetting.notna().all() and res.bwt.notna().all()
-    if study == "order":
+    if study == "strategies":     # every registered strategy is a branch, and the report has their table
+        from sim.merge import SPECS
+
+        assert set(res.strategy) == set(SPECS) and res[["storage_bytes", "infer_ms_per_image"]].notna().all().all()
+        report = (html.parent / "report.md").read_text()
+        assert "Every strategy on the same commits" in report and all(f"| {s} |" in report for s in SPECS)
+    if study in ("order", "strategies"):
         orders = pd.read_parquet(out / "orders.parquet")
         assert len(orders) == preset.orders * len(preset.base.merge.strategies)
         assert sorted(orders.order.unique()) == list(range(preset.orders))
