@@ -12,7 +12,7 @@ from sim.commit import Commit
 from sim.config import SimConfig
 from sim.data.base import DistilledSet, derive_seed
 from sim.merge import Mixture, StrategySpec, get_spec, merge, merge_step, save_mixture, start_sequence
-from sim.merge.api import ArrivedProxy, SequentialState
+from sim.merge.api import ArrivedProxy, SequentialState, continual_step
 from sim.model import Adapter, Foundation, save_adapter
 
 Predictor = Adapter | Mixture | None
@@ -24,7 +24,10 @@ class MainBranches:
     A sequential strategy (``StrategySpec.sequential``: fusion, mixture) with ``merge.search_mode: sequential``:
     MedForge's merge as commits arrive (``merge_step``), the two stage coefficients searched on the proxy — the
     latest distilled set of every institution received so far. With ``global``: all N coefficients searched again
-    on each commit (the proxy goes to every strategy whose spec ``needs_proxy``). Every other strategy:
+    on each commit (the proxy goes to every strategy whose spec ``needs_proxy``; a data-aware one gets the set each
+    adapter arrived with). A continual strategy (``StrategySpec.continual``: OPCM and the running baselines) is
+    stepped with each commit (``continual_step``), keeping only its state, so arrival order is part of the result;
+    with staleness weighting the commit's weight is its default times 1/(1 + staleness). Every other strategy:
     ``merge`` over every accepted adapter, with its default weights — or, with ``schedule.staleness_weighting``,
     each commit's weight times 1/(1 + staleness) (renormalised for the averaging strategies). Searched strategies
     are not staleness-weighted: their coefficients are fitted on the proxy instead.
@@ -90,6 +93,12 @@ class MainBranches:
             rec["coefficients"] = np.asarray(state.coefficients).tolist()
             return state, state.merged, rec
         spec = self.specs[s]
+        if spec.continual:      # stepped as commits arrive: only the branch's state is kept
+            weight = (float(spec.default_weights(1)[0]) / (1.0 + stale[-1])
+                      if self.cfg.schedule.staleness_weighting else None)
+            state, res = continual_step(s, self.states.get(s), commit.adapter, self.merged[s], cfg=self.cfg.merge,
+                                        weight=weight)
+            return state, res.merged, res.record()
         given = (arrived if spec.statistic_impl is not None    # per-contributor statistics: each adapter's own set
                  else proxy if spec.needs_proxy else None)
         res = merge(s, adapters, self._weights(s, stale), cfg=self.cfg.merge, foundation=self.foundation,

@@ -90,8 +90,9 @@ def test_peft_written_dirs_and_weights(tmp_path):
                                    atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["tsv", "iso_c", "iso_cts", "knots"])
-def test_subspace_merges_on_peft_written_dirs(strategy, tmp_path, capsys):
+@pytest.mark.parametrize("strategy", ["tsv", "iso_c", "iso_cts", "knots", "opcm", "continual_task_arithmetic",
+                                      "continual_ties", "continual_weight_average", "continual_magmax"])
+def test_subspace_and_continual_merges_on_peft_written_dirs(strategy, tmp_path, capsys):
     # Prepare: plain peft adapter dirs (no forgesim metadata)
     dirs, likes = zip(*(write_peft_dir(tmp_path, seed) for seed in (3, 4, 5)))
     out = tmp_path / "merged"

@@ -17,6 +17,7 @@ from sim.config import MergeConfig, ScheduleConfig, SimConfig
 from sim.merge import (SPECS, STRATEGIES, Mixture, StrategySpec, default_weights, get_spec, get_strategy, merge_step,
                        start_sequence)
 from sim.model import PEFT_PREFIX, Adapter
+from test_continual_merges import np_opcm, np_ties_pair
 from test_subspace_merges import np_iso_c, np_iso_cts, np_knots, np_tsv
 
 MODULES = ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
@@ -82,6 +83,14 @@ def np_sum(deltas: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     return np.tensordot(w, np.stack(deltas), 1)
 
 
+def np_continual_ties(deltas: list[np.ndarray], w: np.ndarray, density: float) -> np.ndarray:
+    """M_0 = w_0 τ_0, then M_t = M_{t-1} + w_t · TIES([M_{t-1}, τ_t]) (disjoint sum), one module's task vectors."""
+    merged = w[0] * deltas[0]
+    for wt, tau in zip(w[1:], deltas[1:]):
+        merged = merged + wt * np_ties_pair(np.stack([merged.ravel(), tau.ravel()]), density, "sum").reshape(tau.shape)
+    return merged
+
+
 # name → (options passed to spec.fn, expected ΔW of one module). DARE is checked here at density 1 (no drop); its
 # random drop is checked by test_dare_drop_keeps_or_rescales_each_entry. TIES is checked module by module here (its
 # default trims the whole task vector: tests/test_ties_defaults.py re-derives that scope over all modules).
@@ -98,6 +107,16 @@ DELTA_CASES = {
     "iso_cts": ({}, np_iso_cts),
     "knots": ({"density": 0.5, "scope": "module"}, lambda d, w: np_knots([d], w[:, None], 0.5, "module")[0]),
     "regmean": ({}, lambda d, w: np_sum(d, w / w.sum())),        # with the identity Grams of ``statistics``
+    "continual_task_arithmetic": ({}, np_sum),
+    "continual_weight_average": ({}, lambda d, w: np_sum(d, w / w.sum())),
+    "continual_magmax": ({}, np_magmax),
+    "continual_ties": ({"density": 0.5, "scope": "module"}, lambda d, w: np_continual_ties(d, w, 0.5)),
+}
+# name → (options, expected ΔW of every module from every contributor's task vectors {module: ΔW}, w) for merges whose
+# modules interact (OPCM rescales by whole-task-vector norms; a commit's weight scales its task vector first)
+WHOLE_CASES = {
+    "opcm": ({}, lambda taus, w: np_opcm([{m: wi * t for m, t in tau.items()} for wi, tau in zip(w, taus)],
+                                         diagonal_to_rank=True)),
 }
 
 
@@ -122,7 +141,7 @@ def call(spec: StrategySpec, adapters: list[Adapter], w, **opts):
 
 
 def options(spec: StrategySpec) -> dict:
-    return DELTA_CASES[spec.name][0] if spec.name in DELTA_CASES else {}
+    return {**DELTA_CASES, **WHOLE_CASES}[spec.name][0] if spec.name in {**DELTA_CASES, **WHOLE_CASES} else {}
 
 
 def merged_deltas(merged: Adapter) -> np.ndarray:
@@ -164,6 +183,9 @@ def test_merges_in_the_space_it_claims(name):
             np.testing.assert_allclose(a.double().numpy(), exp_a, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(b.double().numpy(), exp_b, rtol=1e-5, atol=1e-5)
             assert merged.scaling(m) == pytest.approx(adapters[0].scaling(m))
+        elif name in WHOLE_CASES:
+            expected = WHOLE_CASES[name][1]([{k: np_delta(x, k) for k in MODULES} for x in adapters], W)[m]
+            np.testing.assert_allclose(merged.delta(m).double().numpy(), expected, rtol=1e-4, atol=1e-4)
         else:
             assert name in DELTA_CASES, f"add an independent ΔW re-derivation of {name} to DELTA_CASES"
             expected = DELTA_CASES[name][1]([np_delta(x, m) for x in adapters], W)
@@ -212,7 +234,8 @@ def test_permutation_behaviour_is_as_claimed(name):
     elif spec.order_invariant:
         np.testing.assert_allclose(permuted, merged, rtol=1e-4, atol=1e-5)
     else:
-        assert spec.seeded and np.array_equal(again, merged) and not np.allclose(permuted, merged)
+        assert (spec.seeded or spec.continual) and np.array_equal(again, merged)
+        assert not np.allclose(permuted, merged)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -340,3 +363,37 @@ def test_pull_branch_is_the_first_parameter_space_strategy_or_the_one_named():
     assert SimConfig(merge=MergeConfig(strategies=("mixture", "svd", "ties")), schedule=main).pull_branch == "svd"
     named = dataclasses.replace(main, pull_strategy="ties")
     assert SimConfig(merge=MergeConfig(strategies=("mixture", "svd", "ties")), schedule=named).pull_branch == "ties"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_continual_iff_claimed_and_a_branch_steps_it_as_commits_arrive(name):
+    from sim.branches import MainBranches
+    from sim.commit import Commit
+    from sim.data.base import DistilledSet
+    from sim.merge.api import continual_step
+
+    spec = get_spec(name)
+    if not spec.continual:
+        with pytest.raises(ValueError, match="continual merging is defined for"):
+            continual_step(name, None, make_adapter(0), None)
+        return
+    # Prepare: three commits (institutions 0, 1, 0) with their staleness; a branch with and without its weighting
+    adapters = [make_adapter(i) for i in range(3)]
+    ds = DistilledSet("toy", ("a", "b"), np.zeros((2, 3, 4, 4), np.float32), np.array([0, 1]))
+    commits = [Commit(f"inst{i % 2:03d}-{i:02d}", i % 2, "toy", ("a", "b"), a, ds) for i, a in enumerate(adapters)]
+    staleness = [0, 1, 3]
+    plain, weighted = (MainBranches((name,), SimConfig(merge=MergeConfig(strategies=(name,)),
+                                                       schedule=ScheduleConfig(staleness_weighting=flag)), None)
+                       for flag in (False, True))
+    # Execute
+    for seq, (c, st) in enumerate(zip(commits, staleness), start=1):
+        plain.add(c, seq, st)
+        weighted.add(c, seq, st)
+    # Assert: the branch is the fold over the commits in arrival order, with the default weights or, weighted, each
+    # commit's default weight times 1 / (1 + staleness)
+    base = spec.default_weights(1)[0]
+    np.testing.assert_allclose(_outcome(plain.predictor(name)), _outcome(call(spec, adapters, None)),
+                               rtol=1e-5, atol=1e-6)
+    expected = call(spec, adapters, np.array([base / (1 + s) for s in staleness]))
+    np.testing.assert_allclose(_outcome(weighted.predictor(name)), _outcome(expected), rtol=1e-5, atol=1e-6)
+    assert plain.predictor(name).meta["n_contributors"] == 3

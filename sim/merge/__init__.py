@@ -30,10 +30,16 @@ RegMean and Fisher merging are data-aware: their statistics (``spec.statistic``)
 the distilled set each adapter was committed with, once per adapter (``merge(..., foundation, proxy)`` with one set per
 adapter, or an ``ArrivedProxy``); their weights are not searched.
 
+| ``opcm`` | delta, continual: each new ΔW projected off the merged update's top singular subspace, rescaled | (N,); 1 | no | ``continual`` |
+| ``continual_task_arithmetic`` | delta, continual: M += w ΔW_t | (N,); λ 0.3 | no | ``continual`` |
+| ``continual_ties`` | delta, continual: M += w TIES(M, ΔW_t) | (N,); λ 0.5 | no | ``continual`` |
+| ``continual_weight_average`` | delta, continual: the running mean | (N,); 1/N | no | ``continual`` |
+| ``continual_magmax`` | delta, continual: per entry the larger of M and w ΔW_t | (N,); λ 0.5 | no | ``continual`` |
+
 TIES, DARE and magnitude pruning (and KnOTS' TIES step) stream ΔW through row blocks of all contributors with exact
-top-k trims found without a sort (``streamed``). The continual merges of FusionBench's OPCM study (``opcm`` and
-running task arithmetic, TIES, weight average and MagMax) are pure functions in ``continual`` (``fold``, ``step``);
-they are not registered strategies yet.
+top-k trims found without a sort (``streamed``). The continual merges (FusionBench's OPCM study; ``spec.continual``)
+are stepped by a branch as commits arrive (``continual_step``), which keeps only their small state; their one-shot
+function folds the steps over the adapters in the order given, so order matters for OPCM and continual TIES.
 
 ``ΔW_i = B_i A_i · alpha_i / r_i``. Parameter-space results carry the contributors' base fingerprint and are saved
 with ``sim.model.save_adapter`` as peft adapter dirs whose rank is what the strategy produced and whose

@@ -256,6 +256,32 @@ def _merge_global(spec: StrategySpec, adapters: Sequence[Adapter], foundation: F
 
 
 # ------------------------------------------------------------------------------------------
+# Continual merging as commits arrive (OPCM and FusionBench's continual baselines)
+# ------------------------------------------------------------------------------------------
+def continual_step(strategy: str, state, adapter: Adapter, previous: Adapter | None, *,
+                   cfg: MergeConfig | None = None, weight: float | None = None) -> tuple[object, MergeResult]:
+    """Merge one arriving commit into a continual branch (``spec.continual``): ``(new state, MergeResult)``.
+
+    ``state``: the branch's ``sim.merge.continual.ContinualState`` (``None`` before its first commit; not changed);
+    ``previous``: the branch's merged adapter so far (its heads are averaged with the new one's); ``weight``: this
+    commit's weight (``None``: the strategy's default). The options a config sets (``merge.density``, TIES' scope and
+    disjoint merge) are the fold's. The same commits in the same order give ``spec.fn(adapters, weights)``.
+    """
+    from sim.merge import continual
+
+    cfg = cfg or MergeConfig()
+    spec = get_spec(strategy)
+    if not spec.continual:
+        raise ValueError(f"continual merging is defined for "
+                         f"{', '.join(n for n, sp in SPECS.items() if sp.continual)}, not {strategy!r}")
+    t0 = time.perf_counter()
+    options = {k: v for k, v in _strategy_options(spec.fn, cfg, 0).items() if k != "seed"}
+    state = continual.step(state or continual.start(strategy), adapter, weight=weight, **options)
+    merged = continual.merged_adapter(state, [adapter] if previous is None else [previous, adapter])
+    return state, MergeResult(strategy, merged, None, merge_s=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------
 # Sequential merging as commits arrive (MedForge's Fusion and Mixture)
 # ------------------------------------------------------------------------------------------
 @dataclass

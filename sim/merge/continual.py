@@ -39,15 +39,11 @@ import numpy as np
 import torch
 
 from sim.merge.base import build_adapter, check_density, dense_factors, rank_tolerance, scaled_factors
-from sim.merge.specs import TIES_SCOPES
+from sim.merge.specs import (CONTINUAL_MAGMAX_SCALE, CONTINUAL_TA_SCALE, CONTINUAL_TIES_DENSITY, CONTINUAL_TIES_SCALE,
+                             OPCM_ALPHA, TIES_SCOPES)
 from sim.model import Adapter
 
-# Published defaults (FusionBench, tanganke/fusion_bench, config/method/...).
-OPCM_ALPHA = 0.5                 # opcm/opcm.yaml alpha: the singular-value share of the protected subspace
-CONTINUAL_TA_SCALE = 0.3         # opcm/task_arithmetic.yaml scaling_factor
-CONTINUAL_TIES_SCALE = 0.5       # opcm/ties_merging.yaml scaling_factor (one-shot ties_merging.yaml has 0.3)
-CONTINUAL_TIES_DENSITY = 0.2     # opcm/ties_merging.yaml threshold: 20 (percent of entries kept)
-CONTINUAL_MAGMAX_SCALE = 0.5     # magmax/magmax.yaml scaling_factor
+# The published defaults (FusionBench's) live with the specs, which import no torch.
 TIES_DISJOINT = ("sum", "mean", "max")   # opcm/ties_merging.yaml merge_func (default sum)
 ROWS = 128                               # rows of ΔW per block of the elementwise passes (TIES, MagMax)
 

@@ -36,6 +36,11 @@ ISO_CTS_COMMON_FRACTION = 0.8   # Iso-CTS: FusionBench iso_cts.yaml common_space
 KNOTS_SCALE = 0.6         # KnOTS-TIES λ for rank-16 ViT-B/32 LoRAs: gstoica27/KnOTS configs/vitB_r16_knots_ties.py
 REGMEAN_ALPHA = 0.95      # RegMean off-diagonal scale: FusionBench config/method/regmean/clip_regmean.yaml
 FISHER_FLOOR = 1e-6       # Fisher merging: FusionBench config/method/fisher_merging/clip_fisher_merging.yaml
+OPCM_ALPHA = 0.5                 # FusionBench config/method/opcm/opcm.yaml alpha: share of the protected spectrum
+CONTINUAL_TA_SCALE = 0.3         # FusionBench config/method/opcm/task_arithmetic.yaml scaling_factor
+CONTINUAL_TIES_SCALE = 0.5       # FusionBench config/method/opcm/ties_merging.yaml scaling_factor (one-shot: 0.3)
+CONTINUAL_TIES_DENSITY = 0.2     # FusionBench config/method/opcm/ties_merging.yaml threshold 20 (percent kept)
+CONTINUAL_MAGMAX_SCALE = 0.5     # FusionBench config/method/magmax/magmax.yaml scaling_factor
 KNOTS_BASES = ("ties", "ta")         # KnOTS' base merge of the shared-basis coordinates: TIES (the paper's) or TA
 TIES_SCOPES = ("global", "module")   # TIES trims each contributor's whole task vector (the paper's) or each module
 TIES_DISJOINT = ("sum", "mean")      # TIES' disjoint merge: FusionBench's default sum (with λ 0.3) or the paper's mean
@@ -54,7 +59,9 @@ class StrategySpec:
     given (``None`` = 1/N). ``needs_proxy``: needs the distilled sets to merge as specified. ``mixed_ranks``:
     accepts contributors of different ranks per module; ``same_modules``: needs every contributor to adapt the
     same modules. ``order_invariant``: ``fn``'s result does not depend on the contributors' order (weights
-    permuted with them); ``seeded``: ``fn`` draws random numbers from its ``seed`` option. ``exact_options``:
+    permuted with them); ``seeded``: ``fn`` draws random numbers from its ``seed`` option. ``continual``: a branch
+    merges it as commits arrive with ``sim.merge.continual.step``, keeping only the strategy's small state (no
+    search; ``fn`` folds ``step`` over the adapters in the order given, with one weight per adapter). ``exact_options``:
     options under which nothing is pruned or truncated, so one contributor at weight 1 comes back unchanged;
     ``one_is_identity``: that holds at all (``False`` for a merge that reshapes even a single update, as Iso-C and
     Iso-CTS flatten its spectrum).
@@ -85,6 +92,7 @@ class StrategySpec:
     loss_impl: str | None = None
     statistic_impl: str | None = None
     statistic_option: str = ""
+    continual: bool = False
 
     @property
     def statistic(self) -> Callable | None:
@@ -106,6 +114,9 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name}: space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if (self.statistic_impl is None) != (not self.statistic_option) or (self.statistic_impl and not self.needs_proxy):
             raise ValueError(f"strategy {self.name}: a statistic needs its option name and needs_proxy")
+        if self.continual and (self.sequential or self.searched or self.space != "delta"):
+            raise ValueError(f"strategy {self.name}: a continual merge is a ΔW-space fold, neither searched nor "
+                             f"sequential")
 
     def default_weights(self, n: int) -> np.ndarray:
         """The weights (N,) ``fn`` uses when given none."""
@@ -195,6 +206,34 @@ _SPECS = (
                           "2111.09832); FusionBench fusion_bench/method/fisher_merging/fisher_merging.py, floor 1e-6 and "
                           "normalised Fishers: config/method/fisher_merging/clip_fisher_merging.yaml; the diagonal "
                           "Fisher of the LoRA factors on the distilled sets"),
+    # Continual merges (FusionBench's OPCM study): a branch steps them commit by commit, arrival order matters by design
+    StrategySpec("opcm", "sim.merge.continual:opcm", "delta", searched=False, sequential=False, default_weight=1.0,
+                 needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, continual=True,
+                 default_options=(("alpha", OPCM_ALPHA),),
+                 citation="Tang et al., Merging Models on the Fly Without Retraining (OPCM), NeurIPS 2025 (arXiv "
+                          "2501.09522); FusionBench fusion_bench/method/opcm/opcm.py, alpha 0.5: config/method/opcm/"
+                          "opcm.yaml"),
+    StrategySpec("continual_task_arithmetic", "sim.merge.continual:continual_task_arithmetic", "delta",
+                 searched=False, sequential=False, default_weight=CONTINUAL_TA_SCALE, needs_proxy=False,
+                 mixed_ranks=True, same_modules=True, continual=True,
+                 citation="Ilharco et al., Task Arithmetic, ICLR 2023, merged as commits arrive; FusionBench "
+                          "fusion_bench/method/opcm/task_arithmetic.py, λ 0.3: config/method/opcm/task_arithmetic.yaml"),
+    StrategySpec("continual_ties", "sim.merge.continual:continual_ties", "delta", searched=False, sequential=False,
+                 default_weight=CONTINUAL_TIES_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 order_invariant=False, continual=True, default_options=(("density", CONTINUAL_TIES_DENSITY),),
+                 citation="Yadav et al., TIES-Merging, NeurIPS 2023, of [merged so far, new] as commits arrive; "
+                          "FusionBench fusion_bench/method/opcm/ties_merging.py, λ 0.5, k = 20 %: config/method/opcm/"
+                          "ties_merging.yaml"),
+    StrategySpec("continual_weight_average", "sim.merge.continual:continual_weight_average", "delta",
+                 searched=False, sequential=False, default_weight=None, needs_proxy=False, mixed_ranks=True,
+                 same_modules=True, continual=True,
+                 citation="the running mean of the updates as commits arrive; FusionBench fusion_bench/method/opcm/"
+                          "weight_average.py"),
+    StrategySpec("continual_magmax", "sim.merge.continual:continual_magmax", "delta", searched=False,
+                 sequential=False, default_weight=CONTINUAL_MAGMAX_SCALE, needs_proxy=False, mixed_ranks=True,
+                 same_modules=True, continual=True,
+                 citation="Marczak et al., MagMax, ECCV 2024 (arXiv 2407.06322), merged as commits arrive; FusionBench "
+                          "fusion_bench/method/magmax/magmax.py, λ 0.5: config/method/magmax/magmax.yaml"),
 )
 
 SPECS: dict[str, StrategySpec] = {s.name: s for s in _SPECS}
