@@ -108,7 +108,8 @@ def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
 
 
 @ray.remote(max_retries=2)
-def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = None) -> tuple[list, list, dict]:
+def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = None,
+                per_step: bool = False) -> tuple[list, list, dict]:
     """Re-merge a run's commits in the given orders (``sim.replay.replay``) with this worker's foundation."""
     from sim.replay import load_replayable, replay
 
@@ -117,4 +118,5 @@ def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = 
     loaded = load_replayable(run_dir)
     cfg = loaded[0]
     blob = json.dumps(config_to_dict(cfg))
-    return replay(run_dir, orders, strategies, foundation=_setup(cfg), cohort=_cohort(blob), loaded=loaded)
+    return replay(run_dir, orders, strategies, foundation=_setup(cfg), cohort=_cohort(blob), loaded=loaded,
+                  per_step=per_step)

@@ -332,6 +332,46 @@ def plot_orders(orders: pd.DataFrame, out_dir: str | Path) -> FigureResult | Non
     return _save(fig, Path(out_dir), "orders", caption)
 
 
+def plot_steps(steps: pd.DataFrame, out_dir: str | Path) -> FigureResult | None:
+    """ACC on the tasks merged so far (left) and forgetting (right) after every merge step, per strategy: the mean
+    over replayed orders with a ± sd band (``analysis.steps.step_summary``; OPCM's protocol).
+
+    Args:
+        steps: ``orders_steps.parquet`` rows (order × strategy × step × task, with ``acc`` and ``seen``).
+    """
+    from analysis.steps import step_summary
+
+    if steps is None or steps.empty:
+        return None
+    summary = step_summary(steps)
+    strategies = _strategies(summary)
+    fig = Figure(figsize=(11.0, 4.4))
+    axes = fig.subplots(1, 2)
+    for ax, metric, label in zip(axes, ("acc_seen", "forgetting"), ("ACC on the tasks merged so far (fraction)",
+                                                                      "forgetting (drop from best ACC)")):
+        for i, s in enumerate(strategies):
+            g = summary[(summary["strategy"] == s) & summary[f"{metric}_mean"].notna()]
+            if g.empty:
+                continue
+            color = strategy_color(s, strategies)
+            style = ("-", "--", ":")[(i // len(_PALETTE)) % 3]      # colours repeat past the palette: dash them
+            ax.plot(g["step"], g[f"{metric}_mean"], style, marker="o", color=color, ms=3, lw=1.4, label=s)
+            ax.fill_between(g["step"], g[f"{metric}_mean"] - g[f"{metric}_sd"],
+                            g[f"{metric}_mean"] + g[f"{metric}_sd"], color=color, alpha=0.12, lw=0)
+        ax.set_xlabel("merge step (commits merged)")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Accuracy as commits arrive")
+    axes[1].set_title("Forgetting as commits arrive")
+    axes[0].legend(fontsize=7, ncol=2 if len(strategies) > 8 else 1, frameon=False)
+    n_orders = int(summary["orders"].max())
+    caption = (f"Every branch scored after every merge step of {n_orders} replayed order(s) of the same commits: "
+               "mean ACC over the tasks merged so far (left) and forgetting, the mean drop of the earlier tasks from "
+               "their best ACC at an earlier step (right); line: mean over orders, band: ± sd (OPCM's protocol).")
+    return _save(fig, Path(out_dir), "steps", caption)
+
+
 # 4. forgetting ----------------------------------------------------------------------------------------------------
 def _heatmap(ax: Axes, grid: pd.DataFrame, cmap, annotate: bool):
     """One strategy's task × version accuracy grid (``forgetting_frames``' rows of that strategy)."""

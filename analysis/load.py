@@ -57,6 +57,7 @@ class SweepData:
     results: pd.DataFrame | None
     orders: pd.DataFrame | None
     orders_per_task: pd.DataFrame | None
+    orders_steps: pd.DataFrame | None = None
 
     def run_dirs(self, study: str | None = None) -> list[Path]:
         """Existing run dirs of the trials (of one ``study``), in seed then trial order."""
@@ -127,7 +128,8 @@ def load_sweep(path: str | Path) -> SweepData:
         missing = [c for c in needed if df is not None and c not in df.columns]
         if missing:
             raise ValueError(f"{p / name} lacks column(s) {', '.join(missing)}")
-    return SweepData(p, results, orders, _read_parquet(p / "orders_per_task.parquet"))
+    return SweepData(p, results, orders, _read_parquet(p / "orders_per_task.parquet"),
+                     _read_parquet(p / "orders_steps.parquet"))
 
 
 def study_rows(results: pd.DataFrame | None, study: str, x: str) -> pd.DataFrame:
@@ -347,6 +349,8 @@ def distill_audit(events: pd.DataFrame) -> dict[str, float]:
 
 
 def run_orders(path: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """A run dir's merge orders (``orders.parquet``, ``orders_per_task.parquet``; None where missing)."""
+    """A run dir's merge orders (``orders.parquet``, ``orders_per_task.parquet``, ``orders_steps.parquet``; None
+    where missing)."""
     p = Path(path)
-    return _read_parquet(p / "orders.parquet"), _read_parquet(p / "orders_per_task.parquet")
+    return (_read_parquet(p / "orders.parquet"), _read_parquet(p / "orders_per_task.parquet"),
+            _read_parquet(p / "orders_steps.parquet"))

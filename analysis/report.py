@@ -247,6 +247,36 @@ def strategies_table(rows: pd.DataFrame, orders: pd.DataFrame | None) -> Table |
                       "run (summary). Bold: best ACC per dataset.")
 
 
+def steps_table(steps: pd.DataFrame | None) -> Table | None:
+    """Per strategy: ACC on the tasks merged so far after the first, middle and last merge step, and the last
+    step's forgetting, each mean ± sd over the replayed orders (``analysis.steps``)."""
+    from analysis.steps import step_summary
+
+    if steps is None or steps.empty:
+        return None
+    summary = step_summary(steps)
+    last = int(summary["step"].max())
+    shown = list(dict.fromkeys([1, max(1, (last + 1) // 2), last]))
+
+    def cell(g: pd.DataFrame, step: int, metric: str) -> str:
+        r = g[g["step"] == step]
+        if r.empty or math.isnan(r[f"{metric}_mean"].iloc[0]):
+            return "–"
+        return f"{100 * r[f'{metric}_mean'].iloc[0]:.1f} ± {100 * r[f'{metric}_sd'].iloc[0]:.1f}"
+
+    rows, finals = [], []
+    for s in [s for s in dict.fromkeys(summary["strategy"]) if s not in REFERENCES]:
+        g = summary[summary["strategy"] == s]
+        rows.append([s] + [cell(g, k, "acc_seen") for k in shown] + [cell(g, last, "forgetting")])
+        finals.append(g.loc[g["step"] == last, "acc_seen_mean"].mean())
+    columns = ([("", "strategy")] + [("ACC on the tasks merged so far (%)", f"step {k}") for k in shown]
+               + [("", f"forgetting at step {last} (pp)")])
+    return Table("Accuracy and forgetting per merge step", columns, rows, {(r, len(shown)) for r in _best(finals)},
+                 note=f"Mean ± sd over {int(summary['orders'].max())} replayed order(s) (and trials); forgetting: the "
+                      "mean drop of the tasks merged earlier from their best accuracy at an earlier step. Bold: best "
+                      "final accuracy.")
+
+
 def orders_task_table(per_task: pd.DataFrame | None) -> Table | None:
     """Range (max − min over orders) of the AUC per strategy × task, in points of %."""
     if per_task is None or per_task.empty or not {"strategy", "task", "order", "auc"} <= set(per_task.columns):
@@ -354,6 +384,11 @@ class StudyData:
         return rows.dropna(subset=["forgetting", "bwt"], how="all")
 
     @property
+    def steps(self) -> pd.DataFrame:
+        """The sweep's per-step scores of replayed orders (empty when none were recorded)."""
+        return self.sweep.orders_steps if self.sweep.orders_steps is not None else pd.DataFrame()
+
+    @property
     def orders(self) -> pd.DataFrame:
         return self.sweep.orders if self.sweep.orders is not None else pd.DataFrame()
 
@@ -383,6 +418,10 @@ def _orders(st: StudyData) -> FigureResult | None:
     return figures.plot_orders(st.sweep.orders, st.fig_dir)
 
 
+def _steps(st: StudyData) -> FigureResult | None:
+    return figures.plot_steps(st.steps, st.fig_dir)
+
+
 def _forgetting(st: StudyData) -> FigureResult | None:
     """Forgetting bars from the study's rows, the heatmap from the study's first run dir (if it was kept)."""
     rows, history = st.forgetting_rows, None
@@ -401,6 +440,7 @@ FIGURES: dict[str, tuple[Callable[[StudyData], pd.DataFrame], Callable[[StudyDat
     "scaling": (lambda st: st.rows, _scaling),
     "cost": (lambda st: st.rows, _cost),
     "orders": (lambda st: st.orders, _orders),
+    "steps": (lambda st: st.steps, _steps),
     "forgetting": (lambda st: st.forgetting_rows, _forgetting),
     "ipc": (lambda st: st.rows, _ipc),
     "rank": (lambda st: st.rows, _rank),
@@ -430,6 +470,7 @@ TABLES: dict[str, Callable[[StudyData], Table | None]] = {
     "orders": lambda st: orders_table(st.sweep.orders),
     "orders_per_task": lambda st: orders_task_table(st.sweep.orders_per_task),
     "strategies": lambda st: strategies_table(st.results, st.sweep.orders),
+    "steps": lambda st: steps_table(st.sweep.orders_steps),
     "claims": lambda st: claims_table(claims.evaluate(st.claim_data)),
 }
 # table name -> the data a tables-only section of it needs (shown only when non-empty); other tables read the

@@ -11,7 +11,8 @@ Sweep dir layout::
     DIR/joint/<key>/        the joint reference per distinct training config (Ray Train), when the study asks for it
     DIR/trials.jsonl        one line per trial attempt (start, done)
     DIR/results.parquet     one row per trial × strategy: the point's config columns and the run's summary metrics
-    DIR/orders.parquet      order studies: one row per trial × order × strategy (and orders_per_task.parquet)
+    DIR/orders.parquet      order studies: one row per trial × order × strategy (and orders_per_task.parquet;
+                            orders_steps.parquet for a study that scores every merge step)
 
 Each trial reserves what its simulation uses with ``tune.PlacementGroupFactory``: an empty head bundle (the trial
 function only coordinates) plus ``runtime.workers`` bundles of ``num_cpus``/``num_gpus``, the pool its torch
@@ -85,7 +86,7 @@ def trial(config: dict) -> None:
     # Step 2: merge orders (order studies): replayed from the run's log as tasks on the trial's pool.
     orders = config["point"].get("orders", config.get("orders", 0))      # a plan without per-point orders: all
     if orders and not (run_dir / "orders.parquet").is_file():
-        replay_run(cfg, run_dir, orders)
+        replay_run(cfg, run_dir, orders, per_step=config.get("order_steps", False))
     # Step 3: flat metrics of the trial.
     metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
                "commits_accepted": summary["commits_accepted"], "commits_rejected": summary["commits_rejected"],
@@ -118,9 +119,10 @@ def distinct_orders(n_commits: int, orders: int, seed: int) -> list[int]:
     return picked
 
 
-def replay_run(cfg: SimConfig, run_dir: Path, orders: int) -> None:
+def replay_run(cfg: SimConfig, run_dir: Path, orders: int, per_step: bool = False) -> None:
     """``orders`` distinct merge orders of ``run_dir``'s accepted commits (``distinct_orders``), split over the pool's
-    workers as Ray tasks; writes ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir."""
+    workers as Ray tasks; writes ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir, and with
+    ``per_step`` ``orders_steps.parquet`` (every branch scored after every merge step, ``sim.replay.replay``)."""
     import pandas as pd
     import ray
 
@@ -133,14 +135,18 @@ def replay_run(cfg: SimConfig, run_dir: Path, orders: int) -> None:
     pg, own = worker_pool(cfg)
     try:
         chunks = [c.tolist() for c in np.array_split(ids, min(len(ids), cfg.runtime.workers)) if len(c)]
-        parts = ray.get([replay_task.options(**task_options(cfg, pg)).remote(str(run_dir), chunk) for chunk in chunks])
+        parts = ray.get([replay_task.options(**task_options(cfg, pg)).remote(str(run_dir), chunk, None, per_step)
+                         for chunk in chunks])
     finally:
         if own:
             ray.util.remove_placement_group(pg)
     rows = [r for part in parts for r in part[0]]
     per_task = [r for part in parts for r in part[1]]
     pd.DataFrame(per_task).to_parquet(run_dir / "orders_per_task.parquet", index=False)
-    pd.DataFrame(rows).to_parquet(run_dir / "orders.parquet", index=False)
+    if per_step:
+        pd.DataFrame([r for part in parts for r in part[2]["steps"]]).to_parquet(run_dir / "orders_steps.parquet",
+                                                                             index=False)
+    pd.DataFrame(rows).to_parquet(run_dir / "orders.parquet", index=False)     # last: it marks the replay done
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,6 +174,7 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
     check_layout(layout)
     points = study.points()
     plan = {"study": study.name, "description": study.description, "orders": study.orders,
+            "order_steps": study.order_steps,
             "base": config_to_dict(base), "max_concurrent": max_concurrent,
             "points": [{"name": point_name(i, p), "values": p, "orders": study.orders_of(p)}
                        for i, p in enumerate(points)]}
@@ -213,7 +220,8 @@ def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | 
             tuner = tune.Tuner(
                 trainable,
                 param_space={"study": plan["study"], "base": plan["base"], "sweep_dir": str(sweep_dir),
-                             "orders": plan["orders"], "point": tune.grid_search(plan["points"])},
+                             "orders": plan["orders"], "order_steps": plan.get("order_steps", False),
+                             "point": tune.grid_search(plan["points"])},
                 tune_config=tune.TuneConfig(max_concurrent_trials=plan["max_concurrent"] or None, reuse_actors=False),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(sweep_dir), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=1)))
@@ -279,7 +287,7 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
         if point is not None and result.error is None and result.metrics:
             tune_ids[point["name"]] = result.metrics.get("trial_id")
     columns = config_columns(plan, sweep_dir)
-    rows, orders, orders_task = [], [], []
+    rows, orders, orders_task, orders_steps = [], [], [], []
     for p in plan["points"]:
         if p["name"] not in tune_ids:
             continue
@@ -297,7 +305,7 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
         common["run_dir"] = str(run_dir.relative_to(sweep_dir))
         for s in cfg.merge.strategies:
             rows.append(common | {"strategy": s} | strategy_scores(run.summary, s, SUMMARY_METRICS))
-        for table, target in zip(run_orders(run_dir), (orders, orders_task)):
+        for table, target in zip(run_orders(run_dir), (orders, orders_task, orders_steps)):
             if table is not None:
                 target += [{"trial_id": p["name"], "seed": cfg.seed} | r for r in table.to_dict("records")]
     df = pd.DataFrame(rows)
@@ -305,6 +313,8 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
     if orders:
         pd.DataFrame(orders).to_parquet(sweep_dir / "orders.parquet", index=False)
         pd.DataFrame(orders_task).to_parquet(sweep_dir / "orders_per_task.parquet", index=False)
+    if orders_steps:
+        pd.DataFrame(orders_steps).to_parquet(sweep_dir / "orders_steps.parquet", index=False)
     return df
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import yaml
@@ -59,31 +59,48 @@ def permutation(n: int, order: int, seed: int) -> list[int]:
 
 
 def replay_order(cfg: SimConfig, commits: Sequence[Commit], order: Sequence[int], foundation,
-                 strategies: Sequence[str], proxy_cache=None) -> dict[str, tuple[object, float]]:
+                 strategies: Sequence[str], proxy_cache=None,
+                 on_step: Callable[[int, str, object], None] | None = None) -> dict[str, tuple[object, float]]:
     """Merge ``commits`` in ``order`` into one branch per strategy: ``{strategy: (predictor, merge seconds)}``.
 
     ``proxy_cache``: a ``sim.merge.mixture.ProbabilityCache`` shared by the orders of one replay — each adapter's
     probabilities on each distilled set do not depend on the order, so the mixture search computes them once.
+    ``on_step(step, strategy, predictor)`` is called after every merge step (step = commits merged, 1..n); the time
+    it takes is not counted as merge time.
     """
     out = {}
     for s in strategies:
         branches = MainBranches((s,), cfg, foundation)
         if proxy_cache is not None:
             branches.share_probability_cache(proxy_cache)
-        t0 = time.perf_counter()
+        merge_s = 0.0
         for position, i in enumerate(order):
+            t0 = time.perf_counter()
             branches.add(commits[i], position + 1, 0)
-        out[s] = (branches.predictor(s), time.perf_counter() - t0)
+            merge_s += time.perf_counter() - t0
+            if on_step is not None:
+                on_step(position + 1, s, branches.predictor(s))
+        out[s] = (branches.predictor(s), merge_s)
     return out
 
 
+def step_rows(order_id: int, step: int, strategy: str, records: list[dict], seen: set[str]) -> list[dict]:
+    """Per-step rows of one order and strategy: one per task, ``seen`` when a commit of it was merged by ``step``."""
+    return [{"order": order_id, "strategy": strategy, "step": step, "task": r["task"], "acc": r["acc"],
+             "auc": r["auc"], "seen": r["task"] in seen} for r in records]
+
+
 def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequence[str] | None = None, foundation=None,
-           cohort=None, loaded: tuple[SimConfig, list[Commit]] | None = None) -> tuple[list[dict], list[dict], dict]:
+           cohort=None, loaded: tuple[SimConfig, list[Commit]] | None = None,
+           per_step: bool = False) -> tuple[list[dict], list[dict], dict]:
     """Re-merge ``run_dir``'s commits in ``orders`` orders (a count: orders ``0..orders-1``; or the order indices,
     so that parts of one study can run in parallel).
 
     Returns ``(rows, per_task_rows, info)``: one row per order × strategy (``order, strategy, acc, auc, merge_s``),
-    one per order × strategy × task, and ``{permutations, strategies, n_commits}``.
+    one per order × strategy × task, and ``{permutations, strategies, n_commits}``. ``per_step``: also evaluate every
+    branch after every merge step, on every task of the run (OPCM's protocol, Tang et al. 2025: accuracy on the tasks
+    merged so far and forgetting, per step, over orders); ``info["steps"]`` then holds one row per order × strategy ×
+    step × task (``step_rows``).
     """
     import torch
 
@@ -105,10 +122,12 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
     tasks = list(dict.fromkeys(c.task for c in commits))
     rows, per_task, perms = [], [], []
     proxy_cache, evaluator = ProbabilityCache(), ReplayEvaluator(foundation, cohort, tasks)
+    steps: list[dict] = []
     for k in order_ids:
         order = permutation(len(commits), k, cfg.seed)
         perms.append(order)
-        merged = replay_order(cfg, commits, order, foundation, strategies, proxy_cache)
+        on_step = _step_recorder(steps, evaluator, commits, order, k) if per_step else None
+        merged = replay_order(cfg, commits, order, foundation, strategies, proxy_cache, on_step)
         records = evaluator.records({s: p for s, (p, _) in merged.items()}, len(commits))
         for s in strategies:
             mine = [r for r in records if r["strategy"] == s]
@@ -117,8 +136,18 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
                          "first": commits[order[0]].id})
             per_task += [{"order": k, "strategy": s, "task": r["task"], "acc": r["acc"], "auc": r["auc"]}
                          for r in mine]
-    return rows, per_task, {"permutations": perms, "strategies": list(strategies), "n_commits": len(commits),
-                            "commit_ids": [c.id for c in commits]}
+    info = {"permutations": perms, "strategies": list(strategies), "n_commits": len(commits),
+            "commit_ids": [c.id for c in commits]}
+    return rows, per_task, info | ({"steps": steps} if per_step else {})
+
+
+def _step_recorder(steps: list[dict], evaluator: "ReplayEvaluator", commits: Sequence[Commit], order: Sequence[int],
+                   order_id: int) -> Callable[[int, str, object], None]:
+    """``replay_order``'s ``on_step`` for ``per_step``: evaluate the branch on every task, append ``step_rows``."""
+    def on_step(step: int, strategy: str, predictor) -> None:
+        seen = {commits[i].task for i in order[:step]}
+        steps.extend(step_rows(order_id, step, strategy, evaluator.records({strategy: predictor}, step), seen))
+    return on_step
 
 
 class ReplayEvaluator:

@@ -175,6 +175,35 @@ def test_replay_with_the_original_order_reproduces_the_run(run_two_workers, tmp_
     assert perms[0] == sorted(perms[0]) and perms[1] != perms[0]
 
 
+def test_replay_per_step_scores_every_step_and_ends_at_the_final_merge(run_two_workers, tmp_path, capsys):
+    from experiments.cli import main
+
+    # Prepare: the run's commits, replayed in 2 orders by a one-shot and a continual strategy
+    out, summary = run_two_workers
+    n_commits = summary["commits_accepted"]
+    # Execute
+    code = main(["replay", str(out), "--orders", "2", "--strategies", "svd,opcm", "--per-step", "--out",
+                 str(tmp_path / "steps")])
+    # Assert: one row per order × strategy × step × task; the last step's scores are the order's final ones; a
+    # task is "seen" from the first step whose merged commits include one of its own
+    assert code == 0 and "ACC on the tasks merged so far" in capsys.readouterr().out
+    steps = pd.read_parquet(tmp_path / "steps" / "orders_steps.parquet")
+    per_task = pd.read_parquet(tmp_path / "steps" / "orders_per_task.parquet")
+    tasks = sorted(per_task.task.unique())
+    assert len(steps) == 2 * 2 * n_commits * len(tasks)
+    last = steps[steps.step == n_commits].set_index(["order", "strategy", "task"]).sort_index()
+    final = per_task.set_index(["order", "strategy", "task"]).sort_index()
+    np.testing.assert_allclose(last.acc.to_numpy(), final.acc.to_numpy(), atol=1e-12)
+    perms = json.loads((tmp_path / "steps" / "orders.json").read_text())["permutations"]
+    from sim.replay import load_replayable
+
+    task_of = [c.task for c in load_replayable(out)[1]]
+    for k, perm in enumerate(perms):
+        for step in range(1, n_commits + 1):
+            seen = set(steps[(steps.order == k) & (steps.strategy == "opcm") & (steps.step == step) & steps.seen].task)
+            assert seen == {task_of[i] for i in perm[:step]}
+
+
 def test_replay_refuses_a_run_that_pulled_from_main(tmp_path, tiny_run_cfg, capsys):
     import yaml
 

@@ -265,6 +265,13 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
         assert set(res.strategy) == set(SPECS) and res[["storage_bytes", "infer_ms_per_image"]].notna().all().all()
         report = (html.parent / "report.md").read_text()
         assert "Every strategy on the same commits" in report and all(f"| {s} |" in report for s in SPECS)
+        # ...and every branch was scored after every merge step of every order (OPCM's protocol)
+        steps = pd.read_parquet(out / "orders_steps.parquet")
+        n_commits = int(res.commits_accepted.iloc[0])
+        assert len(steps) == preset.orders * len(SPECS) * n_commits * steps.task.nunique()
+        assert sorted(steps.step.unique()) == list(range(1, n_commits + 1))
+        assert "Accuracy and forgetting per merge step" in report
+        assert (html.parent / "figures" / "steps.png").stat().st_size > 0
     if study in ("order", "strategies"):
         orders = pd.read_parquet(out / "orders.parquet")
         assert len(orders) == preset.orders * len(preset.base.merge.strategies)
