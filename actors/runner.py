@@ -136,7 +136,7 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, r
         records = ray.get(merge_actor.records.remote())
     finally:
         killer.stop()
-        for a in list(institutions.values()) + [merge_actor]:
+        for a in {id(a): a for a in list(institutions.values()) + [merge_actor]}.values():
             ray.kill(a)
         if own_pg:
             ray.util.remove_placement_group(pg)
@@ -145,6 +145,9 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, r
     wall_s = time.time() - t_start
     # Step 5: records and summary.
     extra = {"faults": plan.record() | {"institution_kills_done": killer.kills}} if cfg.faults.any else {}
+    per_actor = hosted_per_actor(cfg, len(cohort.institutions))
+    extra["institution_actors"] = {"actors": math.ceil(len(cohort.institutions) / per_actor),
+                                   "institutions_per_actor": per_actor}
     if resume:
         extra["resumed"] = {"skipped": len(skip), "contributions_run": len(schedule.contributions) - len(skip)}
     from sim.summary import FinalEvaluation, summarise_run
@@ -168,9 +171,22 @@ def start_actors(cfg: SimConfig, cfg_blob: str, cohort, run_dir: Path, options: 
     meta = {i.id: (i.task, tuple(i.classes)) for i in cohort.institutions}
     merge_actor = MergeActor.remote(str(run_dir.resolve()), cfg_blob, meta, options, secret, history)
     # An institution's data go in as an object ref held for the whole run (the caller keeps the third value): Ray
-    # restarts a killed institution from its constructor arguments, which must still be in the object store then.
+    # restarts a killed actor from its constructor arguments, which must still be in the object store then.
     private = {i.id: ray.put(i) for i in cohort.institutions}
-    institutions = {i.id: Institution.remote(private[i.id], cfg_blob, options, institution_key(secret, i.id))
-                    for i in cohort.institutions}
-    ray.get([merge_actor.ping.remote()] + [a.ping.remote() for a in institutions.values()])
+    per_actor = hosted_per_actor(cfg, len(cohort.institutions))
+    institutions, hosts = {}, []
+    for start in range(0, len(cohort.institutions), per_actor):
+        group = [i.id for i in cohort.institutions[start:start + per_actor]]
+        host = Institution.remote([private[i] for i in group], cfg_blob, options,
+                                  {i: institution_key(secret, i) for i in group})
+        hosts.append(host)
+        institutions |= {i: host for i in group}
+    ray.get([merge_actor.ping.remote()] + [h.ping.remote() for h in hosts])
     return merge_actor, institutions, private
+
+
+def hosted_per_actor(cfg: SimConfig, n_institutions: int) -> int:
+    """Institutions per ``Institution`` actor: ``runtime.institutions_per_actor``, or for 0 ceil(N / 2) (at most two
+    actors: their calls return at once, and each process costs a second of start-up and ~0.17 GB)."""
+    k = cfg.runtime.institutions_per_actor or math.ceil(n_institutions / 2)
+    return max(1, min(k, n_institutions))

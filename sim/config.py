@@ -341,6 +341,9 @@ class RuntimeConfig:
     commit_cache: str | None = _f(None, "directory of a content-addressed commit cache shared by runs: a "
                                         "contribution trained before with the same training-relevant config is "
                                         "loaded from it instead of retrained (sweeps set it); None = off")
+    institutions_per_actor: int = _f(0, "institutions hosted by one actor process, each with its own private data, "
+                                        "key and state (Flower's virtual clients); 0 = chosen from the community "
+                                        "size: ceil(institutions / 2), i.e. at most 2 actors")
 
     def __post_init__(self) -> None:
         _check(self.device == "cpu" or self.device.startswith("cuda"), "runtime.device", "cpu, cuda or cuda:N",
@@ -351,6 +354,8 @@ class RuntimeConfig:
         _check(self.threads >= 1, "runtime.threads", "an integer >= 1", self.threads)
         _choice("runtime.clock", self.clock, ("virtual", "wall"))
         _check(self.eval_every >= 0, "runtime.eval_every", "an integer >= 0", self.eval_every)
+        _check(self.institutions_per_actor >= 0, "runtime.institutions_per_actor", "an integer >= 0 (0 = automatic)",
+               self.institutions_per_actor)
 
 
 # Kinds of commit corruption ``faults.corrupt`` draws from; sim.faults.corrupt_commit makes each (listed here so

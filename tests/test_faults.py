@@ -305,13 +305,13 @@ def test_a_lost_contribution_is_made_again_by_the_restarted_institution(ray_sess
     merge = MergeActor.remote(str(tmp_path / "run"), blob, {i.id: (i.task, tuple(i.classes))
                                                             for i in tiny_cohort.institutions}, options, SECRET)
     private = ray.put(inst)              # held here: a restart needs the constructor arguments
-    actor = Institution.remote(private, blob, options, institution_key(SECRET, 1))
+    actor = Institution.remote([private], blob, options, {1: institution_key(SECRET, 1)})
     try:
         [ref] = ray.get(actor.contribute.remote(contribution, None))
         ray.kill(actor, no_restart=False)    # while it trains: the commit will never exist
         while True:                      # until the restarted process answers
             try:
-                assert ray.get(actor.ping.remote(), timeout=30) == 1
+                assert ray.get(actor.ping.remote(), timeout=30) == (1,)
                 break
             except ray.exceptions.RayActorError:
                 time.sleep(0.2)

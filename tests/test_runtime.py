@@ -67,13 +67,17 @@ def test_small_run_end_to_end(run_two_workers, tiny_run_cfg):
 def test_same_seed_same_metrics_with_one_and_two_workers(run_two_workers, tiny_run_cfg, tmp_path):
     from actors.runner import run_simulation
 
-    # Prepare
+    # Prepare: one worker and one actor per institution, against two workers and the default hosting (two
+    # institutions per actor for four institutions)
     _, two = run_two_workers
-    one_cfg = tiny_run_cfg.replace(runtime=dataclasses.replace(tiny_run_cfg.runtime, workers=1))
+    one_cfg = tiny_run_cfg.replace(runtime=dataclasses.replace(tiny_run_cfg.runtime, workers=1,
+                                                               institutions_per_actor=1))
     # Execute
     one = run_simulation(one_cfg, tmp_path / "run1")
-    # Assert
+    # Assert: the same numbers whatever the pool's size and however the institutions are hosted
     assert metrics_of(one) == metrics_of(two)
+    assert one["institution_actors"] == {"actors": 4, "institutions_per_actor": 1}
+    assert two["institution_actors"] == {"actors": 2, "institutions_per_actor": 2}
 
 
 def test_init_from_main_records_staleness(ray_session, tiny_run_cfg, tmp_path):
