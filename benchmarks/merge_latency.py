@@ -8,7 +8,9 @@ parameter-space strategy: seconds and peak memory (the process's peak RSS above 
 ratio to peft's ``add_weighted_adapter`` with ``svd`` and ``ties`` on the same
 adapters (a peft model of 12 ``Linear(768, 2304)`` "qkv" modules). peft's ``ties`` works on the A and B factors;
 ours on ΔW (peft's ΔW-space equivalent is ``ties_svd``, also timed for N ≤ 20 — it adds an SVD to the same work).
-Targets at N = 50: svd ≤ 2 s and ≥ 3× faster than peft's svd; every ΔW-space strategy ≤ 5 s; peak ≤ 4 GB.
+Targets at N = 50: svd ≤ 2 s and ≥ 3× faster than peft's svd; every ΔW-space strategy ≤ 5 s; peak ≤ 4 GB. The
+data-aware merges (regmean, fisher) are timed on synthetic statistics of these shapes (``synthetic_statistics``),
+the continual ones as the fold over the N adapters (a run's branch pays one step per commit).
 
 Part 2: a budget-40 coefficient search for fusion and mixture over 12 contributors' proxy sets (10 images per
 class of each institution's training data, the stand-in for distilled sets) with the default model
@@ -80,6 +82,27 @@ def vit_b_adapters(n: int, seed: int = 0) -> list[Adapter]:
     return out
 
 
+def synthetic_statistics(name: str, adapters: list[Adapter], seed: int = 0) -> dict:
+    """Stand-ins for a data-aware strategy's per-contributor statistics at these shapes (``spec.statistic``), which a
+    run computes once per adapter when its commit arrives: RegMean's input Grams (a random PSD XᵀX/n from 256 token
+    rows per contributor and module), Fisher merging's diagonals (random positive); the merge itself is timed."""
+    spec = get_spec(name)
+    if spec.statistic_impl is None:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    if spec.statistic_option == "grams":
+        stats = []
+        for _ in adapters:
+            grams = {}
+            for m in MODULES:
+                x = torch.randn(256, DIM, generator=g, dtype=torch.float64)
+                grams[m] = x.T @ x / 256
+            stats.append(grams)
+    else:
+        stats = [{k: torch.rand(v.shape, generator=g) + 1e-3 for k, v in a.weights.items()} for a in adapters]
+    return {spec.statistic_option: stats}
+
+
 def peft_model(adapters: list[Adapter]):
     """A peft model of 12 Linear(768, 2304) "qkv" modules holding the N adapters as a0 … a{N-1}."""
     from peft import get_peft_model, set_peft_model_state_dict
@@ -121,7 +144,13 @@ def latency_table(sizes: list[int], strategies: list[str], peft_ties_svd_max_n: 
             print(f"  N={n:2d} peft {comb:<16s} {ref[comb][0]:7.2f} s  {ref[comb][1]:7.0f} MB", flush=True)
         del model
         for name in strategies:
-            s, mb = measure(lambda name=name, adapters=adapters: merge(name, adapters, cfg=cfg, seed=0).merged)
+            stats = synthetic_statistics(name, adapters)
+            if stats:       # data-aware: the merge on given statistics (merge() would compute them on a foundation)
+                fn = lambda name=name, adapters=adapters, stats=stats: get_spec(name).fn(adapters, None, **stats)  # noqa: E731
+            else:
+                fn = lambda name=name, adapters=adapters: merge(name, adapters, cfg=cfg, seed=0).merged  # noqa: E731
+            s, mb = measure(fn)
+            del stats
             row = {"n": n, "method": name, "s": s, "peak_mb": mb,
                    "vs_peft_svd": ref["svd"][0] / s, "vs_peft_ties": ref["ties"][0] / s}
             rows.append(row)
@@ -185,14 +214,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N in {10, 20}, 4 contributors, budget 10")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     ap.add_argument("--sizes", help="comma-separated N (default 10,20,30,40,50)")
-    ap.add_argument("--strategies", help=f"comma-separated (default: {', '.join(DELTA_SPACE)}, lora_avg, fusion)")
+    ap.add_argument("--strategies", help=f"comma-separated (default: {', '.join(DELTA_SPACE)}, lora_avg, fisher, "
+                                         "fusion)")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-search", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     default_sizes = [10, 20] if args.quick else [10, 20, 30, 40, 50]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes
-    strategies = args.strategies.split(",") if args.strategies else list(DELTA_SPACE) + ["lora_avg", "fusion"]
+    strategies = (args.strategies.split(",") if args.strategies
+                  else list(DELTA_SPACE) + ["lora_avg", "fisher", "fusion"])
     for s in strategies:
         get_spec(s)  # fail fast on a typo
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores")
