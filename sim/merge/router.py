@@ -34,8 +34,9 @@ forgesim's own choices for ``router`` (not FedKIM's):
   uniform over adapters 0 … k-1: ties between logits go to the lowest index (a stable sort; ``torch.topk`` promises
   no order among equals). An expert outside the top k gets no gradient until a kept logit falls below its own;
 * training standardises h with the union's per-dimension mean and sqrt(var + 1e-5) (BatchNorm's eps) and folds that
-  back into W, b (``fold``), so the stored gate is still W h(x) + b. The tiny and default foundations' features vary
-  across images by a few percent of their norm, which left a zero-initialised gate nearly untrained in 100 steps;
+  back into W, b (``fold``), so the stored gate is still W h(x) + b. The tiny test foundation's features vary
+  across images by about 1 % of their norm (not measured on the default one), which left a zero-initialised gate
+  nearly untrained in 100 steps;
 * learning rate ``GATE_LR`` = 1e-2 and ``GATE_STEPS`` = 100 (FedKIM: 5e-4, warmed up and decayed over 20 000 steps
   of an LLM-scale model);
 * top_k = 1 is refused for training with N >= 2: a softmax over one logit is 1 whatever W is, so the gate gets no
