@@ -280,18 +280,35 @@ def regmean(adapters: Sequence[Adapter], weights: Weights = None, *, grams: Sequ
     factors = {}
     for j, m in enumerate(modules):
         in_f = adapters[0].factors(m)[0].shape[1]
-        out_f = adapters[0].factors(m)[1].shape[0]
         gram_sum = torch.zeros(in_f, in_f, dtype=torch.float64)
-        rhs = torch.zeros(out_f, in_f, dtype=torch.float64)                   # Σ ΔW_i G̃_i (out, in)
+        b_cat, ag = [], []                          # ΔW* = [s_i B_i]_i · [A_i G̃_i]_i (Σ G̃)⁺, never dense before it must be
         for i, (a, g) in enumerate(zip(adapters, table)):
-            g_i = w[i, j] * reduce_off_diagonal(g[m].detach().to("cpu", torch.float64), alpha)   # (in, in)
+            g_i = g[m].detach().to("cpu", torch.float64)                          # (in, in)
             a_i, b_i = a.factors(m)
-            gram_sum += g_i
-            rhs += (b_i.double() * a.scaling(m)) @ (a_i.double() @ g_i)          # (out, r) @ (r, in)
-        delta = rhs @ pinv_psd(gram_sum, _precision(t[m] for t in table))       # (out, in); G̃ symmetric
-        a_new, b_new = dense_factors(delta.float())
-        factors[m] = (a_new, b_new, 1.0)
+            gram_sum.add_(g_i, alpha=float(w[i, j]))          # the off-diagonal scaling is linear: applied to the sum
+            b_cat.append(b_i.double() * a.scaling(m))                            # (out, r)
+            # A_i G̃_i = w (α A_i G_i + (1 − α) A_i diag(G_i)), without forming G̃_i
+            a64 = a_i.double()
+            ag.append(float(w[i, j]) * (alpha * (a64 @ g_i) + (1.0 - alpha) * a64 * torch.diagonal(g_i)))
+        gram_sum = reduce_off_diagonal(gram_sum, alpha)
+        right = torch.cat(ag) @ pinv_psd(gram_sum, _precision(t[m] for t in table))   # (R, in); G̃ symmetric
+        factors[m] = _low_rank_factors(torch.cat(b_cat, dim=1), right)
     return build_adapter(factors, adapters, "regmean")
+
+
+def _low_rank_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, 1.0)`` of ΔW = b @ a (b (out, R), a (R, in), float64) at ΔW's numerical rank: with R < min(out, in)
+    from the thin SVD of the factors (``subspace.factored_svd``: A = Vᵀ, B = U S, what ``base.dense_factors`` gives
+    from the dense ΔW), else ``dense_factors`` of the product (float32, as every ΔW-space merge stores it)."""
+    from sim.merge.subspace import factored_svd
+
+    if b.shape[1] < min(b.shape[0], a.shape[1]):
+        u, s, v = factored_svd(b, a)
+        if s.numel() == 0:
+            return torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1), 1.0
+        return v.T.float().contiguous(), (u * s).float().contiguous(), 1.0
+    a_new, b_new = dense_factors(b.float() @ a.float())
+    return a_new, b_new, 1.0
 
 
 # ------------------------------------------------------------------------------------------
