@@ -109,7 +109,7 @@ def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
 
 @ray.remote(max_retries=2)
 def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = None,
-                per_step: bool = False) -> tuple[list, list, dict]:
+                per_step: bool | list[str] = False) -> tuple[list, list, dict]:
     """Re-merge a run's commits in the given orders (``sim.replay.replay``) with this worker's foundation."""
     from sim.replay import load_replayable, replay
 

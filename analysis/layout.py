@@ -77,7 +77,8 @@ def read_layouts(sweep_dir: str | Path) -> tuple[StudyLayout, ...]:
         raise ValueError(f"{path} is not a study layout record ({exc})") from None
 
 
-_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc"}
+_COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc",
+            "partition": "data.partition", "dataset": "data.name"}
 # The built-in studies' layouts as their sweeps write them (tests/test_sweep.py checks they agree), in the order
 # their sections appear in a report of a dir that holds several studies' records.
 DEFAULT_LAYOUTS: tuple[StudyLayout, ...] = (
@@ -94,4 +95,8 @@ DEFAULT_LAYOUTS: tuple[StudyLayout, ...] = (
         Section("Claims side by side", tables=("claims",)),
         Section("Merge-order sensitivity", "orders", ("orders", "orders_per_task")))),
     StudyLayout("medlego", columns=_COLUMNS, sections=(Section("Claims side by side", tables=("claims",)),)),
+    StudyLayout("strategies", columns=_COLUMNS, sections=(
+        Section("Strategies side by side", tables=("strategies",)),
+        Section("Merge-order sensitivity", "orders", ("orders",)),
+        Section("Accuracy and forgetting per merge step", "steps", ("steps",)))),
 )

@@ -75,7 +75,7 @@ class Study:
     (training is paid once per point, strategies are compared on identical commits); with ``orders`` > 0 each trial
     also re-merges its commits in that many distinct orders (order 0 = the run's), only the points matching
     ``orders_where`` (config field -> value; empty: every point) when it is given; ``order_steps`` scores every branch
-    after every merge step of those orders (OPCM's protocol, ``analysis.steps``). ``x`` is the axis its report plots
+    (True) or the strategies it names after every merge step of those orders (OPCM's protocol, ``analysis.steps``). ``x`` is the axis its report plots
     against (None: seeds only) and ``sections`` what its report shows (``analysis.layout.Section``)."""
 
     name: str
@@ -83,7 +83,7 @@ class Study:
     grid: dict[str, tuple] = field(default_factory=dict)
     orders: int = 0
     orders_where: dict = field(default_factory=dict)
-    order_steps: bool = False
+    order_steps: bool | tuple[str, ...] = False
     description: str = ""
     x: Axis | None = None
     sections: tuple[Section, ...] = ()
@@ -238,17 +238,26 @@ def medlego(smoke: bool = False) -> Study:
                  sections=(CLAIMS_SECTION,))
 
 
+# The strategies whose branches the full strategies study scores after every merge step (each step of each order is
+# an evaluation on every task): the continual merges, which differ there, and the one-shot merges they continue.
+STEPPED = ("opcm", "continual_task_arithmetic", "continual_ties", "continual_weight_average", "continual_magmax",
+           "task_arithmetic", "ties", "magmax", "fusion", "mixture")
+
+
 def strategies(smoke: bool = False) -> Study:
     """Every registered merge strategy side by side (``sim.merge.specs.SPECS``, each a branch of the same run, so all
     merge identical commits): 12 institutions on ``synthetic`` and on ``digits`` × seeds 0-2, each run re-merged in 5
-    seeded orders, every branch scored after every merge step of every order (OPCM's protocol); the report gives per
-    strategy ACC and AUC, their range over orders, storage, inference cost and merge time, and accuracy on the tasks
-    merged so far and forgetting per step (mean ± sd over orders). Smoke: the tiny model, 4 institutions, synthetic, seed 0, 2 orders (one trial)."""
+    seeded orders; the continual merges and the merges they continue (``STEPPED``) are scored after every merge step
+    of every order (OPCM's protocol). The report gives per strategy ACC and AUC, their range over orders, storage,
+    inference cost and merge time, and accuracy on the tasks merged so far and forgetting per step (mean ± sd over
+    orders). Smoke: the tiny model, 4 institutions, synthetic, seed 0, 2 orders, every strategy scored per step (one
+    trial)."""
     from sim.merge.specs import SPECS
 
     cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": tuple(SPECS)})
     grid = {"data.name": ("synthetic",) if smoke else ("synthetic", "digits"), "seed": (0,) if smoke else (0, 1, 2)}
-    return Study("strategies", cfg, grid, orders=2 if smoke else 5, order_steps=True, description=strategies.__doc__,
+    return Study("strategies", cfg, grid, orders=2 if smoke else 5, order_steps=True if smoke else STEPPED,
+                 description=strategies.__doc__,
                  sections=(Section("Strategies side by side", tables=("strategies",)),
                            Section("Merge-order sensitivity", "orders", ("orders",)),
                            Section("Accuracy and forgetting per merge step", "steps", ("steps",))))

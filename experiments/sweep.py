@@ -119,10 +119,11 @@ def distinct_orders(n_commits: int, orders: int, seed: int) -> list[int]:
     return picked
 
 
-def replay_run(cfg: SimConfig, run_dir: Path, orders: int, per_step: bool = False) -> None:
+def replay_run(cfg: SimConfig, run_dir: Path, orders: int, per_step: bool | list[str] = False) -> None:
     """``orders`` distinct merge orders of ``run_dir``'s accepted commits (``distinct_orders``), split over the pool's
     workers as Ray tasks; writes ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir, and with
-    ``per_step`` ``orders_steps.parquet`` (every branch scored after every merge step, ``sim.replay.replay``)."""
+    ``per_step`` ``orders_steps.parquet`` (every branch, or the strategies it names, scored after every merge step,
+    ``sim.replay.replay``)."""
     import pandas as pd
     import ray
 
@@ -143,7 +144,7 @@ def replay_run(cfg: SimConfig, run_dir: Path, orders: int, per_step: bool = Fals
     rows = [r for part in parts for r in part[0]]
     per_task = [r for part in parts for r in part[1]]
     pd.DataFrame(per_task).to_parquet(run_dir / "orders_per_task.parquet", index=False)
-    if per_step:
+    if per_step and any(part[2].get("steps") for part in parts):
         pd.DataFrame([r for part in parts for r in part[2]["steps"]]).to_parquet(run_dir / "orders_steps.parquet",
                                                                              index=False)
     pd.DataFrame(rows).to_parquet(run_dir / "orders.parquet", index=False)     # last: it marks the replay done
@@ -174,7 +175,7 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
     check_layout(layout)
     points = study.points()
     plan = {"study": study.name, "description": study.description, "orders": study.orders,
-            "order_steps": study.order_steps,
+            "order_steps": study.order_steps if isinstance(study.order_steps, bool) else list(study.order_steps),
             "base": config_to_dict(base), "max_concurrent": max_concurrent,
             "points": [{"name": point_name(i, p), "values": p, "orders": study.orders_of(p)}
                        for i, p in enumerate(points)]}

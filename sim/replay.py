@@ -92,7 +92,7 @@ def step_rows(order_id: int, step: int, strategy: str, records: list[dict], seen
 
 def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequence[str] | None = None, foundation=None,
            cohort=None, loaded: tuple[SimConfig, list[Commit]] | None = None,
-           per_step: bool = False) -> tuple[list[dict], list[dict], dict]:
+           per_step: bool | Sequence[str] = False) -> tuple[list[dict], list[dict], dict]:
     """Re-merge ``run_dir``'s commits in ``orders`` orders (a count: orders ``0..orders-1``; or the order indices,
     so that parts of one study can run in parallel).
 
@@ -100,7 +100,8 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
     one per order × strategy × task, and ``{permutations, strategies, n_commits}``. ``per_step``: also evaluate every
     branch after every merge step, on every task of the run (OPCM's protocol, Tang et al. 2025: accuracy on the tasks
     merged so far and forgetting, per step, over orders); ``info["steps"]`` then holds one row per order × strategy ×
-    step × task (``step_rows``).
+    step × task (``step_rows``). ``per_step`` may also name the strategies to score per step (the others are
+    scored at the end only), as a full study does to bound the cost of scoring N steps × orders.
     """
     import torch
 
@@ -123,10 +124,11 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
     rows, per_task, perms = [], [], []
     proxy_cache, evaluator = ProbabilityCache(), ReplayEvaluator(foundation, cohort, tasks)
     steps: list[dict] = []
+    stepped = set(strategies) if per_step is True else set(per_step or ()) & set(strategies)
     for k in order_ids:
         order = permutation(len(commits), k, cfg.seed)
         perms.append(order)
-        on_step = _step_recorder(steps, evaluator, commits, order, k) if per_step else None
+        on_step = _step_recorder(steps, evaluator, commits, order, k, stepped) if stepped else None
         merged = replay_order(cfg, commits, order, foundation, strategies, proxy_cache, on_step)
         records = evaluator.records({s: p for s, (p, _) in merged.items()}, len(commits))
         for s in strategies:
@@ -142,9 +144,12 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
 
 
 def _step_recorder(steps: list[dict], evaluator: "ReplayEvaluator", commits: Sequence[Commit], order: Sequence[int],
-                   order_id: int) -> Callable[[int, str, object], None]:
-    """``replay_order``'s ``on_step`` for ``per_step``: evaluate the branch on every task, append ``step_rows``."""
+                   order_id: int, stepped: set[str]) -> Callable[[int, str, object], None]:
+    """``replay_order``'s ``on_step`` for ``per_step``: evaluate a ``stepped`` strategy's branch on every task, append
+    ``step_rows``."""
     def on_step(step: int, strategy: str, predictor) -> None:
+        if strategy not in stepped:
+            return
         seen = {commits[i].task for i in order[:step]}
         steps.extend(step_rows(order_id, step, strategy, evaluator.records({strategy: predictor}, step), seen))
     return on_step

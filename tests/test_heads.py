@@ -18,6 +18,19 @@ from sim.train import train_adapter, train_joint_adapter
 
 PARAMETER_SPACE = [name for name, spec in SPECS.items() if spec.space != "output"]
 
+
+def data_inputs(strategy: str, foundation, insts) -> dict:
+    """What a data-aware strategy (``spec.statistic``) merges with besides the adapters: the foundation and one
+    distilled set per adapter (here 4 real training images per class of its institution); nothing for the others."""
+    if SPECS[strategy].statistic_impl is None:
+        return {}
+    sets = []
+    for inst in insts:
+        idx = np.concatenate([np.flatnonzero(inst.train.y == c)[:4] for c in range(len(inst.classes))])
+        sets.append(DistilledSet(inst.task, inst.classes, inst.train.x[idx].astype(np.float32) / 255.0,
+                                 inst.train.y[idx]))
+    return {"foundation": foundation, "proxy": sets}
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -88,7 +101,7 @@ def np_cross_entropy(foundation, adapter, sets, heads) -> float:
 def test_every_parameter_space_merge_scores_each_task_with_its_head(strategy, tiny_foundation, tiny_cohort,
                                                                       contributors):
     insts, adapters = contributors
-    merged = merge(strategy, adapters, cfg=MergeConfig()).merged
+    merged = merge(strategy, adapters, cfg=MergeConfig(), **data_inputs(strategy, tiny_foundation, insts)).merged
     for task in (insts[0].task, insts[1].task):
         test, classes = tiny_cohort.task_split(task, "test"), tiny_cohort.task_classes[task]
         expected = np_proba(tiny_foundation, merged, test.x, np_head(adapters, task))
@@ -135,12 +148,13 @@ def test_an_adapter_without_a_head_for_the_task_is_an_error(tiny_foundation, tin
         predict_proba(tiny_foundation, adapters[0], test.x, insts[1].task, insts[1].classes)
 
 
-def test_prototype_merges_carry_no_head(tiny_cfg, tiny_foundation):
+def test_prototype_merges_carry_no_head(tiny_cfg, tiny_foundation, tiny_cohort):
     from sim.merge.base import base_reference
 
     adapters = [new_adapter(tiny_foundation, tiny_cfg.lora, s) for s in (0, 1)]
     for strategy in PARAMETER_SPACE:
-        merged = merge(strategy, adapters).merged
+        inputs = data_inputs(strategy, tiny_foundation, tiny_cohort.institutions[:2])
+        merged = merge(strategy, adapters, **inputs).merged
         assert merged.head is None and "head_counts" not in merged.meta
     assert base_reference(adapters) is None
 

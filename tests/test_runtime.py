@@ -206,6 +206,14 @@ def test_replay_per_step_scores_every_step_and_ends_at_the_final_merge(run_two_w
         for step in range(1, n_commits + 1):
             seen = set(steps[(steps.order == k) & (steps.strategy == "opcm") & (steps.step == step) & steps.seen].task)
             assert seen == {task_of[i] for i in perm[:step]}
+    # ...and per_step may name the strategies scored per step: the others are scored at the end only
+    from sim.replay import replay
+
+    rows, _, info = replay(out, [1], ["svd", "opcm"], per_step=["opcm"])
+    assert {r["strategy"] for r in rows} == {"svd", "opcm"} and {r["strategy"] for r in info["steps"]} == {"opcm"}
+    got = pd.DataFrame(info["steps"]).sort_values(["step", "task"]).reset_index(drop=True)
+    want = steps[(steps.order == 1) & (steps.strategy == "opcm")].sort_values(["step", "task"]).reset_index(drop=True)
+    np.testing.assert_allclose(got.acc.to_numpy(), want.acc.to_numpy(), atol=1e-12)
 
 
 def test_replay_refuses_a_run_that_pulled_from_main(tmp_path, tiny_run_cfg, capsys):

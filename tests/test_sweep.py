@@ -59,7 +59,8 @@ def test_a_study_entry_is_what_its_sweep_dir_records_for_the_report(tmp_path):
     # Assert: the layout record (x column, config columns, sections) is the entry's, read back by analysis
     assert read_layouts(tmp_path) == (study.layout(),)
     assert config_columns(plan, tmp_path) == {"seed": "seed", "contributors": "data.institutions",
-                                              "rank": "lora.rank", "ipc": "distill.ipc"}
+                                              "rank": "lora.rank", "ipc": "distill.ipc", "partition": "data.partition",
+                                              "dataset": "data.name"}
     # ...and a sweep dir without a record is read as its built-in study would have written it
     assert tuple(get_study(name).layout() for name in STUDIES) == DEFAULT_LAYOUTS
 
