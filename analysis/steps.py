@@ -43,17 +43,21 @@ def order_steps(steps: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _sd(v: pd.Series) -> float:
+    """Sample sd (ddof 1) of the defined values; 0 for one value, NaN for none."""
+    n = int(v.notna().sum())
+    return float(v.std(ddof=1)) if n > 1 else (0.0 if n else np.nan)
+
+
 def step_summary(steps: pd.DataFrame) -> pd.DataFrame:
     """Per strategy × step, over every replayed order: ``acc_seen_mean``, ``acc_seen_sd``, ``forgetting_mean``,
-    ``forgetting_sd`` (sd with ddof 1; 0 for a single order) and ``orders`` (how many orders)."""
+    ``forgetting_sd`` (sd with ddof 1; 0 for a single order) and ``orders`` (how many orders); strategies in the
+    order they first appear, steps ascending."""
     per = order_steps(steps)
-    rows = []
-    for (strategy, step), g in per.groupby(["strategy", "step"], sort=False):
-        sd = (lambda v: float(v.std(ddof=1)) if v.notna().sum() > 1 else (0.0 if v.notna().any() else np.nan))
-        rows.append({"strategy": strategy, "step": step, "acc_seen_mean": float(g["acc_seen"].mean()),
-                     "acc_seen_sd": sd(g["acc_seen"]), "forgetting_mean": float(g["forgetting"].mean())
-                     if g["forgetting"].notna().any() else np.nan, "forgetting_sd": sd(g["forgetting"]),
-                     "orders": len(g)})
-    return pd.DataFrame(rows).sort_values(["strategy", "step"], key=lambda c: c if c.name == "step" else
-                                          c.map({s: i for i, s in enumerate(dict.fromkeys(per["strategy"]))}),
-                                          ignore_index=True)
+    rows = [{"strategy": strategy, "step": step, "acc_seen_mean": float(g["acc_seen"].mean()),
+             "acc_seen_sd": _sd(g["acc_seen"]), "forgetting_mean": float(g["forgetting"].mean())
+             if g["forgetting"].notna().any() else np.nan, "forgetting_sd": _sd(g["forgetting"]), "orders": len(g)}
+            for (strategy, step), g in per.groupby(["strategy", "step"], sort=False)]
+    rank = {s: i for i, s in enumerate(dict.fromkeys(per["strategy"]))}
+    out = pd.DataFrame(rows)
+    return out.iloc[np.lexsort((out["step"].to_numpy(), out["strategy"].map(rank).to_numpy()))].reset_index(drop=True)

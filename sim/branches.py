@@ -42,8 +42,8 @@ class MainBranches:
         self.cfg, self.foundation = cfg, foundation
         self.adapters: list[Adapter] = []
         self.staleness: list[int] = []
-        self.proxy_sets: dict[int, DistilledSet] = {}
-        self.arrived: ArrivedProxy = ArrivedProxy((), ())   # the set each adapter came with, and whose it is
+        # the set each adapter came with, and whose it is; the proxy is the latest set of every source (``seen``)
+        self.arrived: ArrivedProxy = ArrivedProxy((), ())
         self.states: dict[str, SequentialState] = {}
         self.merged: dict[str, Predictor] = {s: None for s in self.strategies}
 
@@ -115,9 +115,8 @@ class MainBranches:
         """
         adapters = self.adapters + [commit.adapter]
         stale = self.staleness + [staleness]
-        proxy_sets = dict(self.proxy_sets) | {commit.institution: commit.distilled}
-        proxy = list(proxy_sets.values())
         arrived = ArrivedProxy(self.arrived.sets + (commit.distilled,), self.arrived.sources + (commit.institution,))
+        proxy = arrived.seen(len(arrived) - 1)            # the latest set of every institution, first-arrival order
         states, merged, records = {}, {}, []
         for s in self.strategies:
             seed = derive_seed(self.cfg.seed, "merge", s, seq)
@@ -125,14 +124,14 @@ class MainBranches:
             if state is not None:
                 states[s] = state
             records.append({"event": "merged", "seq": seq, "id": commit.id, "strategy": s} | rec)
-        update = {"adapters": adapters, "staleness": stale, "proxy_sets": proxy_sets, "arrived": arrived,
+        update = {"adapters": adapters, "staleness": stale, "arrived": arrived,
                   "states": states, "merged": merged}
         return update, records
 
     def apply(self, update: dict) -> None:
         """Make a ``propose`` update current."""
         self.adapters, self.staleness = update["adapters"], update["staleness"]
-        self.proxy_sets, self.arrived = update["proxy_sets"], update["arrived"]
+        self.arrived = update["arrived"]
         self.states |= update["states"]
         self.merged |= update["merged"]
 

@@ -128,10 +128,7 @@ def build_cohort(cfg, seed: int) -> Cohort:
     """
     if cfg.partition == "per_institution":
         return _per_institution_cohort(cfg, seed)
-    pools: list[TaskPool] = get_dataset(cfg.name)(cfg, seed)
-    if cfg.tasks:
-        by_name = {p.name: p for p in pools}
-        pools = [by_name[t] for t in cfg.tasks]
+    pools = _task_pools(cfg, seed)
     n_tasks = len(pools)
     _check_institutions(cfg, n_tasks)
     sites_of = [len(range(t, cfg.institutions, n_tasks)) for t in range(n_tasks)]
@@ -146,6 +143,15 @@ def build_cohort(cfg, seed: int) -> Cohort:
         per_task_sites[t] = list(zip(*parts))
     classes = {p.name: p.classes for p in pools}
     return _shifted_cohort(cfg, seed, list(classes), classes, lambda t, site: per_task_sites[t][site])
+
+
+def _task_pools(cfg, seed: int) -> list[TaskPool]:
+    """The dataset's task pools, in ``cfg.tasks`` order when it names them."""
+    pools: list[TaskPool] = get_dataset(cfg.name)(cfg, seed)
+    if cfg.tasks:
+        by_name = {p.name: p for p in pools}
+        pools = [by_name[t] for t in cfg.tasks]
+    return pools
 
 
 def _check_institutions(cfg, n_tasks: int) -> None:
@@ -211,10 +217,7 @@ def _per_institution_cohort(cfg, seed: int) -> Cohort:
 
         return _shifted_cohort(cfg, seed, names, classes, own)
     # The whole pool: the loaders' train_per_class cap is pool mode's; here it is the size of each site's share.
-    pools: list[TaskPool] = get_dataset(cfg.name)(dataclasses.replace(cfg, partition="pool", train_per_class=0), seed)
-    if cfg.tasks:
-        by_name = {p.name: p for p in pools}
-        pools = [by_name[t] for t in cfg.tasks]
+    pools = _task_pools(dataclasses.replace(cfg, partition="pool", train_per_class=0), seed)
     _check_institutions(cfg, len(pools))
     names, classes = [p.name for p in pools], {p.name: p.classes for p in pools}
     n_sites = [len(range(t, cfg.institutions, len(pools))) for t in range(len(pools))]

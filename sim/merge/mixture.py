@@ -236,13 +236,20 @@ def mixture_search_loss(foundation: Foundation, data: ProxyData,
     return mixture_loss(ProbabilityCache().probabilities(foundation, adapters, data), data)
 
 
+def save_members(adapters: Sequence[Adapter], out: Path) -> list[str]:
+    """Write an output-space predictor's adapters as ``out/adapter_000/ … adapter_{N-1}/`` (peft adapter dirs);
+    returns their names, in order (the mixture's and the router's files list them)."""
+    names = [f"adapter_{i:03d}" for i in range(len(adapters))]
+    for name, a in zip(names, adapters):
+        save_adapter(a, out / name)
+    return names
+
+
 def save_mixture(mix: Mixture, out_dir: str | Path) -> Path:
     """Write ``adapter_000/ … adapter_{N-1}/`` (peft adapter dirs) and ``mixture.json`` with the weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = [f"adapter_{i:03d}" for i in range(len(mix.adapters))]
-    for name, a in zip(names, mix.adapters):
-        save_adapter(a, out / name)
+    names = save_members(mix.adapters, out)
     doc = {"format": "forgesim-mixture", "strategy": "mixture", "adapters": names,
            "weights": [float(w) for w in mix.weights], "base_fingerprint": mix.base_fingerprint, "meta": mix.meta}
     (out / MIXTURE_FILE).write_text(json.dumps(doc, indent=2, default=str))

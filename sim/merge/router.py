@@ -75,8 +75,9 @@ import torch.nn.functional as F
 from sim.coefficients import ProxyData, prepare_proxy
 from sim.data.base import DistilledSet
 from sim.merge.base import Weights, check_compatible, common_base
-from sim.merge.mixture import ProbabilityCache, adapter_features, adapter_probabilities, member_heads
-from sim.model import Adapter, Foundation, load_adapter, save_adapter
+from sim.merge.mixture import (ProbabilityCache, adapter_features, adapter_probabilities, member_heads,
+                               save_members)
+from sim.model import Adapter, Foundation, load_adapter
 
 KINDS = ("router", "task_route")
 ROUTER_FILE = "router.json"
@@ -474,9 +475,7 @@ def save_router(router: Router, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = [f"adapter_{i:03d}" for i in range(len(router.adapters))]
-    for name, a in zip(names, router.adapters):
-        save_adapter(a, out / name)
+    names = save_members(router.adapters, out)
     save_file({k: v.contiguous() for k, v in router.gate.items()}, str(out / GATE_FILE), metadata={"format": "pt"})
     doc = {"format": "forgesim-router", "kind": router.kind, "adapters": names, "top_k": int(router.top_k),
            "tasks": list(router.tasks), "adapter_tasks": list(router.adapter_tasks),
