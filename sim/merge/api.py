@@ -275,7 +275,7 @@ def continual_step(strategy: str, state, adapter: Adapter, previous: Adapter | N
         raise ValueError(f"continual merging is defined for "
                          f"{', '.join(n for n, sp in SPECS.items() if sp.continual)}, not {strategy!r}")
     t0 = time.perf_counter()
-    options = {k: v for k, v in _strategy_options(spec.fn, cfg, 0).items() if k != "seed"}
+    options = _strategy_options(spec.fn, cfg, seed=0)     # no continual merge draws random numbers: no seed taken
     state = continual.step(state or continual.start(strategy), adapter, weight=weight, **options)
     merged = continual.merged_adapter(state, [adapter] if previous is None else [previous, adapter])
     return state, MergeResult(strategy, merged, None, merge_s=time.perf_counter() - t0)
