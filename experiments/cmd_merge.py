@@ -12,10 +12,11 @@ import numpy as np
 from experiments.common import CLIError, add_config_args, prepare_out_dir, resolve_config
 from sim.config import config_to_dict
 from sim.data.base import DistilledSet
-from sim.merge import SPECS, Mixture, check_compatible, get_spec, merge, save_mixture
+from sim.merge import SPECS, Mixture, Router, check_compatible, get_spec, merge, save_mixture, save_router
 from sim.model import Adapter, Foundation, load_adapter, load_foundation, save_adapter
 
-HELP = "merge peft LoRA adapter dirs with one strategy; writes a peft adapter dir (or a mixture dir) and merge.json"
+HELP = ("merge peft LoRA adapter dirs with one strategy; writes a peft adapter dir (or a mixture or router dir) and "
+        "merge.json")
 
 FLAGS = {"seed": "seed", "density": "merge.density", "svd_threshold": "merge.svd_threshold", "rank": "merge.svd_rank",
          "optimizer": "merge.optimizer", "budget": "merge.budget", "search_mode": "merge.search_mode",
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "adapters were trained on: give its --config (model and data.img_size). Without --proxy "
                         "fusion and mixture use --weights or 1/N. regmean and fisher need it, one file per --adapters "
                         "dir in the same order: their statistics (input Grams, Fisher diagonals) come from each "
-                        "adapter's own set, and their weights are not searched")
+                        "adapter's own set, and their weights are not searched. router and task_route need it too, one file "
+                        "per --adapters dir in the same order: the gate (task classifier) is trained on those sets")
     p.add_argument("--optimizer", help="nevergrad optimizer of the search (merge.optimizer)")
     p.add_argument("--budget", type=int, help="evaluations of the search (merge.budget)")
     p.add_argument("--search-mode", choices=("sequential", "global"), help="fusion/mixture search (merge.search_mode)")
@@ -142,18 +144,24 @@ def run(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights, len(adapters))
     check_compatible(adapters, same_modules=spec.same_modules, same_ranks=not spec.mixed_ranks)
     foundation, proxy = None, [DistilledSet.load(f) for f in args.proxy]
-    if spec.statistic_impl is not None and not proxy:
+    per_adapter = spec.statistic_impl is not None or spec.fitted     # one set per adapter, paired by position
+    if per_adapter and not proxy:
+        what = "its gate is trained on them" if spec.fitted else "its statistics are computed on them"
         raise CLIError(f"--strategy {args.strategy} needs --proxy: the distilled set each adapter was committed with, "
-                       f"one FILE.npz per --adapters dir in the same order (its statistics are computed on them)")
+                       f"one FILE.npz per --adapters dir in the same order ({what})")
+    if spec.fitted and weights is not None:
+        raise CLIError(f"--strategy {args.strategy} takes no --weights: its weights over the adapters are per image, "
+                       f"learned on the --proxy sets")
     if proxy:
         if weights is not None:
             raise CLIError("--weights and --proxy exclude each other: give weights, or let the search find them")
         from sim.coefficients import get_optimizer
 
         get_optimizer(cfg.merge.optimizer)
-        if spec.statistic_impl is not None:
+        if per_adapter:
             pair_proxy(args.adapters, adapters, args.proxy, proxy, f"--strategy {args.strategy}",
-                       "each adapter's statistics are computed on its own set")
+                       "the gate is trained on the sets received" if spec.fitted
+                       else "each adapter's statistics are computed on its own set")
         elif spec.sequential and cfg.merge.search_mode == "sequential":
             pair_proxy(args.adapters, adapters, args.proxy, proxy, detail="stage i searches on the sets of adapters "
                        "0..i; --search-mode global uses any number")
@@ -162,10 +170,12 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_out_dir(args.out, args.overwrite)
     # Step 2: merge.
     result = merge(args.strategy, adapters, weights, cfg=cfg.merge, foundation=foundation, proxy=proxy or None,
-                   seed=cfg.seed, search=bool(proxy) and spec.statistic_impl is None)
+                   seed=cfg.seed, search=bool(proxy) and not per_adapter)
     # Step 3: write the merged predictor and how it was made.
     if isinstance(result.merged, Mixture):
         save_mixture(result.merged, out)
+    elif isinstance(result.merged, Router):
+        save_router(result.merged, out)
     else:
         save_adapter(result.merged, out)
     summary = {"strategy": args.strategy, "adapters": [str(Path(d).resolve()) for d in args.adapters],
@@ -175,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
                "record": result.record(), "merge_config": config_to_dict(cfg.merge)}
     (out / "merge.json").write_text(json.dumps(summary, indent=2, default=str))
     rec = result.record()
-    what = (f"mixture of {len(result.merged.adapters)} adapters" if isinstance(result.merged, Mixture)
-            else f"adapter of max rank {rec['max_rank']}")
+    what = (f"adapter of max rank {rec['max_rank']}" if isinstance(result.merged, Adapter)
+            else f"{'mixture' if isinstance(result.merged, Mixture) else result.merged.kind} of "
+                 f"{len(result.merged.adapters)} adapters")
     search = (f" | search {rec['initial_objective']:.4f} -> {rec['objective']:.4f} in {rec['evaluations']} evals"
               if result.trace else "")
     print(f"{args.strategy}: {len(adapters)} adapters -> {what} in {result.merge_s:.2f}s{search} -> {out}")

@@ -11,11 +11,13 @@ import numpy as np
 from sim.commit import Commit
 from sim.config import SimConfig
 from sim.data.base import DistilledSet, derive_seed
-from sim.merge import Mixture, StrategySpec, get_spec, merge, merge_step, save_mixture, start_sequence
+from sim.merge import (Mixture, Router, StrategySpec, get_spec, merge, merge_step, save_mixture, save_router,
+                       start_sequence)
 from sim.merge.api import ArrivedProxy, SequentialState, continual_step
+from sim.merge.mixture import ProbabilityCache
 from sim.model import Adapter, Foundation, save_adapter
 
-Predictor = Adapter | Mixture | None
+Predictor = Adapter | Mixture | Router | None
 
 
 class MainBranches:
@@ -27,7 +29,10 @@ class MainBranches:
     on each commit (the proxy goes to every strategy whose spec ``needs_proxy``; a data-aware one gets the set each
     adapter arrived with). A continual strategy (``StrategySpec.continual``: OPCM and the running baselines) is
     stepped with each commit (``continual_step``), keeping only its state, so arrival order is part of the result;
-    with staleness weighting the commit's weight is its default times 1/(1 + staleness). Every other strategy:
+    with staleness weighting the commit's weight is its default times 1/(1 + staleness). A fitted one
+    (``StrategySpec.fitted``: the routers) is trained again on each commit on every distilled set received (each
+    adapter's own), the experts' probabilities on the sets kept across commits; it takes no weights, so no staleness
+    weighting. Every other strategy:
     ``merge`` over every accepted adapter, with its default weights — or, with ``schedule.staleness_weighting``,
     each commit's weight times 1/(1 + staleness) (renormalised for the averaging strategies). Searched strategies
     are not staleness-weighted: their coefficients are fitted on the proxy instead.
@@ -46,6 +51,10 @@ class MainBranches:
         self.arrived: ArrivedProxy = ArrivedProxy((), ())
         self.states: dict[str, SequentialState] = {}
         self.merged: dict[str, Predictor] = {s: None for s in self.strategies}
+        # a fitted branch's experts' probabilities on the sets received (content-keyed, so a rejected proposal's
+        # entries are harmless)
+        self.caches: dict[str, ProbabilityCache] = {s: ProbabilityCache() for s in self.strategies
+                                                    if self.specs[s].fitted}
 
     # -- reading --------------------------------------------------------------------------
     def predictor(self, strategy: str) -> Predictor:
@@ -61,7 +70,9 @@ class MainBranches:
         """Start the output-space branches' sequences with ``cache`` (a ``sim.merge.mixture.ProbabilityCache``):
         replays of the same commits in other orders then compute each adapter's proxy probabilities once."""
         for s in self.strategies:
-            if self.specs[s].space == "output":
+            if self.specs[s].fitted:
+                self.caches[s] = cache
+            elif self.specs[s].space == "output" and self.specs[s].sequential:
                 self.states[s] = dataclasses.replace(start_sequence(s), cache=cache)
 
     def add(self, commit: Commit, seq: int, staleness: int) -> list[dict]:
@@ -99,6 +110,10 @@ class MainBranches:
             state, res = continual_step(s, self.states.get(s), commit.adapter, self.merged[s], cfg=self.cfg.merge,
                                         weight=weight)
             return state, res.merged, res.record()
+        if spec.fitted:         # trained on every set received, each adapter's own
+            res = merge(s, adapters, cfg=self.cfg.merge, foundation=self.foundation, proxy=arrived, seed=seed,
+                        cache=self.caches[s])
+            return None, res.merged, res.record()
         given = (arrived if spec.statistic_impl is not None    # per-contributor statistics: each adapter's own set
                  else proxy if spec.needs_proxy else None)
         res = merge(s, adapters, self._weights(s, stale), cfg=self.cfg.merge, foundation=self.foundation,
@@ -137,8 +152,8 @@ class MainBranches:
 
 
 def save_main(snapshot: Mapping[str, Predictor], out_dir: str | Path) -> Path:
-    """``main/<strategy>/``: a peft adapter dir, or a mixture dir (``save_mixture``); branches without a commit are
-    skipped."""
+    """``main/<strategy>/``: a peft adapter dir, a mixture dir (``save_mixture``) or a router dir (``save_router``);
+    branches without a commit are skipped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for strategy, predictor in snapshot.items():
@@ -148,6 +163,8 @@ def save_main(snapshot: Mapping[str, Predictor], out_dir: str | Path) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         if isinstance(predictor, Mixture):
             save_mixture(predictor, target)
+        elif isinstance(predictor, Router):
+            save_router(predictor, target)
         else:
             save_adapter(predictor, target)
     return out

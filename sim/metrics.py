@@ -39,14 +39,18 @@ def predict_proba(foundation: Foundation, adapter: Adapter | None, x: np.ndarray
                   classes: Sequence[str], batch_size: int = 512) -> np.ndarray:
     """Softmax probabilities (n, K) of ``task``'s classes for uint8 images ``x`` (n, 3, S, S).
 
-    ``adapter`` may also be a ``sim.merge.Mixture`` (output-level merge of N adapters, evaluated batched). With
+    ``adapter`` may also be a ``sim.merge.Mixture`` (output-level merge of N adapters, evaluated batched) or a
+    ``sim.merge.Router`` (per-image weights over N adapters; only the routed ones run). With
     linear heads, ``task`` is scored with the adapter's head of that task (``Adapter.head_for``: a merge carries
     every contributor task's head); without them, with the prototype head.
     """
     from sim.merge.mixture import Mixture, mixture_proba
+    from sim.merge.router import Router, router_proba
 
     if isinstance(adapter, Mixture):
         return mixture_proba(foundation, adapter, x, task, classes, batch_size=max(1, batch_size // 2))
+    if isinstance(adapter, Router):
+        return router_proba(foundation, adapter, x, task, classes, batch_size=max(1, batch_size // 2))
     weights = foundation.merged_weights(adapter) if adapter is not None else None
     head = adapter.head_for(task) if adapter is not None else None
     out = []

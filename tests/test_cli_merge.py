@@ -200,6 +200,33 @@ def test_data_aware_merge_computes_statistics_on_each_adapters_set(strategy, tmp
     assert json.loads((out / "merge.json").read_text())["trace"] == []
 
 
+@pytest.mark.parametrize("strategy", ["router", "task_route"])
+def test_router_merge_writes_a_router_dir_trained_on_each_adapters_set(strategy, tmp_path, search_inputs,
+                                                                       tiny_foundation, capsys):
+    # Prepare
+    from sim.merge import load_router
+    from sim.merge.router import train_gate, train_task_router
+    from sim.metrics import predict_proba
+
+    dirs, proxy_files, cfg_file = search_inputs
+    adapters, sets = [load_adapter(d) for d in dirs], [DistilledSet.load(f) for f in proxy_files]
+    out = tmp_path / strategy
+    # Execute
+    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, "--proxy", *proxy_files, "--config", cfg_file,
+                 "--seed", "3", "--out", str(out)])
+    # Assert: a router dir with the gate trained on the sets (seed 3), which loads and predicts as the API's
+    assert code == 0 and f"{strategy} of 3 adapters" in capsys.readouterr().out
+    fit = train_gate if strategy == "router" else train_task_router
+    expected, got = fit(tiny_foundation, adapters, sets, seed=3), load_router(out)
+    assert got.kind == strategy and len(got.adapters) == 3
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(got.gate[k], expected.gate[k])
+    ds = sets[0]
+    np.testing.assert_allclose(predict_proba(tiny_foundation, got, ds.x, ds.task, ds.classes),
+                               predict_proba(tiny_foundation, expected, ds.x, ds.task, ds.classes), atol=1e-6)
+    assert json.loads((out / "merge.json").read_text())["record"]["n_contributors"] == 3
+
+
 def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
     good = [write(tmp_path, f"g{i}", make_adapter(i)) for i in range(2)]
     dirs, proxy_files, cfg_file = search_inputs
@@ -229,12 +256,19 @@ def _bad_cases(tmp_path, search_inputs) -> dict[str, list[str]]:
                             "--strategy regmean needs --proxy: the distilled set each adapter was committed with"),
         "statistic_count": (["--strategy", "fisher", "--adapters", *dirs, "--proxy", *proxy_files[:2], "--config",
                              cfg_file], "--strategy fisher needs one distilled set per --adapters dir"),
+        "router_proxy": (["--strategy", "router", "--adapters", *dirs, "--config", cfg_file],
+                         "--strategy router needs --proxy: the distilled set each adapter was committed with"),
+        "router_weights": (["--strategy", "task_route", "--adapters", *dirs, "--proxy", *proxy_files, "--weights",
+                            "1,1,1", "--config", cfg_file], "--strategy task_route takes no --weights"),
+        "router_count": (["--strategy", "router", "--adapters", *dirs, "--proxy", *proxy_files[:2], "--config",
+                          cfg_file], "--strategy router needs one distilled set per --adapters dir"),
     }
 
 
 @pytest.mark.parametrize("case", ["shape", "base", "modules", "ranks", "weights", "strategy", "missing", "not_peft",
                                   "density", "foundation", "optimizer", "proxy_count", "proxy_order",
-                                  "statistic_proxy", "statistic_count"])
+                                  "statistic_proxy", "statistic_count", "router_proxy", "router_weights",
+                                  "router_count"])
 def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, search_inputs, capsys):
     args, message = _bad_cases(tmp_path, search_inputs)[case]
     out = tmp_path / "out"

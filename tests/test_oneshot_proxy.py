@@ -10,7 +10,7 @@ import torch
 from sim.branches import MainBranches
 from sim.coefficients import prepare_proxy
 from sim.commit import Commit
-from sim.data.base import DistilledSet
+from sim.data.base import DistilledSet, derive_seed
 from sim.merge import STRATEGIES, merge
 from sim.metrics import predict_proba
 from sim.train import train_adapter
@@ -137,3 +137,39 @@ def test_data_aware_branch_uses_the_set_each_adapter_arrived_with(strategy, tiny
     # and a one-shot merge without one set per adapter names what is missing
     with pytest.raises(ValueError, match=f"{strategy} computes each contributor's statistics .* got 3 for 4"):
         merge(strategy, adapters, cfg=cfg.merge, foundation=tiny_foundation, proxy=latest[1:])
+
+
+@pytest.mark.parametrize("strategy", ["router", "task_route"])
+def test_router_branch_is_fitted_on_every_set_received(strategy, tiny_cfg, tiny_foundation, arrivals, tmp_path):
+    # Prepare: a run's branch fed four commits (institution 0 twice, with different sets)
+    from sim.branches import save_main
+    from sim.merge import load_router
+    from sim.merge.router import train_gate, train_task_router
+
+    cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=(strategy,)))
+    branches = MainBranches((strategy,), cfg, tiny_foundation)
+    adapters, sets = [c.adapter for c in arrivals], [c.distilled for c in arrivals]
+    # Execute
+    for seq, commit in enumerate(arrivals, start=1):
+        branches.add(commit, seq, staleness=0)
+    got = branches.predictor(strategy)
+    fit = train_gate if strategy == "router" else train_task_router
+    expected = fit(tiny_foundation, adapters, sets, seed=derive_seed(cfg.seed, "merge", strategy, 4))
+    # Assert: the branch is the fit on all four sets (the union received, each adapter's own), trained as one shot
+    assert got.kind == strategy and [id(a) for a in got.adapters] == [id(a) for a in adapters]
+    assert got.meta["n_sets"] == 4
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(got.gate[k], expected.gate[k])
+    x, ds = arrivals[1].distilled.x, arrivals[1].distilled
+    np.testing.assert_allclose(predict_proba(tiny_foundation, got, x, ds.task, ds.classes),
+                               predict_proba(tiny_foundation, expected, x, ds.task, ds.classes), rtol=1e-6, atol=1e-7)
+    # main/<strategy>/ is a router dir that loads back to the same predictions
+    save_main(branches.snapshot(), tmp_path / "main")
+    back = load_router(tmp_path / "main" / strategy)
+    np.testing.assert_allclose(predict_proba(tiny_foundation, back, x, ds.task, ds.classes),
+                               predict_proba(tiny_foundation, got, x, ds.task, ds.classes), rtol=1e-6, atol=1e-7)
+    # weights, or a proxy that does not pair with the adapters, are one clear error
+    with pytest.raises(ValueError, match=f"{strategy} takes no weights"):
+        merge(strategy, adapters, [0.25] * 4, foundation=tiny_foundation, proxy=sets)
+    with pytest.raises(ValueError, match="one distilled set per adapter.* got 3 for 4"):
+        merge(strategy, adapters, foundation=tiny_foundation, proxy=sets[1:])

@@ -8,6 +8,7 @@ whose per-task linear heads are solved by least squares to be right (or wrong) o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 
@@ -17,6 +18,7 @@ import torch
 
 from sim.config import LoraConfig
 from sim.data.base import DistilledSet
+from sim.merge import SPECS, get_spec, merge
 from sim.merge.router import (GATE_FILE, ROUTER_FILE, Router, fit_router, fit_task_route, load_router, route_weights,
                               router_proba, save_router, top_k_gate, train_gate)
 from sim.metrics import predict_proba
@@ -374,3 +376,61 @@ def test_corrupt_or_missing_files_are_named(tmp_path, tiny_foundation, two_tasks
     (out / GATE_FILE).unlink()
     with pytest.raises(ValueError, match=re.escape(f"{out / GATE_FILE}: not a readable router gate")):
         load_router(out)
+
+
+# ------------------------------------------------------------------------------------------
+# The registry's claims about the fitted strategies (tests/test_strategy_specs.py checks the weighted ones)
+# ------------------------------------------------------------------------------------------
+FITTED = [n for n, sp in SPECS.items() if sp.fitted]
+
+
+def test_the_fitted_strategies_are_the_routers():
+    assert FITTED == ["router", "task_route"]
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_spec_claims_hold(name, tiny_foundation, two_tasks):
+    # Prepare: three experts, one distilled set each (the set each arrived with)
+    spec = get_spec(name)
+    experts, a, b, _ = two_tasks
+    sets = [a, b, a]
+    fit = lambda adapters, s, seed=0, **kw: merge(name, adapters, foundation=tiny_foundation, proxy=s,  # noqa: E731
+                                                    seed=seed, **kw).merged
+    # Execute
+    merged = fit(experts, sets)
+    permuted = fit([experts[i] for i in (2, 0, 1)], [sets[i] for i in (2, 0, 1)])
+    # Assert: an output-space predictor over the same adapters, no weights, no search, not sequential
+    assert spec.space == "output" and spec.needs_proxy and not spec.searched and not spec.sequential
+    assert isinstance(merged, Router) and merged.kind == name and all(x is y for x, y in zip(merged.adapters, experts))
+    assert spec.default_weight is None and not spec.order_invariant and spec.seeded
+    with pytest.raises(ValueError, match=f"{name} takes no weights"):
+        merge(name, experts, [1 / 3] * 3, foundation=tiny_foundation, proxy=sets)
+    # seeded: the same seed repeats exactly; the gate is trained on batches the seed draws
+    again = fit(experts, sets)
+    assert all(torch.equal(merged.gate[k], again.gate[k]) for k in ("weight", "bias"))
+    other = fit(experts, sets, seed=1)
+    assert any(not torch.equal(merged.gate[k], other.gate[k]) for k in ("weight", "bias"))
+    # not order invariant: the adapters' order is the order of the gate's rows and of the union's images
+    assert [id(x) for x in permuted.adapters] == [id(experts[i]) for i in (2, 0, 1)]
+    # the None options are the spec's published defaults
+    params = inspect.signature(spec.fn).parameters
+    assert {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and p.default is None} - {"cache"} == \
+        set(dict(spec.default_options))
+    explicit = spec.fn(experts, None, foundation=tiny_foundation, proxy=sets, **dict(spec.default_options))
+    assert all(torch.equal(merged.gate[k], explicit.gate[k]) for k in ("weight", "bias"))
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_strategies_take_mixed_ranks_and_modules(name, tiny_foundation, two_tasks):
+    # Prepare: a rank-2 qkv adapter and a rank-4 fc1 adapter (mixed_ranks, not same_modules)
+    spec = get_spec(name)
+    _, a, b, _ = two_tasks
+    mixed = [new_adapter(tiny_foundation, LoraConfig(rank=2, alpha=4.0, target_modules=("qkv",)), seed=0),
+             new_adapter(tiny_foundation, LoraConfig(rank=4, alpha=8.0, target_modules=("fc1",)), seed=1)]
+    for x in mixed:
+        x.meta["task"] = None
+    # Execute
+    merged = merge(name, mixed, foundation=tiny_foundation, proxy=[a, b]).merged
+    # Assert
+    assert spec.mixed_ranks and not spec.same_modules and len(merged.adapters) == 2
+    assert predict_proba(tiny_foundation, merged, a.x, a.task, a.classes).shape == (len(a), len(a.classes))

@@ -5,7 +5,7 @@ source of truth about a strategy — its function, space, whether it is searched
 whether it needs proxy data, accepts mixed ranks or needs the same modules, and its paper; callers read the spec and
 never compare strategy names. ``STRATEGIES`` (name → function) and ``get_strategy`` are views of it. Every
 strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`` (parameter space) or a
-``Mixture`` (output space). Nothing here knows about Ray, actors or time. The table below summarises the specs:
+``Mixture`` or ``Router`` (output space). Nothing here knows about Ray, actors or time. The table below summarises the specs:
 
 | name | space | weights w (default) | searched, sequential | module |
 |---|---|---|---|---|
@@ -29,6 +29,14 @@ strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`
 RegMean and Fisher merging are data-aware: their statistics (``spec.statistic``) are computed by the merge actor on
 the distilled set each adapter was committed with, once per adapter (``merge(..., foundation, proxy)`` with one set per
 adapter, or an ``ArrivedProxy``); their weights are not searched.
+
+| ``router`` | output: Σ r_i(x) softmax(logits_i), r(x) a top-2 gate on the foundation's feature (FedKIM) | per image, trained | no (fitted) | ``router`` |
+| ``task_route`` | output: uniform over the adapters of the task a classifier predicts (LoRKD) | per image, trained | no (fitted) | ``router`` |
+
+The routers (``spec.fitted``) are trained, not searched: a bounded, seeded AdamW fit of the gate (or task
+classifier) on every distilled set received, which a branch repeats on every commit (the experts' probabilities on
+the sets kept in the branch's ``ProbabilityCache``). They are saved as a dir of peft adapter dirs plus
+``router.json`` and ``gate.safetensors`` (``save_router`` / ``load_router``).
 
 | ``opcm`` | delta, continual: each new ΔW projected off the merged update's top singular subspace, rescaled | (N,); 1 | no | ``continual`` |
 | ``continual_task_arithmetic`` | delta, continual: M += w ΔW_t | (N,); λ 0.3 | no | ``continual`` |
@@ -71,6 +79,8 @@ _EXPORTS = {
     "SequentialState": "sim.merge.api:SequentialState", "check_compatible": "sim.merge.base:check_compatible",
     "Mixture": "sim.merge.mixture:Mixture", "mixture_proba": "sim.merge.mixture:mixture_proba",
     "save_mixture": "sim.merge.mixture:save_mixture", "load_mixture": "sim.merge.mixture:load_mixture",
+    "Router": "sim.merge.router:Router", "router_proba": "sim.merge.router:router_proba",
+    "save_router": "sim.merge.router:save_router", "load_router": "sim.merge.router:load_router",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

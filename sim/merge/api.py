@@ -16,6 +16,7 @@ from sim.data.base import DistilledSet, derive_seed
 from sim.merge.base import Weights, check_compatible
 from sim.merge.fusion import fusion_weights_after
 from sim.merge.mixture import Mixture, ProbabilityCache, mixture_loss
+from sim.merge.router import Router
 from sim.merge.specs import SPECS, StrategySpec, get_spec
 from sim.model import Adapter, Foundation
 
@@ -88,7 +89,7 @@ class MergeResult:
     """
 
     strategy: str
-    merged: Adapter | Mixture
+    merged: Adapter | Mixture | Router
     coefficients: np.ndarray | None
     trace: list[float] = field(default_factory=list)
     merge_s: float = 0.0
@@ -97,7 +98,7 @@ class MergeResult:
     def record(self) -> dict:
         """Flat summary for logs and records."""
         rec = {"strategy": self.strategy, "merge_s": self.merge_s, "evaluations": len(self.trace),
-               "n_contributors": (len(self.merged.adapters) if isinstance(self.merged, Mixture)
+               "n_contributors": (len(self.merged.adapters) if not isinstance(self.merged, Adapter)
                                   else self.merged.meta.get("n_contributors", 1)),
                "storage_bytes": self.merged.num_bytes()}
         if self.trace:
@@ -116,15 +117,17 @@ def _strategy_options(fn: Callable, cfg: MergeConfig, seed: int) -> dict:
     return {k: v for k, v in values.items() if k in params}
 
 
-def per_adapter_sets(proxy: Proxy, n: int, strategy: str) -> list[DistilledSet]:
+def per_adapter_sets(proxy: Proxy, n: int, strategy: str,
+                     use: str = "computes each contributor's statistics on") -> list[DistilledSet]:
     """The distilled set each of the ``n`` adapters arrived with (an ``ArrivedProxy``, or a list of one per adapter),
-    for a strategy whose statistics are per contributor; anything else is an error naming what is missing."""
+    for a strategy whose statistics are per contributor or that is trained on the sets (``use``: what it does with
+    them, for the message); anything else is an error naming what is missing."""
     if isinstance(proxy, ProxyData):
         raise ValueError(f"{strategy} needs the distilled set each adapter arrived with (a list of one DistilledSet "
                          f"per adapter, or ArrivedProxy); prepared ProxyData cannot say which is whose")
     sets = list(proxy.sets if isinstance(proxy, ArrivedProxy) else (proxy or ()))
     if len(sets) != n:
-        raise ValueError(f"{strategy} computes each contributor's statistics on the distilled set it arrived with: "
+        raise ValueError(f"{strategy} {use} the distilled set each adapter arrived with: "
                          f"it needs one distilled set per adapter, in the adapters' order; got {len(sets)} for {n}")
     return sets
 
@@ -173,7 +176,7 @@ def _search(loss: Callable, init: np.ndarray, cfg: MergeConfig, seed: int, **kw)
 
 def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *, cfg: MergeConfig | None = None,
           foundation: Foundation | None = None, proxy: Proxy = None, seed: int = 0,
-          search: bool | None = None) -> MergeResult:
+          search: bool | None = None, cache: ProbabilityCache | None = None) -> MergeResult:
     """Merge ``adapters`` with ``strategy`` in one call.
 
     Args:
@@ -191,10 +194,17 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
             ``weights`` are given and foundation and proxy are. A ``sequential`` strategy follows
             ``cfg.search_mode`` (sequential = fold ``merge_step`` over the adapters; global = all N at once);
             any other strategy searches its N (or N × M) weights globally.
+        cache: the adapters' proxy probabilities, kept across calls by a caller that fits the same adapters again
+            (a branch of a ``fitted`` strategy, the routers).
+
+    A ``fitted`` strategy (the routers) is trained on the distilled set each adapter arrived with (one per adapter,
+    or an ``ArrivedProxy``: every set received), seeded ``seed``; it takes no ``weights``.
     """
     cfg = cfg or MergeConfig()
     spec = get_spec(strategy)
     t0 = time.perf_counter()
+    if spec.fitted:
+        return _fit(spec, adapters, weights, foundation, proxy, seed, cache, t0)
     if search is None:
         search = spec.searched and weights is None and foundation is not None and bool(proxy)
     statistics = _statistics(spec, foundation, adapters, proxy)
@@ -215,6 +225,21 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
                                statistics)
     result.merge_s = time.perf_counter() - t0
     return result
+
+
+def _fit(spec: StrategySpec, adapters: Sequence[Adapter], weights: Weights, foundation: Foundation | None,
+         proxy: Proxy, seed: int, cache: ProbabilityCache | None, t0: float) -> MergeResult:
+    """Train a ``fitted`` predictor on the distilled set each adapter arrived with."""
+    if weights is not None:
+        raise ValueError(f"{spec.name} takes no weights: its weights over the adapters are per image, from what it "
+                         f"learns on the distilled sets")
+    sets = per_adapter_sets(proxy, len(adapters), spec.name, "is trained on")
+    if foundation is None:
+        raise ValueError(f"{spec.name} needs the foundation to train on the distilled sets")
+    for a in adapters:
+        a.check_base(foundation)
+    merged = spec.fn(adapters, None, foundation=foundation, proxy=sets, seed=seed, cache=cache)
+    return MergeResult(spec.name, merged, None, merge_s=time.perf_counter() - t0)
 
 
 def _merge_sequentially(strategy: str, adapters: Sequence[Adapter], foundation: Foundation, proxy: ArrivedProxy,

@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from sim.coefficients import ProxyData, prepare_proxy
 from sim.data.base import DistilledSet
 from sim.merge.base import Weights, check_compatible, common_base
+from sim.merge.specs import ROUTER_BATCH, ROUTER_LR, ROUTER_STEPS, ROUTER_TOP_K
 from sim.merge.mixture import (ProbabilityCache, adapter_features, adapter_probabilities, member_heads,
                                save_members)
 from sim.model import Adapter, Foundation, load_adapter
@@ -83,10 +84,9 @@ KINDS = ("router", "task_route")
 ROUTER_FILE = "router.json"
 GATE_FILE = "gate.safetensors"
 
-TOP_K = 2                  # FedKIM's (Octavius') Top2Gating: gate_mode "top2_gate", the only mode it accepts
-GATE_STEPS = 100           # forgesim's: bounded training on a few hundred distilled images
-GATE_LR = 1e-2             # forgesim's (FedKIM's 5e-4 is for 20 000 steps of an LLM-scale model), see module doc
-GATE_BATCH = 16            # FedKIM FedMEKI_train.yaml: deepspeed train_batch_size 16
+# The spec's published defaults (``sim.merge.specs``): FedKIM's (Octavius') Top2Gating k = 2; forgesim's bounded 100
+# steps at learning rate 1e-2 (see the module doc); FedKIM FedMEKI_train.yaml's deepspeed train_batch_size 16
+TOP_K, GATE_STEPS, GATE_LR, GATE_BATCH = ROUTER_TOP_K, ROUTER_STEPS, ROUTER_LR, ROUTER_BATCH
 ADAM_BETAS = (0.9, 0.95)   # FedKIM FedMEKI_train.yaml: optimizer Adam, betas [0.9, 0.95]
 ADAM_EPS = 1e-6            # FedKIM FedMEKI_train.yaml: eps 1e-6
 WEIGHT_DECAY = 1e-4        # FedKIM FedMEKI_train.yaml: weight_decay 1e-4 (deepspeed's Adam decouples it: AdamW)
@@ -282,10 +282,12 @@ def set_weights(data: ProxyData) -> torch.Tensor:
     return w
 
 
-def label_probabilities(foundation: Foundation, adapters: Sequence[Adapter], data: ProxyData) -> torch.Tensor:
+def label_probabilities(foundation: Foundation, adapters: Sequence[Adapter], data: ProxyData,
+                        cache: ProbabilityCache | None = None) -> torch.Tensor:
     """(n, N) probability expert i gives image j's distilled label, on the set's task classes with the expert's own
-    head of it (``ProbabilityCache``: one batched pass per adapter)."""
-    per_set = ProbabilityCache().probabilities(foundation, adapters, data)                       # [(N, n_s, K_s)]
+    head of it (``ProbabilityCache``: one batched pass per adapter; ``cache`` keeps them across calls, as a branch
+    that fits its router again on every commit does)."""
+    per_set = (cache or ProbabilityCache()).probabilities(foundation, adapters, data)            # [(N, n_s, K_s)]
     cols = [p[:, torch.arange(len(s.y)), s.y.to(p.device)] for p, s in zip(per_set, data.sets)]  # [(N, n_s)]
     return torch.cat(cols, dim=1).T.clone().cpu()                                                # (n, N)
 
@@ -333,7 +335,7 @@ def _weighted(per_image: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor 
 
 def train_gate(foundation: Foundation, adapters: Sequence[Adapter], sets: Sequence[DistilledSet] | ProxyData, *,
                top_k: int = TOP_K, steps: int = GATE_STEPS, lr: float = GATE_LR, batch_size: int = GATE_BATCH,
-               seed: int = 0) -> Router:
+               seed: int = 0, cache: ProbabilityCache | None = None) -> Router:
     """FedKIM-style gate over frozen experts, trained on the union of the distilled sets (module doc).
 
     Args:
@@ -342,6 +344,7 @@ def train_gate(foundation: Foundation, adapters: Sequence[Adapter], sets: Sequen
         sets: the distilled sets received (any number, any tasks), or their prepared ``ProxyData``.
         top_k: experts kept per image (min(top_k, N)); 1 is refused with N >= 2 (no gradient).
         steps, lr, batch_size, seed: AdamW steps on W, b; batches drawn by a ``torch.Generator`` seeded ``seed``.
+        cache: the experts' probabilities on the sets, kept across calls (``ProbabilityCache``; the same numbers).
     Returns:
         ``Router`` of kind "router" with the gate {"weight": (N, D), "bias": (N,)}; ``meta`` holds the objective
         before and after training (``loss_before``, ``loss_after``) and the settings.
@@ -355,7 +358,7 @@ def train_gate(foundation: Foundation, adapters: Sequence[Adapter], sets: Sequen
                          f"gradient), got {top_k!r}")
     data = _proxy(foundation, sets)
     feats, mean, scale = standardize(base_features(foundation, data.x).clone().cpu())                # (n_img, D)
-    probs = label_probabilities(foundation, adapters, data)                                        # (n_img, N)
+    probs = label_probabilities(foundation, adapters, data, cache)                                 # (n_img, N)
     weights = set_weights(data)                                                                    # (n_img,)
     gate_w = torch.zeros(n, feats.shape[1], requires_grad=True)
     gate_b = torch.zeros(n, requires_grad=True)
@@ -446,20 +449,21 @@ def _sets(proxy: Any) -> Sequence[DistilledSet] | ProxyData:
 
 def fit_router(adapters: Sequence[Adapter], weights: Weights = None, *, foundation: Foundation, proxy: Any,
                top_k: int | None = None, steps: int | None = None, lr: float | None = None,
-               batch_size: int | None = None, seed: int = 0) -> Router:
+               batch_size: int | None = None, seed: int = 0, cache: ProbabilityCache | None = None) -> Router:
     """``router`` as a strategy: ``train_gate`` on the distilled sets ``proxy`` (``None`` options: the defaults above).
     ``weights`` must be ``None``: the router's weights are per image (an error otherwise)."""
     _no_weights(weights, "router")
     return train_gate(foundation, adapters, _sets(proxy), top_k=TOP_K if top_k is None else top_k,
                       steps=GATE_STEPS if steps is None else steps, lr=GATE_LR if lr is None else lr,
-                      batch_size=GATE_BATCH if batch_size is None else batch_size, seed=seed)
+                      batch_size=GATE_BATCH if batch_size is None else batch_size, seed=seed, cache=cache)
 
 
 def fit_task_route(adapters: Sequence[Adapter], weights: Weights = None, *, foundation: Foundation, proxy: Any,
                    steps: int | None = None, lr: float | None = None, batch_size: int | None = None,
-                   seed: int = 0) -> Router:
+                   seed: int = 0, cache: ProbabilityCache | None = None) -> Router:
     """``task_route`` as a strategy: ``train_task_router`` on one distilled set per adapter, in order (``proxy``).
-    ``weights`` must be ``None`` (an error otherwise)."""
+    ``weights`` must be ``None`` (an error otherwise); ``cache`` is accepted for a uniform call and not needed (the
+    task classifier reads only the foundation's features)."""
     _no_weights(weights, "task_route")
     return train_task_router(foundation, adapters, _sets(proxy), steps=GATE_STEPS if steps is None else steps,
                              lr=GATE_LR if lr is None else lr,

@@ -41,6 +41,11 @@ CONTINUAL_TA_SCALE = 0.3         # FusionBench config/method/opcm/task_arithmeti
 CONTINUAL_TIES_SCALE = 0.5       # FusionBench config/method/opcm/ties_merging.yaml scaling_factor (one-shot: 0.3)
 CONTINUAL_TIES_DENSITY = 0.2     # FusionBench config/method/opcm/ties_merging.yaml threshold 20 (percent kept)
 CONTINUAL_MAGMAX_SCALE = 0.5     # FusionBench config/method/magmax/magmax.yaml scaling_factor
+# The routers' training (``sim.merge.router``, whose module doc says where each comes from)
+ROUTER_TOP_K = 2          # FedKIM's Top2Gating (gate_mode "top2_gate", the only one its MoeLoraConfig accepts)
+ROUTER_STEPS = 100        # forgesim's: bounded AdamW steps on a few hundred distilled images
+ROUTER_LR = 1e-2          # forgesim's (FedKIM's 5e-4 is for 20 000 steps of an LLM-scale model)
+ROUTER_BATCH = 16         # FedKIM config FedMEKI_train.yaml: train_batch_size 16
 KNOTS_BASES = ("ties", "ta")         # KnOTS' base merge of the shared-basis coordinates: TIES (the paper's) or TA
 TIES_SCOPES = ("global", "module")   # TIES trims each contributor's whole task vector (the paper's) or each module
 TIES_DISJOINT = ("sum", "mean")      # TIES' disjoint merge: FusionBench's default sum (with λ 0.3) or the paper's mean
@@ -72,6 +77,10 @@ class StrategySpec:
     ``statistic`` (``statistic_impl``): ``(foundation, adapter, distilled set) -> statistic`` of one contributor on
     the distilled set it arrived with (RegMean's input Grams, Fisher merging's diagonal Fisher), passed to ``fn`` as
     the list ``statistic_option=[...]``, one per contributor (``sim.merge.api`` computes each once per adapter).
+    ``fitted``: ``fn`` trains a predictor on the distilled sets (the routers' gate or task classifier): it takes no
+    weights (its weights over the contributors are per image) and is called as ``fn(adapters, None,
+    foundation=..., proxy=[the set each adapter arrived with], seed=..., cache=...)``; a branch fits it again on
+    every commit, on every set received so far.
     """
 
     name: str
@@ -93,6 +102,7 @@ class StrategySpec:
     statistic_impl: str | None = None
     statistic_option: str = ""
     continual: bool = False
+    fitted: bool = False
 
     @property
     def statistic(self) -> Callable | None:
@@ -117,6 +127,10 @@ class StrategySpec:
         if self.continual and (self.sequential or self.searched or self.space != "delta"):
             raise ValueError(f"strategy {self.name}: a continual merge is a ΔW-space fold, neither searched nor "
                              f"sequential")
+        if self.fitted and (self.space != "output" or not self.needs_proxy or self.searched or self.sequential
+                            or self.default_weight is not None):
+            raise ValueError(f"strategy {self.name}: a fitted predictor is output-space, trained on the distilled sets "
+                             f"(needs_proxy), neither searched nor sequential, and takes no weights")
 
     def default_weights(self, n: int) -> np.ndarray:
         """The weights (N,) ``fn`` uses when given none."""
@@ -206,6 +220,21 @@ _SPECS = (
                           "2111.09832); FusionBench fusion_bench/method/fisher_merging/fisher_merging.py, floor 1e-6 and "
                           "normalised Fishers: config/method/fisher_merging/clip_fisher_merging.yaml; the diagonal "
                           "Fisher of the LoRA factors on the distilled sets"),
+    # Routed output-space predictors (``sim.merge.router``): the gate or task classifier is trained on the sets
+    StrategySpec("router", "sim.merge.router:fit_router", "output", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=True, mixed_ranks=True, same_modules=False, order_invariant=False,
+                 seeded=True, fitted=True, default_options=(("top_k", ROUTER_TOP_K), ("steps", ROUTER_STEPS),
+                                                            ("lr", ROUTER_LR), ("batch_size", ROUTER_BATCH)),
+                 citation="Wang et al., FedKIM, EMNLP 2024 (arXiv 2408.10276): a top-2 gate over LoRA experts "
+                          "(XiaochenWang-PSU/FedKIM Top2Gating; Shazeer et al., ICLR 2017), trained on the union of "
+                          "the distilled sets received"),
+    StrategySpec("task_route", "sim.merge.router:fit_task_route", "output", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=True, mixed_ranks=True, same_modules=False, order_invariant=False,
+                 seeded=True, fitted=True, default_options=(("steps", ROUTER_STEPS), ("lr", ROUTER_LR),
+                                                            ("batch_size", ROUTER_BATCH)),
+                 citation="Li et al., Low-Rank Knowledge Decomposition for Medical Foundation Models (LoRKD), CVPR "
+                          "2024 (arXiv 2404.17184): the experts of the task predicted by a classifier trained on the "
+                          "distilled sets"),
     # Continual merges (FusionBench's OPCM study): a branch steps them commit by commit, arrival order matters by design
     StrategySpec("opcm", "sim.merge.continual:opcm", "delta", searched=False, sequential=False, default_weight=1.0,
                  needs_proxy=False, mixed_ranks=True, same_modules=True, order_invariant=False, continual=True,
