@@ -114,3 +114,45 @@ def test_svd_at_threshold_1_of_rank_r_inputs_reports_rank_r(n, r, out_f, in_f):
         np.testing.assert_allclose(merged.delta(m).double().numpy(), exact, rtol=1e-4,
                                    atol=1e-5 * np.abs(exact).max())
     assert merged.num_bytes() == len(MODULES) * r * (in_f + out_f) * 4
+
+
+# ------------------------------------------------------------------------------------------
+# The full-rank certificate agrees with the eigensolve's rank
+# ------------------------------------------------------------------------------------------
+def spectrum_delta(sigma: np.ndarray, out_f: int, seed: int) -> torch.Tensor:
+    """A float32 ΔW (out, q) = U diag(σ) Vᵀ with random orthonormal U, V (numpy, float64)."""
+    rng = np.random.default_rng(seed)
+    q = len(sigma)
+    u = np.linalg.qr(rng.standard_normal((out_f, q)))[0]
+    v = np.linalg.qr(rng.standard_normal((q, q)))[0]
+    return torch.from_numpy((u * sigma) @ v.T).float()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("wide", [False, True])
+def test_full_rank_certificate_never_contradicts_the_eigenvalues(seed, wide):
+    from sim.merge.base import certainly_full_rank, dense_factors, rank_tolerance
+
+    # Prepare: spectra whose smallest σ is far above, near or below the rank tolerance, tall and wide
+    out_f, q = 60, 24
+    tol = rank_tolerance(1.0, (out_f, q))
+    rng = np.random.default_rng(seed)
+    for smallest in (1e-1, 1e2 * tol, 1.5 * tol, 0.5 * tol, 0.0):
+        sigma = np.sort(np.concatenate([[1.0], rng.uniform(0.2, 1.0, q - 2), [smallest]]))[::-1]
+        delta = spectrum_delta(sigma, out_f, seed)
+        delta = delta.T.contiguous() if wide else delta
+        d64 = delta.double()
+        gram = d64 @ d64.T if wide else d64.T @ d64
+        # Execute
+        certified = certainly_full_rank(gram, tuple(delta.shape))
+        eig = np.linalg.eigvalsh(gram.numpy())[::-1].clip(0) ** 0.5
+        eig_rank = int((eig > rank_tolerance(float(eig[0]), tuple(delta.shape))).sum())
+        a, b = dense_factors(delta)
+        # Assert: a certificate only where the eigenvalues give full rank, and given wherever σ_min is clear of it;
+        # the stored rank is the eigenvalues' either way
+        assert not certified or eig_rank == q
+        if smallest >= 1e2 * tol:
+            assert certified
+        if smallest <= 0.5 * tol:
+            assert not certified
+        assert a.shape[0] == max(eig_rank, 1)
