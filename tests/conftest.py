@@ -9,7 +9,15 @@ import torch
 from sim.config import DataConfig, LoraConfig, ModelConfig, SimConfig, TrainConfig
 
 # Tests must not depend on (or fill) the user's cache by accident.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker process gets one intra-op thread: the workers already keep the cores busy.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests first, the rest in collection order: on a fresh machine the first of them pretrains the
+    default foundation (minutes), which under pytest-xdist (``make test``) then overlaps the rest of the suite
+    instead of ending it."""
+    items[:] = sorted(items, key=lambda item: 0 if item.get_closest_marker("slow") else 1)
 
 
 @pytest.fixture(scope="session")
