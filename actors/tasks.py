@@ -120,3 +120,13 @@ def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = 
     blob = json.dumps(config_to_dict(cfg))
     return replay(run_dir, orders, strategies, foundation=_setup(cfg), cohort=_cohort(blob), loaded=loaded,
                   per_step=per_step)
+
+
+@ray.remote(max_retries=2)
+def subset_task(source_dir: str, cfg_blob: str, run_dir: str, run_id: str) -> dict:
+    """Build the run of ``cfg_blob`` (a smaller community) from the larger run dir ``source_dir``'s log
+    (``sim.replay.replay_subset``) with this worker's foundation and cohort; returns its summary."""
+    from sim.replay import replay_subset
+
+    cfg = _config(cfg_blob)
+    return replay_subset(source_dir, cfg, run_dir, foundation=_setup(cfg), cohort=_cohort(cfg_blob), run_id=run_id)

@@ -399,7 +399,28 @@ class StudyData:
 
 
 def _scaling(st: StudyData) -> FigureResult | None:
-    return figures.plot_scaling(st.rows, st.fig_dir, st.layout.x, st.layout.axis_label)
+    result = figures.plot_scaling(st.rows, st.fig_dir, st.layout.x, st.layout.axis_label)
+    if result is not None:
+        result.caption += communities_note(st.rows)
+    return result
+
+
+PARTITIONS = {"per_institution": "each institution brings its own data (data.partition: per_institution)",
+              "pool": "a fixed pool of each task is split over the sites, so more institutions hold less data each "
+                      "(data.partition: pool)"}
+
+
+def communities_note(rows: pd.DataFrame) -> str:
+    """How the study's communities were made, for a caption: their data partition(s), and which runs were built from
+    a larger community's log (``built`` = subset) rather than trained."""
+    parts = [PARTITIONS.get(p, f"data.partition: {p}") for p in sorted(rows["partition"].dropna().unique())] \
+        if "partition" in rows else []
+    note = f" Communities: {'; '.join(parts)}." if parts else ""
+    if "built" in rows and (rows["built"] == "subset").any():
+        runs = rows.drop_duplicates("trial_id") if "trial_id" in rows else rows
+        note += (f" {int((runs['built'] == 'subset').sum())} of {len(runs)} runs were built from the log of the "
+                 f"largest community of their seed (its first N institutions, commit for commit), not trained again.")
+    return note
 
 
 def _cost(st: StudyData) -> FigureResult | None:

@@ -1,6 +1,7 @@
 """Studies on this machine: the merge-order study and the cost of sweeping strategies.
 
     .venv/bin/python benchmarks/studies.py order [--run-dir DIR] [--orders 20] [--strategies fusion,mixture,svd]
+    .venv/bin/python benchmarks/studies.py scaling [--smoke] [--out DIR]
     .venv/bin/python benchmarks/studies.py reuse
 
 ``order``: a 12-institution run of the ``order`` study's full size (12 institutions × 1 contribution, demo training
@@ -8,6 +9,11 @@ and distillation sizes; made once, or ``--run-dir`` of an existing run) re-merge
 strategies (``--run-dir DIR``: made there if DIR holds no run yet, reused otherwise), the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
 (``experiments.sweep.replay_run``). Prints the wall time of the order study (target ≤ 120 s) and the spread of each
 strategy over the orders.
+
+``scaling``: ``forgesim sweep scaling`` (``--smoke``: its CI size) with nested cohorts: per seed only the largest
+community is trained, the smaller ones are built from its log (``sim.replay.replay_subset``). Prints the study's
+wall, the trained contributions against a study of fresh runs (Σ N per seed), the wall of the largest runs alone
+and of the subset builds, and the ratio of the study's wall to its largest runs' (target ≤ 1.3×).
 
 ``reuse``: ``forgesim sweep scaling --smoke`` with its 4 strategies (every trial keeps them as branches over one
 commit stream, so training is paid once per point) vs the same sweep with 1 strategy. Prints both wall times and
@@ -90,6 +96,42 @@ def reuse(args: argparse.Namespace) -> None:
           f"1 strategy ({strategies[0]}) {one:.1f}s: {ratio:.2f}x (target <= 1.3x: {verdict(ratio <= 1.3)})")
 
 
+def scaling(args: argparse.Namespace) -> None:
+    import json
+
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "scaling"
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "scaling", "--out", str(out),
+                        *(["--smoke"] if args.smoke else [])], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        plan = json.loads((out / "sweep.json").read_text())
+        res = pd.read_parquet(out / "results.parquet").drop_duplicates("trial_id")
+        summaries = {p["name"]: json.loads((out / "runs" / p["name"] / "summary.json").read_text())
+                     for p in plan["points"]}
+    fresh = [p for p in plan["points"] if not p.get("subset_of")]
+    trained = sum(summaries[p["name"]]["n_contributions"] - int(res.set_index("trial_id").cache_hits.get(p["name"], 0))
+                  for p in fresh)
+    all_fresh = sum(s["n_contributions"] for s in summaries.values())
+    largest_s = sum(summaries[p["name"]]["wall_s"] for p in fresh)
+    subsets_s = sum(s["wall_s"] for s in summaries.values() if "replayed_from" in s)
+    ratio = wall / largest_s
+    print(f"{os.cpu_count()} cores; scaling{' --smoke' if args.smoke else ''}: {len(plan['points'])} runs, "
+          f"{len(fresh)} trained, {len(plan['points']) - len(fresh)} built from the largest community's log")
+    print("| run | institutions | built | commits | wall s |")
+    print("|---|---|---|---|---|")
+    for p in plan["points"]:
+        s = summaries[p["name"]]
+        print(f"| {p['name']} | {s['n_institutions']} | {'subset' if 'replayed_from' in s else 'fresh'} | "
+              f"{s['commits_accepted']} | {s['wall_s']:.1f} |")
+    print(f"study wall {wall:.1f}s; the largest runs alone {largest_s:.1f}s, the subset builds {subsets_s:.1f}s")
+    print(f"trained contributions: {trained} (a study of fresh runs: {all_fresh})")
+    print(f"study wall / largest runs' wall: {ratio:.2f}x (target <= 1.3x: {verdict(ratio <= 1.3)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="part", required=True)
@@ -97,9 +139,12 @@ def main() -> None:
     p.add_argument("--run-dir")
     p.add_argument("--orders", type=int, default=20)
     p.add_argument("--strategies", default="fusion,mixture,svd")
+    p = sub.add_parser("scaling")
+    p.add_argument("--smoke", action="store_true", help="the study's CI size (4 and 8 institutions, seed 0)")
+    p.add_argument("--out", help="keep the sweep dir here (default: a temporary dir)")
     sub.add_parser("reuse")
     args = ap.parse_args()
-    order_study(args) if args.part == "order" else reuse(args)
+    {"order": order_study, "scaling": scaling, "reuse": reuse}[args.part](args)
 
 
 if __name__ == "__main__":

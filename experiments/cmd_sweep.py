@@ -52,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
         if args.seed is not None:          # a fixed seed replaces the study's seed axis
             study.grid.pop("seed", None)
         plan = write_plan(study, base, sweep_dir, args.max_concurrent)
+    nested = [p for p in plan["points"] if p.get("subset_of")]
+    fresh_because = sorted({p["fresh_because"] for p in plan["points"] if p.get("fresh_because")})
+    if nested:
+        print(f"{plan['study']}: {len(nested)} of {len(plan['points'])} runs built from the log of a larger "
+              f"community of the same seed (nested cohorts), not trained again")
+    for why in fresh_because:
+        print(f"{plan['study']}: each community size is a fresh run: {why}")
     out = run_sweep(plan, sweep_dir, resume=bool(args.resume), address=args.address)
     res = out["results"]
     print(f"{plan['study']}: {out['trials']} trials ({len(out['errored'])} errored) in {out['wall_s']:.0f}s")

@@ -5,7 +5,9 @@ Sweep dir layout::
     DIR/sweep.json          the study, its base config (after --set), the grid points; --resume reads it
     DIR/study.json          the study's layout (``analysis.layout``): its x column, config columns, report sections
     DIR/tune/               Tune's experiment state (``Tuner.restore`` continues it)
-    DIR/runs/<point>/       one run dir per grid point (``forgesim run``'s layout); ``orders.parquet`` for order studies
+    DIR/runs/<point>/       one run dir per grid point (``forgesim run``'s layout); ``orders.parquet`` for order studies;
+                            a community nested in a larger one of the study is built from that one's log
+                            (``plan_builds``, ``sim.replay.replay_subset``), not trained again
     DIR/commit_cache/       content-addressed commits (``sim.cache``): a contribution is trained once per
                             training-relevant config, whatever the strategy, order or evaluation schedule
     DIR/joint/<key>/        the joint reference per distinct training config (Ray Train), when the study asks for it
@@ -87,12 +89,71 @@ def trial(config: dict) -> None:
     orders = config["point"].get("orders", config.get("orders", 0))      # a plan without per-point orders: all
     if orders and not (run_dir / "orders.parquet").is_file():
         replay_run(cfg, run_dir, orders, per_step=config.get("order_steps", False))
+    # Step 2b: the smaller communities nested in this one (scaling studies), built from its log on the pool.
+    subsets = config["point"].get("subsets", [])
+    if subsets:
+        build_subsets(cfg, config["base"], run_dir, subsets, sweep_dir, config.get("order_steps", False))
     # Step 3: flat metrics of the trial.
     metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
                "commits_accepted": summary["commits_accepted"], "commits_rejected": summary["commits_rejected"],
                "cache_hits": cache_hits(load_run(run_dir).events)}
     _log_attempt(sweep_dir, attempt | {"event": "done", "t": time.time()})
     tune.report(metrics)
+
+
+def build_subsets(source_cfg: SimConfig, base: dict, source_dir: Path, subsets: list[dict], sweep_dir: Path,
+                  order_steps: bool | list[str] = False) -> None:
+    """The runs of ``subsets`` (plan points whose community is nested in the source run's: ``plan_builds``), each
+    built from the source run's log by ``sim.replay.replay_subset`` as a task on the trial's pool, in parallel; a
+    subset whose run dir is complete (an interrupted sweep) is kept, a partial one built again. Their merge orders
+    follow, when the study asks for them."""
+    import ray
+
+    from actors.runner import task_options, worker_pool
+    from actors.tasks import subset_task
+
+    todo = []
+    for p in subsets:
+        run_dir = sweep_dir / "runs" / p["name"]
+        if not (run_dir / "summary.json").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            todo.append((p, run_dir))
+    pg, own = worker_pool(source_cfg)
+    try:
+        ray.get([subset_task.options(**task_options(source_cfg, pg)).remote(
+            str(source_dir), json.dumps(config_to_dict(trial_config(base, p["values"], sweep_dir))), str(run_dir),
+            p["name"]) for p, run_dir in todo])
+    finally:
+        if own:
+            ray.util.remove_placement_group(pg)
+    for p in subsets:
+        run_dir = sweep_dir / "runs" / p["name"]
+        if p.get("orders") and not (run_dir / "orders.parquet").is_file():
+            replay_run(trial_config(base, p["values"], sweep_dir), run_dir, p["orders"], per_step=order_steps)
+
+
+def plan_builds(base: dict, points: list[dict], sweep_dir: Path) -> dict[str, dict]:
+    """How each point's run is made: ``{name: {"subset_of": name or None, "fresh_because": reason or None}}``.
+
+    Points that differ only in ``data.institutions`` form a group; the largest community of a group is run, and
+    each smaller one is built from its log when ``sim.replay.subset_mismatch`` allows it (``init_from: base``,
+    ``data.partition: per_institution``, the virtual clock, no faults): its institutions are the first N of the
+    larger community, commit for commit. Otherwise it is a fresh run, and ``fresh_because`` says why."""
+    from sim.replay import subset_mismatch
+
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        rest = {k: v for k, v in p["values"].items() if k != "data.institutions"}
+        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(p)
+    out = {}
+    for members in groups.values():
+        cfgs = {p["name"]: trial_config(base, p["values"], sweep_dir) for p in members}
+        largest = max(members, key=lambda p: (cfgs[p["name"]].data.institutions, p["name"]))
+        for p in members:
+            why = None if p is largest else subset_mismatch(cfgs[largest["name"]], cfgs[p["name"]])
+            out[p["name"]] = {"subset_of": largest["name"] if p is not largest and why is None else None,
+                              "fresh_because": why}
+    return out
 
 
 def _log_attempt(sweep_dir: Path, record: dict) -> None:
@@ -173,15 +234,28 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
 
     layout = study.layout()
     check_layout(layout)
-    points = study.points()
+    points = [{"name": point_name(i, p), "values": p, "orders": study.orders_of(p)}
+              for i, p in enumerate(study.points())]
+    if "data.institutions" in study.grid:     # nested communities: the smaller ones built from the largest's log
+        builds = plan_builds(config_to_dict(base), points, sweep_dir)
+        points = [p | builds[p["name"]] for p in points]
     plan = {"study": study.name, "description": study.description, "orders": study.orders,
             "order_steps": study.order_steps if isinstance(study.order_steps, bool) else list(study.order_steps),
-            "base": config_to_dict(base), "max_concurrent": max_concurrent,
-            "points": [{"name": point_name(i, p), "values": p, "orders": study.orders_of(p)}
-                       for i, p in enumerate(points)]}
+            "base": config_to_dict(base), "max_concurrent": max_concurrent, "points": points}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(plan, indent=2))
     write_layout(sweep_dir, layout)
     return plan
+
+
+def trial_points(plan: dict) -> list[dict]:
+    """The points Tune runs as trials: every point not built from another's log, each carrying the points built
+    from its own (``subsets``)."""
+    nested: dict[str, list[dict]] = {}
+    for p in plan["points"]:
+        if p.get("subset_of"):
+            nested.setdefault(p["subset_of"], []).append(p)
+    return [p | ({"subsets": nested[p["name"]]} if p["name"] in nested else {})
+            for p in plan["points"] if not p.get("subset_of")]
 
 
 def read_plan(sweep_dir: Path) -> dict:
@@ -222,7 +296,7 @@ def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | 
                 trainable,
                 param_space={"study": plan["study"], "base": plan["base"], "sweep_dir": str(sweep_dir),
                              "orders": plan["orders"], "order_steps": plan.get("order_steps", False),
-                             "point": tune.grid_search(plan["points"])},
+                             "point": tune.grid_search(trial_points(plan))},
                 tune_config=tune.TuneConfig(max_concurrent_trials=plan["max_concurrent"] or None, reuse_actors=False),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(sweep_dir), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=1)))
@@ -290,12 +364,14 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
     columns = config_columns(plan, sweep_dir)
     rows, orders, orders_task, orders_steps = [], [], [], []
     for p in plan["points"]:
-        if p["name"] not in tune_ids:
+        trial_name = p.get("subset_of") or p["name"]          # a nested community is built by its source's trial
+        run_dir = sweep_dir / "runs" / p["name"]
+        if trial_name not in tune_ids or not (run_dir / "summary.json").is_file():
             continue
         cfg = trial_config(plan["base"], p["values"], sweep_dir)
-        run_dir = sweep_dir / "runs" / p["name"]
         run = load_run(run_dir)
-        common = {"trial_id": p["name"], "tune_trial_id": tune_ids[p["name"]], "study": plan["study"]}
+        common = {"trial_id": p["name"], "tune_trial_id": tune_ids[trial_name], "study": plan["study"],
+                  "built": "subset" if p.get("subset_of") else "fresh"}
         common |= {col: _get(cfg, field) for col, field in columns.items()}
         common |= {field: value for field, value in p["values"].items() if field not in columns.values()}
         common |= {"wall_s": run.summary["wall_s"], "commits_accepted": run.summary["commits_accepted"],

@@ -212,3 +212,137 @@ class ReplayEvaluator:
                     else evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks))
             out += [{"event": "eval", "version": version, "strategy": strategy} | r for r in recs]
         return out
+
+
+# ------------------------------------------------------------------------------------------
+# Subset replay: a smaller community built from a larger one's log (nested cohorts)
+# ------------------------------------------------------------------------------------------
+# The sections of a config that make the commits; a subset replay needs them equal to the source run's (``data``
+# except ``institutions``; ``train`` except the joint reference's fields, which no contribution reads).
+COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill", "schedule")
+
+
+def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
+    """Why a run of ``cfg`` cannot be built from the log of a run of ``source`` by keeping its first
+    ``cfg.data.institutions`` institutions (``None``: it can).
+
+    It can when every commit of the smaller run is a commit of the larger one: each adapter starts from the
+    foundation (``schedule.init_from: base``), institution i's data, site shift and arrival stream come from
+    ``(seed, i)`` alone (``data.partition: per_institution``), no fault is injected, and everything that makes a
+    commit — seed, data (but the community size), model, LoRA, training, distillation, schedule, device kind and
+    threads — is the same, and the merge order is the schedule's (``runtime.clock: virtual``). The merges, the evaluation schedule and the strategies may differ: they are redone.
+    """
+    from sim.config import config_to_dict
+
+    if source.schedule.init_from != "base" or cfg.schedule.init_from != "base":
+        return "schedule.init_from is main: each commit depends on the main it pulled, so a smaller community's " \
+               "commits are not the larger one's"
+    if cfg.data.partition != "per_institution":
+        return f"data.partition is {cfg.data.partition}: institution i's data depend on the community size"
+    if "wall" in (source.runtime.clock, cfg.runtime.clock):
+        return "runtime.clock is wall: the merge order is the order the commits happened to arrive in"
+    if source.faults.any or cfg.faults.any:
+        return "faults are injected: which contribution fails depends on the whole community's plan"
+    if cfg.data.institutions > source.data.institutions:
+        return f"{cfg.data.institutions} institutions are more than the source run's {source.data.institutions}"
+    if (source.seed, source.runtime.threads, source.runtime.device.split(":")[0]) != \
+            (cfg.seed, cfg.runtime.threads, cfg.runtime.device.split(":")[0]):
+        return "the seed, runtime.threads or the device kind differ"
+    for name in COMMIT_SECTIONS:
+        a, b = config_to_dict(getattr(source, name)), config_to_dict(getattr(cfg, name))
+        for d in (a, b):
+            d.pop("institutions" if name == "data" else "", None)
+            if name == "train":
+                d.pop("joint", None)
+                d.pop("joint_steps", None)
+        if a != b:
+            field = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            return f"{name}.{field} differs ({a.get(field)!r} in the source run, {b.get(field)!r} here)"
+    return None
+
+
+def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, foundation=None, cohort=None,
+                  run_id: str | None = None) -> dict:
+    """Build the run of ``cfg`` (a community of ``cfg.data.institutions``) from the run dir ``source_dir`` of a
+    larger community, without training: writes the run dir ``out`` and returns its ``summary.json`` content.
+
+    The smaller run's commits are the larger run's commits of institutions ``0 .. N-1``, in the larger run's merge
+    order (its schedule restricted to them, which is checked). They are received by a ``sim.main_state.MainState``
+    exactly as the merge actor receives them (same validation, merge seeds by sequence number, log and commit dirs),
+    evaluated every ``runtime.eval_every`` accepted commits and at the end on ``cfg``'s own cohort, with the
+    references (base, individual) of that cohort — what a fresh run of ``cfg`` computes (a test checks that the
+    numbers are the same, bit for bit). ``subset_mismatch`` says when a run cannot be built this way; that, or a
+    source whose log holds a rejected contribution of those institutions, is an error.
+
+    ``summary.json`` records ``replayed_from`` (the source run dir, its community size and contributions); its
+    ``wall_s`` is the replay's.
+    """
+    import torch
+
+    from sim.config import config_to_dict
+    from sim.data import build_cohort
+    from sim.evaluation import evaluate_individual, evaluate_snapshot
+    from sim.main_state import MainState
+    from sim.merge.base import base_reference
+    from sim.model import load_foundation
+    from sim.schedule import build_schedule
+    from sim.summary import FinalEvaluation, summarise_run
+
+    t0 = time.time()
+    source_dir, run_dir = Path(source_dir), Path(out)
+    source, _ = load_run(source_dir)
+    why = subset_mismatch(source, cfg)
+    if why:
+        raise ValueError(f"cannot build this run from {source_dir}: {why}")
+    n = cfg.data.institutions
+    records = CommitLog(source_dir).read()
+    rejected = [r for r in records if r.get("event") == "rejected" and r.get("institution") is not None
+                and int(r["institution"]) < n]
+    if rejected:
+        raise ValueError(f"cannot build this run from {source_dir}: its log rejected {rejected[0].get('id')} of "
+                         f"institution {rejected[0]['institution']} ({rejected[0].get('reason')}); run it fresh")
+    # Step 1: the smaller run's schedule is the larger one's, restricted to its institutions.
+    schedule = build_schedule(cfg.schedule, n, cfg.seed)
+    big = build_schedule(source.schedule, source.data.institutions, source.seed)
+    kept = [c for c in big.contributions if c.institution < n]
+    if [(c.id, c.t_pull, c.t_commit) for c in schedule.contributions] != [(c.id, c.t_pull, c.t_commit) for c in kept]:
+        raise ValueError(f"cannot build this run from {source_dir}: the schedule of {n} institutions is not the "
+                         f"larger schedule restricted to them (schedule.arrival {cfg.schedule.arrival!r})")
+    commits = [c for c in CommitLog(source_dir).load_commits(records) if c.institution < n]
+    wanted = {c.id for c in schedule.contributions}
+    if {c.id for c in commits} != wanted:
+        missing = sorted(wanted - {c.id for c in commits})
+        raise ValueError(f"cannot build this run from {source_dir}: its log lacks the commit of {missing[0]}")
+    # Step 2: the merge actor's loop, in-process, with the evaluations it schedules.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    torch.set_num_threads(cfg.runtime.threads)
+    foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    cohort = cohort or build_cohort(cfg.data, cfg.seed)
+    meta = {i.id: (i.task, tuple(i.classes)) for i in cohort.institutions}
+    state = MainState(run_dir, cfg, meta, foundation)
+    evals: dict[int, list[dict]] = {}
+    every = cfg.runtime.eval_every
+    for commit in commits:
+        ack = state.receive(commit)
+        if ack["event"] != "accepted":
+            raise ValueError(f"cannot build this run from {source_dir}: {commit.id} was rejected here "
+                             f"({ack.get('reason')})")
+        if every and state.version % every == 0:
+            evals[state.version] = evaluate_snapshot(foundation, state.branches.snapshot(), cohort,
+                                                     state.tasks_seen(), state.version)
+    # Step 3: ``MergeActor.finish``: main on disk, the final evaluation, the references.
+    version, tasks = state.version, state.tasks_seen()
+    state.save_main()
+    final = evals.get(version) or evaluate_snapshot(foundation, state.branches.snapshot(), cohort, tasks, version)
+    latest = state.latest_adapters()
+    base = evaluate_snapshot(foundation, {"base": base_reference(list(latest.values()))}, cohort, tasks, version)
+    individual = evaluate_individual(foundation, latest, cohort)
+    periodic = [r for v in sorted(evals) if v != version for r in evals[v]]
+    evaluated = FinalEvaluation(periodic + final, base, individual, state.storage_bytes())
+    extra = {"replayed_from": {"run_dir": str(source_dir.resolve()), "n_institutions": source.data.institutions,
+                               "n_contributions": len(big.contributions)},
+             "institution_actors": {"actors": 0, "institutions_per_actor": 0}}
+    summary = summarise_run(cfg, run_id or run_dir.name, schedule, [], evaluated, state.records(),
+                            time.time() - t0, 0.0, extra)
+    return summary.write(run_dir)

@@ -19,13 +19,14 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from experiments.presets import STUDIES, get_study  # noqa: E402
+from experiments.sweep import trial_points  # noqa: E402
 from sim.cache import CommitCache, contribution_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_COLUMNS = {"trial_id", "study", "seed", "contributors", "rank", "ipc", "partition", "strategy", "acc", "auc",
                   "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "wall_s", "base_acc", "base_auc",
                   "individual_acc", "individual_auc", "individual_local_acc", "individual_local_auc", "joint_acc",
-                  "joint_auc", "distill_fidelity", "mia_auc", "run_dir"}
+                  "joint_auc", "distill_fidelity", "mia_auc", "run_dir", "built"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,7 +245,8 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
     for run_dir in res.run_dir.unique():
         assert (out / run_dir / "summary.json").is_file()
     attempts = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
-    assert sum(a["event"] == "done" for a in attempts) == len(preset.points())
+    plan = json.loads((out / "sweep.json").read_text())
+    assert sum(a["event"] == "done" for a in attempts) == len(trial_points(plan))
     # ...and the report of the sweep dir shows the study's figure
     from analysis import build_report
 
@@ -253,8 +255,13 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
               "strategies": "orders"}[study]
     assert (html.parent / "figures" / f"{figure}.png").stat().st_size > 0
     assert f"figures/{figure}.png" in (html.parent / "report.md").read_text()
-    if study == "scaling":
+    if study == "scaling":      # the 4-institution community is built from the 8's log: one trial trains
         assert (html.parent / "figures" / "cost.png").is_file()
+        assert len(trial_points(plan)) == 1 and (res.built == "subset").sum() == len(res) / 2
+        small = res[res.contributors == 4]
+        assert (small.built == "subset").all() and (res[res.contributors == 8].built == "fresh").all()
+        summary = json.loads((out / small.run_dir.iloc[0] / "summary.json").read_text())
+        assert summary["replayed_from"]["n_institutions"] == 8 and summary["commits_accepted"] == 4
         assert res.joint_acc.notna().all() and len(list((out / "joint").glob("*/records.json"))) == 2
     if study == "ipc":
         assert res.distill_fidelity.notna().all() and res.mia_auc.between(0, 1).all()
