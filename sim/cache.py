@@ -25,10 +25,15 @@ from typing import Callable
 from sim.config import SimConfig, config_to_dict
 
 
-def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None) -> str:
-    """The cache key of one contribution (sha256 hex); ``pulled``: the ``Adapter`` it starts from, if any."""
+def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None,
+                     attack: str | None = None) -> str:
+    """The cache key of one contribution (sha256 hex); ``pulled``: the ``Adapter`` it starts from, if any;
+    ``attack``: the attack it carries (``sim.attacks.attack_of``), whose settings join the key — an honest
+    contribution's key does not depend on ``attacks:``, so clean and attacked runs share their honest commits."""
     parts = {"seed": cfg.seed, "device": cfg.runtime.device.split(":")[0], "threads": cfg.runtime.threads,
              "id": contribution_id, "contribution_seed": int(contribution_seed)}
+    if attack is not None:
+        parts["attack"] = config_to_dict(cfg.attacks) | {"kind": attack}
     parts |= {name: config_to_dict(getattr(cfg, name)) for name in ("data", "model", "lora", "train", "distill")}
     for field in ("joint", "joint_steps"):      # the joint reference does not touch contributions
         parts["train"].pop(field, None)
@@ -110,7 +115,9 @@ def cached_contribution(cache_dir: str | Path, cfg: SimConfig, contribution, pul
         The commit with this run's schedule times, pulled version and straggler flag (training does not depend on
         them, so a cached commit may carry another run's), and ``meta["cache_hit"]``.
     """
-    key = contribution_key(cfg, contribution.id, contribution.seed, pulled)
+    from sim.attacks import attack_of
+
+    key = contribution_key(cfg, contribution.id, contribution.seed, pulled, attack_of(cfg, contribution))
     commit, hit = CommitCache(cache_dir).get_or_make(key, make)
     return dataclasses.replace(commit, pulled_version=pulled_version, t_pull=contribution.t_pull,
                                t_commit=contribution.t_commit,

@@ -397,6 +397,74 @@ class FaultsConfig:
         return bool(self.kill_institutions or self.kill_merge_actor_after or self.corrupt or self.slow)
 
 
+# Kinds of attack ``attacks.kind`` chooses (sim.attacks makes each; listed here so that validating a config does not
+# import torch). "none": every institution is honest.
+ATTACK_KINDS = ("none", "scale", "sign_flip", "label_flip", "backdoor", "distill_mismatch")
+
+
+@dataclass(frozen=True)
+class AttacksConfig:
+    kind: str = _f("none", "what the malicious institutions do: none, scale (ΔW × attacks.scale), sign_flip (−ΔW), "
+                           "label_flip (train on permuted labels), backdoor (a trigger patch mapped to "
+                           "attacks.target_class on attacks.poison_rate of the training images), distill_mismatch "
+                           "(commit a distilled set of other data)")
+    share: float = _f(0.0, "share of the institutions that are malicious (round(share × N), drawn from the seed)")
+    scale: float = _f(10.0, "scale: the factor a malicious update is multiplied by")
+    start: int = _f(0, "merge position (accepted commits before it in the schedule) from which malicious "
+                       "institutions attack; their earlier contributions are honest")
+    poison_rate: float = _f(0.1, "backdoor: share of the training images stamped with the trigger and relabelled")
+    target_class: int = _f(0, "backdoor: index of the class within each task that triggered images are sent to")
+    trigger_size: int = _f(3, "backdoor: side in pixels of the white square stamped in the bottom-right corner")
+
+    def __post_init__(self) -> None:
+        _choice("attacks.kind", self.kind, ATTACK_KINDS)
+        _check(0 <= self.share <= 1, "attacks.share", "a share in [0, 1]", self.share)
+        _check(math.isfinite(self.scale) and self.scale != 0, "attacks.scale", "a finite number != 0", self.scale)
+        _check(isinstance(self.start, int) and self.start >= 0, "attacks.start", "an integer >= 0", self.start)
+        _check(0 < self.poison_rate <= 1, "attacks.poison_rate", "a share in (0, 1]", self.poison_rate)
+        _check(isinstance(self.target_class, int) and self.target_class >= 0, "attacks.target_class",
+               "an integer >= 0", self.target_class)
+        _check(isinstance(self.trigger_size, int) and self.trigger_size >= 1, "attacks.trigger_size",
+               "an integer >= 1", self.trigger_size)
+
+    @property
+    def any(self) -> bool:
+        """Whether any institution attacks."""
+        return self.kind != "none" and self.share > 0
+
+
+# Checks ``gate.checks`` may list (sim.gate runs them); listed here so that validating a config does not import torch.
+GATE_CHECKS = ("norm", "cosine", "fit", "regression")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    checks: tuple[str, ...] = _f((), "checks a commit must pass before it merges (empty: no gate): norm (update norm "
+                                     "vs the accepted ones), cosine (similarity to accepted commits of its task), fit "
+                                     "(its adapter fits its own distilled set), regression (merged into main it does "
+                                     "not lower the other tasks' distilled sets)")
+    norm_z: float = _f(3.5, "norm: largest robust z-score (median, 1.4826 × MAD of the accepted norms) let through")
+    min_history: int = _f(3, "norm, cosine: accepted commits (of the task, for cosine) needed before the check "
+                             "judges; with fewer it passes")
+    min_cosine: float = _f(0.0, "cosine: smallest cosine similarity to the mean update of the task's accepted commits")
+    min_fit: float = _f(0.5, "fit: smallest accuracy of the commit's adapter on its own distilled set")
+    max_drop: float = _f(0.05, "regression: largest accuracy drop on the other tasks' distilled sets")
+    min_gain: float = _f(0.0, "regression: smallest accuracy gain on the commit's own task's distilled sets")
+    strategy: str | None = _f(None, "regression: the branch the commit is merged into for the check (None: the first "
+                                    "parameter-space entry of merge.strategies, else its first)")
+
+    def __post_init__(self) -> None:
+        _check(all(c in GATE_CHECKS for c in self.checks) and len(set(self.checks)) == len(self.checks),
+               "gate.checks", f"a list of distinct names from {', '.join(GATE_CHECKS)}", self.checks)
+        _check(self.norm_z > 0, "gate.norm_z", "a number > 0", self.norm_z)
+        _check(isinstance(self.min_history, int) and self.min_history >= 1, "gate.min_history", "an integer >= 1",
+               self.min_history)
+        _check(-1 <= self.min_cosine <= 1, "gate.min_cosine", "a number in [-1, 1]", self.min_cosine)
+        _check(0 <= self.min_fit <= 1, "gate.min_fit", "an accuracy in [0, 1]", self.min_fit)
+        _check(0 <= self.max_drop <= 1, "gate.max_drop", "an accuracy in [0, 1]", self.max_drop)
+        _check(-1 <= self.min_gain <= 1, "gate.min_gain", "a number in [-1, 1]", self.min_gain)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = _f(0, "master seed: data, schedule, training and search derive their seeds from it")
@@ -409,12 +477,30 @@ class SimConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    attacks: AttacksConfig = field(default_factory=AttacksConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(self.data.institutions >= self.data.task_count, "data.institutions",
                f"at least the number of tasks ({self.data.task_count})", self.data.institutions)
         self.pull_branch  # noqa: B018 - raises here, at construction, if init_from=main has no branch to pull
+        self.gate_branch  # noqa: B018 - the same for the gate's regression check
+
+    @property
+    def gate_branch(self) -> str | None:
+        """The branch the gate's regression check merges a commit into (``None`` without that check):
+        ``gate.strategy``, or the first parameter-space entry of ``merge.strategies`` (the cheapest to score), else
+        its first entry."""
+        if "regression" not in self.gate.checks:
+            return None
+        from sim.merge.specs import SPECS  # the registry; imported here, see the note above _choice
+
+        name = self.gate.strategy or next((s for s in self.merge.strategies if SPECS[s].space != "output"),
+                                          self.merge.strategies[0])
+        if name not in self.merge.strategies:
+            raise ValueError(f"gate.strategy {name!r} is not one of merge.strategies ({', '.join(self.merge.strategies)})")
+        return name
 
     @property
     def pull_branch(self) -> str | None:

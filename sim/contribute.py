@@ -69,10 +69,15 @@ def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contri
     if contribution.institution != inst.id:
         raise ValueError(f"contribution {contribution.id} belongs to institution {contribution.institution}, "
                          f"not {inst.id}")
+    from sim import attacks
+
     t0 = time.perf_counter()
+    attack = attacks.attack_of(cfg, contribution)      # a malicious institution's contribution (``attacks:``)
     # Step 1: local training from the foundation or from the pulled main branch.
     init = project_adapter(pulled, foundation, cfg.lora) if pulled is not None else None
-    result = train_adapter(foundation, inst.train, inst.task, inst.classes, cfg.lora, cfg.train, contribution.seed,
+    train = (attacks.poisoned_training(inst.train, len(inst.classes), attack, cfg.attacks, cfg.seed, contribution.id)
+             if attack in attacks.TRAINING else inst.train)
+    result = train_adapter(foundation, train, inst.task, inst.classes, cfg.lora, cfg.train, contribution.seed,
                            init=init, head=cfg.model.head)
     # Step 2: the institution checks its adapter on its own validation split.
     local = evaluate(foundation, result.adapter, inst.val, inst.task, inst.classes)
@@ -84,9 +89,14 @@ def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contri
 
         report = audit_institution(foundation, inst, distilled, cfg, contribution.seed, real_adapter=result.adapter)
         audit = audit_fields(report)
+    adapter = result.adapter
+    if attack in attacks.UPDATE:
+        adapter = attacks.attacked_update(adapter, attack, cfg.attacks)
+    if attack in attacks.DISTILLED:
+        distilled = attacks.mismatched_set(distilled, cfg.seed, contribution.id)
     meta = audit | {"train_s": result.stats["train_s"], "train_loss_first": result.stats["loss_first"],
             "train_loss_last": result.stats["loss_last"], "distill_s": distilled.meta["distill_s"],
             "val_acc": local["acc"], "val_auc": local["auc"], "busy_s": time.perf_counter() - t0,
-            "straggler": contribution.straggler, "seed": contribution.seed}
-    return Commit(contribution.id, inst.id, inst.task, tuple(inst.classes), result.adapter, distilled,
+            "straggler": contribution.straggler, "seed": contribution.seed} | ({"attack": attack} if attack else {})
+    return Commit(contribution.id, inst.id, inst.task, tuple(inst.classes), adapter, distilled,
                   pulled_version, contribution.t_pull, contribution.t_commit, meta)

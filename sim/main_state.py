@@ -9,8 +9,11 @@ Step 1  validation (``sim.commit.validate_commit``): content only.
 Step 2  idempotency: a commit id seen before with the same content gets its original acknowledgement back
         (``duplicate: true``); the same id with other content is rejected. Then staleness against
         ``schedule.max_staleness``.
+Step 2b the gate (``gate.checks``, ``sim.gate``): norm, cosine and fit before any merge; a failed check rejects the
+        commit with its measured value.
 Step 3  merge into every strategy's branch (``sim.branches.MainBranches``) — tentatively: merges are pure, nothing
-        is replaced yet, so a merge that fails rejects the commit and changes no branch.
+        is replaced yet, so a merge that fails rejects the commit and changes no branch. The gate's regression
+        check scores the tentative ``gate_branch`` here; failing it rejects the commit just the same.
 Step 4  durable log (``sim.commit_log.CommitLog``): the commit dir, then the ``accepted`` line. Only then do the new
         branches replace the old ones and the acknowledgement go out. A restarted actor (``MainState.restore``)
         repairs the log, loads the commit dirs it names and replays the merges, which are deterministic.
@@ -30,6 +33,7 @@ from sim.branches import MainBranches, Predictor, save_main
 from sim.commit import Commit, check_signature, expected_shapes, validate_commit
 from sim.commit_log import CommitLog
 from sim.config import SimConfig
+from sim.gate import Gate, failure, log_fields
 from sim.model import Adapter, Foundation
 from sim.records import is_flat
 
@@ -59,6 +63,7 @@ class MainState:
         self.secret = secret
         self.history_strategy = history
         self.history: dict[int, Predictor] = {0: None}
+        self.gate = Gate(cfg, foundation) if cfg.gate.checks else None
 
     # -- receiving ------------------------------------------------------------------------
     def _reject(self, commit, reason: str, extra: dict | None = None) -> dict:
@@ -66,6 +71,8 @@ class MainState:
                "reason": reason, "version": self.version, "duplicate": False} | (extra or {})
         if isinstance(getattr(commit, "meta", None), dict) and is_flat(commit.meta.get("injected")):
             rec["injected"] = commit.meta.get("injected")   # a fault-injected copy (sim.faults): say so in the log
+        if isinstance(getattr(commit, "meta", None), dict) and is_flat(commit.meta.get("attack")):
+            rec["attack"] = commit.meta.get("attack")       # a malicious institution's (sim.attacks): for the measures
         rec = self.log.append_rejected(rec)
         self._records.append(rec)
         return dict(rec)
@@ -107,12 +114,28 @@ class MainState:
         limit = self.cfg.schedule.max_staleness
         if limit >= 0 and staleness > limit:
             return self._reject(commit, f"staleness {staleness} exceeds schedule.max_staleness {limit}", extra)
-        # Step 3: tentative merges (a failure changes nothing).
+        # Step 2b: the gate's checks that need no merge.
+        t_gate = time.perf_counter()
+        checks = self.gate.precheck(commit) if self.gate is not None else []
+        gate_s = time.perf_counter() - t_gate
+        if failure(checks):
+            return self._reject(commit, failure(checks), (extra or {}) | log_fields(checks) | {"gate_s": gate_s})
+        # Step 3: tentative merges (a failure changes nothing), then the gate's regression check on them.
         seq = self.version + 1
         try:
             update, merges = self.branches.propose(commit, seq, staleness)
         except Exception as exc:   # noqa: BLE001 — any merge failure is this commit's rejection reason
             return self._reject(commit, f"merge failed: {type(exc).__name__}: {exc}", extra)
+        if self.gate is not None and "regression" in self.cfg.gate.checks:
+            t_gate, branch = time.perf_counter(), self.cfg.gate_branch
+            received = self.branches.arrived.seen(len(self.branches.arrived) - 1) if len(self.branches.arrived) else []
+            checks.append(self.gate.regression(commit, self.branches.predictor(branch), update["merged"][branch],
+                                               received))
+            gate_s += time.perf_counter() - t_gate
+            if failure(checks):
+                return self._reject(commit, failure(checks), (extra or {}) | log_fields(checks) | {"gate_s": gate_s})
+        if self.gate is not None:
+            extra = (extra or {}) | log_fields(checks) | {"gate_s": gate_s}
         # Step 4: durable log, then the new state, then the acknowledgement.
         ack = {"event": "accepted", "seq": seq, "version": seq, "staleness": staleness, "reason": None,
                "duplicate": False, "t_wall": time.time()} | commit.record() | (extra or {})
@@ -123,6 +146,8 @@ class MainState:
         return dict(ack)
 
     def _apply(self, commit: Commit, ack: dict, update: dict, merges: list[dict]) -> None:
+        if self.gate is not None:
+            self.gate.accept(commit)
         self.branches.apply(update)
         self.version = ack["seq"]
         self.commits.append(commit)

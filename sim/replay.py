@@ -243,6 +243,8 @@ def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
         return "runtime.clock is wall: the merge order is the order the commits happened to arrive in"
     if source.faults.any or cfg.faults.any:
         return "faults are injected: which contribution fails depends on the whole community's plan"
+    if source.attacks.any or cfg.attacks.any or source.gate.checks or cfg.gate.checks:
+        return "attacks or the gate are on: who attacks and what the gate accepts depend on the whole community"
     if cfg.data.institutions > source.data.institutions:
         return f"{cfg.data.institutions} institutions are more than the source run's {source.data.institutions}"
     if (source.seed, source.runtime.threads, source.runtime.device.split(":")[0]) != \

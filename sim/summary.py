@@ -110,6 +110,8 @@ def summarise_run(cfg: SimConfig, run_id: str, schedule: Schedule, acks: Sequenc
     } | (extra or {})
     if "faults" in summary:
         summary["faults"] = summary["faults"] | fault_counts(log, accepted)
+    if cfg.gate.checks or cfg.attacks.any:
+        summary["gate"] = gate_counts(cfg, log, accepted)
     return RunRecords(event_rows(run_id, schedule, log), metric_rows(run_id, final), summary)
 
 
@@ -117,3 +119,22 @@ def fault_counts(log: Sequence[dict], accepted: Sequence[dict]) -> dict:
     """What the faults cost, from the log: contributions made more than once, merge actor restarts."""
     return {"retried_contributions": sum((r.get("attempts") or 1) > 1 for r in accepted),
             "merge_actor_restarts": sum(r.get("event") == "restored" for r in log)}
+
+
+def gate_counts(cfg: SimConfig, log: Sequence[dict], accepted: Sequence[dict]) -> dict:
+    """The gate against the attacks, from the log: a malicious commit (``attack`` in its record, which the gate never
+    reads) rejected by the gate is a true positive, an honest one rejected a false positive; rates over the
+    malicious and the honest commits the gate saw, and its seconds per commit checked."""
+    rejected = [r for r in log if r.get("event") == "rejected" and r.get("gate_failed")]
+    seen = list(accepted) + rejected
+    attacked = [r for r in seen if r.get("attack")]
+    tp = sum(bool(r.get("attack")) for r in rejected)
+    fp = len(rejected) - tp
+    honest = len(seen) - len(attacked)
+    gate_s = [r["gate_s"] for r in seen if isinstance(r.get("gate_s"), (int, float))]
+    return {"checks": list(cfg.gate.checks), "attack": cfg.attacks.kind if cfg.attacks.any else "none",
+            "malicious_commits": len(attacked), "honest_commits": honest, "rejected_by_gate": len(rejected),
+            "true_positives": tp, "false_positives": fp,
+            "tpr": tp / len(attacked) if attacked else math.nan, "fpr": fp / honest if honest else math.nan,
+            "by_check": {c: sum(r.get("gate_failed") == c for r in rejected) for c in cfg.gate.checks},
+            "gate_s_per_commit": finite_mean(gate_s) if gate_s else 0.0}

@@ -1,0 +1,170 @@
+"""Forge CI: the checks a commit must pass before it changes any branch (``gate:``), run by the merge actor.
+
+An open-source project does not merge a pull request because its author holds a key; it runs CI. Each check
+returns pass/fail with its measured value (``Check``); ``MainState.receive`` rejects a commit that fails one, with
+the reason in the log, and main does not change. The checks (``gate.checks``):
+
+* ``norm`` — the update's Frobenius norm ‖ΔW‖ (every module) against the accepted ones: the robust z-score
+  (x − median) / (1.4826 · MAD) must lie within ±``norm_z`` (Iglewicz & Hoaglin's modified z-score, 3.5 their
+  cut-off). Catches a scaled update. Judges from ``min_history`` accepted commits on.
+* ``cosine`` — cosine similarity of the flattened ΔW to the mean update of the task's accepted commits must be at
+  least ``min_cosine`` (FoolsGold's and FLTrust's signal, Fung et al. 2020, Cao et al. NDSS 2021; here against the
+  task's consensus rather than a server's own update). Catches a sign-flipped update. Judges from ``min_history``
+  accepted commits of the task on.
+* ``fit`` — the commit's adapter must fit the distilled set it sent: accuracy ≥ ``min_fit`` on it. A set not made
+  from the adapter's data (``distill_mismatch``) or an adapter trained on other labels (``label_flip``) fails.
+* ``regression`` — merged into a tentative copy of main's ``gate_branch`` (``SimConfig.gate_branch``), the commit
+  must not lower the accuracy on the other tasks' distilled sets received so far by more than ``max_drop`` (the
+  largest drop of a task, each task the mean over its sets), and must change its own task's accuracy (its sets
+  received so far and its own) by at least ``min_gain``.
+
+Pure over its inputs (no Ray): the gate keeps only what it needs of the accepted commits — their norms and, per
+task, the sum of their flattened updates (``accept``; a restarted merge actor replays it from the log). The values
+go to the log as flat fields ``gate_<check>``; a failure also as ``gate_failed``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sim.config import SimConfig
+from sim.data.base import DistilledSet
+from sim.metrics import accuracy, predict_proba
+from sim.model import Adapter, Foundation
+
+MAD_SCALE = 1.4826      # MAD × 1.4826 estimates σ for normal data (Iglewicz & Hoaglin 1993)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's outcome: ``value`` measured, ``passed``, and the reason when it failed (or could not judge)."""
+
+    name: str
+    passed: bool
+    value: float
+    reason: str | None = None
+
+
+def update_vector(adapter: Adapter) -> torch.Tensor:
+    """The update ΔW of every module, flattened in module order (float32)."""
+    return torch.cat([adapter.delta(m).float().reshape(-1) for m in adapter.modules()])
+
+
+def robust_z(x: float, history: Sequence[float]) -> float:
+    """(x − median) / (1.4826 · MAD) of ``history``; ±inf for a value off a history with MAD 0, 0 on it."""
+    h = np.asarray(history, dtype=np.float64)
+    med = float(np.median(h))
+    mad = MAD_SCALE * float(np.median(np.abs(h - med)))
+    if mad == 0.0:
+        return 0.0 if x == med else math.copysign(math.inf, x - med)
+    return (x - med) / mad
+
+
+def set_accuracy(foundation: Foundation, predictor, sets: Sequence[DistilledSet]) -> float:
+    """Mean over ``sets`` of the predictor's accuracy on each (each on its own task's classes)."""
+    return float(np.mean([accuracy(ds.y, predict_proba(foundation, predictor, ds.x, ds.task, ds.classes))
+                          for ds in sets]))
+
+
+@dataclass
+class Gate:
+    """The configured checks and what they remember of the accepted commits."""
+
+    cfg: SimConfig
+    foundation: Foundation
+    norms: list[float] = field(default_factory=list)
+    task_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def checks(self) -> tuple[str, ...]:
+        return self.cfg.gate.checks
+
+    # -- the checks that need no merge ------------------------------------------------------
+    def precheck(self, commit) -> list[Check]:
+        """``norm``, ``cosine`` and ``fit`` of ``commit`` (those configured), in that order."""
+        g, out = self.cfg.gate, []
+        vector = update_vector(commit.adapter) if {"norm", "cosine"} & set(self.checks) else None
+        if "norm" in self.checks:
+            norm = float(vector.norm())
+            if len(self.norms) < g.min_history:
+                out.append(Check("norm", True, norm, f"{len(self.norms)} accepted norms, fewer than "
+                                                      f"gate.min_history {g.min_history}"))
+            else:
+                z = robust_z(norm, self.norms)
+                out.append(Check("norm", abs(z) <= g.norm_z, z,
+                                 None if abs(z) <= g.norm_z else f"update norm {norm:.4g} has robust z {z:.2f}, "
+                                                                 f"beyond ±gate.norm_z {g.norm_z:g}"))
+        if "cosine" in self.checks:
+            n = self.task_counts.get(commit.task, 0)
+            if n < g.min_history:
+                out.append(Check("cosine", True, math.nan, f"{n} accepted commits of task {commit.task}, fewer "
+                                                           f"than gate.min_history {g.min_history}"))
+            else:
+                mean = self.task_sums[commit.task] / n
+                cos = float(torch.nn.functional.cosine_similarity(vector, mean, dim=0))
+                ok = cos >= g.min_cosine
+                out.append(Check("cosine", ok, cos, None if ok else
+                                 f"cosine {cos:.3f} to the mean update of task {commit.task}'s {n} accepted commits "
+                                 f"is below gate.min_cosine {g.min_cosine:g}"))
+        if "fit" in self.checks:
+            acc = set_accuracy(self.foundation, commit.adapter, [commit.distilled])
+            ok = acc >= g.min_fit
+            out.append(Check("fit", ok, acc, None if ok else f"the adapter scores {acc:.3f} on its own distilled "
+                                                             f"set, below gate.min_fit {g.min_fit:g}"))
+        return out
+
+    # -- the check on a tentative merge ------------------------------------------------------
+    def regression(self, commit, before, after, received: Sequence[DistilledSet]) -> Check:
+        """Main's ``gate_branch`` ``before`` and ``after`` merging ``commit`` on the distilled sets ``received`` so
+        far (the latest of each institution) plus the commit's own: the largest drop on another task, and the
+        change on its own task. ``value``: that largest drop."""
+        g = self.cfg.gate
+        by_task: dict[str, list[DistilledSet]] = {}
+        for ds in list(received) + [commit.distilled]:
+            by_task.setdefault(ds.task, []).append(ds)
+        drops = {t: set_accuracy(self.foundation, before, sets) - set_accuracy(self.foundation, after, sets)
+                 for t, sets in by_task.items() if t != commit.task}
+        own = by_task[commit.task]
+        gain = set_accuracy(self.foundation, after, own) - set_accuracy(self.foundation, before, own)
+        worst = max(drops, key=drops.get) if drops else None
+        drop = drops[worst] if worst else 0.0
+        if drop > g.max_drop:
+            return Check("regression", False, drop, f"merged into {self.cfg.gate_branch} it lowers task {worst}'s "
+                                                    f"distilled sets by {drop:.3f}, more than gate.max_drop "
+                                                    f"{g.max_drop:g}")
+        if gain < g.min_gain:
+            return Check("regression", False, drop, f"merged into {self.cfg.gate_branch} it changes its own task "
+                                                    f"{commit.task}'s distilled sets by {gain:+.3f}, less than "
+                                                    f"gate.min_gain {g.min_gain:g}")
+        return Check("regression", True, drop)
+
+    # -- memory ------------------------------------------------------------------------------
+    def accept(self, commit) -> None:
+        """Remember an accepted commit (its norm and its task's update sum)."""
+        if not {"norm", "cosine"} & set(self.checks):
+            return
+        vector = update_vector(commit.adapter)
+        self.norms.append(float(vector.norm()))
+        if commit.task in self.task_sums and self.task_sums[commit.task].shape == vector.shape:
+            self.task_sums[commit.task] += vector
+        else:
+            self.task_sums[commit.task] = vector.clone()
+        self.task_counts[commit.task] = self.task_counts.get(commit.task, 0) + 1
+
+
+def log_fields(checks: Sequence[Check]) -> dict:
+    """The log's flat fields of ``checks``: ``gate_<name>`` = value, and ``gate_failed`` = the first failed one."""
+    out = {f"gate_{c.name}": c.value for c in checks}
+    failed = next((c for c in checks if not c.passed), None)
+    return out | ({"gate_failed": failed.name} if failed else {})
+
+
+def failure(checks: Sequence[Check]) -> str | None:
+    """The rejection reason of the first failed check (``None`` when all passed)."""
+    failed = next((c for c in checks if not c.passed), None)
+    return None if failed is None else f"gate {failed.name}: {failed.reason}"

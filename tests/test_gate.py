@@ -1,0 +1,269 @@
+"""Attacks by registered institutions (``sim.attacks``) and the gate that keeps them out of main (``sim.gate``)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sim import attacks
+from sim.commit import Commit
+from sim.config import AttacksConfig, GateConfig, SimConfig, apply_overrides
+from sim.data.base import DistilledSet
+from sim.gate import Gate, robust_z, set_accuracy, update_vector
+from sim.main_state import MainState
+from sim.metrics import accuracy, predict_proba
+from sim.schedule import build_schedule
+from sim.train import train_adapter
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+STEPS = 120
+# The tiny foundation is a weak feature extractor: its honest adapters fit their own real images at 0.46-0.83 (a noise
+# set of the same labels: at most 0.36, chance 0.33), and merging an honest one lowers another task's sets by ~0.02;
+# the constructed cases below set the thresholds between those (the defaults are for real foundations).
+MIN_FIT, MAX_DROP = 0.41, 0.1
+
+
+def real_set(inst, per_class: int = 8, offset: int = 0) -> DistilledSet:
+    """Real training images of an institution as its distilled set."""
+    idx = np.concatenate([np.flatnonzero(inst.train.y == c)[offset:offset + per_class]
+                          for c in range(len(inst.classes))])
+    return DistilledSet(inst.task, inst.classes, inst.train.x[idx].astype(np.float32) / 255.0, inst.train.y[idx],
+                        method="real")
+
+
+def trained(cfg, foundation, inst, seed: int, train=None):
+    return train_adapter(foundation, train or inst.train, inst.task, inst.classes, cfg.lora,
+                         dataclasses.replace(cfg.train, steps=STEPS), seed=seed).adapter
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_cfg, tiny_foundation, tiny_cohort):
+    """Two honest commits per institution of the tiny cohort (4 institutions, 2 tasks), adapters trained on their
+    own data and real images as their distilled sets."""
+    out = []
+    for k in range(2):
+        for inst in tiny_cohort.institutions:
+            adapter = trained(tiny_cfg, tiny_foundation, inst, seed=100 * k + inst.id)
+            out.append(Commit(f"inst{inst.id:03d}-{k:02d}", inst.id, inst.task, tuple(inst.classes), adapter,
+                              real_set(inst, offset=8 * k)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Who attacks, and what each attack does
+# ------------------------------------------------------------------------------------------
+def test_malicious_share_and_start_are_drawn_from_the_seed():
+    cfg = apply_overrides(SimConfig(), ["data.institutions=10", "attacks.kind=scale", "attacks.share=0.3",
+                                        "attacks.start=4"])
+    bad = attacks.malicious(cfg.attacks, 10, cfg.seed)
+    assert len(bad) == 3 and bad == attacks.malicious(cfg.attacks, 10, cfg.seed)
+    assert bad != attacks.malicious(cfg.attacks, 10, cfg.seed + 1) or len(bad) == 10
+    order = build_schedule(cfg.schedule, 10, cfg.seed).contributions
+    kinds = [attacks.attack_of(cfg, c) for c in order]
+    assert all(k is None for k in kinds[:4])
+    assert all((k == "scale") == (c.institution in bad) for c, k in zip(order[4:], kinds[4:]))
+    clean = apply_overrides(cfg, ["attacks.share=0"])
+    assert not clean.attacks.any and all(attacks.attack_of(clean, c) is None for c in order)
+
+
+def test_scale_and_sign_flip_change_the_update_as_claimed(honest, tiny_foundation, tiny_cohort):
+    a = honest[0].adapter
+    scaled = attacks.attacked_update(a, "scale", AttacksConfig(kind="scale", scale=10.0))
+    flipped = attacks.attacked_update(a, "sign_flip", AttacksConfig(kind="sign_flip"))
+    for m in a.modules():
+        torch.testing.assert_close(scaled.delta(m), 10.0 * a.delta(m))
+        torch.testing.assert_close(flipped.delta(m), -a.delta(m))
+    # a sign-flipped adapter scores worse on its task than the honest one
+    inst = tiny_cohort.institutions[honest[0].institution]
+
+    def acc(adapter):
+        return accuracy(inst.test.y, predict_proba(tiny_foundation, adapter, inst.test.x, inst.task, inst.classes))
+
+    assert acc(flipped) < acc(a)
+
+
+def test_label_flip_and_backdoor_poison_the_training_data(tiny_cfg, tiny_foundation, tiny_cohort):
+    inst = tiny_cohort.institutions[0]
+    k = len(inst.classes)
+    cfg = AttacksConfig(kind="backdoor", share=1.0, poison_rate=0.3, target_class=1, trigger_size=3)
+    flipped = attacks.poisoned_training(inst.train, k, "label_flip", cfg, 0, "c")
+    np.testing.assert_array_equal(flipped.y, (inst.train.y + 1) % k)
+    poisoned = attacks.poisoned_training(inst.train, k, "backdoor", cfg, 0, "c")
+    changed = np.flatnonzero((poisoned.x != inst.train.x).any(axis=(1, 2, 3)) | (poisoned.y != inst.train.y))
+    assert abs(len(changed) - 0.3 * len(inst.train.y)) <= 1 and (poisoned.y[changed] == 1).all()
+    assert (poisoned.x[changed][:, :, -3:, -3:] == 255).all()
+    again = attacks.poisoned_training(inst.train, k, "backdoor", cfg, 0, "c")
+    np.testing.assert_array_equal(again.x, poisoned.x)                 # deterministic per seed and contribution
+    # the backdoored adapter sends triggered test images of other classes to the target far more than the honest one
+    honest_a = trained(tiny_cfg, tiny_foundation, inst, seed=7)
+    backdoored = trained(tiny_cfg, tiny_foundation, inst, seed=7, train=poisoned)
+    others = inst.test.y != 1
+    triggered = attacks.stamp(inst.test.x[others], 3)
+
+    def success(adapter):
+        p = predict_proba(tiny_foundation, adapter, triggered, inst.task, inst.classes)
+        return float((p.argmax(1) == 1).mean())
+
+    assert success(backdoored) > success(honest_a) + 0.2
+    # and a label-flipped adapter is worse on the true labels
+    lf = trained(tiny_cfg, tiny_foundation, inst, seed=7, train=flipped)
+    assert set_accuracy(tiny_foundation, lf, [real_set(inst)]) < set_accuracy(tiny_foundation, honest_a,
+                                                                                [real_set(inst)])
+
+
+def test_distill_mismatch_sends_noise_with_the_labels(honest):
+    ds = honest[0].distilled
+    bad = attacks.mismatched_set(ds, 0, "c")
+    assert bad.x.shape == ds.x.shape and (bad.y == ds.y).all() and not np.allclose(bad.x, ds.x)
+    assert bad.x.min() >= 0 and bad.x.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------
+# Each check rejects its attack on a constructed case and passes honest commits
+# ------------------------------------------------------------------------------------------
+def gate_for(tiny_cfg, tiny_foundation, *checks: str, **thresholds) -> Gate:
+    cfg = tiny_cfg.replace(gate=GateConfig(checks=checks, **thresholds))
+    return Gate(cfg, tiny_foundation)
+
+
+def test_robust_z_by_hand():
+    assert robust_z(5.0, [1.0, 2.0, 3.0]) == pytest.approx((5 - 2) / (1.4826 * 1.0))
+    assert robust_z(2.0, [2.0, 2.0]) == 0.0 and robust_z(3.0, [2.0, 2.0]) == float("inf")
+
+
+def test_norm_check_rejects_a_scaled_update_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
+    gate = gate_for(tiny_cfg, tiny_foundation, "norm", min_history=3)
+    for c in honest[:4]:
+        gate.accept(c)
+    scaled = dataclasses.replace(honest[4], adapter=attacks.attacked_update(honest[4].adapter, "scale",
+                                                                            AttacksConfig(kind="scale", scale=10.0)))
+    (ok,), (bad,) = gate.precheck(honest[4]), gate.precheck(scaled)
+    norms = [float(update_vector(c.adapter).norm()) for c in honest[:4]]
+    assert ok.passed and bad.value == pytest.approx(robust_z(float(update_vector(scaled.adapter).norm()), norms))
+    assert not bad.passed and "robust z" in bad.reason
+    # too little history: no judgement
+    fresh = gate_for(tiny_cfg, tiny_foundation, "norm", min_history=3)
+    assert fresh.precheck(scaled)[0].passed
+
+
+def test_cosine_check_rejects_a_sign_flipped_update_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
+    gate = gate_for(tiny_cfg, tiny_foundation, "cosine", min_history=1)
+    for c in honest[:4]:
+        gate.accept(c)
+    flipped = dataclasses.replace(honest[4], adapter=attacks.attacked_update(honest[4].adapter, "sign_flip",
+                                                                             AttacksConfig(kind="sign_flip")))
+    (ok,), (bad,) = gate.precheck(honest[4]), gate.precheck(flipped)
+    assert ok.passed and ok.value > 0 and not bad.passed and bad.value == pytest.approx(-ok.value, abs=1e-5)
+
+
+def test_fit_check_rejects_a_mismatched_set_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
+    gate = gate_for(tiny_cfg, tiny_foundation, "fit", min_fit=MIN_FIT)
+    mismatched = dataclasses.replace(honest[0], distilled=attacks.mismatched_set(honest[0].distilled, 0, "c"))
+    assert all(gate.precheck(c)[0].passed for c in honest)
+    bad = gate.precheck(mismatched)[0]
+    assert not bad.passed and bad.value < MIN_FIT and "own distilled set" in bad.reason
+
+
+def test_regression_check_rejects_updates_that_hurt_main(tiny_cfg, tiny_foundation, honest):
+    # Prepare: main's task_arithmetic branch after the honest first round (institutions 0-3, two tasks)
+    from sim.branches import MainBranches
+
+    cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=("task_arithmetic",)),
+                           gate=GateConfig(checks=("regression",), max_drop=MAX_DROP, min_gain=-MAX_DROP))
+    branches = MainBranches(("task_arithmetic",), cfg, tiny_foundation)
+    for seq, c in enumerate(honest[:4], start=1):
+        branches.add(c, seq, 0)
+    gate, received = Gate(cfg, tiny_foundation), branches.arrived.seen(3)
+    flip = AttacksConfig(kind="sign_flip")
+
+    def check(c):
+        update, _ = branches.propose(c, 5, 0)
+        return gate.regression(c, branches.predictor("task_arithmetic"), update["merged"]["task_arithmetic"],
+                               received)
+
+    def flipped(c):
+        return dataclasses.replace(c, adapter=attacks.attacked_update(c.adapter, "sign_flip", flip))
+
+    # Execute / Assert: honest second-round commits pass; a sign-flipped histology commit lowers the xray sets
+    # beyond max_drop, a sign-flipped xray commit lowers its own task's
+    assert all(check(c).passed for c in honest[4:])
+    other = check(flipped(honest[4]))
+    assert not other.passed and other.value > MAX_DROP and "lowers task xray" in other.reason
+    own = check(flipped(honest[5]))
+    assert not own.passed and "its own task xray" in own.reason
+
+
+# ------------------------------------------------------------------------------------------
+# In the merge actor's loop: a rejected commit changes nothing
+# ------------------------------------------------------------------------------------------
+def test_a_commit_the_gate_rejects_changes_no_branch(tmp_path, tiny_cfg, tiny_foundation, tiny_cohort, honest):
+    cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=("ties", "svd")),
+                           gate=GateConfig(checks=("norm", "fit"), min_history=3, min_fit=MIN_FIT))
+    meta = {i.id: (i.task, tuple(i.classes)) for i in tiny_cohort.institutions}
+    state = MainState(tmp_path / "run", cfg, meta, tiny_foundation)
+    for c in honest[:4]:
+        assert state.receive(c)["event"] == "accepted"
+    before = {s: {k: v.clone() for k, v in p.weights.items()} for s, p in state.branches.snapshot().items()}
+    scaled = dataclasses.replace(honest[4], adapter=attacks.attacked_update(honest[4].adapter, "scale",
+                                                                            AttacksConfig(kind="scale", scale=10.0)),
+                                 meta={"attack": "scale"})
+    ack = state.receive(scaled)
+    assert ack["event"] == "rejected" and ack["gate_failed"] == "norm" and ack["reason"].startswith("gate norm:")
+    assert ack["attack"] == "scale" and ack["gate_norm"] > 3.5 and state.version == 4
+    after = state.branches.snapshot()
+    assert all(torch.equal(before[s][k], after[s].weights[k]) for s in before for k in before[s])
+    # the honest commit passes, with the figures in its log record
+    ok = state.receive(honest[4])
+    assert ok["event"] == "accepted" and "gate_norm" in ok and "gate_fit" in ok and ok["gate_s"] >= 0
+
+
+def test_bad_attacks_and_gate_fields_are_named():
+    for override, message in (("attacks.kind=evil", "attacks.kind must be one of none, scale"),
+                              ("attacks.share=1.5", "attacks.share must be"),
+                              ("attacks.poison_rate=0", "attacks.poison_rate must be"),
+                              ("gate.checks=[norm,norm]", "gate.checks must be a list of distinct names"),
+                              ("gate.min_fit=2", "gate.min_fit must be"),
+                              ("gate.norm_z=0", "gate.norm_z must be")):
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(SimConfig(), [override])
+    with pytest.raises(ValueError, match="gate.strategy 'ties' is not one of merge.strategies"):
+        apply_overrides(SimConfig(), ["merge.strategies=[svd]", "gate.checks=[regression]", "gate.strategy=ties"])
+
+
+@pytest.mark.parametrize("override, field", [("attacks.kind=evil", "attacks.kind"), ("gate.checks=[nrm]", "gate.checks")])
+def test_forgesim_run_exits_2_naming_a_bad_attacks_or_gate_field(override, field, tmp_path, capsys):
+    from experiments.cli import main
+
+    code = main(["run", "--preset", "demo", "--set", override, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("forgesim: error: ") and field in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_with_attackers_and_the_gate_records_both(ray_session, tiny_run_cfg, tmp_path):
+    from actors.runner import run_simulation
+    from sim.commit_log import CommitLog
+
+    # Prepare: half the institutions flip the sign of their updates from the third merge position on
+    cfg = apply_overrides(tiny_run_cfg, ["attacks.kind=sign_flip", "attacks.share=0.5", "attacks.start=2",
+                                         "gate.checks=[norm,cosine,fit]", "gate.min_history=1",
+                                         f"gate.min_fit={MIN_FIT}"])
+    schedule = build_schedule(cfg.schedule, cfg.data.institutions, cfg.seed)
+    expected = {c.id for c in schedule.contributions if attacks.attack_of(cfg, c)}
+    # Execute
+    summary = run_simulation(cfg, tmp_path / "run")
+    # Assert: every malicious commit is marked in the log (accepted or rejected), the gate's counts add up, and the
+    # rejected commits are in no branch (each accepted commit is merged once)
+    log = CommitLog(tmp_path / "run").read()
+    seen = [r for r in log if r["event"] == "accepted" or (r["event"] == "rejected" and r.get("gate_failed"))]
+    assert {r["id"] for r in seen if r.get("attack") == "sign_flip"} == expected and expected
+    g = summary["gate"]
+    assert g["malicious_commits"] == len(expected) and g["checks"] == ["norm", "cosine", "fit"]
+    assert g["true_positives"] + g["false_positives"] == g["rejected_by_gate"] == summary["commits_rejected"]
+    assert g["honest_commits"] + g["malicious_commits"] == len(schedule.contributions)
+    assert summary["commits_accepted"] + summary["commits_rejected"] == len(schedule.contributions)
+    merged = [r for r in log if r["event"] == "merged" and r["strategy"] == cfg.merge.strategies[0]]
+    assert [r["id"] for r in merged] == [r["id"] for r in log if r["event"] == "accepted"]
+    assert all("gate_norm" in r and "gate_s" in r for r in log if r["event"] == "accepted")
