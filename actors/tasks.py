@@ -84,12 +84,20 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key
 
 @ray.remote(max_retries=2)
 def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int) -> list[dict]:
-    """Every strategy of ``snapshot`` on every task in ``tasks`` (``sim.evaluation.evaluate_snapshot``)."""
+    """Every strategy of ``snapshot`` on every task in ``tasks`` (``sim.evaluation.evaluate_snapshot``); under a
+    backdoor attack each record also has ``asr``, the attack's success (``sim.attacks.attack_success``)."""
     from sim.evaluation import evaluate_snapshot
 
     t0 = time.perf_counter()
     cfg = _config(cfg_blob)
-    records = evaluate_snapshot(_setup(cfg), snapshot, _cohort(cfg_blob), tasks, version)
+    foundation, cohort = _setup(cfg), _cohort(cfg_blob)
+    records = evaluate_snapshot(foundation, snapshot, cohort, tasks, version)
+    if cfg.attacks.any and cfg.attacks.kind == "backdoor":     # the backdoor's success on every predictor
+        from sim.attacks import attack_success
+
+        for r in records:
+            r["asr"] = attack_success(foundation, snapshot[r["strategy"]], cohort.task_split(r["task"], "test"),
+                                      r["task"], cohort.task_classes[r["task"]], cfg.attacks)
     busy = time.perf_counter() - t0
     return [r | {"busy_s": busy / max(1, len(records))} for r in records]
 

@@ -78,7 +78,8 @@ def read_layouts(sweep_dir: str | Path) -> tuple[StudyLayout, ...]:
 
 
 _COLUMNS = {"seed": "seed", "contributors": "data.institutions", "rank": "lora.rank", "ipc": "distill.ipc",
-            "partition": "data.partition", "dataset": "data.name"}
+            "partition": "data.partition", "dataset": "data.name", "attack": "attacks.kind",
+            "attack_share": "attacks.share", "gate": "gate.checks"}
 # The built-in studies' layouts as their sweeps write them (tests/test_sweep.py checks they agree), in the order
 # their sections appear in a report of a dir that holds several studies' records.
 DEFAULT_LAYOUTS: tuple[StudyLayout, ...] = (
@@ -99,4 +100,7 @@ DEFAULT_LAYOUTS: tuple[StudyLayout, ...] = (
         Section("Strategies side by side", tables=("strategies",)),
         Section("Merge-order sensitivity", "orders", ("orders",)),
         Section("Accuracy and forgetting per merge step", "steps", ("steps",)))),
+    StudyLayout("poisoning", "attack_share", "malicious share", "share of malicious institutions",
+                _COLUMNS | {"attack_share": "attacks.share"},
+                (Section("Attacks and the gate", tables=("poisoning",)),)),
 )

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from analysis import claims, cost, figures
@@ -245,6 +246,35 @@ def strategies_table(rows: pd.DataFrame, orders: pd.DataFrame | None) -> Table |
                       "max − min over the replayed merge orders, in points of %, the mean over trials; storage: the "
                       "merged predictor; inference: ms per test image; merge s: the strategy's merge time of the "
                       "run (summary). Bold: best ACC per dataset.")
+
+
+def poisoning_table(rows: pd.DataFrame | None) -> Table | None:
+    """Attacks and the gate, per attack kind × gate setting × malicious share × strategy: final ACC (mean ± sd over
+    seeds), its drop from the same seed's run without attackers (share 0, same kind and gate), the backdoor's
+    attack success, and the gate's true and false positive rates (the share of malicious and of honest commits it
+    rejected)."""
+    need = {"attack", "attack_share", "gate", "strategy", "acc", "seed"}
+    if rows is None or rows.empty or not need <= set(rows.columns):
+        return None
+    rows = rows[~rows["strategy"].isin(REFERENCES)]
+    clean = rows[rows["attack_share"] == 0].set_index(["attack", "gate", "seed", "strategy"])["acc"]
+    table_rows = []
+    keys = ["attack", "gate", "attack_share", "strategy"]
+    for (attack, gate, share, strategy), g in rows.groupby(keys, sort=False):
+        ref = [clean.get((attack, gate, seed, strategy), math.nan) for seed in g["seed"]]
+        drop = pd.Series(np.asarray(ref, dtype=float) - g["acc"].to_numpy(dtype=float))
+        asr = g["asr"] if "asr" in g else pd.Series(dtype=float)
+        tpr = g["gate_tpr"] if "gate_tpr" in g else pd.Series(dtype=float)
+        fpr = g["gate_fpr"] if "gate_fpr" in g else pd.Series(dtype=float)
+        table_rows.append([attack, gate, f"{100 * share:.0f}", strategy, _mean_sd(g["acc"]),
+                           "–" if share == 0 else _mean_sd(drop), _mean_sd(asr), _mean_sd(tpr), _mean_sd(fpr)])
+    columns = [("", "attack"), ("", "gate"), ("", "malicious (%)"), ("", "strategy"), ("", "ACC (%)"),
+               ("", "drop vs clean (pp)"), ("", "backdoor success (%)"), ("gate", "TPR (%)"), ("gate", "FPR (%)")]
+    return Table("Attacks and the gate", columns, table_rows,
+                 note="ACC: final accuracy, mean over tasks, mean ± sd over seeds; drop: the same seed's run without "
+                      "attackers (same attack setting, same gate) minus this one, in points of %; backdoor success: "
+                      "triggered test images of other classes sent to the target class; TPR / FPR: malicious / "
+                      "honest commits the gate rejected (– without attackers, or without the gate's commits).")
 
 
 def steps_table(steps: pd.DataFrame | None) -> Table | None:
@@ -491,13 +521,15 @@ TABLES: dict[str, Callable[[StudyData], Table | None]] = {
     "orders": lambda st: orders_table(st.sweep.orders),
     "orders_per_task": lambda st: orders_task_table(st.sweep.orders_per_task),
     "strategies": lambda st: strategies_table(st.results, st.sweep.orders),
+    "poisoning": lambda st: poisoning_table(st.results),
     "steps": lambda st: steps_table(st.sweep.orders_steps),
     "claims": lambda st: claims_table(claims.evaluate(st.claim_data)),
 }
 # table name -> the data a tables-only section of it needs (shown only when non-empty); other tables read the
 # study's rows over x
 TABLE_DATA: dict[str, Callable[[StudyData], pd.DataFrame]] = {"claims": lambda st: st.claim_data.results,
-                                                             "strategies": lambda st: st.results}
+                                                             "strategies": lambda st: st.results,
+                                                             "poisoning": lambda st: st.results}
 
 
 def check_layout(layout: StudyLayout) -> None:

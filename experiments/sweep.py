@@ -44,14 +44,23 @@ if TYPE_CHECKING:
 SWEEP_FILE = "sweep.json"
 TUNE_NAME = "tune"
 # results.parquet: each strategy's summary metrics, and the references' ACC/AUC, per trial
-SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image")
+SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "asr")
+# results.parquet: the gate against the attacks, per trial (summary.json's gate block; NaN without one)
+GATE_METRICS = ("malicious_commits", "honest_commits", "true_positives", "false_positives", "tpr", "fpr",
+                "gate_s_per_commit")
 RESULT_REFERENCES = ("base", "individual", "individual_local")
 
 
 def point_name(index: int, point: dict) -> str:
-    """A run dir name for grid point ``index``: ``003-institutions20-seed1``."""
-    parts = [f"{key.rsplit('.', 1)[-1]}{value}" for key, value in point.items()]
+    """A run dir name for grid point ``index``: ``003-institutions20-seed1`` (a list value joined with ``+``,
+    ``none`` when empty: ``checksnorm+fit``)."""
+    parts = [f"{key.rsplit('.', 1)[-1]}{_show(value)}" for key, value in point.items()]
     return "-".join([f"{index:03d}", *parts])
+
+
+def _show(value) -> object:
+    """A config value as a results cell or a name part: lists joined with ``+`` (``none`` when empty)."""
+    return "+".join(map(str, value)) or "none" if isinstance(value, (list, tuple)) else value
 
 
 def trial_config(base: dict, point: dict, sweep_dir: Path) -> SimConfig:
@@ -379,6 +388,9 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
         common |= reference_scores(run.summary, RESULT_REFERENCES)
         common |= {f"joint_{m}": joint.get(p["name"], {}).get(m, math.nan) for m in ("acc", "auc")}
         common |= distill_audit(run.events)
+        gate = run.summary.get("gate") or {}
+        common |= {f"gate_{m}" if not m.startswith("gate_") else m:
+                   math.nan if gate.get(m) is None else float(gate[m]) for m in GATE_METRICS}
         common["run_dir"] = str(run_dir.relative_to(sweep_dir))
         for s in cfg.merge.strategies:
             rows.append(common | {"strategy": s} | strategy_scores(run.summary, s, SUMMARY_METRICS))
@@ -399,4 +411,4 @@ def _get(cfg: SimConfig, field: str):
     obj = cfg
     for part in field.split("."):
         obj = getattr(obj, part)
-    return obj
+    return _show(obj)

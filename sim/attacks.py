@@ -104,3 +104,16 @@ def mismatched_set(distilled: DistilledSet, seed: int, contribution_id: str) -> 
     rng = derive_rng(seed, "distill_mismatch", contribution_id)
     x = rng.random(distilled.x.shape, dtype=np.float32)
     return dataclasses.replace(distilled, x=x, meta=dict(distilled.meta) | {"attack": "distill_mismatch"})
+
+
+def attack_success(foundation, predictor, split: Split, task: str, classes, attacks: AttacksConfig) -> float:
+    """Backdoor attack success rate of ``predictor`` on ``task``: the share of the test images whose class is not
+    ``target_class``, stamped with the trigger, that it sends to ``target_class`` (Gu et al.'s BadNets measure)."""
+    from sim.metrics import predict_proba
+
+    _check_target(attacks, len(classes))
+    others = split.y != attacks.target_class
+    if not others.any():
+        return float("nan")
+    proba = predict_proba(foundation, predictor, stamp(split.x[others], attacks.trigger_size), task, classes)
+    return float((proba.argmax(axis=1) == attacks.target_class).mean())

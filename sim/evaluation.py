@@ -140,7 +140,8 @@ def summarise_strategies(evals: Sequence[dict], merges: Sequence[dict], storage:
     """``summary.json``'s ``strategies`` block from eval records and per-commit merge records.
 
     acc/auc are the means over tasks of the *final* evaluation (the highest version); merge_s is the mean time of
-    one merge update (one commit); infer_ms_per_image is from the final evaluation.
+    one merge update (one commit); infer_ms_per_image is from the final evaluation; asr (under a backdoor attack)
+    the mean over tasks of the final evaluation's attack success.
     """
     out = {}
     for strategy in dict.fromkeys(r["strategy"] for r in evals):
@@ -160,7 +161,7 @@ def summarise_strategies(evals: Sequence[dict], merges: Sequence[dict], storage:
             "merge_s": finite_mean(times), "merge_s_total": float(sum(times)),
             "infer_ms_per_image": 1000 * sum(r["infer_s"] for r in final) / max(1, n_images),
             "version": final_v,
-        }
+        } | ({"asr": finite_mean(r["asr"] for r in final)} if any("asr" in r for r in final) else {})
     return out
 
 

@@ -107,6 +107,8 @@ def test_label_flip_and_backdoor_poison_the_training_data(tiny_cfg, tiny_foundat
         return float((p.argmax(1) == 1).mean())
 
     assert success(backdoored) > success(honest_a) + 0.2
+    assert attacks.attack_success(tiny_foundation, backdoored, inst.test, inst.task, inst.classes, cfg) == \
+        pytest.approx(success(backdoored))
     # and a label-flipped adapter is worse on the true labels
     lf = trained(tiny_cfg, tiny_foundation, inst, seed=7, train=flipped)
     assert set_accuracy(tiny_foundation, lf, [real_set(inst)]) < set_accuracy(tiny_foundation, honest_a,

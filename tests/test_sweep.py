@@ -61,7 +61,8 @@ def test_a_study_entry_is_what_its_sweep_dir_records_for_the_report(tmp_path):
     assert read_layouts(tmp_path) == (study.layout(),)
     assert config_columns(plan, tmp_path) == {"seed": "seed", "contributors": "data.institutions",
                                               "rank": "lora.rank", "ipc": "distill.ipc", "partition": "data.partition",
-                                              "dataset": "data.name"}
+                                              "dataset": "data.name", "attack": "attacks.kind",
+                                              "attack_share": "attacks.share", "gate": "gate.checks"}
     # ...and a sweep dir without a record is read as its built-in study would have written it
     assert tuple(get_study(name).layout() for name in STUDIES) == DEFAULT_LAYOUTS
 
@@ -239,9 +240,9 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
     assert set(res.strategy) == set(preset.base.merge.strategies) and (res.study == study).all()
     assert res[["acc", "auc", "base_acc", "individual_acc"]].notna().all().all()
     for field, values in preset.grid.items():
-        column = {"data.institutions": "contributors", "lora.rank": "rank", "distill.ipc": "ipc",
-                  "data.name": "dataset"}.get(field, field)
-        assert sorted(res[column].unique()) == sorted(values)
+        column = {f: c for c, f in preset.columns.items()}.get(field, field)
+        shown = ["+".join(v) or "none" if isinstance(v, tuple) else v for v in values]    # gate.checks: joined
+        assert sorted(res[column].unique()) == sorted(shown)
     for run_dir in res.run_dir.unique():
         assert (out / run_dir / "summary.json").is_file()
     attempts = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
@@ -252,9 +253,16 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
 
     html = build_report(out)
     figure = {"scaling": "scaling", "order": "orders", "forgetting": "forgetting", "ipc": "ipc", "rank": "rank",
-              "strategies": "orders"}[study]
-    assert (html.parent / "figures" / f"{figure}.png").stat().st_size > 0
-    assert f"figures/{figure}.png" in (html.parent / "report.md").read_text()
+              "strategies": "orders", "poisoning": None}[study]
+    if figure:
+        assert (html.parent / "figures" / f"{figure}.png").stat().st_size > 0
+        assert f"figures/{figure}.png" in (html.parent / "report.md").read_text()
+    if study == "poisoning":      # the attacked run's malicious commits met the gate; the table says how it did
+        attacked = res[res.attack_share > 0]
+        assert (attacked.gate_malicious_commits > 0).all() and attacked.gate_tpr.between(0, 1).all()
+        assert res[res.attack_share == 0].gate_malicious_commits.eq(0).all() and (res.gate != "none").all()
+        report = (html.parent / "report.md").read_text()
+        assert "Attacks and the gate" in report and "drop vs clean (pp)" in report
     if study == "scaling":      # the 4-institution community is built from the 8's log: one trial trains
         assert (html.parent / "figures" / "cost.png").is_file()
         assert len(trial_points(plan)) == 1 and (res.built == "subset").sum() == len(res) / 2
