@@ -443,13 +443,18 @@ class GateConfig:
                                      "vs the accepted ones), cosine (similarity to accepted commits of its task), fit "
                                      "(its adapter fits its own distilled set), regression (merged into main it does "
                                      "not lower the other tasks' distilled sets)")
-    norm_z: float = _f(3.5, "norm: largest robust z-score (median, 1.4826 × MAD of the accepted norms) let through")
+    norm_z: float = _f(3.5, "norm: largest robust z-score of log ‖ΔW‖ (median, 1.4826 × MAD of the accepted "
+                            "commits' log norms) let through")
+    norm_spread: float = _f(0.25, "norm: smallest spread of the accepted log norms the z-score divides by (0.25: "
+                                  "a norm 2.4× the median is z 3.5)")
     min_history: int = _f(3, "norm, cosine: accepted commits (of the task, for cosine) needed before the check "
                              "judges; with fewer it passes")
     min_cosine: float = _f(0.0, "cosine: smallest cosine similarity to the mean update of the task's accepted commits")
     min_fit: float = _f(0.5, "fit: smallest accuracy of the commit's adapter on its own distilled set")
-    max_drop: float = _f(0.05, "regression: largest accuracy drop on the other tasks' distilled sets")
-    min_gain: float = _f(0.0, "regression: smallest accuracy gain on the commit's own task's distilled sets")
+    max_drop: float = _f(0.1, "regression: largest accuracy drop on the other tasks' distilled sets (a distilled "
+                              "set of 5 images per class and 3 classes moves in steps of 0.067)")
+    min_gain: float = _f(-0.1, "regression: smallest accuracy change on the commit's own task's distilled sets (-0.1: "
+                               "it may not lower them by more than 10 points)")
     strategy: str | None = _f(None, "regression: the branch the commit is merged into for the check (None: the first "
                                     "parameter-space entry of merge.strategies, else its first)")
 
@@ -457,6 +462,7 @@ class GateConfig:
         _check(all(c in GATE_CHECKS for c in self.checks) and len(set(self.checks)) == len(self.checks),
                "gate.checks", f"a list of distinct names from {', '.join(GATE_CHECKS)}", self.checks)
         _check(self.norm_z > 0, "gate.norm_z", "a number > 0", self.norm_z)
+        _check(self.norm_spread >= 0, "gate.norm_spread", "a number >= 0", self.norm_spread)
         _check(isinstance(self.min_history, int) and self.min_history >= 1, "gate.min_history", "an integer >= 1",
                self.min_history)
         _check(-1 <= self.min_cosine <= 1, "gate.min_cosine", "a number in [-1, 1]", self.min_cosine)

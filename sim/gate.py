@@ -4,9 +4,12 @@ An open-source project does not merge a pull request because its author holds a 
 returns pass/fail with its measured value (``Check``); ``MainState.receive`` rejects a commit that fails one, with
 the reason in the log, and main does not change. The checks (``gate.checks``):
 
-* ``norm`` — the update's Frobenius norm ‖ΔW‖ (every module) against the accepted ones: the robust z-score
-  (x − median) / (1.4826 · MAD) must lie within ±``norm_z`` (Iglewicz & Hoaglin's modified z-score, 3.5 their
-  cut-off). Catches a scaled update. Judges from ``min_history`` accepted commits on.
+* ``norm`` — the update's Frobenius norm ‖ΔW‖ (every module) against the accepted commits of its task: the robust
+  z-score of log ‖ΔW‖, (x − median) / max(1.4826 · MAD, ``norm_spread``), must lie within ±``norm_z`` (Iglewicz &
+  Hoaglin's modified z-score, 3.5 their cut-off). On the log scale a scaled update is a shift (× 10: +2.3); the
+  spread floor keeps a few near-equal norms from making every other honest norm an outlier. A task with fewer than
+  ``min_history`` accepted commits is judged against all accepted commits; with fewer than that in all, it passes.
+  Catches a scaled update.
 * ``cosine`` — cosine similarity of the flattened ΔW to the mean update of the task's accepted commits must be at
   least ``min_cosine`` (FoolsGold's and FLTrust's signal, Fung et al. 2020, Cao et al. NDSS 2021; here against the
   task's consensus rather than a server's own update). Catches a sign-flipped update. Judges from ``min_history``
@@ -54,14 +57,15 @@ def update_vector(adapter: Adapter) -> torch.Tensor:
     return torch.cat([adapter.delta(m).float().reshape(-1) for m in adapter.modules()])
 
 
-def robust_z(x: float, history: Sequence[float]) -> float:
-    """(x − median) / (1.4826 · MAD) of ``history``; ±inf for a value off a history with MAD 0, 0 on it."""
+def robust_z(x: float, history: Sequence[float], floor: float = 0.0) -> float:
+    """(x − median) / max(1.4826 · MAD, ``floor``) of ``history``; ±inf for a value off a history whose spread is 0,
+    0 on it."""
     h = np.asarray(history, dtype=np.float64)
     med = float(np.median(h))
-    mad = MAD_SCALE * float(np.median(np.abs(h - med)))
-    if mad == 0.0:
+    spread = max(MAD_SCALE * float(np.median(np.abs(h - med))), floor)
+    if spread == 0.0:
         return 0.0 if x == med else math.copysign(math.inf, x - med)
-    return (x - med) / mad
+    return (x - med) / spread
 
 
 def set_accuracy(foundation: Foundation, predictor, sets: Sequence[DistilledSet]) -> float:
@@ -77,6 +81,7 @@ class Gate:
     cfg: SimConfig
     foundation: Foundation
     norms: list[float] = field(default_factory=list)
+    norm_tasks: list[str] = field(default_factory=list)
     task_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     task_counts: dict[str, int] = field(default_factory=dict)
 
@@ -91,13 +96,16 @@ class Gate:
         vector = update_vector(commit.adapter) if {"norm", "cosine"} & set(self.checks) else None
         if "norm" in self.checks:
             norm = float(vector.norm())
-            if len(self.norms) < g.min_history:
-                out.append(Check("norm", True, norm, f"{len(self.norms)} accepted norms, fewer than "
-                                                      f"gate.min_history {g.min_history}"))
+            own = [n for n, t in zip(self.norms, self.norm_tasks) if t == commit.task]
+            history, scope = (own, f"task {commit.task}'s") if len(own) >= g.min_history else (self.norms, "all")
+            if len(history) < g.min_history:
+                out.append(Check("norm", True, math.nan, f"{len(self.norms)} accepted norms, fewer than "
+                                                         f"gate.min_history {g.min_history}"))
             else:
-                z = robust_z(norm, self.norms)
+                z = robust_z(math.log(max(norm, 1e-30)), [math.log(max(n, 1e-30)) for n in history], g.norm_spread)
                 out.append(Check("norm", abs(z) <= g.norm_z, z,
-                                 None if abs(z) <= g.norm_z else f"update norm {norm:.4g} has robust z {z:.2f}, "
+                                 None if abs(z) <= g.norm_z else f"update norm {norm:.4g} has robust z {z:.2f} "
+                                                                 f"(log scale, against {scope} accepted commits), "
                                                                  f"beyond ±gate.norm_z {g.norm_z:g}"))
         if "cosine" in self.checks:
             n = self.task_counts.get(commit.task, 0)
@@ -150,6 +158,7 @@ class Gate:
             return
         vector = update_vector(commit.adapter)
         self.norms.append(float(vector.norm()))
+        self.norm_tasks.append(commit.task)
         if commit.task in self.task_sums and self.task_sums[commit.task].shape == vector.shape:
             self.task_sums[commit.task] += vector
         else:

@@ -132,6 +132,7 @@ def gate_for(tiny_cfg, tiny_foundation, *checks: str, **thresholds) -> Gate:
 
 def test_robust_z_by_hand():
     assert robust_z(5.0, [1.0, 2.0, 3.0]) == pytest.approx((5 - 2) / (1.4826 * 1.0))
+    assert robust_z(5.0, [1.0, 2.0, 3.0], floor=2.0) == pytest.approx((5 - 2) / 2.0)
     assert robust_z(2.0, [2.0, 2.0]) == 0.0 and robust_z(3.0, [2.0, 2.0]) == float("inf")
 
 
@@ -142,8 +143,13 @@ def test_norm_check_rejects_a_scaled_update_and_passes_honest_ones(tiny_cfg, tin
     scaled = dataclasses.replace(honest[4], adapter=attacks.attacked_update(honest[4].adapter, "scale",
                                                                             AttacksConfig(kind="scale", scale=10.0)))
     (ok,), (bad,) = gate.precheck(honest[4]), gate.precheck(scaled)
-    norms = [float(update_vector(c.adapter).norm()) for c in honest[:4]]
-    assert ok.passed and bad.value == pytest.approx(robust_z(float(update_vector(scaled.adapter).norm()), norms))
+    # by hand: its task has 2 accepted commits (< min_history), so it is judged against all 4, on the log scale
+    logs = np.log([float(update_vector(c.adapter).norm()) for c in honest[:4]])
+    med = np.median(logs)
+    spread = max(1.4826 * np.median(np.abs(logs - med)), 0.25)
+    expected = (np.log(float(update_vector(scaled.adapter).norm())) - med) / spread
+    assert ok.passed and bad.value == pytest.approx(expected) and expected == pytest.approx(np.log(10) / spread +
+                                                                                           ok.value, rel=1e-4)
     assert not bad.passed and "robust z" in bad.reason
     # too little history: no judgement
     fresh = gate_for(tiny_cfg, tiny_foundation, "norm", min_history=3)
