@@ -291,3 +291,15 @@ def test_branch_checks_its_commits():
         C.step(state, make_adapter(1), alpha=1.0)
     with pytest.raises(ValueError, match="no commit"):
         C.merged_adapter(C.start("continual_ties"), [])
+
+
+@pytest.mark.parametrize("n, k", [(10, 3), (300_000, 60_000), (300_000, 1), (300_000, 300_000), (300_000, 0)])
+def test_kth_largest_is_the_sorted_value_with_ties_and_missed_brackets(n, k):
+    from sim.merge.continual import kth_largest
+
+    rng = np.random.default_rng(1)
+    for x in (np.abs(rng.standard_normal(n)).astype(np.float32),                      # distinct
+              np.round(np.abs(rng.standard_normal(n)), 1).astype(np.float32),         # heavy ties
+              np.concatenate([np.zeros(n - n // 50), np.ones(n // 50)]).astype(np.float32)):   # bracket may miss
+        want = float(np.sort(x)[::-1][k - 1]) if k else float("inf")
+        assert kth_largest(x.copy(), k) == want
