@@ -12,8 +12,8 @@ import numpy as np
 from experiments.common import CLIError, add_config_args, prepare_out_dir, resolve_config
 from sim.config import config_to_dict
 from sim.data.base import DistilledSet
-from sim.merge import SPECS, Mixture, Router, check_compatible, get_spec, merge, save_mixture, save_router
-from sim.model import Adapter, Foundation, load_adapter, load_foundation, save_adapter
+from sim.merge import SPECS, Mixture, check_compatible, get_spec, merge, save_predictor
+from sim.model import Adapter, Foundation, load_adapter, load_foundation
 
 HELP = ("merge peft LoRA adapter dirs with one strategy; writes a peft adapter dir (or a mixture or router dir) and "
         "merge.json")
@@ -172,12 +172,7 @@ def run(args: argparse.Namespace) -> int:
     result = merge(args.strategy, adapters, weights, cfg=cfg.merge, foundation=foundation, proxy=proxy or None,
                    seed=cfg.seed, search=bool(proxy) and not per_adapter)
     # Step 3: write the merged predictor and how it was made.
-    if isinstance(result.merged, Mixture):
-        save_mixture(result.merged, out)
-    elif isinstance(result.merged, Router):
-        save_router(result.merged, out)
-    else:
-        save_adapter(result.merged, out)
+    save_predictor(result.merged, out)
     summary = {"strategy": args.strategy, "adapters": [str(Path(d).resolve()) for d in args.adapters],
                "proxy": [str(Path(f).resolve()) for f in args.proxy], "seed": cfg.seed,
                "coefficients": None if result.coefficients is None else np.asarray(result.coefficients).tolist(),

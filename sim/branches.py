@@ -11,11 +11,10 @@ import numpy as np
 from sim.commit import Commit
 from sim.config import SimConfig
 from sim.data.base import DistilledSet, derive_seed
-from sim.merge import (Mixture, Router, StrategySpec, get_spec, merge, merge_step, save_mixture, save_router,
-                       start_sequence)
+from sim.merge import Mixture, Router, StrategySpec, get_spec, merge, merge_step, save_predictor, start_sequence
 from sim.merge.api import ArrivedProxy, SequentialState, continual_step
 from sim.merge.mixture import ProbabilityCache
-from sim.model import Adapter, Foundation, save_adapter
+from sim.model import Adapter, Foundation
 
 Predictor = Adapter | Mixture | Router | None
 
@@ -161,12 +160,7 @@ def save_main(snapshot: Mapping[str, Predictor], out_dir: str | Path) -> Path:
             continue
         target = out / strategy
         shutil.rmtree(target, ignore_errors=True)
-        if isinstance(predictor, Mixture):
-            save_mixture(predictor, target)
-        elif isinstance(predictor, Router):
-            save_router(predictor, target)
-        else:
-            save_adapter(predictor, target)
+        save_predictor(predictor, target)
     return out
 
 

@@ -25,18 +25,28 @@ from typing import Callable
 from sim.config import SimConfig, config_to_dict
 
 
+COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill")
+
+
+def commit_config(cfg: SimConfig) -> dict:
+    """What a contribution's commit is made from, beside its id and seed: the run seed, the device kind, the torch
+    threads and the data, model, LoRA, training and distillation sections (not the joint reference's fields of
+    ``train``, which no contribution reads)."""
+    parts = {"seed": cfg.seed, "device": cfg.runtime.device.split(":")[0], "threads": cfg.runtime.threads}
+    parts |= {name: config_to_dict(getattr(cfg, name)) for name in COMMIT_SECTIONS}
+    for field in ("joint", "joint_steps"):      # the joint reference does not touch contributions
+        parts["train"].pop(field, None)
+    return parts
+
+
 def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None,
                      attack: str | None = None) -> str:
     """The cache key of one contribution (sha256 hex); ``pulled``: the ``Adapter`` it starts from, if any;
     ``attack``: the attack it carries (``sim.attacks.attack_of``), whose settings join the key — an honest
     contribution's key does not depend on ``attacks:``, so clean and attacked runs share their honest commits."""
-    parts = {"seed": cfg.seed, "device": cfg.runtime.device.split(":")[0], "threads": cfg.runtime.threads,
-             "id": contribution_id, "contribution_seed": int(contribution_seed)}
+    parts = commit_config(cfg) | {"id": contribution_id, "contribution_seed": int(contribution_seed)}
     if attack is not None:
         parts["attack"] = config_to_dict(cfg.attacks) | {"kind": attack}
-    parts |= {name: config_to_dict(getattr(cfg, name)) for name in ("data", "model", "lora", "train", "distill")}
-    for field in ("joint", "joint_steps"):      # the joint reference does not touch contributions
-        parts["train"].pop(field, None)
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     if pulled is not None:
         import torch

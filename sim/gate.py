@@ -84,6 +84,7 @@ class Gate:
     norm_tasks: list[str] = field(default_factory=list)
     task_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     task_counts: dict[str, int] = field(default_factory=dict)
+    _last: tuple | None = field(default=None, repr=False)      # (commit, its update vector), see ``_vector``
 
     @property
     def checks(self) -> tuple[str, ...]:
@@ -93,7 +94,7 @@ class Gate:
     def precheck(self, commit) -> list[Check]:
         """``norm``, ``cosine`` and ``fit`` of ``commit`` (those configured), in that order."""
         g, out = self.cfg.gate, []
-        vector = update_vector(commit.adapter) if {"norm", "cosine"} & set(self.checks) else None
+        vector = self._vector(commit)
         if "norm" in self.checks:
             norm = float(vector.norm())
             own = [n for n, t in zip(self.norms, self.norm_tasks) if t == commit.task]
@@ -152,11 +153,20 @@ class Gate:
         return Check("regression", True, drop)
 
     # -- memory ------------------------------------------------------------------------------
+    def _vector(self, commit) -> torch.Tensor | None:
+        """The commit's flattened update when norm or cosine is checked (else ``None``), formed once: ``precheck``
+        and then ``accept`` of the same commit read the same vector."""
+        if not {"norm", "cosine"} & set(self.checks):
+            return None
+        if self._last is None or self._last[0] is not commit:
+            self._last = (commit, update_vector(commit.adapter))
+        return self._last[1]
+
     def accept(self, commit) -> None:
         """Remember an accepted commit (its norm and its task's update sum)."""
-        if not {"norm", "cosine"} & set(self.checks):
+        vector = self._vector(commit)
+        if vector is None:
             return
-        vector = update_vector(commit.adapter)
         self.norms.append(float(vector.norm()))
         self.norm_tasks.append(commit.task)
         if commit.task in self.task_sums and self.task_sums[commit.task].shape == vector.shape:

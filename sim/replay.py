@@ -217,9 +217,8 @@ class ReplayEvaluator:
 # ------------------------------------------------------------------------------------------
 # Subset replay: a smaller community built from a larger one's log (nested cohorts)
 # ------------------------------------------------------------------------------------------
-# The sections of a config that make the commits; a subset replay needs them equal to the source run's (``data``
-# except ``institutions``; ``train`` except the joint reference's fields, which no contribution reads).
-COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill", "schedule")
+# The config names of ``sim.cache.commit_config``'s top-level values, for messages.
+TOP_LEVEL = {"seed": "seed", "device": "the device kind (runtime.device)", "threads": "runtime.threads"}
 
 
 def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
@@ -232,6 +231,7 @@ def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
     commit — seed, data (but the community size), model, LoRA, training, distillation, schedule, device kind and
     threads — is the same, and the merge order is the schedule's (``runtime.clock: virtual``). The merges, the evaluation schedule and the strategies may differ: they are redone.
     """
+    from sim.cache import commit_config
     from sim.config import config_to_dict
 
     if source.schedule.init_from != "base" or cfg.schedule.init_from != "base":
@@ -247,19 +247,20 @@ def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
         return "attacks or the gate are on: who attacks and what the gate accepts depend on the whole community"
     if cfg.data.institutions > source.data.institutions:
         return f"{cfg.data.institutions} institutions are more than the source run's {source.data.institutions}"
-    if (source.seed, source.runtime.threads, source.runtime.device.split(":")[0]) != \
-            (cfg.seed, cfg.runtime.threads, cfg.runtime.device.split(":")[0]):
-        return "the seed, runtime.threads or the device kind differ"
-    for name in COMMIT_SECTIONS:
-        a, b = config_to_dict(getattr(source, name)), config_to_dict(getattr(cfg, name))
-        for d in (a, b):
-            d.pop("institutions" if name == "data" else "", None)
-            if name == "train":
-                d.pop("joint", None)
-                d.pop("joint_steps", None)
-        if a != b:
-            field = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-            return f"{name}.{field} differs ({a.get(field)!r} in the source run, {b.get(field)!r} here)"
+    made = {}
+    for c in (source, cfg):                  # what makes a commit (the commit cache's key), and the schedule
+        parts = commit_config(c) | {"schedule": config_to_dict(c.schedule)}
+        parts["data"].pop("institutions")
+        made[c is cfg] = parts
+    a, b = made[False], made[True]
+    for name in sorted(a, key=lambda k: (isinstance(a[k], dict), k)):
+        x, y = a[name], b[name]
+        if x == y:
+            continue
+        if not isinstance(x, dict):
+            return f"{TOP_LEVEL[name]} differs ({x!r} in the source run, {y!r} here)"
+        field = next(k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k))
+        return f"{name}.{field} differs ({x.get(field)!r} in the source run, {y.get(field)!r} here)"
     return None
 
 
@@ -292,7 +293,7 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
 
     t0 = time.time()
     source_dir, run_dir = Path(source_dir), Path(out)
-    source, _ = load_run(source_dir)
+    source, every = load_run(source_dir)
     why = subset_mismatch(source, cfg)
     if why:
         raise ValueError(f"cannot build this run from {source_dir}: {why}")
@@ -310,7 +311,7 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
     if [(c.id, c.t_pull, c.t_commit) for c in schedule.contributions] != [(c.id, c.t_pull, c.t_commit) for c in kept]:
         raise ValueError(f"cannot build this run from {source_dir}: the schedule of {n} institutions is not the "
                          f"larger schedule restricted to them (schedule.arrival {cfg.schedule.arrival!r})")
-    commits = [c for c in CommitLog(source_dir).load_commits(records) if c.institution < n]
+    commits = [c for c in every if c.institution < n]
     wanted = {c.id for c in schedule.contributions}
     if {c.id for c in commits} != wanted:
         missing = sorted(wanted - {c.id for c in commits})

@@ -81,6 +81,7 @@ _EXPORTS = {
     "save_mixture": "sim.merge.mixture:save_mixture", "load_mixture": "sim.merge.mixture:load_mixture",
     "Router": "sim.merge.router:Router", "router_proba": "sim.merge.router:router_proba",
     "save_router": "sim.merge.router:save_router", "load_router": "sim.merge.router:load_router",
+    "save_predictor": "sim.merge.api:save_predictor",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

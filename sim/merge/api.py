@@ -109,6 +109,21 @@ class MergeResult:
         return rec
 
 
+def save_predictor(predictor: Adapter | Mixture | Router, out) -> None:
+    """Write a merged predictor to the dir ``out``: a peft adapter dir, a mixture dir (``save_mixture``) or a router
+    dir (``save_router``)."""
+    from sim.merge.mixture import save_mixture
+    from sim.merge.router import save_router
+    from sim.model import save_adapter
+
+    if isinstance(predictor, Mixture):
+        save_mixture(predictor, out)
+    elif isinstance(predictor, Router):
+        save_router(predictor, out)
+    else:
+        save_adapter(predictor, out)
+
+
 def _strategy_options(fn: Callable, cfg: MergeConfig, seed: int) -> dict:
     """The config values a strategy function takes, by its keyword names."""
     values = {"density": cfg.density, "threshold": cfg.svd_threshold, "rank": cfg.svd_rank, "seed": seed,
