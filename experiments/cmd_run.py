@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
         from sim.schedule import read_trace
 
         read_trace(cfg.schedule.trace, cfg.data.institutions)
-    if cfg.data.name == "medmnist":
-        from sim.data import build_cohort
+    from sim.data import FILE_DATASETS, build_cohort
 
+    if cfg.data.name in FILE_DATASETS:     # bad input files end here, before Ray starts
         build_cohort(cfg.data, cfg.seed)
     if args.resume is None:
         check_out(out, args.overwrite)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +31,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """``--data`` (its choices are the dataset registry's names) and ``--data-dir``."""
     p.add_argument("--data", choices=tuple(DATASETS), help="dataset (data.name)")
-    p.add_argument("--data-dir", metavar="DIR", help="directory of MedMNIST .npz files (data.data_dir)")
+    p.add_argument("--data-dir", metavar="DIR", nargs="+",
+                   help="medmnist: the directory of .npz files; imagefolder: one folder per task, each with one "
+                        "subfolder of images per class (data.data_dir)")
 
 
 def resolve_config(args: argparse.Namespace, flag_map: dict[str, str], base: SimConfig | None = None,
@@ -54,6 +57,8 @@ def resolve_config(args: argparse.Namespace, flag_map: dict[str, str], base: Sim
 
 
 def _yaml_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):         # a flag with several values (--data-dir A B): a JSON list is YAML
+        return json.dumps([str(v) for v in value])
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

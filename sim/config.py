@@ -62,10 +62,12 @@ PARTITIONS = ("pool", "per_institution")   # data.partition; see sim.data.build_
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _f("synthetic", "dataset registry key: synthetic, digits or medmnist")
-    data_dir: str | None = _f(None, "directory with MedMNIST .npz files (medmnist only)")
+    name: str = _f("synthetic", "dataset registry key: synthetic, digits, medmnist or imagefolder")
+    data_dir: tuple[str, ...] = _f((), "medmnist: the one directory of .npz files; imagefolder: one folder per task "
+                                       "(one subfolder of images per class); the other datasets read no files")
     tasks: tuple[str, ...] = _f((), "task names to use, in order; empty = the dataset's default tasks")
-    n_tasks: int = _f(4, "number of tasks when `tasks` is empty (synthetic: generated modalities; digits: 5 max)")
+    n_tasks: int = _f(4, "number of tasks when `tasks` is empty (synthetic: generated modalities; digits: 5 max; "
+                         "imagefolder: ignored, one task per data_dir folder)")
     institutions: int = _f(12, "number of institutions; institution i holds task i % n_tasks at site i // n_tasks")
     img_size: int = _f(32, "image side in pixels fed to the model (images are resized to it)")
     train_per_class: int = _f(160, "synthetic: training images per class per site (other datasets: a cap, 0 = all); "
@@ -83,6 +85,11 @@ class DataConfig:
         from sim.data import DATASETS  # the registry lives with the loaders; see the note above _choice
 
         _choice("data.name", self.name, DATASETS)
+        # One path as a plain string (a Python caller, or a config written when data_dir held one directory) is a
+        # one-entry list, never a list of its characters.
+        dirs = (self.data_dir,) if isinstance(self.data_dir, str) else tuple(self.data_dir or ())
+        object.__setattr__(self, "data_dir", dirs)
+        _check(all(isinstance(d, str) and d for d in dirs), "data.data_dir", "a list of paths", dirs)
         _check(self.n_tasks >= 1, "data.n_tasks", "an integer >= 1", self.n_tasks)
         _check(self.institutions >= 1, "data.institutions", "an integer >= 1", self.institutions)
         _check(8 <= self.img_size <= 512, "data.img_size", "an integer in [8, 512]", self.img_size)
@@ -100,12 +107,17 @@ class DataConfig:
                 _check(getattr(self, name) >= 1, f"data.{name}", "an integer >= 1 with data.partition=per_institution "
                        "(images per class per institution)", getattr(self, name))
         if self.name == "medmnist":
-            _check(bool(self.data_dir), "data.data_dir", "a directory of MedMNIST .npz files for data.name=medmnist",
-                   self.data_dir)
+            _check(len(dirs) == 1, "data.data_dir", "a directory of MedMNIST .npz files for data.name=medmnist "
+                   "(exactly one)", dirs)
+        if self.name == "imagefolder":
+            _check(len(dirs) >= 1, "data.data_dir", "one or more task folders (one subfolder of images per class) "
+                   "for data.name=imagefolder", dirs)
 
     @property
     def task_count(self) -> int:
-        return len(self.tasks) if self.tasks else self.n_tasks
+        if self.tasks:
+            return len(self.tasks)
+        return len(self.data_dir) if self.name == "imagefolder" else self.n_tasks
 
 
 @dataclass(frozen=True)
@@ -549,6 +561,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(name, inner[0], value)
     if origin is tuple:
+        if value is None:              # a null list is an empty one (data_dir was `null` when it held one path)
+            return ()
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from sim.config import (DataConfig, LoraConfig, SimConfig, apply_overrides, config_from_dict, config_to_dict,
                         load_config)
@@ -88,6 +89,31 @@ def test_sections_validate_directly():
         DataConfig(name="medmnist")
     with pytest.raises(ValueError, match="^lora.alpha"):
         LoraConfig(alpha=0)
+
+
+def test_data_dir_holds_one_or_more_paths():
+    # a plain string (a Python caller, or a run dir's config from when data_dir held one path) is one path, not
+    # a list of its characters; a null is no path
+    assert DataConfig(name="medmnist", data_dir="/data/npz").data_dir == ("/data/npz",)
+    assert config_from_dict({"data": {"name": "medmnist", "data_dir": "/data/npz"}}).data.data_dir == ("/data/npz",)
+    assert config_from_dict({"data": {"data_dir": None}}).data.data_dir == ()
+    assert apply_overrides(SimConfig(), ["data.data_dir=[/a, /b]"]).data.data_dir == ("/a", "/b")
+    with pytest.raises(ValueError, match=r"^data.data_dir must be a directory of MedMNIST .npz files .*exactly one"):
+        DataConfig(name="medmnist", data_dir=("/a", "/b"))
+    # imagefolder has one task per folder, whatever data.n_tasks says
+    cfg = config_from_dict({"data": {"name": "imagefolder", "data_dir": ["/a", "/b", "/c"], "institutions": 3}})
+    assert cfg.data.task_count == 3
+    with pytest.raises(ValueError, match="^data.institutions must be at least the number of tasks \\(3\\)"):
+        config_from_dict({"data": {"name": "imagefolder", "data_dir": ["/a", "/b", "/c"], "institutions": 2}})
+
+
+def test_data_dir_flag_takes_several_folders(capsys):
+    from experiments.cli import main
+
+    # paths with spaces, quotes and commas survive the flag -> override -> config path whole
+    dirs = ["/data/chest x-ray", "/data/it's, odd", "/data/skin"]
+    assert main(["config", "--data", "imagefolder", "--data-dir", *dirs, "--set", "data.institutions=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["data_dir"] == dirs
 
 
 def test_validating_a_config_does_not_import_torch(fresh_python):

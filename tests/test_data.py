@@ -79,7 +79,7 @@ def test_pretraining_corpus_is_balanced_and_disjoint():
 def test_unknown_dataset_lists_known():
     with pytest.raises(ValueError, match="known: synthetic, digits, medmnist"):
         get_dataset("cifar")
-    assert set(DATASETS) == {"synthetic", "digits", "medmnist"}
+    assert set(DATASETS) == {"synthetic", "digits", "medmnist", "imagefolder"}
 
 
 # ---------------------------------------------------------------- medmnist

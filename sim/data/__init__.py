@@ -15,6 +15,7 @@ import numpy as np
 
 from sim.data.base import DistilledSet, Split, TaskPool, derive_rng, derive_seed, resize_uint8, to_rgb_uint8, to_unit_float
 from sim.data.digits import load_digits_tasks
+from sim.data.imagefolder import load_imagefolder_tasks
 from sim.data.medmnist import load_medmnist_tasks
 from sim.data.shift import apply_site_shift, sample_site_shift
 from sim.data.synthetic import load_synthetic_tasks
@@ -22,7 +23,7 @@ from sim.data.synthetic import render_site as render_synthetic_site
 from sim.data.synthetic import task_classes as synthetic_task_classes
 from sim.registry import lookup
 
-__all__ = ["DATASETS", "get_dataset", "build_cohort", "Cohort", "Institution", "Split", "TaskPool",
+__all__ = ["DATASETS", "FILE_DATASETS", "get_dataset", "build_cohort", "Cohort", "Institution", "Split", "TaskPool",
            "DistilledSet", "derive_rng", "derive_seed", "resize_uint8", "to_rgb_uint8", "to_unit_float"]
 
 # name -> loader(cfg: DataConfig, seed: int) -> list[TaskPool]
@@ -30,7 +31,10 @@ DATASETS: dict[str, Callable] = {
     "synthetic": load_synthetic_tasks,
     "digits": load_digits_tasks,
     "medmnist": load_medmnist_tasks,
+    "imagefolder": load_imagefolder_tasks,
 }
+# The datasets read from ``data.data_dir``: a command checks their files before it starts any work.
+FILE_DATASETS = frozenset({"medmnist", "imagefolder"})
 
 
 # Datasets that render any site's own images on demand (data.partition=per_institution): name ->
@@ -199,7 +203,7 @@ def _per_institution_cohort(cfg, seed: int) -> Cohort:
     site)`` alone (the MedForge setting, each new hospital brings its own data).
 
     A dataset that renders images (``SITE_RENDERERS``: synthetic) draws each site's own images. A finite pool
-    (digits, medmnist) is dealt out: each class of each split is shuffled once from ``(seed, task, split,
+    (digits, medmnist, imagefolder) is dealt out: each class of each split is shuffled once from ``(seed, task, split,
     class)``, and site s takes the next ``site_counts`` images after those of sites 0..s-1, so no two institutions
     share an image and a site's images never depend on the community's size; a pool too small for the community
     is an error naming the first site it cannot serve.

@@ -58,9 +58,9 @@ def load_npz_task(path: Path, img_size: int, per_class_cap: int = 0) -> TaskPool
 
 
 def load_medmnist_tasks(cfg, seed: int) -> list[TaskPool]:
-    if not cfg.data_dir:
-        raise ValueError("data.data_dir must name a directory of MedMNIST .npz files for data.name=medmnist")
-    root = Path(cfg.data_dir)
+    if len(cfg.data_dir) != 1:
+        raise ValueError("data.data_dir must name one directory of MedMNIST .npz files for data.name=medmnist")
+    root = Path(cfg.data_dir[0])
     if not root.is_dir():
         raise ValueError(f"data.data_dir {root} is not a directory")
     if cfg.tasks:
