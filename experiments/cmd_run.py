@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         read_trace(cfg.schedule.trace, cfg.data.institutions)
     from sim.data import FILE_DATASETS, build_cohort
 
-    if cfg.data.name in FILE_DATASETS:     # bad input files end here, before Ray starts
+    if cfg.data.name in FILE_DATASETS or cfg.data.classes:     # bad input files end here, before Ray starts
         build_cohort(cfg.data, cfg.seed)
     if args.resume is None:
         check_out(out, args.overwrite)

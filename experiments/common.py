@@ -14,7 +14,7 @@ from sim.data import DATASETS
 __all__ = ["CLIError", "COMMON_FLAGS", "add_config_args", "add_data_args", "resolve_config", "prepare_out_dir"]
 
 # arg name -> config field of the flags ``add_config_args`` and ``add_data_args`` add
-COMMON_FLAGS = {"seed": "seed", "data": "data.name", "data_dir": "data.data_dir"}
+COMMON_FLAGS = {"seed": "seed", "data": "data.name", "data_dir": "data.data_dir", "classes": "data.classes"}
 
 
 class CLIError(ValueError):
@@ -29,11 +29,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    """``--data`` (its choices are the dataset registry's names) and ``--data-dir``."""
+    """``--data`` (its choices are the dataset registry's names), ``--data-dir`` and ``--classes``."""
     p.add_argument("--data", choices=tuple(DATASETS), help="dataset (data.name)")
     p.add_argument("--data-dir", metavar="DIR", nargs="+",
                    help="medmnist: the directory of .npz files; imagefolder: one folder per task, each with one "
                         "subfolder of images per class (data.data_dir)")
+    p.add_argument("--classes", metavar="FILE",
+                   help="JSON/YAML file mapping a task to its class names in label order (data.classes)")
 
 
 def resolve_config(args: argparse.Namespace, flag_map: dict[str, str], base: SimConfig | None = None,

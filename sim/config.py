@@ -65,6 +65,8 @@ class DataConfig:
     name: str = _f("synthetic", "dataset registry key: synthetic, digits, medmnist or imagefolder")
     data_dir: tuple[str, ...] = _f((), "medmnist: the one directory of .npz files; imagefolder: one folder per task "
                                        "(one subfolder of images per class); the other datasets read no files")
+    classes: str | None = _f(None, "JSON or YAML file mapping a task to its class names in label order (replaces "
+                                   "the dataset's names for the tasks it lists)")
     tasks: tuple[str, ...] = _f((), "task names to use, in order; empty = the dataset's default tasks")
     n_tasks: int = _f(4, "number of tasks when `tasks` is empty (synthetic: generated modalities; digits: 5 max; "
                          "imagefolder: ignored, one task per data_dir folder)")
@@ -112,6 +114,7 @@ class DataConfig:
         if self.name == "imagefolder":
             _check(len(dirs) >= 1, "data.data_dir", "one or more task folders (one subfolder of images per class) "
                    "for data.name=imagefolder", dirs)
+        _check(self.classes is None or bool(self.classes), "data.classes", "a file path or null", self.classes)
 
     @property
     def task_count(self) -> int:

@@ -118,6 +118,46 @@ def test_medmnist_bad_files_are_named(tmp_path, kwargs, message):
     assert "bad.npz" in str(err.value)
 
 
+def test_medmnist_class_names_from_the_file_or_the_map(tmp_path):
+    # Prepare: one file naming its classes, one not
+    _write_npz(tmp_path / "breastmnist.npz", classes=2)
+    arrays = dict(np.load(tmp_path / "breastmnist.npz"))
+    np.savez(tmp_path / "breastmnist.npz", **arrays, class_names=np.array(["malignant", "normal"]))
+    _write_npz(tmp_path / "pathmnist.npz", classes=3)
+    (tmp_path / "names.json").write_text('{"pathmnist": ["adipose", "debris", "mucus"]}')
+    cfg = DataConfig(name="medmnist", data_dir=str(tmp_path), n_tasks=2, institutions=2, img_size=16)
+    # Execute / Assert: the file's names, class0.. without them, the map's names over either
+    assert build_cohort(cfg, 0).task_classes == {"breastmnist": ("malignant", "normal"),
+                                                  "pathmnist": ("class0", "class1", "class2")}
+    named = build_cohort(dataclasses.replace(cfg, classes=str(tmp_path / "names.json")), 0)
+    assert named.task_classes["pathmnist"] == ("adipose", "debris", "mucus")
+    assert named.institutions[1].classes == ("adipose", "debris", "mucus")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"pathmnist": ["adipose", "debris"]}', "task 'pathmnist' has 3 classes .* the map gives 2 names"),
+    ('{"chestmnist": ["a", "b"]}', "'chestmnist' is not a task of this run"),
+    ('{"pathmnist": ["a", "a", "b"]}', "names a class twice"),
+    ('["a", "b"]', "must map each task to a list of class names"),
+    ('{"pathmnist": [1, 2, 3', "is not valid JSON"),
+])
+def test_a_bad_class_map_is_named(tmp_path, content, message):
+    _write_npz(tmp_path / "pathmnist.npz", classes=3)
+    (tmp_path / "names.json").write_text(content)
+    cfg = DataConfig(name="medmnist", data_dir=str(tmp_path), n_tasks=1, institutions=1, img_size=16,
+                     classes=str(tmp_path / "names.json"))
+    with pytest.raises(ValueError, match=f"^data.classes {tmp_path / 'names.json'}.*{message}"):
+        build_cohort(cfg, 0)
+
+
+def test_medmnist_class_names_of_the_wrong_length_are_named(tmp_path):
+    _write_npz(tmp_path / "pathmnist.npz", classes=3)
+    np.savez(tmp_path / "pathmnist.npz", **dict(np.load(tmp_path / "pathmnist.npz")), class_names=np.array(["a", "b"]))
+    cfg = DataConfig(name="medmnist", data_dir=str(tmp_path), n_tasks=1, institutions=1, img_size=16)
+    with pytest.raises(ValueError, match="pathmnist.npz: class_names holds 2 names but the labels have 3 classes"):
+        build_cohort(cfg, 0)
+
+
 def test_medmnist_missing_and_corrupt_files(tmp_path):
     cfg = DataConfig(name="medmnist", data_dir=str(tmp_path), n_tasks=1, institutions=1, tasks=("chest",))
     with pytest.raises(ValueError, match="missing file .*chest.npz"):

@@ -239,6 +239,19 @@ def test_imagefolder_needs_a_folder():
         DataConfig(name="imagefolder")
 
 
+def test_a_class_map_renames_the_folder_classes(two_tasks, tmp_path, capsys):
+    # Prepare: names for skin's two classes (blue, red in label order); a second map one name short
+    (tmp_path / "names.yaml").write_text("skin: [benign, melanoma]\n")
+    (tmp_path / "short.yaml").write_text("xray: [normal, pneumonia]\n")
+    # Execute / Assert
+    cohort = build_cohort(cfg_for(*two_tasks, classes=str(tmp_path / "names.yaml")), 0)
+    assert cohort.task_classes == {"xray": ("blue", "green", "red"), "skin": ("benign", "melanoma")}
+    code = main(["run", "--data", "imagefolder", "--data-dir", *map(str, two_tasks), "--classes",
+                 str(tmp_path / "short.yaml"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"data.classes {tmp_path / 'short.yaml'}: task 'xray' has 3 classes" in err, err
+
+
 # ---------------------------------------------------------------- end to end
 def test_forgesim_run_on_two_image_folders(ray_session, tiny_run_cfg, two_tasks, tmp_path, capsys):
     # Prepare: the tiny run's config, one institution per task and one contribution each, one strategy

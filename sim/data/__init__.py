@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from sim.data.base import DistilledSet, Split, TaskPool, derive_rng, derive_seed, resize_uint8, to_rgb_uint8, to_unit_float
+from sim.data.base import (DistilledSet, Split, TaskPool, apply_class_map, derive_rng, derive_seed, resize_uint8,
+                           to_rgb_uint8, to_unit_float)
 from sim.data.digits import load_digits_tasks
 from sim.data.imagefolder import load_imagefolder_tasks
 from sim.data.medmnist import load_medmnist_tasks
@@ -155,6 +156,9 @@ def _task_pools(cfg, seed: int) -> list[TaskPool]:
     if cfg.tasks:
         by_name = {p.name: p for p in pools}
         pools = [by_name[t] for t in cfg.tasks]
+    if cfg.classes:
+        names = apply_class_map({p.name: p.classes for p in pools}, cfg.classes)
+        pools = [dataclasses.replace(p, classes=names[p.name]) for p in pools]
     return pools
 
 
@@ -211,6 +215,8 @@ def _per_institution_cohort(cfg, seed: int) -> Cohort:
     if cfg.name in SITE_RENDERERS:
         task_classes, render = SITE_RENDERERS[cfg.name]
         classes = task_classes(cfg)
+        if cfg.classes:
+            classes = apply_class_map(classes, cfg.classes)
         names = list(classes)
         _check_institutions(cfg, len(names))
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 
 def derive_rng(seed: int, *keys: object) -> np.random.Generator:
@@ -156,3 +157,42 @@ def resize_uint8(x: np.ndarray, size: int) -> np.ndarray:
         t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(t.round().clamp(0, 255).to(torch.uint8).numpy())
     return np.concatenate(out) if out else np.zeros((0, 3, size, size), np.uint8)
+
+
+def read_class_map(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """``data.classes``: a JSON (``.json``) or YAML file mapping a task to its class names in label order, e.g.
+    ``{"chestmnist": ["normal", "pneumonia"]}``; errors name the field and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data.classes {path} is not a file")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"data.classes {path} is not valid {kind}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"data.classes {path} must map each task to a list of class names")
+    out = {}
+    for task, names in raw.items():
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"data.classes {path}: task {task!r} must map to a list of class names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.classes {path}: task {task!r} names a class twice: {names}")
+        out[str(task)] = tuple(names)
+    return out
+
+
+def apply_class_map(classes: dict[str, tuple[str, ...]], path: str | Path) -> dict[str, tuple[str, ...]]:
+    """``classes`` (task -> class names) with the names of the ``data.classes`` file at ``path`` for the tasks it
+    lists; a task it does not know, or a list whose length is not the task's number of classes, is an error."""
+    names = read_class_map(path)
+    unknown = [t for t in names if t not in classes]
+    if unknown:
+        raise ValueError(f"data.classes {path}: {unknown[0]!r} is not a task of this run (tasks: "
+                         f"{', '.join(classes)})")
+    for task, new in names.items():
+        if len(new) != len(classes[task]):
+            raise ValueError(f"data.classes {path}: task {task!r} has {len(classes[task])} classes "
+                             f"({', '.join(classes[task])}), the map gives {len(new)} names")
+    return {task: names.get(task, old) for task, old in classes.items()}

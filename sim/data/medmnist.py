@@ -2,7 +2,9 @@
 
 Each file must hold ``train_images``, ``train_labels``, ``val_images``, ``val_labels``, ``test_images``,
 ``test_labels``; images grayscale (n, H, W) or RGB (n, H, W, 3) at 28/64/128/224 px, labels (n, 1)
-single-label classes. Anything else is rejected with a message naming the file and the key.
+single-label classes. An optional ``class_names`` array of strings (label order, one name per class) names the
+classes; without it they are ``class0``, ``class1``, … (``data.classes`` can name them either way). Anything else
+is rejected with a message naming the file and the key.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from sim.data.base import Split, TaskPool, resize_uint8, to_rgb_uint8
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
+NAMES_KEY = "class_names"    # as in a distilled set's .npz
 
 
 def _load_split(path: Path, arrays, split: str, img_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +43,25 @@ def _load_split(path: Path, arrays, split: str, img_size: int) -> tuple[np.ndarr
     return resize_uint8(to_rgb_uint8(x, f"{path}:{split}_images"), img_size), y.astype(np.int64)
 
 
+def _class_names(path: Path, arrays, n_classes: int) -> tuple[str, ...]:
+    """The file's ``class_names`` when it holds them (one per class, in label order), else class0..class{K-1}."""
+    if NAMES_KEY not in arrays.files:
+        return tuple(f"class{c}" for c in range(n_classes))
+    try:
+        names = arrays[NAMES_KEY]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:   # object arrays need pickle: refused
+        raise ValueError(f"{path}: {NAMES_KEY} must be an array of strings: {exc}") from None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise ValueError(f"{path}: {NAMES_KEY} must be a 1-D array of strings, got {names.dtype} {names.shape}")
+    if len(names) != n_classes:
+        raise ValueError(f"{path}: {NAMES_KEY} holds {len(names)} names but the labels have {n_classes} classes "
+                         f"(0..{n_classes - 1})")
+    out = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist())
+    if len(set(out)) != len(out) or not all(out):
+        raise ValueError(f"{path}: {NAMES_KEY} must be distinct non-empty names, got {list(out)}")
+    return out
+
+
 def load_npz_task(path: Path, img_size: int, per_class_cap: int = 0) -> TaskPool:
     """Load one MedMNIST file as a task pool."""
     try:
@@ -48,13 +70,14 @@ def load_npz_task(path: Path, img_size: int, per_class_cap: int = 0) -> TaskPool
         raise ValueError(f"{path}: not a readable .npz file: {exc}") from None
     with arrays:
         loaded = {s: _load_split(path, arrays, s, img_size) for s in SPLITS}
-    n_classes = int(max(y.max() for _, y in loaded.values() if len(y))) + 1
+        n_classes = int(max(y.max() for _, y in loaded.values() if len(y))) + 1
+        classes = _class_names(path, arrays, n_classes)
     splits = [Split(*loaded[s]) for s in SPLITS]
     if per_class_cap:
         rng = np.random.default_rng(0)
         idx = [rng.permutation(np.flatnonzero(splits[0].y == c))[:per_class_cap] for c in range(n_classes)]
         splits[0] = splits[0].take(np.sort(np.concatenate(idx)))
-    return TaskPool(path.stem, tuple(f"class{c}" for c in range(n_classes)), *splits)
+    return TaskPool(path.stem, classes, *splits)
 
 
 def load_medmnist_tasks(cfg, seed: int) -> list[TaskPool]:
