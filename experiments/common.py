@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -31,10 +32,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """``--data`` (its choices are the dataset registry's names), ``--data-dir`` and ``--classes``."""
     p.add_argument("--data", choices=tuple(DATASETS), help="dataset (data.name)")
-    p.add_argument("--data-dir", metavar="DIR", nargs="+",
+    # Paths typed on the command line are taken from the shell's directory and recorded absolute: Ray's workers
+    # read them in their own working directory, and a resumed or replayed run may start from another one.
+    p.add_argument("--data-dir", metavar="DIR", nargs="+", type=os.path.abspath,
                    help="medmnist: the directory of .npz files; imagefolder: one folder per task, each with one "
                         "subfolder of images per class (data.data_dir)")
-    p.add_argument("--classes", metavar="FILE",
+    p.add_argument("--classes", metavar="FILE", type=os.path.abspath,
                    help="JSON/YAML file mapping a task to its class names in label order (data.classes)")
 
 

@@ -253,15 +253,17 @@ def test_a_class_map_renames_the_folder_classes(two_tasks, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- end to end
-def test_forgesim_run_on_two_image_folders(ray_session, tiny_run_cfg, two_tasks, tmp_path, capsys):
-    # Prepare: the tiny run's config, one institution per task and one contribution each, one strategy
+def test_forgesim_run_on_two_image_folders(ray_session, tiny_run_cfg, two_tasks, tmp_path, capsys, monkeypatch):
+    # Prepare: the tiny run's config, one institution per task and one contribution each, one strategy; the folders
+    # are given relative to a directory that is not the (already started) Ray workers' own
     cfg = apply_overrides(tiny_run_cfg, ["data.institutions=2", "schedule.contributions=1",
                                          "merge.strategies=[svd]", "runtime.eval_every=2"])
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
     out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
     # Execute
     code = main(["run", "--config", str(tmp_path / "cfg.yaml"), "--data", "imagefolder",
-                 "--data-dir", *map(str, two_tasks), "--out", str(out)])
+                 "--data-dir", "xray", "skin", "--out", str(out)])
     # Assert: both folders were tasks of the run, scored on their own test images (6 and 4)
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
