@@ -21,7 +21,7 @@ larger than the cache. Here:
   agreeing entries' weighted sum is P where S ≥ 0, else Q (zeros never agree).
 
 The trims avoid boolean masks, which on CPU cost several times a float pass: ``hardshrink(x, λ)`` keeps |x| > λ in
-one pass, and DARE's keep test U < c is ``relu(sign(c − 0.5 − U))`` in floats. ``benchmarks/merge_latency.py`` prints
+one pass, and DARE's keep test U < c is ``clamp(c − U, 0, 1)`` in floats. ``benchmarks/merge_latency.py`` prints
 the times; ``tests/test_streamed.py`` checks the selection against a sort, ties and bracket misses included.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ SAMPLE_GLOBAL = 1 << 17   # sampled entries per contributor for a whole-task-vec
 SAMPLE_MODULE = 1 << 14   # sampled entries per contributor and module for a per-module threshold
 Z = 4.5              # bracket half-width in standard errors of the sample quantile
 COMBINES = ("sum", "ties_sum", "ties_mean")
+_HARDSHRINK = torch.ops.aten.hardshrink.out
 
 
 def stack_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor | None = None,
@@ -88,7 +89,8 @@ class TopK:
 
     def __post_init__(self) -> None:
         self.above = torch.zeros(self.k.shape[0], dtype=torch.float64)
-        self.cand: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        self.cand: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []   # per block
+        self.by_group: dict[int, list[torch.Tensor]] = {}     # group -> views of its candidates' values
         self.missed: list[int] = []
 
     def group(self, contributor: torch.Tensor, module: int) -> torch.Tensor:
@@ -99,38 +101,35 @@ class TopK:
         the candidates, b < |x| <= a, are stored. ``tmp``: scratch of X's shape."""
         n, rows, in_f = x.shape
         a, b = self.a[:, j].tolist(), self.b[:, j].tolist()
-        for i in range(n):                               # hardshrink(x, λ) keeps |x| > λ in one pass
-            kept[i] = torch.nn.functional.hardshrink(x[i], a[i])
-            tmp[i] = torch.nn.functional.hardshrink(x[i], b[i])
+        for xi, ki, ti, ai, bi in zip(x.unbind(0), kept.unbind(0), tmp.unbind(0), a, b):
+            _HARDSHRINK(xi, ai, out=ki)                  # keeps |x| > λ in one pass, written in place
+            _HARDSHRINK(xi, bi, out=ti)
         tmp.sub_(kept)                                   # the candidates' values, 0 elsewhere
         flat = tmp.view(-1).nonzero().squeeze(1)
         if flat.numel():
             who = torch.div(flat, rows * in_f, rounding_mode="floor")
             pos = flat - who * (rows * in_f) + r0 * in_f
-            self.cand.append((who, j, pos, tmp.view(-1)[flat]))
+            vals = tmp.view(-1)[flat]
+            self.cand.append((who, j, pos, vals))
+            sizes = torch.bincount(who, minlength=n).tolist()          # nonzero() is ordered: who ascends
+            for i, v_i in enumerate(vals.split(sizes)):
+                if sizes[i]:
+                    self.by_group.setdefault(i if self.scope == "global" else i * self.a.shape[1] + j,
+                                             []).append(v_i)
         counts = torch.sign(kept, out=tmp).abs_().sum((1, 2)).double()      # exact: a block holds < 2^24 entries
         idx = torch.arange(n) if self.scope == "global" else torch.arange(n) * self.a.shape[1] + j
         self.above.index_add_(0, idx, counts)
 
     def resolve(self) -> tuple[torch.Tensor, list[int]]:
         """(t (G,), missed groups): the exact k-th largest |x| of every group whose bracket held it."""
-        g_count = self.k.shape[0]
-        t = torch.full((g_count,), math.inf)
-        if not self.cand:
-            cand_g, cand_v = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-        else:
-            cand_g = torch.cat([self.group(w, j) for w, j, _, _ in self.cand])
-            cand_v = torch.cat([v for _, _, _, v in self.cand]).abs()
-        order = torch.sort(cand_g, stable=True).indices
-        sizes = torch.bincount(cand_g, minlength=g_count).tolist()
-        sorted_v = cand_v[order]
-        missed, start = [], 0
-        for g in range(g_count):
+        t = torch.full((self.k.shape[0],), math.inf)
+        missed = []
+        for g in range(self.k.shape[0]):
             k, above = int(self.k[g]), int(self.above[g])
-            vals = sorted_v[start:start + sizes[g]]
-            start += sizes[g]
             if k == 0:
                 continue                                                    # keeps nothing: t = inf
+            parts = self.by_group.get(g, [])
+            vals = torch.cat(parts).abs_() if parts else torch.zeros(0)
             need = k - above
             if need > vals.numel() and self.reaches_bottom(g):
                 t[g] = 0.0                  # the rest are zeros (never stored): keep every nonzero entry
@@ -177,11 +176,10 @@ def _sample(sb: torch.Tensor, a: torch.Tensor, m: int, g: torch.Generator) -> to
         return torch.zeros(n, 0)
     rows = torch.randint(0, out_f, (m,), generator=g)
     cols = torch.randint(0, in_f, (m,), generator=g)
-    at = a.transpose(1, 2)                                                   # (N, in, r)
-    out = torch.empty(n, m)
-    for c0 in range(0, n, 8):                                                # 8 contributors at a time
-        out[c0:c0 + 8] = (sb[c0:c0 + 8, rows] * at[c0:c0 + 8, cols]).sum(-1).abs_()
-    return out
+    at = a.transpose(1, 2).contiguous()                                      # (N, in, r): rows gathered whole
+    rows_b = sb.index_select(1, rows).unsqueeze(-2)                          # (N, m, 1, r)
+    cols_a = at.index_select(1, cols).unsqueeze(-1)                          # (N, m, r, 1)
+    return torch.matmul(rows_b, cols_a).view(n, m).abs_()                    # x_i[row, col] = sb_i[row] · a_i[:, col]
 
 
 def plan_topk(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], density: float, scope: str) -> TopK:
@@ -241,16 +239,18 @@ class Sums:
         if self.combine == "sum":
             self.t["wx"][sl] += w @ flat
             return
-        self.t["s"][sl] += torch.ones_like(w) @ flat
-        self.t["p"][sl] += w @ torch.clamp_min(k, 0, out=tmp).reshape(n, -1)
-        self.t["q"][sl] += w @ torch.clamp_max(k, 0, out=tmp).reshape(n, -1)
+        sw = torch.stack((torch.ones_like(w), w)) @ flat                   # (2, E): Σ x_i, Σ w_i x_i in one read
+        pos = w @ torch.clamp_min(k, 0, out=tmp).reshape(n, -1)            # Σ w_i max(x_i, 0)
+        self.t["s"][sl] += sw[0]
+        self.t["p"][sl] += pos
+        self.t["q"][sl] += sw[1] - pos                                     # Σ w_i min(x_i, 0)
         if self.combine == "ties_mean":
-            torch.sign(k, out=tmp)
+            sgn = torch.sign(k, out=tmp).reshape(n, -1)
             ones = torch.ones(n)
-            nonzero = ones @ tmp.abs().reshape(n, -1)
-            positive = ones @ tmp.relu_().reshape(n, -1)
-            self.t["cp"][sl] += positive
-            self.t["cn"][sl] += nonzero - positive
+            diff = ones @ sgn                                               # (#positive − #negative)
+            nonzero = ones @ sgn.mul_(sgn)                                  # (#positive + #negative)
+            self.t["cp"][sl] += (nonzero + diff) * 0.5                      # exact: small integers
+            self.t["cn"][sl] += (nonzero - diff) * 0.5
 
     def add_entries(self, pos: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
         """Add single kept entries x (flat positions ``pos``) with their contributors' weights ``w``."""
@@ -352,8 +352,7 @@ def dropped_merge(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], w: torch.
             if frac > 0:
                 tie = (u8 == c).view(-1).nonzero().squeeze(1)
                 extra = torch.rand(tie.numel(), dtype=torch.float64, generator=g) < frac
-            torch.sub(c - 0.5, mask, out=tmp)                                 # U < c  <=>  c − 0.5 − U > 0
-            tmp.sign_().relu_()
+            torch.sub(c, mask, out=tmp).clamp_(0, 1)                          # integer U: 1 where U < c, else 0
             if frac > 0 and tie.numel():
                 tmp.view(-1)[tie] = extra.float()
             acc.add_block(r0, tmp.mul_(x), wj, mask)
