@@ -120,10 +120,15 @@ def run(args: argparse.Namespace) -> int:
         from sim.schedule import read_trace
 
         read_trace(cfg.schedule.trace, cfg.data.institutions)
-    if cfg.data.name == "medmnist":
+    if cfg.data.name == "medmnist" or cfg.model.prototypes or cfg.model.pretrained != "none":
         from sim.data import build_cohort
+        from sim.model import load_foundation
 
-        build_cohort(cfg.data, cfg.seed)
+        cohort = build_cohort(cfg.data, cfg.seed)
+        if cfg.model.prototypes or cfg.model.pretrained != "none":
+            # named weights and class embeddings are input files too: checked before the run dir is touched (the
+            # foundation stays loaded in this process for the run)
+            load_foundation(cfg.model, cfg.data.img_size).check_tasks(cohort.task_classes)
     if args.resume is None:
         check_out(out, args.overwrite)
         if args.overwrite and out.is_dir():
