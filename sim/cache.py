@@ -56,7 +56,7 @@ def commit_config(cfg: SimConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -65,12 +65,12 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_digest(path: str) -> str:
-    """sha256 of a file's bytes (memoised per size and modification time); "missing" if there is none."""
+    """sha256 of a file's bytes (memoised per size, modification time and inode); "missing" if there is none."""
     p = Path(path).expanduser()
     if not p.is_file():
         return "missing"
     st = p.stat()
-    return _digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return _digest(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None,
