@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,20 @@ def test_commit_cache_key_hashes_the_files_a_model_names_and_is_unchanged_withou
     np.save(tmp_path / "new.npy", np.full((3, 96), 2.0, np.float32))
     os.replace(tmp_path / "new.npy", path)                    # same name, other embeddings: another commit
     assert contribution_key(cfg, "inst000-00", 7) != key
+
+
+def test_clip_prototypes_script_helps_and_says_when_open_clip_is_missing(monkeypatch, capsys, tmp_path):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "clip_prototypes.py"
+    spec = importlib.util.spec_from_file_location("clip_prototypes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_help:
+        script.main(["--help"])
+    assert exit_help.value.code == 0 and "--template" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "open_clip", None)                # as if it were not installed
+    assert script.main(["--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "needs open_clip" in capsys.readouterr().err
+    assert not (tmp_path / "p.safetensors").exists()
