@@ -114,7 +114,8 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, r
         skip, pull_versions = resume_point(schedule, CommitLog(run_dir).read())
         if cfg.runtime.clock == "wall":
             pull_versions = {}
-    load_foundation(cfg.model, cfg.data.img_size)   # pretrain into the shared cache once, before any worker needs it
+    # pretrain into the shared cache once, before any worker needs it; a prototype file must fit every task
+    load_foundation(cfg.model, cfg.data.img_size).check_tasks(cohort.task_classes)
     # Step 2: Ray, the worker pool and the actors; a per-run secret authenticates the institutions' commits.
     started_ray = connect(cfg)
     pg, own_pg = worker_pool(cfg)

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     cohort = build_cohort(cfg.data, cfg.seed)
     inst = pick_institution(cohort, args.task, args.institution)
     foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation.check_tasks(cohort.task_classes)
     # Step 1: distil the institution's private training split.
     distilled = distill(inst.train, inst.task, inst.classes, cfg.distill, cfg.seed, foundation)
     # Step 2: audit it against the institution's own data (privacy always; fidelity unless skipped).

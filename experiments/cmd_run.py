@@ -122,8 +122,15 @@ def run(args: argparse.Namespace) -> int:
         read_trace(cfg.schedule.trace, cfg.data.institutions)
     from sim.data import FILE_DATASETS, build_cohort
 
-    if cfg.data.name in FILE_DATASETS or cfg.data.classes:     # bad input files end here, before Ray starts
-        build_cohort(cfg.data, cfg.seed)
+    named = bool(cfg.model.prototypes) or cfg.model.pretrained != "none"
+    if cfg.data.name in FILE_DATASETS or cfg.data.classes or named:     # bad input files end here, before Ray starts
+        cohort = build_cohort(cfg.data, cfg.seed)
+        if named:
+            from sim.model import load_foundation
+
+            # named weights and class embeddings are input files too: checked before the run dir is touched (the
+            # foundation stays loaded in this process for the run)
+            load_foundation(cfg.model, cfg.data.img_size).check_tasks(cohort.task_classes)
     if args.resume is None:
         check_out(out, args.overwrite)
         if args.overwrite and out.is_dir():

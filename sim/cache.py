@@ -16,6 +16,7 @@ Layout: ``<dir>/<key[:2]>/<key>/`` = a commit dir (``sim.commit_log.write_commit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import warnings
@@ -26,17 +27,50 @@ from sim.config import SimConfig, config_to_dict
 
 
 COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill")
+# Fields added after the first commit caches were written: at their defaults they leave a key as it was (the commit
+# is the same), so existing caches stay valid.
+LATER_FIELDS = {"data": {"interpolation": "bilinear"},
+                "model": {"pretrained": "none", "keep_head": False, "prototypes": None}}
+# Model fields that name a file: the key holds the file's content hash too, so a file replaced under the same name
+# does not hand out commits trained on the old one.
+FILE_FIELDS = ("checkpoint", "pretrained", "prototypes")
 
 
 def commit_config(cfg: SimConfig) -> dict:
     """What a contribution's commit is made from, beside its id and seed: the run seed, the device kind, the torch
     threads and the data, model, LoRA, training and distillation sections (not the joint reference's fields of
-    ``train``, which no contribution reads)."""
+    ``train``, which no contribution reads), with the content hash of every file the model section names."""
     parts = {"seed": cfg.seed, "device": cfg.runtime.device.split(":")[0], "threads": cfg.runtime.threads}
     parts |= {name: config_to_dict(getattr(cfg, name)) for name in COMMIT_SECTIONS}
     for field in ("joint", "joint_steps"):      # the joint reference does not touch contributions
         parts["train"].pop(field, None)
+    for section, defaults in LATER_FIELDS.items():
+        for field, default in defaults.items():
+            if parts[section].get(field) == default:
+                parts[section].pop(field)
+    files = {f: file_digest(getattr(cfg.model, f)) for f in FILE_FIELDS
+             if getattr(cfg.model, f) not in (None, "none", "hub")}
+    if files:
+        parts["model_files"] = files
     return parts
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (memoised per size, modification time and inode); "missing" if there is none."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return "missing"
+    st = p.stat()
+    return _digest(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sim.data.base import DistilledSet
-from sim.model import Adapter, Foundation, logits_from_features
+from sim.model import Adapter, Foundation
 
 # Names documented and tested; any other name in ``nevergrad.optimizers.registry`` works as well.
 OPTIMIZERS = ("NGOpt", "Shiwa", "Cobyla", "CMA", "OnePlusOne", "TwoPointsDE", "PSO", "RandomSearch")
@@ -189,7 +189,7 @@ def features_cross_entropy(foundation: Foundation, data: ProxyData, feats: torch
     losses = []
     for s in data.sets:
         head = adapter.head_for(s.task) if adapter is not None else None
-        logits = logits_from_features(feats[s.start:s.stop], s.task, s.classes, foundation.cfg.tau, head)
+        logits = foundation.logits(feats[s.start:s.stop], s.task, s.classes, head)
         losses.append(F.cross_entropy(logits, s.y))
     return float(torch.stack(losses).mean())
 

@@ -56,6 +56,7 @@ def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
 
 
 PARTITIONS = ("pool", "per_institution")   # data.partition; see sim.data.build_cohort
+INTERPOLATIONS = ("bilinear", "bicubic")   # data.interpolation: the filters sim.data.resize_uint8 applies
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -71,7 +72,10 @@ class DataConfig:
     n_tasks: int = _f(4, "number of tasks when `tasks` is empty (synthetic: generated modalities; digits: 5 max; "
                          "imagefolder: ignored, one task per data_dir folder)")
     institutions: int = _f(12, "number of institutions; institution i holds task i % n_tasks at site i // n_tasks")
-    img_size: int = _f(32, "image side in pixels fed to the model (images are resized to it)")
+    img_size: int = _f(32, "image side in pixels fed to the model (images are resized to it); with model.pretrained "
+                           "hub or FILE the model's pretrained input size")
+    interpolation: str = _f("bilinear", "filter resizing images to data.img_size: bilinear or bicubic (antialiased); "
+                                        "with model.pretrained hub or FILE the model's pretrained config's")
     train_per_class: int = _f(160, "synthetic: training images per class per site (other datasets: a cap, 0 = all); "
                                         "per_institution: images per class per institution, every dataset")
     val_per_class: int = _f(16, "synthetic or per_institution: validation images per class per site")
@@ -95,6 +99,7 @@ class DataConfig:
         _check(self.n_tasks >= 1, "data.n_tasks", "an integer >= 1", self.n_tasks)
         _check(self.institutions >= 1, "data.institutions", "an integer >= 1", self.institutions)
         _check(8 <= self.img_size <= 512, "data.img_size", "an integer in [8, 512]", self.img_size)
+        _choice("data.interpolation", self.interpolation, INTERPOLATIONS)
         for name in ("train_per_class", "val_per_class", "test_per_class"):
             value = getattr(self, name)
             _check(value >= 0, f"data.{name}", "an integer >= 0", value)
@@ -125,14 +130,28 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("vit_tiny_patch16_224", "timm ViT architecture name; the fields below override its shape")
+    name: str = _f("vit_tiny_patch16_224", "timm ViT name, optionally with a pretrained tag (vit_base_patch16_clip_224"
+                                           ".openai); with model.pretrained=none the shape fields below override its "
+                                           "shape")
+    pretrained: str = _f("none", "none (forgesim's own backbone: the shape fields below, with model.checkpoint or "
+                                 "forgesim's cached pretraining), hub (timm's pretrained weights of model.name, as "
+                                 "timm.create_model(pretrained=True) fetches them) or FILE (a local file of them, e.g. "
+                                 "the hub's model.safetensors, loaded through the same timm call); with hub or FILE the "
+                                 "model has model.name's own shape and data.img_size / data.interpolation follow its "
+                                 "pretrained config")
+    keep_head: bool = _f(False, "hub or FILE: keep the pretrained head as the features' last layer (CLIP image towers "
+                                "such as vit_base_patch16_clip_224.openai: the projection into CLIP's text-embedding "
+                                "space that model.prototypes from CLIP text live in); False = pooled features")
+    prototypes: str | None = _f(None, "class embeddings for the prototype head instead of seeded random vectors: "
+                                      ".safetensors or .npz with one (n_classes, dim) table per task named by the task, "
+                                      "or .npy of a one-task run's table (scripts/clip_prototypes.py writes one)")
     patch_size: int = _f(4, "ViT patch size in pixels")
     embed_dim: int = _f(96, "ViT width")
     depth: int = _f(4, "number of transformer blocks")
     num_heads: int = _f(3, "attention heads per block")
     mlp_ratio: float = _f(2.0, "MLP hidden width / embed_dim")
-    checkpoint: str | None = _f(None, "local path of pretrained backbone weights (.pt/.pth/.safetensors); "
-                                      "None = forgesim's own cached pretraining")
+    checkpoint: str | None = _f(None, "model.pretrained=none: local weights of the backbone of the shape above "
+                                      "(.pt/.pth/.safetensors); None = forgesim's own cached pretraining")
     pretrain_steps: int = _f(600, "optimizer steps of forgesim's one-time foundation pretraining")
     pretrain_batch: int = _f(128, "batch size of the foundation pretraining")
     pretrain_lr: float = _f(2e-3, "learning rate of the foundation pretraining")
@@ -152,6 +171,18 @@ class ModelConfig:
         _check(self.pretrain_lr > 0, "model.pretrain_lr", "a number > 0", self.pretrain_lr)
         _choice("model.head", self.head, ("prototype", "linear"))
         _check(0 < self.tau <= 10, "model.tau", "a number in (0, 10]", self.tau)
+        _check(bool(self.pretrained), "model.pretrained", "none, hub or a weights file", self.pretrained)
+        if self.pretrained != "none":
+            _check(self.checkpoint is None, "model.checkpoint", f"None with model.pretrained={self.pretrained} (both "
+                   "name the backbone's weights; model.pretrained=FILE takes a file of model.name's weights)",
+                   self.checkpoint)
+        _check(not self.keep_head or self.pretrained != "none", "model.keep_head",
+               "false with model.pretrained=none (forgesim's own backbone has no head)", self.keep_head)
+        if self.prototypes is not None:
+            _check(self.prototypes.endswith((".safetensors", ".npz", ".npy")), "model.prototypes",
+                   "a .safetensors, .npz or .npy file", self.prototypes)
+            _check(self.head == "prototype", "model.head", "prototype with model.prototypes (only the prototype head "
+                   "reads class embeddings)", self.head)
 
 
 @dataclass(frozen=True)
@@ -503,10 +534,28 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        self._follow_pretrained_input()
         _check(self.data.institutions >= self.data.task_count, "data.institutions",
                f"at least the number of tasks ({self.data.task_count})", self.data.institutions)
         self.pull_branch  # noqa: B018 - raises here, at construction, if init_from=main has no branch to pull
         self.gate_branch  # noqa: B018 - the same for the gate's regression check
+
+    def _follow_pretrained_input(self) -> None:
+        """With ``model.pretrained`` hub or FILE, images are what the model was pretrained on: ``data.img_size`` and
+        ``data.interpolation`` are set from its pretrained config (timm's, read without loading any weights), with a
+        warning when that changes a value. A researcher naming ``vit_base_patch16_224`` expects 224 px images, not an
+        error about the 32 px default; the config that is saved with the run holds the values used."""
+        if self.model.pretrained == "none":
+            return
+        from sim.pretrained import input_config  # imports timm; only for named pretrained models
+
+        want = input_config(self.model.name)
+        given = (self.data.img_size, self.data.interpolation)
+        if given != (want.img_size, want.interpolation):
+            warnings.warn(f"data.img_size {given[0]}, data.interpolation {given[1]} → {want.img_size}, "
+                          f"{want.interpolation}: the pretrained input of model.name {self.model.name}", stacklevel=3)
+            data = dataclasses.replace(self.data, img_size=want.img_size, interpolation=want.interpolation)
+            object.__setattr__(self, "data", data)  # frozen: set once, during construction
 
     @property
     def gate_branch(self) -> str | None:

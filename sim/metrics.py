@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sim.data.base import Split
-from sim.model import Adapter, Foundation, logits_from_features
+from sim.model import Adapter, Foundation
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray) -> float:
@@ -56,7 +56,7 @@ def predict_proba(foundation: Foundation, adapter: Adapter | None, x: np.ndarray
     out = []
     for start in range(0, len(x), batch_size):
         feats = foundation.features(torch.from_numpy(x[start:start + batch_size]), weights)
-        out.append(torch.softmax(logits_from_features(feats, task, classes, foundation.cfg.tau, head), dim=1))
+        out.append(torch.softmax(foundation.logits(feats, task, classes, head), dim=1))
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(classes)), np.float32)
 
 

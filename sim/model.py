@@ -11,8 +11,12 @@
   (``base_model.model.blocks.0.attn.qkv.lora_A.weight``: (r, in); ``...lora_B.weight``: (out, r)),
   with the update ``ΔW = B A · alpha / r``. Saved as a standard peft adapter dir that
   ``peft.PeftModel.from_pretrained`` loads onto the same timm model.
-* The default foundation is pretrained once by forgesim on the public synthetic ``shapes`` corpus
-  (classes disjoint from every task) and cached on disk keyed by its config.
+* Where the weights come from (``load_foundation``): with ``model.pretrained=none`` (the default) forgesim's own
+  backbone of the configured shape, from ``model.checkpoint`` or pretrained once by forgesim on the public synthetic
+  ``shapes`` corpus (classes disjoint from every task) and cached on disk keyed by its config; with ``hub`` or a
+  FILE, the timm model ``model.name`` at its own architecture with timm's pretrained weights (``sim.pretrained``),
+  normalised with its pretrained mean and std. ``model.prototypes`` replaces the seeded prototypes by class
+  embeddings from a file (``sim.class_embeddings``); the fingerprint then covers them too.
 
 One file (over 400 lines) for the foundation and the adapter because each is defined by the other: an adapter's
 module names, shapes and base fingerprint come from the foundation it was trained on, and loading one checks it
@@ -36,12 +40,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from sim.class_embeddings import ClassEmbeddings, read_class_embeddings
 from sim.config import LoraConfig, ModelConfig, config_hash
 
 PEFT_PREFIX = "base_model.model."
 # forgesim's short names for the adaptable linear layers of a timm ViT block
 MODULE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25   # forgesim's own backbone; a named pretrained model uses its pretrained config's
 HEAD_SEP = "/"                       # per-task linear head keys: "<task>/weight", "<task>/bias"
 
 
@@ -60,7 +65,7 @@ def create_backbone(cfg: ModelConfig, img_size: int) -> torch.nn.Module:
         raise ValueError(f"model.name {cfg.name!r} with these overrides is not a usable timm ViT: {exc}") from None
 
 
-def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
+def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
     """Hash of the frozen weights (names, shapes, bytes): the base every adapter must match."""
     h = hashlib.sha256()
     for name in sorted(state):
@@ -73,17 +78,24 @@ def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class Foundation:
-    """Frozen backbone + head settings. ``features`` takes images in [0, 1], (B, 3, S, S)."""
+    """Frozen backbone + head settings. ``features`` takes images in [0, 1], (B, 3, S, S).
+
+    ``mean``/``std``: per-channel input normalisation (the pretrained config's for a named pretrained model);
+    ``class_embeddings``: the prototype head's rows from ``model.prototypes`` (``None``: seeded prototypes)."""
 
     backbone: torch.nn.Module
     cfg: ModelConfig
     img_size: int
     fingerprint: str
     device: torch.device = torch.device("cpu")
+    mean: tuple[float, ...] = (PIXEL_MEAN,) * 3
+    std: tuple[float, ...] = (PIXEL_STD,) * 3
+    class_embeddings: ClassEmbeddings | None = None
 
     @property
     def dim(self) -> int:
-        return self.backbone.num_features
+        """Feature width: the pooled features, or a kept pretrained head's outputs (``model.keep_head``)."""
+        return getattr(self.backbone, "num_classes", 0) or self.backbone.num_features
 
     def block_count(self) -> int:
         return len(self.backbone.blocks)
@@ -96,7 +108,18 @@ class Foundation:
         """uint8 [0, 255] or float [0, 1] images → the backbone's input scale, on its device."""
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
-        return (x.float().to(self.device) - PIXEL_MEAN) / PIXEL_STD
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return (x.float().to(self.device) - mean) / std
+
+    def from_standard_scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Images normalised with forgesim's PIXEL_MEAN / PIXEL_STD (the distillers' space) → this backbone's input
+        scale: the same tensor for forgesim's own backbone, a per-channel affine map for a pretrained config's."""
+        if self.mean == (PIXEL_MEAN,) * 3 and self.std == (PIXEL_STD,) * 3:
+            return z.to(self.device)
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return (z.to(self.device) * PIXEL_STD + PIXEL_MEAN - mean) / std
 
     def features(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Pooled features (B, D); ``weights`` ({module.weight: W'}, see ``merged_weights``) replace frozen ones."""
@@ -109,6 +132,24 @@ class Foundation:
         """{module.weight: W + ΔW} for every module the adapter touches."""
         adapter.check_base(self)
         return {f"{m}.weight": self.weight(m) + adapter.delta(m).to(self.device) for m in adapter.modules()}
+
+    def prototypes(self, task: str, classes: Sequence[str]) -> torch.Tensor:
+        """The prototype head's unit rows (K, D) for ``task``: from ``model.prototypes``, else seeded from names."""
+        if self.class_embeddings is not None:
+            return self.class_embeddings.rows(task, classes)
+        return prototypes(task, classes, self.dim)
+
+    def check_tasks(self, task_classes: Mapping[str, Sequence[str]]) -> None:
+        """A prototype file has rows for every task of a run (called before any work starts)."""
+        if self.class_embeddings is not None:
+            self.class_embeddings.check(task_classes)
+
+    def logits(self, feats: torch.Tensor, task: str, classes: Sequence[str],
+               head: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, K) logits of ``task`` from features (B, D): a linear head when given, else this foundation's
+        prototype head (cosine / ``model.tau``)."""
+        protos = None if head is not None else self.prototypes(task, classes)
+        return logits_from_features(feats, task, classes, self.cfg.tau, head, protos)
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,16 +168,21 @@ def prototypes(task: str, classes: Sequence[str], dim: int) -> torch.Tensor:
 
 
 def logits_from_features(feats: torch.Tensor, task: str, classes: Sequence[str], tau: float,
-                         head: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """(B, K) logits: cosine to class prototypes / tau, or a per-task linear head when given."""
+                         head: dict[str, torch.Tensor] | None = None,
+                         protos: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) logits: cosine to class prototypes (K, D) / tau, or a per-task linear head when given.
+
+    ``protos``: the prototype rows (``Foundation.prototypes``, which knows ``model.prototypes``); ``None`` = the
+    seeded ones. Callers holding a foundation use ``Foundation.logits``."""
     if head is not None:
         return F.linear(feats, head["weight"].to(feats.device), head["bias"].to(feats.device))
-    protos = prototypes(task, classes, feats.shape[1]).to(feats.device)
-    return F.normalize(feats, dim=1) @ protos.T / tau
+    if protos is None:
+        protos = prototypes(task, classes, feats.shape[1])
+    return F.normalize(feats, dim=1) @ protos.to(feats.device).T / tau
 
 
 # ------------------------------------------------------------------------------------------
-# Foundation loading: a local checkpoint, or forgesim's cached pretraining
+# Foundation loading: timm's pretrained weights by name, a local checkpoint, or forgesim's cached pretraining
 # ------------------------------------------------------------------------------------------
 _LOADED: dict[tuple, Foundation] = {}
 
@@ -203,27 +249,58 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def load_foundation(cfg: ModelConfig, img_size: int, device: str = "cpu") -> Foundation:
-    """The frozen foundation of ``cfg``; cached per process and, for forgesim's pretraining, on disk."""
+    """The frozen foundation of ``cfg``; cached per process and, for forgesim's pretraining, on disk.
+
+    The fingerprint hashes the weights as loaded (the backbone's state dict after timm's or forgesim's load) and,
+    with ``model.prototypes``, the class embeddings: an adapter trained on other weights or another head is
+    another base."""
     key = (cfg, img_size, device)
     if key in _LOADED:
         return _LOADED[key]
+    mean, std = (PIXEL_MEAN,) * 3, (PIXEL_STD,) * 3
+    if cfg.pretrained != "none":
+        backbone, (mean, std) = _named_pretrained(cfg, img_size)
+    else:
+        backbone = _own_backbone(cfg, img_size)
+    backbone.requires_grad_(False).eval().to(device)
+    state = dict(backbone.state_dict())
+    embeddings = None
+    if cfg.prototypes is not None:
+        dim = getattr(backbone, "num_classes", 0) or backbone.num_features
+        embeddings = read_class_embeddings(cfg.prototypes, dim)
+        state |= {f"prototypes:{task}": t for task, t in embeddings.tables.items()}
+    foundation = Foundation(backbone, cfg, img_size, fingerprint_state(state), torch.device(device), mean, std,
+                            embeddings)
+    _LOADED[key] = foundation
+    return foundation
+
+
+def _named_pretrained(cfg: ModelConfig, img_size: int) -> tuple[torch.nn.Module, tuple[tuple, tuple]]:
+    """timm's ``model.name`` with the weights of ``model.pretrained`` (hub or FILE), and its input mean and std."""
+    from sim.pretrained import create_pretrained, input_config
+
+    want = input_config(cfg.name)
+    if img_size != want.img_size:
+        raise ValueError(f"data.img_size is {img_size} but model.name {cfg.name} takes {want.img_size} px images "
+                         f"(its pretrained config; a SimConfig sets data.img_size from it)")
+    return create_pretrained(cfg.name, cfg.pretrained, cfg.keep_head), (want.mean, want.std)
+
+
+def _own_backbone(cfg: ModelConfig, img_size: int) -> torch.nn.Module:
+    """forgesim's backbone of the configured shape, from ``model.checkpoint`` or its cached pretraining."""
     backbone = create_backbone(cfg, img_size)
     if cfg.checkpoint:
         _load_into(backbone, read_checkpoint(cfg.checkpoint), f"model.checkpoint {cfg.checkpoint}")
-    else:
-        path = foundation_path(cfg, img_size)
-        with file_lock(path.with_suffix(".lock")):
-            if not path.exists():
-                state = pretrain_foundation(cfg, img_size)
-                tmp = path.with_suffix(".tmp")
-                save_file(state, str(tmp), metadata={"forgesim": "foundation", "key": path.stem})
-                os.replace(tmp, path)
-        _load_into(backbone, load_file(str(path)), f"cached foundation {path}")
-    backbone.requires_grad_(False).eval().to(device)
-    fp = fingerprint_state(backbone.state_dict())
-    foundation = Foundation(backbone, cfg, img_size, fp, torch.device(device))
-    _LOADED[key] = foundation
-    return foundation
+        return backbone
+    path = foundation_path(cfg, img_size)
+    with file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            state = pretrain_foundation(cfg, img_size)
+            tmp = path.with_suffix(".tmp")
+            save_file(state, str(tmp), metadata={"forgesim": "foundation", "key": path.stem})
+            os.replace(tmp, path)
+    _load_into(backbone, load_file(str(path)), f"cached foundation {path}")
+    return backbone
 
 
 def pretrain_foundation(cfg: ModelConfig, img_size: int, log: Any = None) -> dict[str, torch.Tensor]:

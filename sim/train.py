@@ -15,7 +15,7 @@ from sim.config import LoraConfig, SimConfig, TrainConfig
 from sim.data.base import Split, derive_seed, to_unit_float
 from sim.merge.base import base_reference
 from sim.metrics import chance_accuracy, evaluate
-from sim.model import Adapter, Foundation, augment, logits_from_features, new_adapter, pack_heads
+from sim.model import Adapter, Foundation, augment, new_adapter, pack_heads
 
 if TYPE_CHECKING:
     from sim.data import Cohort
@@ -149,8 +149,7 @@ def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, 
                 xb = augment(xb, g)
             feats = model(foundation.normalize(xb))                          # (B, D)
             head_w = dict(linears[task].named_parameters()) if linears else None
-            loss = F.cross_entropy(logits_from_features(feats, task, classes, foundation.cfg.tau, head_w),
-                                   yb.to(foundation.device))
+            loss = F.cross_entropy(foundation.logits(feats, task, classes, head_w), yb.to(foundation.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if sync is not None:

@@ -144,8 +144,9 @@ def to_rgb_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def resize_uint8(x: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 (n, 3, H, W) to (n, 3, size, size) with antialiased bilinear interpolation."""
+def resize_uint8(x: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarray:
+    """Resize uint8 (n, 3, H, W) to (n, 3, size, size) with antialiased ``mode`` (bilinear or bicubic)
+    interpolation (``data.interpolation``)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     import torch
@@ -154,7 +155,7 @@ def resize_uint8(x: np.ndarray, size: int) -> np.ndarray:
     out = []
     for start in range(0, len(x), 2048):  # chunks bound peak memory for large files
         t = torch.from_numpy(x[start:start + 2048]).float()
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        t = F.interpolate(t, size=(size, size), mode=mode, antialias=True, align_corners=False)
         out.append(t.round().clamp(0, 255).to(torch.uint8).numpy())
     return np.concatenate(out) if out else np.zeros((0, 3, size, size), np.uint8)
 

@@ -31,7 +31,7 @@ def load_digits_tasks(cfg, seed: int) -> list[TaskPool]:
     per_task = 10 // n_tasks
     raw = load_digits()
     images = to_rgb_uint8(raw.images * (255.0 / 16.0), "digits")            # (1797, 3, 8, 8)
-    images = resize_uint8(images, cfg.img_size)
+    images = resize_uint8(images, cfg.img_size, cfg.interpolation)
     names = [f"digits_{'_'.join(str(d) for d in range(t * per_task, (t + 1) * per_task))}" for t in range(n_tasks)]
     if cfg.tasks:
         unknown = [n for n in cfg.tasks if n not in names]

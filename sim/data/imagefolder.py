@@ -106,8 +106,9 @@ def _split_files(folder: Path, seed: int, task: str) -> tuple[tuple[str, ...], d
     return tuple(by_class), out
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One image file → uint8 (3, size, size); an unreadable file is a ``ValueError`` naming it."""
+def read_image(path: Path, size: int, mode: str = "bilinear") -> np.ndarray:
+    """One image file → uint8 (3, size, size), resized with ``mode`` (``data.interpolation``: bilinear or bicubic);
+    an unreadable file is a ``ValueError`` naming it."""
     from PIL import Image
 
     try:
@@ -115,28 +116,29 @@ def read_image(path: Path, size: int) -> np.ndarray:
             if im.mode in GREY16:   # Pillow's RGB conversion clips 16-bit grey at 255: map 0..65535 onto 0..255
                 grey = np.asarray(im, dtype=np.float32) / 257.0
                 im = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
-            rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            rgb = im.convert("RGB").resize((size, size), getattr(Image.Resampling, mode.upper()))
             return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: not a readable image: {exc}") from None
 
 
-def _read_split(files: list[list[Path]], size: int) -> Split:
+def _read_split(files: list[list[Path]], size: int, mode: str) -> Split:
     """``files[c]`` are class c's images → a ``Split`` (n, 3, size, size) uint8, labels in class order."""
     paths = [p for per_class in files for p in per_class]
-    x = np.stack([read_image(p, size) for p in paths]) if paths else np.zeros((0, 3, size, size), np.uint8)
+    x = np.stack([read_image(p, size, mode) for p in paths]) if paths else np.zeros((0, 3, size, size), np.uint8)
     y = np.concatenate([np.full(len(f), c, dtype=np.int64) for c, f in enumerate(files)])
     return Split(x, y)
 
 
-def load_folder_task(folder: Path, img_size: int, seed: int, per_class_cap: int = 0) -> TaskPool:
-    """Load one task folder as a task pool (the task is named after the folder)."""
+def load_folder_task(folder: Path, img_size: int, seed: int, per_class_cap: int = 0,
+                     mode: str = "bilinear") -> TaskPool:
+    """Load one task folder as a task pool (the task is named after the folder), resized with ``mode``."""
     task = folder.name
     classes, files = _split_files(folder, seed, task)
     if per_class_cap:
         rng = derive_rng(seed, "imagefolder-cap", task)
         files["train"] = [sorted(f[i] for i in rng.permutation(len(f))[:per_class_cap]) for f in files["train"]]
-    return TaskPool(task, classes, *(_read_split(files[s], img_size) for s in SPLITS))
+    return TaskPool(task, classes, *(_read_split(files[s], img_size, mode) for s in SPLITS))
 
 
 def _task_folders(cfg) -> dict[str, Path]:
@@ -163,4 +165,4 @@ def load_imagefolder_tasks(cfg, seed: int) -> list[TaskPool]:
             raise ValueError(f"data.tasks: {unknown[0]!r} is not one of the data.data_dir folders "
                              f"({', '.join(folders)})")
         folders = {t: folders[t] for t in cfg.tasks}
-    return [load_folder_task(f, cfg.img_size, seed, cfg.train_per_class) for f in folders.values()]
+    return [load_folder_task(f, cfg.img_size, seed, cfg.train_per_class, cfg.interpolation) for f in folders.values()]

@@ -20,7 +20,7 @@ SIZES = (28, 64, 128, 224)
 NAMES_KEY = "class_names"    # as in a distilled set's .npz
 
 
-def _load_split(path: Path, arrays, split: str, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_split(path: Path, arrays, split: str, img_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     for key in (f"{split}_images", f"{split}_labels"):
         if key not in arrays.files:
             raise ValueError(f"{path}: missing key {key!r} (has {', '.join(sorted(arrays.files)) or 'nothing'})")
@@ -40,7 +40,7 @@ def _load_split(path: Path, arrays, split: str, img_size: int) -> tuple[np.ndarr
     y = y.reshape(-1)
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise ValueError(f"{path}: {split}_labels must be non-negative integers, got {y.dtype}")
-    return resize_uint8(to_rgb_uint8(x, f"{path}:{split}_images"), img_size), y.astype(np.int64)
+    return resize_uint8(to_rgb_uint8(x, f"{path}:{split}_images"), img_size, mode), y.astype(np.int64)
 
 
 def _class_names(path: Path, arrays, n_classes: int) -> tuple[str, ...]:
@@ -62,14 +62,14 @@ def _class_names(path: Path, arrays, n_classes: int) -> tuple[str, ...]:
     return out
 
 
-def load_npz_task(path: Path, img_size: int, per_class_cap: int = 0) -> TaskPool:
-    """Load one MedMNIST file as a task pool."""
+def load_npz_task(path: Path, img_size: int, per_class_cap: int = 0, mode: str = "bilinear") -> TaskPool:
+    """Load one MedMNIST file as a task pool, resized to ``img_size`` with ``mode`` interpolation."""
     try:
         arrays = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{path}: not a readable .npz file: {exc}") from None
     with arrays:
-        loaded = {s: _load_split(path, arrays, s, img_size) for s in SPLITS}
+        loaded = {s: _load_split(path, arrays, s, img_size, mode) for s in SPLITS}
         n_classes = int(max(y.max() for _, y in loaded.values() if len(y))) + 1
         classes = _class_names(path, arrays, n_classes)
     splits = [Split(*loaded[s]) for s in SPLITS]
@@ -95,4 +95,5 @@ def load_medmnist_tasks(cfg, seed: int) -> list[TaskPool]:
         files = sorted(root.glob("*.npz"))[: cfg.n_tasks]
         if not files:
             raise ValueError(f"data.data_dir {root} holds no .npz files")
-    return [load_npz_task(f, cfg.img_size, cfg.train_per_class if cfg.train_per_class else 0) for f in files]
+    return [load_npz_task(f, cfg.img_size, cfg.train_per_class if cfg.train_per_class else 0, cfg.interpolation)
+            for f in files]

@@ -233,12 +233,12 @@ TASKS: dict[str, tuple[tuple[str, ...], Callable[[np.random.Generator, int], np.
 }
 
 
-def _render(gen: Callable, counts: np.ndarray, rng: np.random.Generator, size: int) -> Split:
-    """Render ``counts[c]`` images of every class c, in a seeded shuffled order."""
+def _render(gen: Callable, counts: np.ndarray, rng: np.random.Generator, size: int, mode: str = "bilinear") -> Split:
+    """Render ``counts[c]`` images of every class c, in a seeded shuffled order, resized to ``size`` (``mode``)."""
     labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))
     x = np.stack([gen(rng, int(c)) for c in labels]) if len(labels) else np.zeros((0, 3, GEN_SIZE, GEN_SIZE))
     x = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-    return Split(resize_uint8(x, size), labels.astype(np.int64))
+    return Split(resize_uint8(x, size, mode), labels.astype(np.int64))
 
 
 def load_synthetic_tasks(cfg, seed: int) -> list[TaskPool]:
@@ -252,7 +252,8 @@ def load_synthetic_tasks(cfg, seed: int) -> list[TaskPool]:
         for split, per_class in (("train", cfg.train_per_class), ("val", cfg.val_per_class),
                                  ("test", cfg.test_per_class)):
             rng = derive_rng(seed, "synthetic", name, split)
-            splits.append(_render(gen, np.full(len(classes), per_class * sites), rng, cfg.img_size))
+            splits.append(_render(gen, np.full(len(classes), per_class * sites), rng, cfg.img_size,
+                                  cfg.interpolation))
         pools.append(TaskPool(name, classes, *splits))
     return pools
 
@@ -262,7 +263,8 @@ def render_site(cfg, seed: int, task: str, site: int, counts: dict[str, np.ndarr
     c per split, from a stream of ``(seed, task, split, site)`` alone, so a site's images never depend on how many
     other sites there are."""
     _, gen = TASKS[task]
-    return {split: _render(gen, n, derive_rng(seed, "synthetic-site", task, split, site), cfg.img_size)
+    return {split: _render(gen, n, derive_rng(seed, "synthetic-site", task, split, site), cfg.img_size,
+                          cfg.interpolation)
             for split, n in counts.items()}
 
 

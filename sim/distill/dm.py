@@ -38,8 +38,9 @@ def sample_embedder(cfg: DistillConfig, gen: torch.Generator, size: int, foundat
         return sample_convnet(gen, cfg.embed_width, cfg.embed_depth, size, device=device)
     if foundation is None:
         raise ValueError("distill.embed=foundation needs the foundation model")
-    # The backbone's input scale is exactly our normalised space (PIXEL_MEAN, PIXEL_STD), so z goes straight in.
-    return lambda z: foundation.backbone(z.to(foundation.device))
+    # z is in forgesim's normalised space (PIXEL_MEAN, PIXEL_STD), its own backbone's input scale; a named
+    # pretrained model normalises with its own mean and std, so z is mapped to that scale first.
+    return lambda z: foundation.backbone(foundation.from_standard_scale(z))
 
 
 def matching_loss(real: list[torch.Tensor], syn: list[torch.Tensor], embed: Embed) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from sim.data.base import DistilledSet
 from sim.merge.base import Weights, build_adapter, check_compatible, dense_factors, resolve_weights
 from sim.merge.specs import FISHER_FLOOR, REGMEAN_ALPHA
-from sim.model import PEFT_PREFIX, Adapter, Foundation, logits_from_features, prototypes
+from sim.model import PEFT_PREFIX, Adapter, Foundation, logits_from_features
 
 FISHER_TARGETS = ("predicted", "label")
 JACOBIAN_FLOATS = 1 << 24  # per-example Jacobian entries held at once by ``lora_fisher`` (64 MiB of float32)
@@ -128,7 +128,7 @@ def lora_fisher(foundation: Foundation, adapter: Adapter, distilled: DistilledSe
     label y.
 
     The logits are the project's: ``Foundation.features`` with the adapter's ΔW merged in (``merged_weights`` of the
-    factors being differentiated) and ``logits_from_features`` with the adapter's linear head of the set's task
+    factors being differentiated) and ``Foundation.logits``' head: the adapter's linear head of the set's task
     (``Adapter.head_for``; the prototype head without linear heads). Per-example gradients are taken at once with
     ``torch.func`` (``vmap`` over examples of ``jacrev``), ``batch_size`` examples at a time, fewer if their
     Jacobians (examples × classes × LoRA entries) would exceed ``JACOBIAN_FLOATS``.
@@ -145,18 +145,16 @@ def lora_fisher(foundation: Foundation, adapter: Adapter, distilled: DistilledSe
     y = torch.from_numpy(distilled.y.astype("int64")).to(foundation.device)
     head = adapter.head_for(distilled.task)
     params = {k: v.detach().float().to(foundation.device) for k, v in adapter.weights.items()}
+    # the prototype rows are taken once, outside vmap: seeded ones come from a generator, which vmap refuses
+    protos = foundation.prototypes(distilled.task, distilled.classes) if head is None else None
 
     def log_probs(p: dict[str, torch.Tensor], image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         candidate = Adapter(p, adapter.alpha, adapter.base_fingerprint, adapter.alpha_pattern)
         feats = foundation.features(image[None], foundation.merged_weights(candidate))              # (1, D)
         logp = torch.log_softmax(logits_from_features(feats, distilled.task, distilled.classes,
-                                                      foundation.cfg.tau, head), dim=1)[0]           # (K,)
+                                                      foundation.cfg.tau, head, protos), dim=1)[0]   # (K,)
         return logp, logp.detach()
 
-    if head is None:
-        # logits_from_features draws the prototypes from a seeded generator on a cache miss, which vmap refuses;
-        # drawn here once, they are a cache hit inside it
-        prototypes(distilled.task, distilled.classes, foundation.dim)
     per_example = torch.func.vmap(torch.func.jacrev(log_probs, has_aux=True), in_dims=(None, 0))
     n_classes, n_entries = len(distilled.classes), sum(t.numel() for t in params.values())
     step = max(1, min(batch_size, JACOBIAN_FLOATS // (n_classes * n_entries)))

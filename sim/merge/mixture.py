@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from sim.coefficients import ProxyData
 from sim.merge.base import Weights, check_compatible, collect_heads, common_base
-from sim.model import Adapter, Foundation, load_adapter, logits_from_features, save_adapter
+from sim.model import Adapter, Foundation, load_adapter, save_adapter
 
 MIXTURE_FILE = "mixture.json"
 
@@ -153,9 +153,9 @@ def adapter_probabilities(foundation: Foundation, feats: torch.Tensor, task: str
     if heads is not None and all(h is None for h in heads):
         head, heads = None, None
     if heads is None:
-        logits = logits_from_features(feats.reshape(n_adapters * n, d), task, classes, foundation.cfg.tau, head)
+        logits = foundation.logits(feats.reshape(n_adapters * n, d), task, classes, head)
         return torch.softmax(logits, dim=1).reshape(n_adapters, n, -1)
-    return torch.stack([torch.softmax(logits_from_features(f, task, classes, foundation.cfg.tau, h), dim=1)
+    return torch.stack([torch.softmax(foundation.logits(f, task, classes, h), dim=1)
                         for f, h in zip(feats, heads)])
 
 
