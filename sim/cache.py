@@ -29,7 +29,7 @@ from sim.config import SimConfig, config_to_dict
 COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill")
 # Fields added after the first commit caches were written: at their defaults they leave a key as it was (the commit
 # is the same), so existing caches stay valid.
-LATER_FIELDS = {"data": {"interpolation": "bilinear"},
+LATER_FIELDS = {"data": {"interpolation": "bilinear", "classes": None},
                 "model": {"pretrained": "none", "keep_head": False, "prototypes": None}}
 # Model fields that name a file: the key holds the file's content hash too, so a file replaced under the same name
 # does not hand out commits trained on the old one.
@@ -48,6 +48,9 @@ def commit_config(cfg: SimConfig) -> dict:
         for field, default in defaults.items():
             if parts[section].get(field) == default:
                 parts[section].pop(field)
+    dirs = parts["data"].get("data_dir")
+    if isinstance(dirs, (list, tuple)) and len(dirs) <= 1:      # as keyed when data.data_dir held one path or None
+        parts["data"]["data_dir"] = dirs[0] if dirs else None
     files = {f: file_digest(getattr(cfg.model, f)) for f in FILE_FIELDS
              if getattr(cfg.model, f) not in (None, "none", "hub")}
     if files:
