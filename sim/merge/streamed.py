@@ -37,7 +37,7 @@ from sim.model import Adapter
 
 ROWS = 32            # output rows per block: N = 50 blocks of (32, 768) floats stay within the cache
 SAMPLE_GLOBAL = 1 << 17   # sampled entries per contributor for a whole-task-vector threshold
-SAMPLE_MODULE = 1 << 14   # sampled entries per contributor and module for a per-module threshold
+SAMPLE_MODULE = 1 << 16   # sampled entries per contributor and module for a per-module threshold
 Z = 4.5              # bracket half-width in standard errors of the sample quantile
 COMBINES = ("sum", "ties_sum", "ties_mean")
 _HARDSHRINK = torch.ops.aten.hardshrink.out
@@ -177,9 +177,12 @@ def _sample(sb: torch.Tensor, a: torch.Tensor, m: int, g: torch.Generator) -> to
     rows = torch.randint(0, out_f, (m,), generator=g)
     cols = torch.randint(0, in_f, (m,), generator=g)
     at = a.transpose(1, 2).contiguous()                                      # (N, in, r): rows gathered whole
-    rows_b = sb.index_select(1, rows).unsqueeze(-2)                          # (N, m, 1, r)
-    cols_a = at.index_select(1, cols).unsqueeze(-1)                          # (N, m, r, 1)
-    return torch.matmul(rows_b, cols_a).view(n, m).abs_()                    # x_i[row, col] = sb_i[row] · a_i[:, col]
+    out = torch.empty(n, m)
+    for c0 in range(0, n, 8):                                                # 8 contributors at a time
+        rows_b = sb[c0:c0 + 8].index_select(1, rows).unsqueeze(-2)           # (8, m, 1, r)
+        cols_a = at[c0:c0 + 8].index_select(1, cols).unsqueeze(-1)           # (8, m, r, 1)
+        out[c0:c0 + 8] = torch.matmul(rows_b, cols_a).view(-1, m).abs_()     # x_i[row, col] = sb_i[row] · a_i[:, col]
+    return out
 
 
 def plan_topk(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], density: float, scope: str) -> TopK:
