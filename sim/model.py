@@ -185,6 +185,9 @@ def logits_from_features(feats: torch.Tensor, task: str, classes: Sequence[str],
 # Foundation loading: timm's pretrained weights by name, a local checkpoint, or forgesim's cached pretraining
 # ------------------------------------------------------------------------------------------
 _LOADED: dict[tuple, Foundation] = {}
+# Pretrained foundations shipped with forgesim (``scripts/pretrain_foundation.py`` writes them), by cache file name: a
+# fresh machine loads these instead of pretraining; a cached file of the same key, if any, is used first.
+SHIPPED_FOUNDATIONS = Path(__file__).resolve().parent / "foundations"
 
 
 def cache_dir(cfg: ModelConfig) -> Path:
@@ -287,12 +290,17 @@ def _named_pretrained(cfg: ModelConfig, img_size: int) -> tuple[torch.nn.Module,
 
 
 def _own_backbone(cfg: ModelConfig, img_size: int) -> torch.nn.Module:
-    """forgesim's backbone of the configured shape, from ``model.checkpoint`` or its cached pretraining."""
+    """forgesim's backbone of the configured shape, from ``model.checkpoint``, its cached pretraining, the
+    pretraining shipped with forgesim for this key (``SHIPPED_FOUNDATIONS``), or a pretraining run now and cached."""
     backbone = create_backbone(cfg, img_size)
     if cfg.checkpoint:
         _load_into(backbone, read_checkpoint(cfg.checkpoint), f"model.checkpoint {cfg.checkpoint}")
         return backbone
     path = foundation_path(cfg, img_size)
+    shipped = SHIPPED_FOUNDATIONS / path.name
+    if not path.exists() and shipped.is_file():           # the default shape: forgesim's released pretraining
+        _load_into(backbone, load_file(str(shipped)), f"shipped foundation {shipped}")
+        return backbone
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
             state = pretrain_foundation(cfg, img_size)

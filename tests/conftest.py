@@ -14,9 +14,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 
 
 def pytest_collection_modifyitems(config, items):
-    """The ``slow`` tests first, the rest in collection order: on a fresh machine the first of them pretrains the
-    default foundation (minutes), which under pytest-xdist (``make test``) then overlaps the rest of the suite
-    instead of ending it."""
+    """The ``slow`` tests first, the rest in collection order: each trains the default model for minutes, which
+    under pytest-xdist (``make test``) then overlaps the rest of the suite instead of ending it."""
     items[:] = sorted(items, key=lambda item: 0 if item.get_closest_marker("slow") else 1)
 
 

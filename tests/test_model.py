@@ -3,10 +3,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sim import model as model_mod
-from sim.config import LoraConfig, ModelConfig
+from sim.config import LoraConfig, ModelConfig, SimConfig
 from sim.model import (Adapter, create_backbone, load_adapter, load_foundation, new_adapter, prototypes,
                        save_adapter, target_module_names)
 
@@ -140,3 +141,26 @@ def test_augment_is_seeded():
     b = model_mod.augment(x, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == x.shape
     np.testing.assert_allclose(a.mean().item(), x.mean().item(), atol=0.1)
+
+
+def test_the_default_foundation_is_shipped_and_loads_without_pretraining(tmp_path, monkeypatch):
+    # Prepare: an empty cache, and pretraining that must not run
+    cfg = SimConfig()
+    model = ModelConfig(**{**cfg.model.__dict__, "cache_dir": str(tmp_path)})
+    shipped = model_mod.SHIPPED_FOUNDATIONS / model_mod.foundation_path(model, cfg.data.img_size).name
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained although forgesim ships this foundation")
+
+    monkeypatch.setattr(model_mod, "pretrain_foundation", no_pretraining)
+    model_mod._LOADED.clear()
+    # Execute
+    foundation = load_foundation(model, cfg.data.img_size)
+    # Assert: the shipped file is the default key's (re-run scripts/pretrain_foundation.py when the defaults change),
+    # loaded as it is, and the cache is left empty
+    assert shipped.is_file(), "no shipped foundation for the default model: run scripts/pretrain_foundation.py"
+    with safe_open(str(shipped), "pt") as f:
+        assert f.metadata()["key"] == shipped.stem
+        assert all(torch.equal(foundation.backbone.state_dict()[k], f.get_tensor(k)) for k in f.keys())
+    assert not any(tmp_path.iterdir())
+    model_mod._LOADED.clear()

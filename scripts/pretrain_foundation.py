@@ -1,0 +1,50 @@
+"""Pretrain forgesim's own foundation and write the file a fresh machine loads instead of pretraining.
+
+    .venv/bin/python scripts/pretrain_foundation.py [--out DIR] [--img-size S] [--set model.FIELD=VALUE ...]
+
+Runs ``sim.model.pretrain_foundation`` (seeded: torch.manual_seed(0) for the initial weights, generator seed 0 for
+batches and augmentation) for the model section of the default config, or the one ``--set`` gives, and writes
+``foundation-<key>.safetensors`` into ``--out`` (default: ``sim/foundations``, the weights shipped with forgesim;
+``sim.model`` loads a shipped file whose key matches before it would pretrain). Prints the key, the sha256 of the
+file and the wall time. The same torch build on the same kind of CPU writes the same weights, bit for bit; other builds may
+differ in the last bits, which is why the shipped file, not each machine's own pretraining, is the default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from safetensors.torch import save_file  # noqa: E402
+
+from sim.config import SimConfig, apply_overrides  # noqa: E402
+from sim.model import foundation_path, pretrain_foundation  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "sim" / "foundations")
+    ap.add_argument("--img-size", type=int, default=None, help="input size (default: data.img_size of the config)")
+    ap.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE")
+    args = ap.parse_args(argv)
+    cfg = apply_overrides(SimConfig(), args.set) if args.set else SimConfig()
+    img_size = args.img_size or cfg.data.img_size
+    model = dataclasses.replace(cfg.model, cache_dir=str(args.out))
+    path = foundation_path(model, img_size)
+    t0 = time.perf_counter()
+    state = pretrain_foundation(model, img_size, log=print)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"forgesim": "foundation", "key": path.stem})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB) sha256 {digest} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
