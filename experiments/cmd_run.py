@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from experiments.common import COMMON_FLAGS, CLIError, add_config_args, add_data_args, prepare_out_dir, resolve_config
+from experiments.trackers import add_tracker_args, log_run, parse_trackers, where_logged
 from sim.config import SimConfig
 
 RUN_DIR_MARKERS = ("config.yaml", "log.jsonl", "summary.json")
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run dir DIR whose driver was killed, with its own config.yaml; contributions "
                         "already accepted are not retrained (only --address and --workers may be given with it)")
+    add_tracker_args(p)
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
@@ -110,6 +112,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    trackers = parse_trackers(args.log_to, args.mlflow_uri)
     if args.resume is None and args.out is None:
         raise CLIError("--out DIR is required (or --resume DIR to continue a run)")
     if args.resume is not None:
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         from experiments.joint import add_joint_reference
 
         summary = add_joint_reference(cfg, out)
+    log_run(trackers, out, args.mlflow_uri)        # the finished run's records, summary and report figures
     lines = [f"{name:>16}: acc {s['acc']:.3f}  auc {s['auc']:.3f}  merge {s['merge_s']:.2f}s/commit"
              for name, s in summary["strategies"].items()]
     refs = summary["references"]
@@ -151,4 +155,6 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     print(f"{'base':>16}: acc {refs['base']['acc']:.3f}\n{'individual':>16}: acc {refs['individual']['acc']:.3f}")
     print(f"run dir: {out}")
+    for line in where_logged(trackers, out, args.mlflow_uri):
+        print(line)
     return 0

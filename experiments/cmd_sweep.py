@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from experiments.common import CLIError, add_config_args, resolve_config
+from experiments.trackers import add_tracker_args, mlflow_uri, parse_trackers, where_logged
 
 HELP = ("run a study (scaling, order, forgetting, ipc, rank, medforge, medlego, strategies) as a Ray Tune sweep and "
         "write a sweep dir")
@@ -21,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, default=0, metavar="K",
                    help="at most K trials at once (default: as many as the cluster's resources allow)")
     add_config_args(p)
+    add_tracker_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,13 +31,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_concurrent < 0:
         raise CLIError(f"--max-concurrent must be >= 0, got {args.max_concurrent}")
+    trackers = parse_trackers(args.log_to, args.mlflow_uri)
     if args.resume:
         if (args.study or args.out or args.overrides or args.config or args.smoke or args.seed is not None
-                or args.max_concurrent):
+                or args.max_concurrent or trackers):
             raise CLIError("--resume DIR continues a sweep as it was planned; it takes no study, --out, --smoke, "
-                           "--config, --seed, --set or --max-concurrent")
+                           "--config, --seed, --set, --max-concurrent, --log-to or --mlflow-uri")
         sweep_dir = Path(args.resume)
         plan = read_plan(sweep_dir)
+        parse_trackers(plan.get("log_to", []))        # the trackers it was planned with must still be installed
     else:
         if not args.study or not args.out:
             raise CLIError("give a study and --out DIR (or --resume DIR)")
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if args.seed is not None:          # a fixed seed replaces the study's seed axis
             study.grid.pop("seed", None)
-        plan = write_plan(study, base, sweep_dir, args.max_concurrent)
+        uri = mlflow_uri(args.mlflow_uri, sweep_dir) if "mlflow" in trackers else None    # fixed for --resume
+        plan = write_plan(study, base, sweep_dir, args.max_concurrent, trackers, uri)
     nested = [p for p in plan["points"] if p.get("subset_of")]
     fresh_because = sorted({p["fresh_because"] for p in plan["points"] if p.get("fresh_because")})
     if nested:
@@ -70,4 +75,6 @@ def run(args: argparse.Namespace) -> int:
             res.groupby("strategy", sort=False)[["acc", "auc"]].mean()
         print(table.round(3).to_string())
     print(f"results: {sweep_dir / 'results.parquet'}  (figures: forgesim report {sweep_dir})")
+    for line in where_logged(plan.get("log_to", []), sweep_dir, plan.get("mlflow_uri"), sweep=True):
+        print(line)
     return 1 if out["errored"] else 0

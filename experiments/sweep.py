@@ -36,6 +36,7 @@ import numpy as np
 from analysis.layout import write_layout
 from analysis.load import cache_hits, distill_audit, load_run, reference_scores, run_orders, strategy_scores
 from experiments.presets import STANDARD_COLUMNS, Study
+from experiments.trackers import mlflow_uri, sweep_reports, tracker_env, tune_callbacks
 from sim.config import SimConfig, apply_overrides, config_from_dict, config_hash, config_to_dict
 
 if TYPE_CHECKING:
@@ -102,12 +103,14 @@ def trial(config: dict) -> None:
     subsets = config["point"].get("subsets", [])
     if subsets:
         build_subsets(cfg, config["base"], run_dir, subsets, sweep_dir, config.get("order_steps", False))
-    # Step 3: flat metrics of the trial.
+    # Step 3: flat metrics of the trial and its summary's numbers (``summary/...``); for the sweep's trackers
+    # (``--log-to``) first the run's steps, each a report (``experiments.trackers.sweep_reports``).
     metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
                "commits_accepted": summary["commits_accepted"], "commits_rejected": summary["commits_rejected"],
                "cache_hits": cache_hits(load_run(run_dir).events)}
     _log_attempt(sweep_dir, attempt | {"event": "done", "t": time.time()})
-    tune.report(metrics)
+    for report in sweep_reports(run_dir, metrics, steps=bool(config.get("log_to"))):
+        tune.report(report)
 
 
 def build_subsets(source_cfg: SimConfig, base: dict, source_dir: Path, subsets: list[dict], sweep_dir: Path,
@@ -231,14 +234,21 @@ def resources(cfg: SimConfig):
     return tune.PlacementGroupFactory([{}] + [dict(bundle) for _ in range(cfg.runtime.workers)], strategy="PACK")
 
 
+def trial_name(trial) -> str:
+    """A Tune trial's name (its trackers' run names): its grid point's run dir name and Tune's trial id."""
+    return f"{trial.config['point']['name']}-{trial.trial_id}"
+
+
 def _trainable(cfg: SimConfig):
     from ray import tune
 
     return tune.with_resources(trial, resources(cfg))
 
 
-def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: int) -> dict:
-    """``sweep.json`` (what the trials run, what --resume continues) and ``study.json`` (the study's layout)."""
+def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: int, log_to: tuple[str, ...] = (),
+               tracking_uri: str | None = None) -> dict:
+    """``sweep.json`` (what the trials run, what --resume continues, the trackers it logs to) and ``study.json`` (the
+    study's layout)."""
     from analysis.report import check_layout
 
     layout = study.layout()
@@ -250,7 +260,8 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
         points = [p | builds[p["name"]] for p in points]
     plan = {"study": study.name, "description": study.description, "orders": study.orders,
             "order_steps": study.order_steps if isinstance(study.order_steps, bool) else list(study.order_steps),
-            "base": config_to_dict(base), "max_concurrent": max_concurrent, "points": points}
+            "base": config_to_dict(base), "max_concurrent": max_concurrent, "points": points,
+            "log_to": list(log_to), "mlflow_uri": tracking_uri}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(plan, indent=2))
     write_layout(sweep_dir, layout)
     return plan
@@ -297,7 +308,8 @@ def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | 
             load_foundation(cfg.model, cfg.data.img_size)
         trainable = _trainable(base)
         tune_dir = sweep_dir / TUNE_NAME
-        if resume and tune.Tuner.can_restore(str(tune_dir)):
+        log_to, uri = plan.get("log_to", []), mlflow_uri(plan.get("mlflow_uri"), sweep_dir)
+        if resume and tune.Tuner.can_restore(str(tune_dir)):     # Tune's state keeps the trackers' callbacks
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=True)
         else:
@@ -305,11 +317,14 @@ def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | 
                 trainable,
                 param_space={"study": plan["study"], "base": plan["base"], "sweep_dir": str(sweep_dir),
                              "orders": plan["orders"], "order_steps": plan.get("order_steps", False),
-                             "point": tune.grid_search(trial_points(plan))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=plan["max_concurrent"] or None, reuse_actors=False),
+                             "log_to": log_to, "point": tune.grid_search(trial_points(plan))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=plan["max_concurrent"] or None, reuse_actors=False,
+                                            trial_name_creator=trial_name),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(sweep_dir), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=1)))
-        grid = tuner.fit()
+                                          failure_config=tune.FailureConfig(max_failures=1),
+                                          callbacks=tune_callbacks(log_to, sweep_dir, plan["study"], uri)))
+        with tracker_env(log_to, uri):
+            grid = tuner.fit()
         # Step 2: the joint reference, once per distinct training config (outside the trials: all resources).
         joint = joint_references(plan, sweep_dir) if base.train.joint else {}
         results = write_results(plan, sweep_dir, grid, joint)
