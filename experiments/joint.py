@@ -4,7 +4,7 @@ The upper bound merging papers compare to (it needs the private data in one plac
 union of every institution's training data — with ``model.head=linear`` together with one linear head per task,
 which score it (as a merge is scored: shared backbone update, each task's head).
 
-``train_joint(cfg)`` runs a ``ray.train.torch.TorchTrainer``: ``ScalingConfig(num_workers=runtime.workers,
+``train_joint(cfg)`` runs a ``ray.train.torch.TorchTrainer`` (``train_joint_many(cfgs)`` one for several configs): ``ScalingConfig(num_workers=runtime.workers,
 use_gpu=runtime.num_gpus > 0 or runtime.device is cuda)``, each worker ``runtime.num_cpus`` CPUs (and
 ``runtime.num_gpus`` GPUs). Every worker builds the seeded cohort itself, keeps its shard of each task's union, and
 trains ``sim.train.train_joint_adapter`` with gradients averaged by ``torch.distributed.all_reduce`` (gloo on CPU,
@@ -28,7 +28,8 @@ def joint_parts(cohort) -> list:
 
 
 def _train_worker(config: dict) -> None:
-    """One Ray Train worker: its shard of the union, gradients all-reduced each step; rank 0 reports the adapter."""
+    """One Ray Train worker: for each config in turn, its shard of the union, gradients all-reduced each step; rank 0
+    reports every adapter (``<i>/`` of one checkpoint)."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -37,53 +38,81 @@ def _train_worker(config: dict) -> None:
     from sim.model import load_foundation, save_adapter
     from sim.train import train_joint_adapter
 
-    cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.runtime.threads)
-    device = str(ray.train.torch.get_device()) if cfg.runtime.device.startswith("cuda") else "cpu"
-    foundation = load_foundation(cfg.model, cfg.data.img_size, device)
-    parts = joint_parts(build_cohort(cfg.data, cfg.seed))
-    steps = cfg.train.joint_steps or cfg.train.steps * len(parts)
 
     def sync(grads: list) -> None:   # the mean gradient over ranks, as DDP computes it
         for g in grads:
             dist.all_reduce(g)
             g /= world
 
-    result = train_joint_adapter(foundation, parts, cfg.lora, cfg.train, cfg.seed, steps, rank, world,
-                                 sync if world > 1 else None, head=cfg.model.head)
-    metrics = {k: float(v) for k, v in result.stats.items()} | {"world": world}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            save_adapter(result.adapter, tmp)
-            (Path(tmp) / "stats.json").write_text(json.dumps(metrics))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        for i, cfg_dict in enumerate(config["cfgs"]):
+            t0 = time.perf_counter()
+            cfg = config_from_dict(cfg_dict)
+            torch.set_num_threads(cfg.runtime.threads)
+            device = str(ray.train.torch.get_device()) if cfg.runtime.device.startswith("cuda") else "cpu"
+            foundation = load_foundation(cfg.model, cfg.data.img_size, device)
+            parts = joint_parts(build_cohort(cfg.data, cfg.seed))
+            steps = cfg.train.joint_steps or cfg.train.steps * len(parts)
+            result = train_joint_adapter(foundation, parts, cfg.lora, cfg.train, cfg.seed, steps, rank, world,
+                                         sync if world > 1 else None, head=cfg.model.head)
+            metrics = {k: float(v) for k, v in result.stats.items()} | {"world": world,
+                                                                        "train_s": time.perf_counter() - t0}
+            if rank == 0:
+                save_adapter(result.adapter, Path(tmp) / str(i))
+                (Path(tmp) / str(i) / "stats.json").write_text(json.dumps(metrics))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({"configs": len(config["cfgs"])}, checkpoint=checkpoint)
 
 
-def train_joint(cfg: SimConfig, storage: str | Path, name: str = "joint"):
-    """Train the joint reference with Ray Train (Ray must be initialised). Returns ``(adapter, stats)``."""
+def joint_resources(cfg: SimConfig) -> tuple:
+    """What a joint job reserves: configs alike here train in one job."""
+    use_gpu = cfg.runtime.num_gpus > 0 or cfg.runtime.device.startswith("cuda")
+    return cfg.runtime.workers, cfg.runtime.num_cpus, (cfg.runtime.num_gpus or 1.0) if use_gpu else 0.0
+
+
+def train_joint_many(cfgs: list[SimConfig], storage: str | Path, name: str = "joint") -> list[tuple]:
+    """Train the joint references of ``cfgs`` (the same ``runtime`` resources) in one Ray Train job, one after another
+    on the same workers: each config's adapter is the one ``train_joint`` gives it alone (seeded by its own config),
+    without a job's start-up (worker processes, imports, process group) per config. Ray must be initialised.
+
+    Returns ``[(adapter, stats)]`` in order; ``stats["fit_s"]`` is the whole job's wall time with one config, and
+    that config's training (on rank 0) with several, ``stats["job_s"]`` the job's, ``stats["batched"]`` the count."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from sim.model import load_adapter
 
-    use_gpu = cfg.runtime.num_gpus > 0 or cfg.runtime.device.startswith("cuda")
-    resources = {"CPU": cfg.runtime.num_cpus} | ({"GPU": cfg.runtime.num_gpus or 1.0} if use_gpu else {})
+    if not cfgs:
+        return []
+    if len({joint_resources(c) for c in cfgs}) > 1:
+        raise ValueError("train_joint_many: the configs reserve different runtime resources; train them apart")
+    workers, cpus, gpus = joint_resources(cfgs[0])
+    resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     trainer = TorchTrainer(
-        _train_worker, train_loop_config={"cfg": config_to_dict(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.runtime.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        _train_worker, train_loop_config={"cfgs": [config_to_dict(c) for c in cfgs]},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve())))
     t0 = time.perf_counter()
     result = trainer.fit()
+    job_s = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"joint training reported no checkpoint (error: {result.error})")
+    out = []
     with result.checkpoint.as_directory() as d:
-        adapter = load_adapter(d)
-        stats = json.loads((Path(d) / "stats.json").read_text())
-    return adapter, stats | {"fit_s": time.perf_counter() - t0, "workers": cfg.runtime.workers, "use_gpu": use_gpu}
+        for i in range(len(cfgs)):
+            stats = json.loads((Path(d) / str(i) / "stats.json").read_text())
+            fit_s = job_s if len(cfgs) == 1 else stats["train_s"]
+            out.append((load_adapter(Path(d) / str(i)), stats | {"fit_s": fit_s, "job_s": job_s,
+                                                                 "batched": len(cfgs), "workers": workers,
+                                                                 "use_gpu": bool(gpus)}))
+    return out
+
+
+def train_joint(cfg: SimConfig, storage: str | Path, name: str = "joint"):
+    """Train the joint reference with Ray Train (Ray must be initialised). Returns ``(adapter, stats)``."""
+    return train_joint_many([cfg], storage, name)[0]
 
 
 def evaluate_joint(cfg: SimConfig, adapter, tasks: list[str] | None = None) -> list[dict]:

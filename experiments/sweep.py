@@ -341,28 +341,38 @@ def joint_key(cfg: SimConfig) -> str:
 
 def joint_references(plan: dict, sweep_dir: Path) -> dict[str, dict]:
     """``{point name: {acc, auc}}`` of the joint reference; trained once per ``joint_key`` and kept in
-    ``DIR/joint/<key>/`` (a resumed sweep reuses it)."""
-    from experiments.joint import evaluate_joint, train_joint
+    ``DIR/joint/<key>/`` (a resumed sweep reuses it). The missing ones train together, one Ray Train job per kind of
+    runtime resources (``experiments.joint.train_joint_many``), not one job each."""
+    from experiments.joint import evaluate_joint, joint_resources, train_joint_many
     from sim.model import save_adapter
 
-    out, done = {}, {}
+    # Step 1: each point's key and config; the keys without records yet, grouped by the resources they reserve
+    keys, cfgs = {}, {}
     for p in plan["points"]:
         cfg = trial_config(plan["base"], p["values"], sweep_dir)
-        key = joint_key(cfg)
-        if key not in done:
+        keys[p["name"]] = key = joint_key(cfg)
+        cfgs.setdefault(key, cfg)
+    missing: dict[tuple, list[str]] = {}
+    for key, cfg in cfgs.items():
+        if not (sweep_dir / "joint" / key / "records.json").is_file():
+            missing.setdefault(joint_resources(cfg), []).append(key)
+    # Step 2: train and evaluate them, written as each group ends
+    for group in missing.values():
+        trained = train_joint_many([cfgs[k] for k in group], sweep_dir / "joint" / "ray_train",
+                                   name=group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}")
+        for key, (adapter, stats) in zip(group, trained):
             where = sweep_dir / "joint" / key
-            if (where / "records.json").is_file():
-                records = json.loads((where / "records.json").read_text())
-            else:
-                adapter, stats = train_joint(cfg, sweep_dir / "joint" / "ray_train", name=key)
-                records = evaluate_joint(cfg, adapter)
-                save_adapter(adapter, where)
-                (where / "records.json").write_text(json.dumps(records))
-                (where / "stats.json").write_text(json.dumps(stats))
-            done[key] = {"acc": float(np.mean([r["acc"] for r in records])),
-                         "auc": float(np.nanmean([r["auc"] for r in records]))}
-        out[p["name"]] = done[key]
-    return out
+            records = evaluate_joint(cfgs[key], adapter)
+            save_adapter(adapter, where)
+            (where / "records.json").write_text(json.dumps(records))
+            (where / "stats.json").write_text(json.dumps(stats))
+    # Step 3: every point's reference
+    done = {}
+    for key in cfgs:
+        records = json.loads((sweep_dir / "joint" / key / "records.json").read_text())
+        done[key] = {"acc": float(np.mean([r["acc"] for r in records])),
+                     "auc": float(np.nanmean([r["auc"] for r in records]))}
+    return {name: done[key] for name, key in keys.items()}
 
 
 def config_columns(plan: dict, sweep_dir: Path) -> dict[str, str]:

@@ -271,6 +271,8 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
         summary = json.loads((out / small.run_dir.iloc[0] / "summary.json").read_text())
         assert summary["replayed_from"]["n_institutions"] == 8 and summary["commits_accepted"] == 4
         assert res.joint_acc.notna().all() and len(list((out / "joint").glob("*/records.json"))) == 2
+        # ...both joint references (one per community size) trained in one Ray Train job
+        assert [json.loads(f.read_text())["batched"] for f in (out / "joint").glob("*/stats.json")] == [2, 2]
     if study == "ipc":
         assert res.distill_fidelity.notna().all() and res.mia_auc.between(0, 1).all()
     if study == "forgetting":
