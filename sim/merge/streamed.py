@@ -20,8 +20,9 @@ larger than the cache. Here:
   for the disjoint mean, the counts of positive and negative entries: the elected sign is that of S, and the
   agreeing entries' weighted sum is P where S ≥ 0, else Q (zeros never agree).
 
-The trims avoid boolean masks, which on CPU cost several times a float pass: ``hardshrink(x, λ)`` keeps |x| > λ in
-one pass, and DARE's keep test U < c is ``clamp(c − U, 0, 1)`` in floats. ``benchmarks/merge_latency.py`` prints
+The trims avoid float comparisons into boolean masks, which on CPU cost several times a float pass:
+``hardshrink(x, λ)`` keeps |x| > λ in one pass, written in place. DARE's keep test U < c compares the random bytes
+themselves into a mask and selects with one ``where`` (faster than turning the bytes into floats first). ``benchmarks/merge_latency.py`` prints
 the times; ``tests/test_streamed.py`` checks the selection against a sort, ties and bracket misses included.
 """
 from __future__ import annotations
@@ -344,20 +345,21 @@ def dropped_merge(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], w: torch.
         g = torch.Generator().manual_seed(int(seeds[j]))
         acc = Sums(sb.shape[1], a.shape[2], combine)
         wj = w[:, j] / density                                              # the rescale, folded into the weights
-        mask = tmp = None
+        keep = tmp = scratch = None
+        zero = torch.zeros(())
         for r0, x in row_blocks(sb, a):
             numel = x.numel()
-            if mask is None or mask.shape != x.shape:
-                mask, tmp = torch.empty_like(x), torch.empty_like(x)
+            if tmp is None or tmp.shape != x.shape:
+                tmp, scratch = torch.empty_like(x), torch.empty_like(x)
+                keep = torch.empty(x.shape, dtype=torch.bool)
             raw = torch.randint(-2 ** 63, 2 ** 63 - 1, (-(-numel // 8),), dtype=torch.int64, generator=g)
             u8 = raw.view(torch.uint8)[:numel].view(x.shape)
-            mask.copy_(u8)
             if frac > 0:
                 tie = (u8 == c).view(-1).nonzero().squeeze(1)
                 extra = torch.rand(tie.numel(), dtype=torch.float64, generator=g) < frac
-            torch.sub(c, mask, out=tmp).clamp_(0, 1)                          # integer U: 1 where U < c, else 0
+            torch.lt(u8, c, out=keep)                                         # U < c: kept
             if frac > 0 and tie.numel():
-                tmp.view(-1)[tie] = extra.float()
-            acc.add_block(r0, tmp.mul_(x), wj, mask)
+                keep.view(-1)[tie] = extra
+            acc.add_block(r0, torch.where(keep, x, zero, out=tmp), wj, scratch)
         out.append(acc.result())
     return out
