@@ -117,7 +117,7 @@ class TopK:
                 if sizes[i]:
                     self.by_group.setdefault(i if self.scope == "global" else i * self.a.shape[1] + j,
                                              []).append(v_i)
-        counts = torch.sign(kept, out=tmp).abs_().sum((1, 2)).double()      # exact: a block holds < 2^24 entries
+        counts = torch.linalg.vector_norm(kept.view(n, -1), ord=0, dim=1).double()   # nonzeros; exact below 2^24
         idx = torch.arange(n) if self.scope == "global" else torch.arange(n) * self.a.shape[1] + j
         self.above.index_add_(0, idx, counts)
 
