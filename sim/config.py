@@ -308,6 +308,11 @@ class MergeConfig:
                                    "(global, the paper's) or within each module (module)")
     ties_disjoint: str = _f("sum", "ties: sum the agreeing entries (sum, FusionBench's default, with its λ 0.3) or "
                                    "average them (mean, the paper's τ_m, whose untuned λ is 1)")
+    trim: float | None = _f(None, "trimmed_mean: fraction of the contributors removed at each end of every entry "
+                                  "(⌊trim × N⌋ each); null = 0.1 (guards a 10 % malicious share; Yin et al. 2018 need "
+                                  "it >= that share)")
+    clip_norm: float = _f(0.0, "clipped_mean: the norm every contributor's whole update is clipped to; 0 = the "
+                               "median of the contributors' norms")
     svd_threshold: float = _f(0.9, "svd: keep singular values up to this cumulative share")
     svd_rank: int = _f(0, "svd: cap on the merged rank; 0 = no cap")
 
@@ -325,6 +330,10 @@ class MergeConfig:
         _choice("merge.search_mode", self.search_mode, ("sequential", "global"))
         _check(self.density is None or 0 < self.density <= 1, "merge.density",
                "null (each strategy's default) or a number in (0, 1]", self.density)
+        _check(self.trim is None or 0 <= self.trim < 0.5, "merge.trim", "null (0.1) or a fraction in [0, 0.5)",
+               self.trim)
+        _check(isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm >= 0,
+               "merge.clip_norm", "a number >= 0 (0: the median of the contributors' norms)", self.clip_norm)
         _choice("merge.ties_scope", self.ties_scope, TIES_SCOPES)
         _choice("merge.ties_disjoint", self.ties_disjoint, TIES_DISJOINT)
         _check(0 < self.svd_threshold <= 1, "merge.svd_threshold", "a number in (0, 1]", self.svd_threshold)
