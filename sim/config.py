@@ -454,7 +454,7 @@ class FaultsConfig:
 
 # Kinds of attack ``attacks.kind`` chooses (sim.attacks makes each; listed here so that validating a config does not
 # import torch). "none": every institution is honest.
-ATTACK_KINDS = ("none", "scale", "sign_flip", "label_flip", "backdoor", "distill_mismatch")
+ATTACK_KINDS = ("none", "scale", "sign_flip", "label_flip", "backdoor", "distill_mismatch", "free_rider")
 
 
 @dataclass(frozen=True)
@@ -462,7 +462,8 @@ class AttacksConfig:
     kind: str = _f("none", "what the malicious institutions do: none, scale (ΔW × attacks.scale), sign_flip (−ΔW), "
                            "label_flip (train on permuted labels), backdoor (a trigger patch mapped to "
                            "attacks.target_class on attacks.poison_rate of the training images), distill_mismatch "
-                           "(commit a distilled set of other data)")
+                           "(commit a distilled set of other data), free_rider (train nothing: resubmit another "
+                           "institution's accepted adapter of the same task with attacks.noise)")
     share: float = _f(0.0, "share of the institutions that are malicious (round(share × N), drawn from the seed)")
     scale: float = _f(10.0, "scale: the factor a malicious update is multiplied by")
     start: int = _f(0, "merge position (accepted commits before it in the schedule) from which malicious "
@@ -470,6 +471,8 @@ class AttacksConfig:
     poison_rate: float = _f(0.1, "backdoor: share of the training images stamped with the trigger and relabelled")
     target_class: int = _f(0, "backdoor: index of the class within each task that triggered images are sent to")
     trigger_size: int = _f(3, "backdoor: side in pixels of the white square stamped in the bottom-right corner")
+    noise: float = _f(0.01, "free_rider: std of the Gaussian noise added to each LoRA factor of the copied adapter, "
+                            "relative to that factor's RMS entry (0 = an exact copy)")
 
     def __post_init__(self) -> None:
         _choice("attacks.kind", self.kind, ATTACK_KINDS)
@@ -481,6 +484,8 @@ class AttacksConfig:
                "an integer >= 0", self.target_class)
         _check(isinstance(self.trigger_size, int) and self.trigger_size >= 1, "attacks.trigger_size",
                "an integer >= 1", self.trigger_size)
+        _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0, "attacks.noise",
+               "a finite number >= 0 (relative noise std)", self.noise)
 
     @property
     def any(self) -> bool:
