@@ -494,13 +494,14 @@ class AttacksConfig:
 
 
 # Checks ``gate.checks`` may list (sim.gate runs them); listed here so that validating a config does not import torch.
-GATE_CHECKS = ("norm", "cosine", "fit", "regression")
+GATE_CHECKS = ("norm", "cosine", "duplicate", "fit", "regression")
 
 
 @dataclass(frozen=True)
 class GateConfig:
     checks: tuple[str, ...] = _f((), "checks a commit must pass before it merges (empty: no gate): norm (update norm "
-                                     "vs the accepted ones), cosine (similarity to accepted commits of its task), fit "
+                                     "vs the accepted ones), cosine (similarity to accepted commits of its task), "
+                                     "duplicate (not a near copy of any accepted commit), fit "
                                      "(its adapter fits its own distilled set), regression (merged into main it does "
                                      "not lower the other tasks' distilled sets)")
     norm_z: float = _f(3.5, "norm: largest robust z-score of log ‖ΔW‖ (median, 1.4826 × MAD of the accepted "
@@ -510,6 +511,8 @@ class GateConfig:
     min_history: int = _f(3, "norm, cosine: accepted commits (of the task, for cosine) needed before the check "
                              "judges; with fewer it passes")
     min_cosine: float = _f(0.0, "cosine: smallest cosine similarity to the mean update of the task's accepted commits")
+    max_cosine: float = _f(0.99, "duplicate: largest cosine similarity of the update to any accepted commit's (a "
+                                 "copy with 1 % noise on its factors scores about 0.9999)")
     min_fit: float = _f(0.5, "fit: smallest accuracy of the commit's adapter on its own distilled set")
     max_drop: float = _f(0.1, "regression: largest accuracy drop on the other tasks' distilled sets (a distilled "
                               "set of 5 images per class and 3 classes moves in steps of 0.067)")
@@ -526,6 +529,7 @@ class GateConfig:
         _check(isinstance(self.min_history, int) and self.min_history >= 1, "gate.min_history", "an integer >= 1",
                self.min_history)
         _check(-1 <= self.min_cosine <= 1, "gate.min_cosine", "a number in [-1, 1]", self.min_cosine)
+        _check(-1 < self.max_cosine <= 1, "gate.max_cosine", "a number in (-1, 1]", self.max_cosine)
         _check(0 <= self.min_fit <= 1, "gate.min_fit", "an accuracy in [0, 1]", self.min_fit)
         _check(0 <= self.max_drop <= 1, "gate.max_drop", "an accuracy in [0, 1]", self.max_drop)
         _check(-1 <= self.min_gain <= 1, "gate.min_gain", "a number in [-1, 1]", self.min_gain)

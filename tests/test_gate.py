@@ -259,6 +259,29 @@ def test_cosine_check_rejects_a_sign_flipped_update_and_passes_honest_ones(tiny_
     assert ok.passed and ok.value > 0 and not bad.passed and bad.value == pytest.approx(-ok.value, abs=1e-5)
 
 
+def test_duplicate_check_rejects_a_free_riders_copy_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
+    # Prepare: the first round accepted; a free rider copies institution 1's commit with 1 % noise
+    gate = gate_for(tiny_cfg, tiny_foundation, "duplicate")
+    assert gate.precheck(honest[0])[0].passed                            # nothing accepted: nothing to copy
+    for c in honest[:4]:
+        gate.accept(c)
+    copy = dataclasses.replace(honest[5], adapter=attacks.free_ride(honest[1].adapter, 0.01, 0, "c"))
+    # Execute
+    bad = gate.precheck(copy)[0]
+    ok = [gate.precheck(c)[0] for c in honest[4:]]
+    # Assert: the cosine is the dense one, ~1 to the copied commit; honest second-round commits stay below 0.99
+    dense = float(torch.nn.functional.cosine_similarity(update_vector(copy.adapter), update_vector(honest[1].adapter),
+                                                        dim=0))
+    assert not bad.passed and bad.value == pytest.approx(dense, abs=1e-6) and bad.value > 0.999
+    assert honest[1].id in bad.reason and "gate.max_cosine" in bad.reason
+    assert all(c.passed and c.value < 0.99 for c in ok)
+    for c in ok:                                                         # each the largest dense cosine
+        vec = update_vector(honest[4 + ok.index(c)].adapter)
+        best = max(float(torch.nn.functional.cosine_similarity(vec, update_vector(h.adapter), dim=0))
+                   for h in honest[:4])
+        assert c.value == pytest.approx(best, abs=1e-6)
+
+
 def test_fit_check_rejects_a_mismatched_set_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
     gate = gate_for(tiny_cfg, tiny_foundation, "fit", min_fit=MIN_FIT)
     mismatched = dataclasses.replace(honest[0], distilled=attacks.mismatched_set(honest[0].distilled, 0, "c"))
@@ -328,7 +351,8 @@ def test_bad_attacks_and_gate_fields_are_named():
                               ("gate.min_fit=2", "gate.min_fit must be"),
                               ("gate.norm_z=0", "gate.norm_z must be"),
                               ("attacks.noise=-0.1", "attacks.noise must be a finite number >= 0"),
-                              ("attacks.noise=.inf", "attacks.noise must be")):
+                              ("attacks.noise=.inf", "attacks.noise must be"),
+                              ("gate.max_cosine=1.5", "gate.max_cosine must be")):
         with pytest.raises(ValueError, match=message):
             apply_overrides(SimConfig(), [override])
     with pytest.raises(ValueError, match="gate.strategy 'ties' is not one of merge.strategies"):
@@ -372,3 +396,19 @@ def test_a_run_with_attackers_and_the_gate_records_both(ray_session, tiny_run_cf
     assert [r["id"] for r in merged] == [r["id"] for r in log if r["event"] == "accepted"]
     assert all("gate_norm" in r and "gate_s" in r for r in log if r["event"] == "accepted")
 
+
+def test_a_run_with_free_riders_and_the_duplicate_check_keeps_their_copies_out(ray_session, tiny_run_cfg, tmp_path):
+    from actors.runner import run_simulation
+    from sim.commit_log import CommitLog
+
+    # Prepare: half the institutions free-ride from the third merge position on
+    cfg = apply_overrides(tiny_run_cfg, ["attacks.kind=free_rider", "attacks.share=0.5", "attacks.start=2",
+                                         "gate.checks=[duplicate]", "merge.strategies=[svd,median]"])
+    # Execute
+    summary = run_simulation(cfg, tmp_path / "run")
+    # Assert: some contributions free-rode (copied through the merge actor), and the gate rejected every copy
+    log = CommitLog(tmp_path / "run").read()
+    riders = [r for r in log if r.get("attack") == "free_rider"]
+    assert riders and all(r["event"] == "rejected" and r["gate_failed"] == "duplicate" for r in riders)
+    assert all(r["gate_duplicate"] > 0.999 for r in riders)
+    assert summary["gate"]["true_positives"] == len(riders) and summary["gate"]["false_positives"] == 0
