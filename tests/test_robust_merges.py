@@ -85,7 +85,7 @@ def test_clipped_mean_clips_each_whole_update_to_the_median_norm():
 # ------------------------------------------------------------------------------------------
 # Against numpy, across row blocks, and their robustness to one boosted update
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [4, 7])
+@pytest.mark.parametrize("n", [4, 7, 50])
 def test_median_and_trimmed_mean_match_numpy_across_row_blocks(n):
     # Prepare: ΔW of 70 rows (blocks of 32, 32, 6)
     adapters = random_adapters(n)
