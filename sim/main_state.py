@@ -205,7 +205,8 @@ class MainState:
             raise ValueError(f"branch {strategy!r} at version {version} is not kept (main is at {self.version})")
         return version, self.history[version]
 
-    def pull_accepted(self, institution: int, contribution_id: str, version: int | None = None) -> tuple[int, Adapter | None]:
+    def pull_accepted(self, institution: int, contribution_id: str,
+                      version: int | None = None) -> tuple[int, Adapter | None]:
         """``(version, adapter)``: what a free rider (``attacks.kind: free_rider``) pulls to copy — one accepted commit
         of another institution on ``institution``'s task among the first ``version`` accepted (default: all now),
         drawn per contribution (``sim.attacks.copy_source``); ``None`` adapter when there is none. The log of

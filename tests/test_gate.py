@@ -359,8 +359,8 @@ def test_bad_attacks_and_gate_fields_are_named():
         apply_overrides(SimConfig(), ["merge.strategies=[svd]", "gate.checks=[regression]", "gate.strategy=ties"])
 
 
-@pytest.mark.parametrize("override, field", [("attacks.kind=evil", "attacks.kind"), ("gate.checks=[nrm]", "gate.checks"),
-                                             ("attacks.noise=-1", "attacks.noise")])
+@pytest.mark.parametrize("override, field", [("attacks.kind=evil", "attacks.kind"),
+                                             ("gate.checks=[nrm]", "gate.checks"), ("attacks.noise=-1", "attacks.noise")])
 def test_forgesim_run_exits_2_naming_a_bad_attacks_or_gate_field(override, field, tmp_path, capsys):
     from experiments.cli import main
 

@@ -10,7 +10,8 @@
 The median and the trimmed mean are order statistics of every entry over the N contributors, which no low-rank
 shortcut gives: they are formed through row blocks of every ΔW_i at once (``streamed.row_blocks``), so a module
 needs one buffer of N × ``streamed.ROWS`` rows, never N dense updates (N = 50 at ViT-B/16's qkv: 5 MB instead of
-50 × 7 MB), and each block is ordered per entry by a selection network of elementwise min/max (``trimmed_block``). The clipped mean is a weighted sum with one factor per contributor, exact in the stacked factors
+50 × 7 MB), and each block is ordered per entry by a selection network of elementwise min/max (``trimmed_block``).
+The clipped mean is a weighted sum with one factor per contributor, exact in the stacked factors
 (``delta.weighted_sum``), and its norms come from the factors (no dense ΔW). Results are the smallest exact LoRA
 factors of their numerical rank (``base.dense_factors``), as the other ΔW-space merges.
 """
@@ -34,9 +35,9 @@ from sim.model import Adapter
 def selection_network(n: int, lo: int, hi: int) -> tuple[tuple[int, int], ...]:
     """Compare-exchange pairs (i, j), i < j, that leave positions lo..hi of n values sorted in place.
 
-    Batcher's odd-even merge sort (Knuth, TAOCP vol. 3, §5.3.4, Algorithm M) on the next power of two, minus the
-    comparators that touch a padding position (padding is +inf, which never moves) and, read backwards, those
-    none of the wanted positions depend on. n = 50, the median: 330 comparators (of 403 for the whole sort).
+    Batcher's odd-even merge sort (Batcher, "Sorting networks and their applications", AFIPS 1968) on the next power
+    of two, minus the comparators that touch a padding position (padding is +inf, which never moves) and, read
+    backwards, those none of the wanted positions depend on. n = 50, the median: 330 comparators (403 sort all).
     """
     size = 1 << max(n - 1, 0).bit_length()
     pairs: list[tuple[int, int]] = []
@@ -74,7 +75,7 @@ def trimmed_block(x: torch.Tensor, k: int) -> torch.Tensor:
     cached (rows, in) plane are several times faster than ``torch.sort``/``kthvalue`` along the contributor axis,
     and exact, ties included. The kept values are then summed in ascending order, so the result does not depend on
     the contributors' order at all and no outlier enters a sum. N − 2k = 2 gives (lo + hi) / 2, the even-N median of
-    numpy and Yin et al. (``torch.median`` would give lo).
+    numpy (``torch.median`` would give lo).
     """
     n = x.shape[0]
     if k == 0:
@@ -109,8 +110,8 @@ def _coordinatewise(adapters: Sequence[Adapter], weights: Weights, k: int, strat
 def median(adapters: Sequence[Adapter], weights: Weights = None) -> Adapter:
     """Coordinate-wise median (Yin et al. 2018), space ΔW: per entry the median of the w_i ΔW_i.
 
-    Even N: the mean of the two middle values (numpy's ``median`` and Yin et al.'s definition; ``torch.median``
-    would return the lower one). A weight scales its contributor's update before the median, as MagMax's do; the
+    Even N: the mean of the two middle values (numpy's ``median``, the usual definition; ``torch.median`` would
+    return the lower one). A weight scales its contributor's update before the median, as MagMax's do; the
     default 1 each is the paper's unweighted median (a branch's staleness weighting then shrinks a stale update
     towards 0 before it is ranked). One contributor: its own update.
     """
