@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 
 import ray
 
+from sim.attacks import COPYING, attack_of
 from sim.clock import WallClock
 from sim.config import SimConfig
 from sim.faults import FaultPlan
@@ -141,6 +142,15 @@ class Driver:
     def submit(self, schedule: Schedule) -> list[dict]:
         raise NotImplementedError
 
+    def _pull_call(self, c: Contribution, version: int | None = None) -> ray.ObjectRef | None:
+        """The merge actor call ``c`` pulls with (``None``: it pulls nothing): main's branch (``init_from: main``) or,
+        for a free rider (``sim.attacks``), the accepted commit it copies; at ``version`` when given (resumed runs)."""
+        if attack_of(self.run.cfg, c) in COPYING:
+            return self.run.merge_actor.pull_accepted.remote(c.institution, c.id, version)
+        if self.run.pull:
+            return self.run.merge_actor.pull.remote(self.run.pull, version)
+        return None
+
     def _contribute(self, c: Contribution, pulled: list | None) -> list[ray.ObjectRef]:
         """Hand ``c`` to its institution (``pulled``: ``[ref]`` to the pull's answer); returns the refs of its commit
         and, if one is planned, of a corrupted copy. A planned kill of the institution lands ``kill_delay`` s later."""
@@ -187,7 +197,7 @@ class VirtualDriver(Driver):
                                         fetch_local=False)
                     in_flight = [r for r in in_flight if r not in ready]
                     self.acks.poll()
-                pulled = self._pull(cid)
+                pulled = self._pull(by_id[cid])
                 refs = self._contribute(by_id[cid], pulled)
                 pending[cid] = (by_id[cid], pulled, refs)
                 in_flight.append(refs[0])
@@ -197,12 +207,13 @@ class VirtualDriver(Driver):
             self.acks.poll()
         return self.acks.all()
 
-    def _pull(self, cid: str) -> list | None:
-        """``[ref]`` to main as of this point of the schedule (every commit before it answered first), or ``None``."""
-        if not self.run.pull:
+    def _pull(self, c: Contribution) -> list | None:
+        """``[ref]`` to what ``c`` pulls as of this point of the schedule (every commit before it answered first), or
+        ``None`` when it pulls nothing."""
+        if attack_of(self.run.cfg, c) not in COPYING and not self.run.pull:
             return None
         self.acks.drain()
-        pull_ref = self.run.merge_actor.pull.remote(self.run.pull, self.run.pull_versions.get(cid))
+        pull_ref = self._pull_call(c, self.run.pull_versions.get(c.id))
         ray.wait([pull_ref], fetch_local=False)
         return [pull_ref]
 
@@ -225,7 +236,8 @@ class WallDriver(Driver):
         while not clock.finished:
             now = time.time()
             for c in clock.due_starts(now):
-                pulled = [run.merge_actor.pull.remote(run.pull)] if run.pull else None
+                call = self._pull_call(c)
+                pulled = [call] if call is not None else None
                 refs = self._contribute(c, pulled)
                 training[refs[0]] = (c, pulled, refs)
             for c in clock.due_commits(now):

@@ -96,6 +96,10 @@ class MergeActor:
         adapter before the first commit."""
         return self.state.pull(strategy, version)
 
+    def pull_accepted(self, institution: int, contribution_id: str, version: int | None = None) -> tuple:
+        """``(version, adapter or None)``: the accepted commit a free rider copies (``MainState.pull_accepted``)."""
+        return self.state.pull_accepted(institution, contribution_id, version)
+
     def accepted_ids(self) -> list[str]:
         return list(self.state.acks)
 

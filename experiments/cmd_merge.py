@@ -19,6 +19,7 @@ HELP = ("merge peft LoRA adapter dirs with one strategy; writes a peft adapter d
         "merge.json")
 
 FLAGS = {"seed": "seed", "density": "merge.density", "svd_threshold": "merge.svd_threshold", "rank": "merge.svd_rank",
+         "trim": "merge.trim", "clip_norm": "merge.clip_norm",
          "optimizer": "merge.optimizer", "budget": "merge.budget", "search_mode": "merge.search_mode",
          "granularity": "merge.granularity"}
 
@@ -34,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--svd-threshold", type=float,
                    help="svd: cumulative singular-value share kept (merge.svd_threshold)")
     p.add_argument("--rank", type=int, help="svd: cap on the merged rank, 0 = none (merge.svd_rank)")
+    p.add_argument("--trim", type=float, help="trimmed_mean: fraction removed at each end of every entry, in [0, 0.5) "
+                                              "(merge.trim; default 0.1)")
+    p.add_argument("--clip-norm", type=float, help="clipped_mean: norm bound of each whole update, 0 = the median of "
+                                                   "the contributors' norms (merge.clip_norm)")
     p.add_argument("--proxy", nargs="+", metavar="FILE.npz", default=[],
                    help="distilled sets (distilled.npz): search the coefficients on them with nevergrad (fusion and "
                         "mixture: merge.search_mode; other strategies: all N weights at once). A sequential search "

@@ -264,23 +264,27 @@ def strategies(smoke: bool = False) -> Study:
                            Section("Accuracy and forgetting per merge step", "steps", ("steps",))))
 
 
-GATE_ALL = ("norm", "cosine", "fit", "regression")
+GATE_ALL = ("norm", "cosine", "duplicate", "fit", "regression")
+# The poisoning study's branches: two undefended merges and the mixture beside the robust aggregators (sim.merge.robust)
+POISONING_STRATEGIES = ("ties", "svd", "mixture", "median", "trimmed_mean", "clipped_mean")
 ATTACK_SHARE = Axis("attack_share", "attacks.share", "malicious share", "share of malicious institutions")
 
 
 def poisoning(smoke: bool = False) -> Study:
     """Registered institutions that attack (``attacks:``) and the gate that keeps them out (``gate:``): attack kind
-    (scale, sign_flip, label_flip, backdoor, distill_mismatch) × malicious share 0, 10, 20, 30 % × gate off / on
-    (every check) × seeds 0-2, 10 institutions, ties, svd and mixture. The report gives per setting and strategy the
-    clean accuracy, its drop from the same seed's run without attackers, the backdoor's success and the gate's true
-    and false positive rates. Smoke: the tiny model, 4 institutions, scale attacks (× 100), share 0 and 50 %, the
-    gate on, seed 0; the tiny model's adapters are near chance, so the smoke's fit and regression thresholds are
-    loose (min_fit 0, max_drop and -min_gain 0.5): it checks the pipeline, not the gate's rates."""
+    (scale, sign_flip, label_flip, backdoor, distill_mismatch, free_rider) × malicious share 0, 10, 20, 30 % × gate
+    off / on (every check) × seeds 0-2, 10 institutions; ties, svd and mixture beside the robust aggregators median,
+    trimmed_mean and clipped_mean (the defence without a gate). The report gives per setting and strategy the clean
+    accuracy, its drop from the same seed's run without attackers, the backdoor's success and the gate's true and
+    false positive rates. Smoke: the tiny model, 4 institutions, ties, svd and mixture, scale attacks (× 100), share 0
+    and 50 %, the gate on, seed 0; the tiny model's adapters are near chance, so the smoke's fit and regression
+    thresholds are loose (min_fit 0, max_drop and -min_gain 0.5): it checks the pipeline, not the gate's rates."""
     gate = {"min_history": 2, "min_fit": 0.0, "max_drop": 0.5, "min_gain": -0.5} if smoke else {}
-    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": ("ties", "svd", "mixture")},
+    strategies = POISONING_STRATEGIES[:3] if smoke else POISONING_STRATEGIES
+    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": strategies},
                 data={"institutions": 4 if smoke else 10}, gate=gate, attacks={"scale": 100.0} if smoke else {})
     grid = {"attacks.kind": ("scale",) if smoke else ("scale", "sign_flip", "label_flip", "backdoor",
-                                                      "distill_mismatch"),
+                                                      "distill_mismatch", "free_rider"),
             "attacks.share": (0.0, 0.5) if smoke else (0.0, 0.1, 0.2, 0.3),
             "gate.checks": (GATE_ALL,) if smoke else ((), GATE_ALL), "seed": (0,) if smoke else (0, 1, 2)}
     return Study("poisoning", cfg, grid, description=poisoning.__doc__, x=ATTACK_SHARE,

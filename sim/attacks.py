@@ -15,7 +15,22 @@ commits before it in a fault-free run). The kinds (``attacks.kind``):
   ``poison_rate`` of the training images, whose labels become ``target_class`` (``stamp`` makes triggered test
   images for the attack success rate);
 * ``distill_mismatch`` — the commit's distilled set is not made from the adapter's data: uniform noise images with
-  the set's labels (what a free-riding or careless institution might send).
+  the set's labels (what a free-riding or careless institution might send);
+* ``free_rider`` — trains nothing: it resubmits another institution's accepted adapter with Gaussian noise (Lin et
+  al., "Free-riders in Federated Learning: Attacks and Defenses", arXiv 1911.12560, 2019; Fraboni et al.,
+  "Free-rider Attacks on Model Aggregation in Federated Learning", AISTATS 2021, whose *disguised* free riders add
+  noise to what they received so as not to send an exact copy). What it can see: main's log of accepted commits,
+  public as a forge's history is (MedForge's contributors commit their modules to a shared repository). At its pull
+  the merge actor answers ``MainState.pull_accepted`` instead of main's branch — one accepted commit of another
+  institution *of its own task*, drawn from ``(seed, contribution id)`` (``copy_source``): the same task makes the
+  copy look like its own work, and its linear head scores the right classes. It commits ``free_ride`` of that
+  adapter — each LoRA factor F plus N(0, (``attacks.noise`` · RMS(F))²) entries, so ‖noise‖ ≈ noise · ‖F‖
+  (default 0.01: forgesim's; neither paper gives a level relative to a LoRA factor, and 1 % keeps the copy's
+  accuracy while no entry is the original's) — with a distilled set of its own training data, made honestly:
+  training is what it saves, distilling its real images is cheap cover (``fit`` and ``regression`` score its own
+  task, where the copied adapter does well). Before ``attacks.start``, or while no other institution has an accepted
+  commit of its task, it contributes honestly (trained from the foundation). The gate's ``duplicate`` check
+  (``gate.max_cosine``) catches it: its update's cosine to the copied commit's is about 1.
 
 Everything is a pure function of the config, the seed and the contribution, so an attacked run is deterministic per
 seed; ``contribute`` applies the attack and marks the commit's ``meta["attack"]`` with its kind — a record for the
@@ -25,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
@@ -34,6 +50,7 @@ from sim.data.base import DistilledSet, Split, derive_rng
 TRAINING = ("label_flip", "backdoor")          # change what the adapter is trained on
 UPDATE = ("scale", "sign_flip")                # change the trained update
 DISTILLED = ("distill_mismatch",)              # change the distilled set sent with it
+COPYING = ("free_rider",)                      # train nothing: commit a copy of an accepted adapter
 
 
 def malicious(attacks: AttacksConfig, n_institutions: int, seed: int) -> frozenset[int]:
@@ -97,6 +114,32 @@ def attacked_update(adapter, kind: str, attacks: AttacksConfig):
     factor = {"scale": attacks.scale, "sign_flip": -1.0}[kind]
     weights = {k: (v * factor if ".lora_B." in k else v) for k, v in adapter.weights.items()}
     return dataclasses.replace(adapter, weights=weights, meta=dict(adapter.meta))
+
+
+def copy_source(commits: Sequence, institution: int, task: str, seed: int, contribution_id: str):
+    """The adapter a free rider copies: one of the accepted ``commits`` (in acceptance order) of another institution
+    on ``task``, drawn from ``(seed, "free_rider", contribution_id)``; ``None`` when there is none."""
+    pool = [c for c in commits if c.institution != institution and c.task == task]
+    if not pool:
+        return None
+    return pool[int(derive_rng(seed, "free_rider", contribution_id).integers(len(pool)))].adapter
+
+
+def free_ride(adapter, noise: float, seed: int, contribution_id: str):
+    """``adapter`` with Gaussian noise on each LoRA factor F: F + ε, ε_ij ~ N(0, (noise · RMS(F))²), drawn in key
+    order from ``(seed, "free_rider_noise", contribution_id)``; alphas, base and head unchanged (a copy of them)."""
+    import torch
+
+    rng = derive_rng(seed, "free_rider_noise", contribution_id)
+    weights = {}
+    for key in sorted(adapter.weights):
+        f = adapter.weights[key].detach().to(torch.float32)
+        rms = float(f.pow(2).mean().sqrt()) if f.numel() else 0.0
+        eps = torch.from_numpy(rng.standard_normal(tuple(f.shape), dtype=np.float32))
+        weights[key] = (f + (noise * rms) * eps).contiguous()
+    head = None if adapter.head is None else {k: v.clone() for k, v in adapter.head.items()}
+    return dataclasses.replace(adapter, weights=weights, head=head, alpha_pattern=dict(adapter.alpha_pattern),
+                               meta=dict(adapter.meta))
 
 
 def mismatched_set(distilled: DistilledSet, seed: int, contribution_id: str) -> DistilledSet:

@@ -31,6 +31,7 @@ COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill")
 # is the same), so existing caches stay valid.
 LATER_FIELDS = {"data": {"interpolation": "bilinear", "classes": None},
                 "model": {"pretrained": "none", "keep_head": False, "prototypes": None}}
+LATER_ATTACK_FIELDS = {"noise": 0.01}      # attacks: fields added after attacked commits were first cached
 # Model fields that name a file: the key holds the file's content hash too, so a file replaced under the same name
 # does not hand out commits trained on the old one.
 FILE_FIELDS = ("checkpoint", "pretrained", "prototypes")
@@ -78,12 +79,17 @@ def file_digest(path: str) -> str:
 
 def contribution_key(cfg: SimConfig, contribution_id: str, contribution_seed: int, pulled=None,
                      attack: str | None = None) -> str:
-    """The cache key of one contribution (sha256 hex); ``pulled``: the ``Adapter`` it starts from, if any;
-    ``attack``: the attack it carries (``sim.attacks.attack_of``), whose settings join the key — an honest
-    contribution's key does not depend on ``attacks:``, so clean and attacked runs share their honest commits."""
+    """The cache key of one contribution (sha256 hex); ``pulled``: the ``Adapter`` it starts from, if any (a free
+    rider's: the accepted adapter it copies); ``attack``: the attack it carries (``sim.attacks.attack_of``), whose
+    settings join the key — an honest contribution's key does not depend on ``attacks:``, so clean and attacked
+    runs share their honest commits (and a later ``attacks`` field at its default leaves an attacked key as it was)."""
     parts = commit_config(cfg) | {"id": contribution_id, "contribution_seed": int(contribution_seed)}
     if attack is not None:
-        parts["attack"] = config_to_dict(cfg.attacks) | {"kind": attack}
+        settings = config_to_dict(cfg.attacks)
+        for field, default in LATER_ATTACK_FIELDS.items():
+            if settings.get(field) == default:
+                settings.pop(field)
+        parts["attack"] = settings | {"kind": attack}
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     if pulled is not None:
         import torch

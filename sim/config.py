@@ -308,6 +308,11 @@ class MergeConfig:
                                    "(global, the paper's) or within each module (module)")
     ties_disjoint: str = _f("sum", "ties: sum the agreeing entries (sum, FusionBench's default, with its λ 0.3) or "
                                    "average them (mean, the paper's τ_m, whose untuned λ is 1)")
+    trim: float | None = _f(None, "trimmed_mean: fraction of the contributors removed at each end of every entry "
+                                  "(⌊trim × N⌋ each); null = 0.1 (guards a 10 % malicious share; Yin et al. 2018 need "
+                                  "it >= that share)")
+    clip_norm: float = _f(0.0, "clipped_mean: the norm every contributor's whole update is clipped to; 0 = the "
+                               "median of the contributors' norms")
     svd_threshold: float = _f(0.9, "svd: keep singular values up to this cumulative share")
     svd_rank: int = _f(0, "svd: cap on the merged rank; 0 = no cap")
 
@@ -325,6 +330,10 @@ class MergeConfig:
         _choice("merge.search_mode", self.search_mode, ("sequential", "global"))
         _check(self.density is None or 0 < self.density <= 1, "merge.density",
                "null (each strategy's default) or a number in (0, 1]", self.density)
+        _check(self.trim is None or 0 <= self.trim < 0.5, "merge.trim", "null (0.1) or a fraction in [0, 0.5)",
+               self.trim)
+        _check(isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm >= 0,
+               "merge.clip_norm", "a number >= 0 (0: the median of the contributors' norms)", self.clip_norm)
         _choice("merge.ties_scope", self.ties_scope, TIES_SCOPES)
         _choice("merge.ties_disjoint", self.ties_disjoint, TIES_DISJOINT)
         _check(0 < self.svd_threshold <= 1, "merge.svd_threshold", "a number in (0, 1]", self.svd_threshold)
@@ -445,7 +454,7 @@ class FaultsConfig:
 
 # Kinds of attack ``attacks.kind`` chooses (sim.attacks makes each; listed here so that validating a config does not
 # import torch). "none": every institution is honest.
-ATTACK_KINDS = ("none", "scale", "sign_flip", "label_flip", "backdoor", "distill_mismatch")
+ATTACK_KINDS = ("none", "scale", "sign_flip", "label_flip", "backdoor", "distill_mismatch", "free_rider")
 
 
 @dataclass(frozen=True)
@@ -453,7 +462,8 @@ class AttacksConfig:
     kind: str = _f("none", "what the malicious institutions do: none, scale (ΔW × attacks.scale), sign_flip (−ΔW), "
                            "label_flip (train on permuted labels), backdoor (a trigger patch mapped to "
                            "attacks.target_class on attacks.poison_rate of the training images), distill_mismatch "
-                           "(commit a distilled set of other data)")
+                           "(commit a distilled set of other data), free_rider (train nothing: resubmit another "
+                           "institution's accepted adapter of the same task with attacks.noise)")
     share: float = _f(0.0, "share of the institutions that are malicious (round(share × N), drawn from the seed)")
     scale: float = _f(10.0, "scale: the factor a malicious update is multiplied by")
     start: int = _f(0, "merge position (accepted commits before it in the schedule) from which malicious "
@@ -461,6 +471,8 @@ class AttacksConfig:
     poison_rate: float = _f(0.1, "backdoor: share of the training images stamped with the trigger and relabelled")
     target_class: int = _f(0, "backdoor: index of the class within each task that triggered images are sent to")
     trigger_size: int = _f(3, "backdoor: side in pixels of the white square stamped in the bottom-right corner")
+    noise: float = _f(0.01, "free_rider: std of the Gaussian noise added to each LoRA factor of the copied adapter, "
+                            "relative to that factor's RMS entry (0 = an exact copy)")
 
     def __post_init__(self) -> None:
         _choice("attacks.kind", self.kind, ATTACK_KINDS)
@@ -472,6 +484,8 @@ class AttacksConfig:
                "an integer >= 0", self.target_class)
         _check(isinstance(self.trigger_size, int) and self.trigger_size >= 1, "attacks.trigger_size",
                "an integer >= 1", self.trigger_size)
+        _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0, "attacks.noise",
+               "a finite number >= 0 (relative noise std)", self.noise)
 
     @property
     def any(self) -> bool:
@@ -480,13 +494,14 @@ class AttacksConfig:
 
 
 # Checks ``gate.checks`` may list (sim.gate runs them); listed here so that validating a config does not import torch.
-GATE_CHECKS = ("norm", "cosine", "fit", "regression")
+GATE_CHECKS = ("norm", "cosine", "duplicate", "fit", "regression")
 
 
 @dataclass(frozen=True)
 class GateConfig:
     checks: tuple[str, ...] = _f((), "checks a commit must pass before it merges (empty: no gate): norm (update norm "
-                                     "vs the accepted ones), cosine (similarity to accepted commits of its task), fit "
+                                     "vs the accepted ones), cosine (similarity to accepted commits of its task), "
+                                     "duplicate (not a near copy of any accepted commit), fit "
                                      "(its adapter fits its own distilled set), regression (merged into main it does "
                                      "not lower the other tasks' distilled sets)")
     norm_z: float = _f(3.5, "norm: largest robust z-score of log ‖ΔW‖ (median, 1.4826 × MAD of the accepted "
@@ -496,6 +511,8 @@ class GateConfig:
     min_history: int = _f(3, "norm, cosine: accepted commits (of the task, for cosine) needed before the check "
                              "judges; with fewer it passes")
     min_cosine: float = _f(0.0, "cosine: smallest cosine similarity to the mean update of the task's accepted commits")
+    max_cosine: float = _f(0.99, "duplicate: largest cosine similarity of the update to any accepted commit's (a "
+                                 "copy with 1 % noise on its factors scores about 0.9999)")
     min_fit: float = _f(0.5, "fit: smallest accuracy of the commit's adapter on its own distilled set")
     max_drop: float = _f(0.1, "regression: largest accuracy drop on the other tasks' distilled sets (a distilled "
                               "set of 5 images per class and 3 classes moves in steps of 0.067)")
@@ -512,6 +529,7 @@ class GateConfig:
         _check(isinstance(self.min_history, int) and self.min_history >= 1, "gate.min_history", "an integer >= 1",
                self.min_history)
         _check(-1 <= self.min_cosine <= 1, "gate.min_cosine", "a number in [-1, 1]", self.min_cosine)
+        _check(-1 < self.max_cosine <= 1, "gate.max_cosine", "a number in (-1, 1]", self.max_cosine)
         _check(0 <= self.min_fit <= 1, "gate.min_fit", "an accuracy in [0, 1]", self.min_fit)
         _check(0 <= self.max_drop <= 1, "gate.max_drop", "an accuracy in [0, 1]", self.max_drop)
         _check(-1 <= self.min_gain <= 1, "gate.min_gain", "a number in [-1, 1]", self.min_gain)

@@ -6,6 +6,7 @@ numbers come out (``Commit``), which is all the merge actor ever sees.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -62,7 +63,10 @@ def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contri
         cfg: the run's config (lora, train, distill, model.head).
         contribution: its id, seed and virtual times.
         pulled: the main branch adapter pulled at ``t_pull`` (``schedule.init_from: main``); ``None`` = the foundation.
-        pulled_version: the main version ``pulled`` is, recorded so the merge actor can compute staleness.
+            For a free rider (``attacks.kind: free_rider``) it is instead the accepted adapter it copies
+            (``MainState.pull_accepted``); ``None``: nothing to copy, so it contributes honestly from the foundation.
+        pulled_version: the main version ``pulled`` is (or was pulled at), recorded so the merge actor can compute
+            staleness.
     Returns:
         The ``Commit``: adapter, distilled set and local numbers (val accuracy, times, losses).
     """
@@ -73,29 +77,36 @@ def contribute(foundation: Foundation, inst: Institution, cfg: SimConfig, contri
 
     t0 = time.perf_counter()
     attack = attacks.attack_of(cfg, contribution)      # a malicious institution's contribution (``attacks:``)
-    # Step 1: local training from the foundation or from the pulled main branch.
-    init = project_adapter(pulled, foundation, cfg.lora) if pulled is not None else None
-    train = (attacks.poisoned_training(inst.train, len(inst.classes), attack, cfg.attacks, cfg.seed, contribution.id)
-             if attack in attacks.TRAINING else inst.train)
-    result = train_adapter(foundation, train, inst.task, inst.classes, cfg.lora, cfg.train, contribution.seed,
-                           init=init, head=cfg.model.head)
+    if attack in attacks.COPYING and pulled is None:
+        attack = None                                   # a free rider with nothing to copy yet contributes honestly
+    # Step 1: local training from the foundation or from the pulled main branch (a free rider copies instead).
+    if attack in attacks.COPYING:
+        adapter = attacks.free_ride(pulled, cfg.attacks.noise, cfg.seed, contribution.id)
+        stats = {"train_s": 0.0, "loss_first": math.nan, "loss_last": math.nan}
+    else:
+        init = project_adapter(pulled, foundation, cfg.lora) if pulled is not None else None
+        train = (attacks.poisoned_training(inst.train, len(inst.classes), attack, cfg.attacks, cfg.seed,
+                                           contribution.id) if attack in attacks.TRAINING else inst.train)
+        result = train_adapter(foundation, train, inst.task, inst.classes, cfg.lora, cfg.train, contribution.seed,
+                               init=init, head=cfg.model.head)
+        adapter, stats = result.adapter, result.stats
     # Step 2: the institution checks its adapter on its own validation split.
-    local = evaluate(foundation, result.adapter, inst.val, inst.task, inst.classes)
+    local = evaluate(foundation, adapter, inst.val, inst.task, inst.classes)
     # Step 3: distil the private training split: what is sent instead of images.
     distilled = distill(inst.train, inst.task, inst.classes, cfg.distill, contribution.seed, foundation)
     audit = {}
-    if cfg.distill.audit:             # fidelity reuses the adapter just trained on the real data
+    if cfg.distill.audit:             # fidelity reuses the adapter just trained on the real data (a copy is not)
         from sim.distill.audit import audit_fields, audit_institution
 
-        report = audit_institution(foundation, inst, distilled, cfg, contribution.seed, real_adapter=result.adapter)
+        real = None if attack in attacks.COPYING else adapter
+        report = audit_institution(foundation, inst, distilled, cfg, contribution.seed, real_adapter=real)
         audit = audit_fields(report)
-    adapter = result.adapter
     if attack in attacks.UPDATE:
         adapter = attacks.attacked_update(adapter, attack, cfg.attacks)
     if attack in attacks.DISTILLED:
         distilled = attacks.mismatched_set(distilled, cfg.seed, contribution.id)
-    meta = audit | {"train_s": result.stats["train_s"], "train_loss_first": result.stats["loss_first"],
-            "train_loss_last": result.stats["loss_last"], "distill_s": distilled.meta["distill_s"],
+    meta = audit | {"train_s": stats["train_s"], "train_loss_first": stats["loss_first"],
+            "train_loss_last": stats["loss_last"], "distill_s": distilled.meta["distill_s"],
             "val_acc": local["acc"], "val_auc": local["auc"], "busy_s": time.perf_counter() - t0,
             "straggler": contribution.straggler, "seed": contribution.seed} | ({"attack": attack} if attack else {})
     return Commit(contribution.id, inst.id, inst.task, tuple(inst.classes), adapter, distilled,

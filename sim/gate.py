@@ -14,6 +14,14 @@ the reason in the log, and main does not change. The checks (``gate.checks``):
   least ``min_cosine`` (FoolsGold's and FLTrust's signal, Fung et al. 2020, Cao et al. NDSS 2021; here against the
   task's consensus rather than a server's own update). Catches a sign-flipped update. Judges from ``min_history``
   accepted commits of the task on.
+* ``duplicate`` — the largest cosine similarity of the flattened ΔW to any accepted commit's (any institution,
+  any task) must be at most ``max_cosine`` (default 0.99). ``cosine`` only flags *low* similarity; a free rider's
+  resubmitted copy (``attacks.kind: free_rider``, 1 % noise on its factors) scores about 0.9999 against the commit
+  it copied, where honest updates trained on different data stay well below 0.99 (Lin et al. 2019 detect free riders
+  from statistics of their updates, STD-DAGMM; a near copy of an accepted update is the plainest such signal). Exact and cheap: ⟨ΔW, ΔW'⟩ =
+  Σ_modules s s' Σ (BᵀB') ⊙ (A A'ᵀ) from the LoRA factors, so the gate keeps the accepted adapters (which main
+  holds anyway), never a dense copy of each. With ``init_from: main`` honest commits share the pulled start, and
+  a long run of small local steps could bring two of them near ``max_cosine``: raise it there.
 * ``fit`` — the commit's adapter must fit the distilled set it sent: accuracy ≥ ``min_fit`` on it. A set not made
   from the adapter's data (``distill_mismatch``) or an adapter trained on other labels (``label_flip``) fails.
 * ``regression`` — merged into a tentative copy of main's ``gate_branch`` (``SimConfig.gate_branch``), the commit
@@ -21,8 +29,8 @@ the reason in the log, and main does not change. The checks (``gate.checks``):
   largest drop of a task, each task the mean over its sets), and must change its own task's accuracy (its sets
   received so far and its own) by at least ``min_gain``.
 
-Pure over its inputs (no Ray): the gate keeps only what it needs of the accepted commits — their norms and, per
-task, the sum of their flattened updates (``accept``; a restarted merge actor replays it from the log). The values
+Pure over its inputs (no Ray): the gate keeps only what it needs of the accepted commits — their norms, per
+task the sum of their flattened updates, and for ``duplicate`` their adapters (``accept``; a restarted merge actor replays it from the log). The values
 go to the log as flat fields ``gate_<check>``; a failure also as ``gate_failed``.
 """
 from __future__ import annotations
@@ -57,6 +65,25 @@ def update_vector(adapter: Adapter) -> torch.Tensor:
     return torch.cat([adapter.delta(m).float().reshape(-1) for m in adapter.modules()])
 
 
+def factored_inner(x: Adapter, y: Adapter) -> float:
+    """⟨ΔW_x, ΔW_y⟩ summed over the modules both adapt, from the factors (float64): per module
+    s_x s_y Σ (B_xᵀ B_y) ⊙ (A_x A_yᵀ) = tr((s_x B_x A_x)ᵀ s_y B_y A_y), without forming ΔW."""
+    total = 0.0
+    others = set(y.modules())
+    for m in x.modules():
+        if m not in others:
+            continue
+        (ax, bx), (ay, by) = ((t.double() for t in a.factors(m)) for a in (x, y))
+        total += x.scaling(m) * y.scaling(m) * float(((bx.T @ by) * (ax @ ay.T)).sum())
+    return total
+
+
+def update_cosine(x: Adapter, y: Adapter) -> float:
+    """Cosine similarity of two adapters' flattened updates (``factored_inner``); 0 when either update is 0."""
+    denom = math.sqrt(max(factored_inner(x, x), 0.0) * max(factored_inner(y, y), 0.0))
+    return factored_inner(x, y) / denom if denom > 0 else 0.0
+
+
 def robust_z(x: float, history: Sequence[float], floor: float = 0.0) -> float:
     """(x − median) / max(1.4826 · MAD, ``floor``) of ``history``; ±inf for a value off a history whose spread is 0,
     0 on it."""
@@ -84,6 +111,7 @@ class Gate:
     norm_tasks: list[str] = field(default_factory=list)
     task_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     task_counts: dict[str, int] = field(default_factory=dict)
+    accepted: list[tuple[str, int, Adapter]] = field(default_factory=list)   # (id, institution, adapter), duplicate
     _last: tuple | None = field(default=None, repr=False)      # (commit, its update vector), see ``_vector``
 
     @property
@@ -92,7 +120,7 @@ class Gate:
 
     # -- the checks that need no merge ------------------------------------------------------
     def precheck(self, commit) -> list[Check]:
-        """``norm``, ``cosine`` and ``fit`` of ``commit`` (those configured), in that order."""
+        """``norm``, ``cosine``, ``duplicate`` and ``fit`` of ``commit`` (those configured), in that order."""
         g, out = self.cfg.gate, []
         vector = self._vector(commit)
         if "norm" in self.checks:
@@ -120,12 +148,28 @@ class Gate:
                 out.append(Check("cosine", ok, cos, None if ok else
                                  f"cosine {cos:.3f} to the mean update of task {commit.task}'s {n} accepted commits "
                                  f"is below gate.min_cosine {g.min_cosine:g}"))
+        if "duplicate" in self.checks:
+            out.append(self.duplicate(commit))
         if "fit" in self.checks:
             acc = set_accuracy(self.foundation, commit.adapter, [commit.distilled])
             ok = acc >= g.min_fit
             out.append(Check("fit", ok, acc, None if ok else f"the adapter scores {acc:.3f} on its own distilled "
                                                              f"set, below gate.min_fit {g.min_fit:g}"))
         return out
+
+    def duplicate(self, commit) -> Check:
+        """The largest cosine of ``commit``'s update to an accepted commit's must be at most ``gate.max_cosine``;
+        ``value``: that cosine (NaN, passing, before any commit is accepted)."""
+        g = self.cfg.gate
+        if not self.accepted:
+            return Check("duplicate", True, math.nan, "no accepted commit to compare with")
+        cosines = [update_cosine(commit.adapter, a) for _, _, a in self.accepted]
+        k = int(np.argmax(cosines))
+        cos, (cid, inst, _) = cosines[k], self.accepted[k]
+        ok = cos <= g.max_cosine
+        return Check("duplicate", ok, cos, None if ok else
+                     f"cosine {cos:.4f} to accepted commit {cid} (institution {inst}) is above gate.max_cosine "
+                     f"{g.max_cosine:g}: a near copy of it")
 
     # -- the check on a tentative merge ------------------------------------------------------
     def regression(self, commit, before, after, received: Sequence[DistilledSet]) -> Check:
@@ -163,7 +207,9 @@ class Gate:
         return self._last[1]
 
     def accept(self, commit) -> None:
-        """Remember an accepted commit (its norm and its task's update sum)."""
+        """Remember an accepted commit (its norm and its task's update sum; for ``duplicate``, its adapter)."""
+        if "duplicate" in self.checks:
+            self.accepted.append((commit.id, commit.institution, commit.adapter))
         vector = self._vector(commit)
         if vector is None:
             return

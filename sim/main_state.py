@@ -205,6 +205,22 @@ class MainState:
             raise ValueError(f"branch {strategy!r} at version {version} is not kept (main is at {self.version})")
         return version, self.history[version]
 
+    def pull_accepted(self, institution: int, contribution_id: str,
+                      version: int | None = None) -> tuple[int, Adapter | None]:
+        """``(version, adapter)``: what a free rider (``attacks.kind: free_rider``) pulls to copy — one accepted commit
+        of another institution on ``institution``'s task among the first ``version`` accepted (default: all now),
+        drawn per contribution (``sim.attacks.copy_source``); ``None`` adapter when there is none. The log of
+        accepted commits is public, as a forge's history is; this reads it as of the pull."""
+        from sim.attacks import copy_source
+
+        v = self.version if version is None else int(version)
+        if not 0 <= v <= self.version:
+            raise ValueError(f"accepted commits at version {v} are not known (main is at {self.version})")
+        if institution not in self.institutions:
+            raise ValueError(f"unknown institution {institution}")
+        task = self.institutions[institution][0]
+        return v, copy_source(self.commits[:v], institution, task, self.cfg.seed, contribution_id)
+
     def snapshot(self) -> tuple[int, dict[str, Predictor]]:
         return self.version, self.branches.snapshot()
 

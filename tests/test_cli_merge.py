@@ -107,6 +107,28 @@ def test_subspace_and_continual_merges_on_peft_written_dirs(strategy, tmp_path, 
     assert json.loads((out / "merge.json").read_text())["strategy"] == strategy
 
 
+@pytest.mark.parametrize("strategy, flags, cfg", [("trimmed_mean", ["--trim", "0.3"], MergeConfig(trim=0.3)),
+                                                   ("clipped_mean", ["--clip-norm", "0.5"], MergeConfig(clip_norm=0.5)),
+                                                   ("median", [], MergeConfig())])
+def test_robust_merges_take_their_flags(strategy, flags, cfg, tmp_path, capsys):
+    # Prepare: four contributors, so that --trim 0.3 drops ⌊1.2⌋ = 1 at each end
+    dirs = [write(tmp_path, f"a{i}", make_adapter(i)) for i in range(4)]
+    out = tmp_path / "merged"
+    # Execute
+    code = main(["merge", "--strategy", strategy, "--adapters", *dirs, *flags, "--out", str(out)])
+    # Assert: the written dir is the library's merge with the flag's option (and differs from the default's)
+    assert code == 0, capsys.readouterr().err
+    got = load_adapter(out)
+    adapters = [load_adapter(d) for d in dirs]
+    expected, default = merge(strategy, adapters, cfg=cfg).merged, merge(strategy, adapters, cfg=MergeConfig()).merged
+    for m in got.modules():
+        torch.testing.assert_close(got.delta(m), expected.delta(m), atol=1e-5, rtol=1e-4)
+    assert not flags or not torch.allclose(got.delta(got.modules()[0]), default.delta(got.modules()[0]))
+    code = main(["merge", "--strategy", "trimmed_mean", "--adapters", *dirs, "--trim", "0.5", "--out",
+                 str(tmp_path / "bad")])
+    assert code == 2 and "merge.trim" in capsys.readouterr().err
+
+
 def test_mixture_writes_its_adapters_and_weights(tmp_path):
     adapters = [make_adapter(i) for i in range(2)]
     dirs = [write(tmp_path, f"a{i}", a) for i, a in enumerate(adapters)]

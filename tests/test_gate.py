@@ -122,6 +122,99 @@ def test_distill_mismatch_sends_noise_with_the_labels(honest):
     assert bad.x.min() >= 0 and bad.x.max() <= 1
 
 
+def relative_change(a, b) -> float:
+    """‖ΔW_a − ΔW_b‖ / ‖ΔW_b‖ over every module, from the dense updates."""
+    return float((update_vector(a) - update_vector(b)).norm() / update_vector(b).norm())
+
+
+def test_free_rider_copies_an_accepted_adapter_of_its_task_of_another_institution(honest):
+    # Prepare: the honest first round, institutions 0-3 on two tasks
+    first = honest[:4]
+    me = first[0]
+    mates = [c for c in first if c.task == me.task and c.institution != me.institution]
+    # Execute
+    picks = {id(attacks.copy_source(first, me.institution, me.task, 0, f"c{k}")) for k in range(8)}
+    again = attacks.copy_source(first, me.institution, me.task, 0, "c1")
+    # Assert: only another institution's commit of its own task is copied, the same one per (seed, contribution)
+    assert picks == {id(c.adapter) for c in mates} and mates
+    assert again is attacks.copy_source(first, me.institution, me.task, 0, "c1")
+    assert attacks.copy_source([me], me.institution, me.task, 0, "c1") is None            # only its own
+    assert attacks.copy_source([c for c in first if c.task != me.task], me.institution, me.task, 0, "c") is None
+
+
+def test_free_ride_is_close_to_but_not_the_copied_adapter_and_deterministic_per_seed(honest):
+    # Prepare
+    source = honest[1].adapter
+    # Execute
+    copy = attacks.free_ride(source, 0.01, 0, "inst002-01")
+    same = attacks.free_ride(source, 0.01, 0, "inst002-01")
+    other = attacks.free_ride(source, 0.01, 1, "inst002-01")
+    exact = attacks.free_ride(source, 0.0, 0, "inst002-01")
+    # Assert: each factor moves by about 1 % of its norm, ΔW by a few %, never 0; same seed and id, same commit
+    for key, f in source.weights.items():
+        rel = float((copy.weights[key] - f).norm() / f.norm())
+        assert 0.005 < rel < 0.02 and not torch.equal(copy.weights[key], f)
+    assert 0 < relative_change(copy, source) < 0.05
+    assert all(torch.equal(copy.weights[k], same.weights[k]) for k in copy.weights)
+    assert not all(torch.equal(copy.weights[k], other.weights[k]) for k in copy.weights)
+    assert all(torch.equal(exact.weights[k], source.weights[k]) for k in source.weights)
+    assert copy.alpha == source.alpha and copy.base_fingerprint == source.base_fingerprint
+
+
+def test_a_free_rider_commits_the_copy_without_training_and_with_its_own_distilled_set(tiny_run_cfg, tiny_foundation,
+                                                                                        tiny_cohort, honest):
+    from sim.contribute import contribute
+
+    # Prepare: every institution free-rides from the first merge position on
+    cfg = apply_overrides(tiny_run_cfg, ["attacks.kind=free_rider", "attacks.share=1.0", "attacks.noise=0.01"])
+    c = build_schedule(cfg.schedule, cfg.data.institutions, cfg.seed).contributions[0]
+    inst = tiny_cohort.institutions[c.institution]
+    source = next(h for h in honest if h.task == inst.task and h.institution != inst.id)
+    # Execute
+    commit = contribute(tiny_foundation, inst, cfg, c, pulled=source.adapter, pulled_version=3)
+    # Assert: the copy, marked, untrained, from the pulled version, with a set of its own task
+    assert commit.meta["attack"] == "free_rider" and commit.meta["train_s"] == 0.0
+    assert 0 < relative_change(commit.adapter, source.adapter) < 0.05
+    assert commit.pulled_version == 3 and commit.distilled.task == inst.task == commit.task
+    # nothing to copy (no accepted commit of its task yet): it trains honestly, unmarked
+    alone = contribute(tiny_foundation, inst, cfg, c)
+    assert "attack" not in alone.meta and alone.meta["train_s"] > 0
+
+
+def test_a_free_riders_cache_key_holds_its_attack_its_noise_and_the_copied_adapter(honest):
+    from sim.cache import contribution_key
+
+    cfg = apply_overrides(SimConfig(), ["attacks.kind=free_rider", "attacks.share=0.5"])
+    key = contribution_key(cfg, "inst000-00", 7, honest[1].adapter, "free_rider")
+    assert key != contribution_key(cfg, "inst000-00", 7, honest[1].adapter, None)              # honest
+    assert key != contribution_key(cfg, "inst000-00", 7, honest[3].adapter, "free_rider")      # another copy
+    assert key != contribution_key(apply_overrides(cfg, ["attacks.noise=0.05"]), "inst000-00", 7, honest[1].adapter,
+                                   "free_rider")
+    # attacks.noise at its default leaves the earlier kinds' keys as they were before it existed (caches stay valid)
+    scale = apply_overrides(SimConfig(), ["attacks.kind=scale", "attacks.share=0.5"])
+    assert contribution_key(scale, "inst000-00", 7, None, "scale") == \
+        "b25f1dec1717d9949f249539546c0410ef707ea61106fea0eaa57cbb4d54730b"
+
+
+def test_main_state_answers_a_free_riders_pull_with_an_accepted_commit(tmp_path, tiny_cfg, tiny_foundation,
+                                                                      tiny_cohort, honest):
+    cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=("task_arithmetic",)))
+    meta = {i.id: (i.task, tuple(i.classes)) for i in tiny_cohort.institutions}
+    state = MainState(tmp_path / "run", cfg, meta, tiny_foundation)
+    me = honest[0]
+    assert state.pull_accepted(me.institution, "c") == (0, None)                     # nothing accepted yet
+    for c in honest[:4]:
+        state.receive(c)
+    version, adapter = state.pull_accepted(me.institution, "c")
+    mates = [c.adapter for c in honest[:4] if c.task == me.task and c.institution != me.institution]
+    assert version == 4 and any(adapter is a for a in mates)
+    # at a past version only the commits accepted by then are copied (a resumed run's early pulls)
+    first_mate = next(i for i, c in enumerate(honest[:4]) if c.task == me.task and c.institution != me.institution)
+    assert state.pull_accepted(me.institution, "c", first_mate) == (first_mate, None)
+    with pytest.raises(ValueError, match="version 9"):
+        state.pull_accepted(me.institution, "c", 9)
+
+
 # ------------------------------------------------------------------------------------------
 # Each check rejects its attack on a constructed case and passes honest commits
 # ------------------------------------------------------------------------------------------
@@ -164,6 +257,29 @@ def test_cosine_check_rejects_a_sign_flipped_update_and_passes_honest_ones(tiny_
                                                                              AttacksConfig(kind="sign_flip")))
     (ok,), (bad,) = gate.precheck(honest[4]), gate.precheck(flipped)
     assert ok.passed and ok.value > 0 and not bad.passed and bad.value == pytest.approx(-ok.value, abs=1e-5)
+
+
+def test_duplicate_check_rejects_a_free_riders_copy_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
+    # Prepare: the first round accepted; a free rider copies institution 1's commit with 1 % noise
+    gate = gate_for(tiny_cfg, tiny_foundation, "duplicate")
+    assert gate.precheck(honest[0])[0].passed                            # nothing accepted: nothing to copy
+    for c in honest[:4]:
+        gate.accept(c)
+    copy = dataclasses.replace(honest[5], adapter=attacks.free_ride(honest[1].adapter, 0.01, 0, "c"))
+    # Execute
+    bad = gate.precheck(copy)[0]
+    ok = [gate.precheck(c)[0] for c in honest[4:]]
+    # Assert: the cosine is the dense one, ~1 to the copied commit; honest second-round commits stay below 0.99
+    dense = float(torch.nn.functional.cosine_similarity(update_vector(copy.adapter), update_vector(honest[1].adapter),
+                                                        dim=0))
+    assert not bad.passed and bad.value == pytest.approx(dense, abs=1e-6) and bad.value > 0.999
+    assert honest[1].id in bad.reason and "gate.max_cosine" in bad.reason
+    assert all(c.passed and c.value < 0.99 for c in ok)
+    for c in ok:                                                         # each the largest dense cosine
+        vec = update_vector(honest[4 + ok.index(c)].adapter)
+        best = max(float(torch.nn.functional.cosine_similarity(vec, update_vector(h.adapter), dim=0))
+                   for h in honest[:4])
+        assert c.value == pytest.approx(best, abs=1e-6)
 
 
 def test_fit_check_rejects_a_mismatched_set_and_passes_honest_ones(tiny_cfg, tiny_foundation, honest):
@@ -233,14 +349,18 @@ def test_bad_attacks_and_gate_fields_are_named():
                               ("attacks.poison_rate=0", "attacks.poison_rate must be"),
                               ("gate.checks=[norm,norm]", "gate.checks must be a list of distinct names"),
                               ("gate.min_fit=2", "gate.min_fit must be"),
-                              ("gate.norm_z=0", "gate.norm_z must be")):
+                              ("gate.norm_z=0", "gate.norm_z must be"),
+                              ("attacks.noise=-0.1", "attacks.noise must be a finite number >= 0"),
+                              ("attacks.noise=.inf", "attacks.noise must be"),
+                              ("gate.max_cosine=1.5", "gate.max_cosine must be")):
         with pytest.raises(ValueError, match=message):
             apply_overrides(SimConfig(), [override])
     with pytest.raises(ValueError, match="gate.strategy 'ties' is not one of merge.strategies"):
         apply_overrides(SimConfig(), ["merge.strategies=[svd]", "gate.checks=[regression]", "gate.strategy=ties"])
 
 
-@pytest.mark.parametrize("override, field", [("attacks.kind=evil", "attacks.kind"), ("gate.checks=[nrm]", "gate.checks")])
+@pytest.mark.parametrize("override, field", [("attacks.kind=evil", "attacks.kind"),
+                                             ("gate.checks=[nrm]", "gate.checks"), ("attacks.noise=-1", "attacks.noise")])
 def test_forgesim_run_exits_2_naming_a_bad_attacks_or_gate_field(override, field, tmp_path, capsys):
     from experiments.cli import main
 
@@ -275,3 +395,20 @@ def test_a_run_with_attackers_and_the_gate_records_both(ray_session, tiny_run_cf
     merged = [r for r in log if r["event"] == "merged" and r["strategy"] == cfg.merge.strategies[0]]
     assert [r["id"] for r in merged] == [r["id"] for r in log if r["event"] == "accepted"]
     assert all("gate_norm" in r and "gate_s" in r for r in log if r["event"] == "accepted")
+
+
+def test_a_run_with_free_riders_and_the_duplicate_check_keeps_their_copies_out(ray_session, tiny_run_cfg, tmp_path):
+    from actors.runner import run_simulation
+    from sim.commit_log import CommitLog
+
+    # Prepare: half the institutions free-ride from the third merge position on
+    cfg = apply_overrides(tiny_run_cfg, ["attacks.kind=free_rider", "attacks.share=0.5", "attacks.start=2",
+                                         "gate.checks=[duplicate]", "merge.strategies=[svd,median]"])
+    # Execute
+    summary = run_simulation(cfg, tmp_path / "run")
+    # Assert: some contributions free-rode (copied through the merge actor), and the gate rejected every copy
+    log = CommitLog(tmp_path / "run").read()
+    riders = [r for r in log if r.get("attack") == "free_rider"]
+    assert riders and all(r["event"] == "rejected" and r["gate_failed"] == "duplicate" for r in riders)
+    assert all(r["gate_duplicate"] > 0.999 for r in riders)
+    assert summary["gate"]["true_positives"] == len(riders) and summary["gate"]["false_positives"] == 0

@@ -92,6 +92,20 @@ def np_continual_ties(deltas: list[np.ndarray], w: np.ndarray, density: float) -
     return merged
 
 
+def np_trimmed(deltas: list[np.ndarray], w: np.ndarray, k: int) -> np.ndarray:
+    """Per entry of the w_i ΔW_i: sorted, k dropped at each end, the rest averaged (k = (N-1)//2: numpy's median)."""
+    stacked = np.sort(w[:, None, None] * np.stack(deltas), axis=0)
+    return stacked[k:len(deltas) - k].mean(0)
+
+
+def np_clipped(taus: list[dict], w: np.ndarray, tau: float | None = None) -> dict:
+    """Σ w_i min(1, τ / ‖τ_i‖) τ_i per module, ‖·‖ over all modules, τ = numpy's median of the norms by default."""
+    norms = np.array([np.sqrt(sum((t ** 2).sum() for t in x.values())) for x in taus])
+    bound = np.median(norms) if tau is None else tau
+    c = np.minimum(1.0, bound / norms)
+    return {m: sum(wi * ci * x[m] for wi, ci, x in zip(w, c, taus)) for m in taus[0]}
+
+
 # name → (options passed to spec.fn, expected ΔW of one module). DARE is checked here at density 1 (no drop); its
 # random drop is checked by test_dare_drop_keeps_or_rescales_each_entry. TIES is checked module by module here (its
 # default trims the whole task vector: tests/test_ties_defaults.py re-derives that scope over all modules).
@@ -108,6 +122,8 @@ DELTA_CASES = {
     "iso_cts": ({}, np_iso_cts),
     "knots": ({"density": 0.5, "scope": "module"}, lambda d, w: np_knots([d], w[:, None], 0.5, "module")[0]),
     "regmean": ({}, lambda d, w: np_sum(d, w / w.sum())),        # with the identity Grams of ``statistics``
+    "median": ({}, lambda d, w: np.median(w[:, None, None] * np.stack(d), axis=0)),
+    "trimmed_mean": ({"trim": 0.34}, lambda d, w: np_trimmed(d, w, 1)),         # ⌊0.34 · 3⌋ = 1 of 3 at each end
     "continual_task_arithmetic": ({}, np_sum),
     "continual_weight_average": ({}, lambda d, w: np_sum(d, w / w.sum())),
     "continual_magmax": ({}, np_magmax),
@@ -116,6 +132,7 @@ DELTA_CASES = {
 # name → (options, expected ΔW of every module from every contributor's task vectors {module: ΔW}, w) for merges whose
 # modules interact (OPCM rescales by whole-task-vector norms; a commit's weight scales its task vector first)
 WHOLE_CASES = {
+    "clipped_mean": ({}, np_clipped),
     "opcm": ({}, lambda taus, w: np_opcm([{m: wi * t for m, t in tau.items()} for wi, tau in zip(w, taus)],
                                          diagonal_to_rank=True)),
 }

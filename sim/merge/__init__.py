@@ -18,6 +18,9 @@ strategy takes ``(adapters, weights=None, **options)`` and returns an ``Adapter`
 | ``dare_linear`` | delta, peft ``merge_utils``' definition (drop half, sum) | (N,) or (N, M); λ 0.3 | no | ``delta`` |
 | ``magnitude_prune`` | delta, peft ``merge_utils``' definition | (N,) or (N, M); 1/N | no | ``delta`` |
 | ``magmax`` | delta, per-entry max magnitude | (N,) or (N, M); λ 0.5 | no | ``delta`` |
+| ``median`` | delta: per entry the median of the w_i ΔW_i (Yin et al.; even N: mean of the two middle) | (N,) or (N, M); 1 | no | ``robust`` |
+| ``trimmed_mean`` | delta: per entry the mean without the ⌊β N⌋ largest and smallest, β 0.1 | (N,) or (N, M); 1 | no | ``robust`` |
+| ``clipped_mean`` | delta: Σ w_i min(1, τ/‖ΔW_i‖) ΔW_i, τ the median norm (Sun et al.) | (N,) or (N, M); 1/N | no | ``robust`` |
 | ``svd`` | delta: truncated SVD of Σ w_i ΔW_i (Med-LEGO) | (N,) or (N, M); 1/N | no | ``svd`` |
 | ``tsv`` | delta: TSV-M, 1/N of each task's singular vectors, orthogonalised | (N,) or (N, M); 1 | no | ``subspace`` |
 | ``iso_c`` | delta: Σ w_i ΔW_i with a flat (isotropic) spectrum | (N,) or (N, M); 1 | no | ``subspace`` |
@@ -45,7 +48,8 @@ the sets kept in the branch's ``ProbabilityCache``). They are saved as a dir of 
 | ``continual_magmax`` | delta, continual: per entry the larger of M and w ΔW_t | (N,); λ 0.5 | no | ``continual`` |
 
 TIES, DARE and magnitude pruning (and KnOTS' TIES step) stream ΔW through row blocks of all contributors with exact
-top-k trims found without a sort (``streamed``). The continual merges (FusionBench's OPCM study; ``spec.continual``)
+top-k trims found without a sort (``streamed``); the median and the trimmed mean take their order statistics over the
+same row blocks (``robust``). The continual merges (FusionBench's OPCM study; ``spec.continual``)
 are stepped by a branch as commits arrive (``continual_step``), which keeps only their small state; their one-shot
 function folds the steps over the adapters in the order given, so order matters for OPCM and continual TIES.
 

@@ -127,7 +127,7 @@ def save_predictor(predictor: Adapter | Mixture | Router, out) -> None:
 def _strategy_options(fn: Callable, cfg: MergeConfig, seed: int) -> dict:
     """The config values a strategy function takes, by its keyword names."""
     values = {"density": cfg.density, "threshold": cfg.svd_threshold, "rank": cfg.svd_rank, "seed": seed,
-              "scope": cfg.ties_scope, "disjoint": cfg.ties_disjoint}
+              "scope": cfg.ties_scope, "disjoint": cfg.ties_disjoint, "trim": cfg.trim, "clip_norm": cfg.clip_norm}
     params = inspect.signature(fn).parameters
     return {k: v for k, v in values.items() if k in params}
 

@@ -45,8 +45,15 @@ def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Ada
         ``A = [A_1; …; A_N]`` (rank Σ r_i) while Σ r_i < min(out, in), else the sum at its numerical rank.
     """
     check_compatible(adapters)
+    w = resolve_weights(weights, len(adapters), len(adapters[0].modules()), TA_SCALE)
+    return weighted_sum(adapters, w, "task_arithmetic")
+
+
+def weighted_sum(adapters: Sequence[Adapter], w: torch.Tensor, strategy: str) -> Adapter:
+    """Σ w_ij ΔW_ij per module j exactly, space ΔW (``w`` (N, M) resolved): the stacked factors while the stacked
+    rank Σ r_i < min(out, in), else the sum at its numerical rank; ``strategy`` names the result (task arithmetic,
+    and ``robust.clipped_mean`` once it has scaled each update)."""
     modules = adapters[0].modules()
-    w = resolve_weights(weights, len(adapters), len(modules), TA_SCALE)
     factors = {}
     for j, m in enumerate(modules):
         a_cat = torch.cat([a.factors(m)[0].float() for a in adapters], dim=0)                     # (R, in)
@@ -57,7 +64,7 @@ def task_arithmetic(adapters: Sequence[Adapter], weights: Weights = None) -> Ada
         else:
             a, b = dense_factors(b_cat @ a_cat)
             factors[m] = (a, b, 1.0)
-    return build_adapter(factors, adapters, "task_arithmetic")
+    return build_adapter(factors, adapters, strategy)
 
 
 # ------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ CONTINUAL_TA_SCALE = 0.3         # FusionBench config/method/opcm/task_arithmeti
 CONTINUAL_TIES_SCALE = 0.5       # FusionBench config/method/opcm/ties_merging.yaml scaling_factor (one-shot: 0.3)
 CONTINUAL_TIES_DENSITY = 0.2     # FusionBench config/method/opcm/ties_merging.yaml threshold 20 (percent kept)
 CONTINUAL_MAGMAX_SCALE = 0.5     # FusionBench config/method/magmax/magmax.yaml scaling_factor
+ROBUST_SCALE = 1.0        # median, trimmed_mean: a weight scales an update before the order statistic; 1 = Yin et al.'s
+TRIM_FRACTION = 0.1       # trimmed_mean β: Yin et al. 2018 need β >= the Byzantine share; 0.1 guards up to 10 %
 # The routers' training (``sim.merge.router``, whose module doc says where each comes from)
 ROUTER_TOP_K = 2          # FedKIM's Top2Gating (gate_mode "top2_gate", the only one its MoeLoraConfig accepts)
 ROUTER_STEPS = 100        # forgesim's: bounded AdamW steps on a few hundred distilled images
@@ -180,6 +182,22 @@ _SPECS = (
                  default_weight=MAGMAX_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
                  citation="Marczak et al., MagMax, ECCV 2024 (arXiv 2407.06322), danielm1405/magmax; λ = 0.5: "
                           "FusionBench config/method/magmax/magmax.yaml"),
+    # Robust aggregation (``sim.merge.robust``): what a few malicious contributors can do to main is bounded
+    StrategySpec("median", "sim.merge.robust:median", "delta", searched=False, sequential=False,
+                 default_weight=ROBUST_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates, ICML "
+                          "2018 (arXiv 1803.01498): coordinate-wise median (even N: mean of the two middle values)"),
+    StrategySpec("trimmed_mean", "sim.merge.robust:trimmed_mean", "delta", searched=False, sequential=False,
+                 default_weight=ROBUST_SCALE, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 exact_options=(("trim", 0.0),), default_options=(("trim", TRIM_FRACTION),),
+                 citation="Yin et al., Byzantine-Robust Distributed Learning, ICML 2018 (arXiv 1803.01498): "
+                          "coordinate-wise β-trimmed mean, ⌊β N⌋ removed at each end, β = 0.1 (forgesim's: guards "
+                          "a 10 % Byzantine share)"),
+    StrategySpec("clipped_mean", "sim.merge.robust:clipped_mean", "delta", searched=False, sequential=False,
+                 default_weight=None, needs_proxy=False, mixed_ranks=True, same_modules=True,
+                 citation="Sun et al., Can You Really Backdoor Federated Learning?, arXiv 1911.07963 (2019): each "
+                          "update's norm clipped to τ, then averaged; τ = the median of the contributors' norms "
+                          "unless merge.clip_norm is set"),
     StrategySpec("svd", "sim.merge.svd:svd", "delta", searched=False, sequential=False, default_weight=None, needs_proxy=False,
                  mixed_ranks=True, same_modules=True, exact_options=(("threshold", 1.0),),
                  citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 5-6"),
