@@ -181,7 +181,7 @@ def _magmax_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor) ->
             torch.mm(wi * b[r0:r0 + ROWS], a, out=cur)
             torch.abs(cur, out=cur_abs)
             torch.ge(cur_abs, best_abs, out=take)
-            best.copy_(torch.where(take, cur, best))
+            torch.where(take, cur, best, out=best)                               # in place: no temporary
             torch.maximum(cur_abs, best_abs, out=best_abs)
     return best_all
 
