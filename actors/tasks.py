@@ -29,7 +29,7 @@ def _setup(cfg: SimConfig):
     from sim.model import load_foundation
 
     torch.set_num_threads(cfg.runtime.threads)
-    return load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    return load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
 
 
 @lru_cache(maxsize=2)
