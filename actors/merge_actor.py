@@ -48,7 +48,10 @@ class MergeActor:
         torch.set_num_threads(cfg.runtime.threads)
         self.cfg, self.cfg_blob, self.options = cfg, cfg_blob, task_options
         self.evals: dict[int, list[ray.ObjectRef]] = {}     # version -> evaluation refs (owned by this process)
-        foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+        # On the CPU whatever runtime.device says: this actor reserves no GPU, so Ray hides every GPU from it
+        # (CUDA_VISIBLE_DEVICES=""), and what it computes — merges, coefficient searches and gate checks on distilled
+        # sets — is small; training and evaluation run on the pooled workers, on runtime.device.
+        foundation = load_foundation(cfg.model, cfg.data.img_size, "cpu", cfg.runtime.precision)
         # Restarted (or resumed): rebuilt from the log, evaluating again what the dead process had scheduled.
         self.state = MainState.open(run_dir, cfg, institutions, foundation, secret=secret, history=history,
                                     on_apply=self._maybe_evaluate)

@@ -64,14 +64,60 @@ def connect(cfg: SimConfig) -> bool:
     return True
 
 
+def pool_shortfall(bundle: dict[str, float], workers: int, nodes: list[dict]) -> str | None:
+    """Why the cluster's nodes (``ray.nodes()``) can never hold ``workers`` bundles ``bundle``, or ``None``.
+
+    A bundle sits on one node, so each alive node holds ``min_r floor(node[r] / bundle[r])`` of them; the cluster's
+    total (not what is free now: other work may be holding resources, and the pool then waits for them) must reach
+    ``workers``."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    needed = {r: amount for r, amount in bundle.items() if amount > 0}
+
+    def room(res: dict) -> int:
+        return min((int(res.get(r, 0.0) / amount + 1e-9) for r, amount in needed.items()), default=workers)
+
+    fits = sum(room(res) for res in alive)
+    if fits >= workers:
+        return None
+    total = {r: sum(res.get(r, 0.0) for res in alive) for r in bundle}
+    fields = {"CPU": "runtime.num_cpus", "GPU": "runtime.num_gpus"}
+    short = [r for r in needed if workers * needed[r] > total[r] + 1e-9] or list(needed)
+    message = (f"the worker pool does not fit this cluster: runtime.workers={workers} workers of "
+               f"{', '.join(f'{fields.get(r, r)}={needed[r]:g}' for r in short)} {'/'.join(short)} each; the "
+               f"cluster has {', '.join(f'{total[r]:g} {r}' for r in bundle)} on {len(alive)} node(s), room for "
+               f"{fits} such worker(s)")
+    if needed.get("GPU") and not total["GPU"]:
+        message += ("; it has no GPU: run on the CPU (runtime.device=cpu, runtime.num_gpus=0) or join a cluster "
+                    "with GPUs (--address)")
+    return message
+
+
+def pool_bundle(cfg: SimConfig) -> dict[str, float]:
+    """One pooled worker's reservation: ``runtime.num_cpus`` CPUs (+ ``runtime.num_gpus`` GPUs)."""
+    return {"CPU": cfg.runtime.num_cpus} | ({"GPU": cfg.runtime.num_gpus} if cfg.runtime.num_gpus else {})
+
+
+def check_pool_fits(cfg: SimConfig) -> None:
+    """A ``ValueError`` at once (the CLI's exit code 2) when the connected cluster can never hold the worker pool,
+    rather than a placement group that waits for GPUs that are not there."""
+    shortfall = pool_shortfall(pool_bundle(cfg), cfg.runtime.workers, ray.nodes())
+    if shortfall:
+        raise ValueError(shortfall)
+
+
 def worker_pool(cfg: SimConfig, timeout_s: float = 120.0):
-    """The pool as a placement group: ``runtime.workers`` bundles of ``num_cpus`` CPUs (+ ``num_gpus`` GPUs)."""
+    """The pool as a placement group: ``runtime.workers`` bundles of ``num_cpus`` CPUs (+ ``num_gpus`` GPUs).
+
+    A pool the cluster can never hold (more GPUs than it has, say) is a ``ValueError`` at once, naming the fields
+    (``pool_shortfall``); one it holds but cannot reserve within ``timeout_s`` (other work holds the resources) is a
+    ``RuntimeError``."""
     from ray.util.placement_group import placement_group
 
-    bundle = {"CPU": cfg.runtime.num_cpus} | ({"GPU": cfg.runtime.num_gpus} if cfg.runtime.num_gpus else {})
+    bundle = pool_bundle(cfg)
     current = ray.util.get_current_placement_group()
     if current is not None:     # inside a Tune trial: use the trial's reservation
         return current, False
+    check_pool_fits(cfg)
     pg = placement_group([dict(bundle) for _ in range(cfg.runtime.workers)], strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
@@ -118,7 +164,12 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, r
     load_foundation(cfg.model, cfg.data.img_size).check_tasks(cohort.task_classes)
     # Step 2: Ray, the worker pool and the actors; a per-run secret authenticates the institutions' commits.
     started_ray = connect(cfg)
-    pg, own_pg = worker_pool(cfg)
+    try:
+        pg, own_pg = worker_pool(cfg)
+    except Exception:
+        if started_ray:
+            ray.shutdown()
+        raise
     options = task_options(cfg, pg)
     t_actors = time.time()
     merge_actor, institutions, _private = start_actors(cfg, cfg_blob, cohort, run_dir, options,

@@ -4,15 +4,46 @@ Each worker process keeps the foundation (``sim.model.load_foundation`` caches p
 cohort (``_cohort``, cached per config) between tasks, so a task pays only for its own work. Tasks run inside the
 run's placement group (``actors.runner``), whose bundles are the worker pool: ``runtime.workers`` bundles of
 ``runtime.num_cpus`` CPUs and ``runtime.num_gpus`` GPUs each.
+
+On a GPU (``runtime.device=cuda``): the foundation lives on the worker's device; what a task returns through Ray
+(commits, records, replay rows) is on the CPU, so the object store and the merge actor never hold CUDA tensors; and
+every task hands the CUDA memory it cached back when it ends (``_releases_device_memory``), so that an idle worker
+does not hold memory the other workers sharing its GPU (fractional ``runtime.num_gpus``) need.
 """
 from __future__ import annotations
 
+import functools
 import time
 from functools import lru_cache
 
 import ray
 
 from sim.config import SimConfig, config_from_dict, config_hash, config_to_dict
+
+
+def _releases_device_memory(fn):
+    """Run a pooled task, check that its result holds no tensor off the CPU, then release the CUDA memory the task
+    left cached (``sim.accelerator.release_device_memory``).
+
+    The task's own references (its frame: activations, the training copy of the backbone, optimizer state) are
+    gone once it returns, so the caching allocator's blocks can go back to the driver before the worker idles;
+    otherwise an idle worker keeps them and a worker sharing the GPU runs out of memory (Flower's simulation workers
+    did, flwr issues #1383 and #5855). A no-op on the CPU. A result with a CUDA tensor is a bug (it would pin this
+    worker's memory in the object store and not load in the merge actor, which has no GPU): it raises, naming where.
+    """
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        from sim.accelerator import off_cpu_tensors, release_device_memory
+
+        try:
+            result = fn(*args, **kwargs)
+            off = off_cpu_tensors(result, fn.__name__)
+            if off:
+                raise RuntimeError(f"{fn.__name__} returned tensors off the CPU: {', '.join(off)}")
+            return result
+        finally:
+            release_device_memory()
+    return task
 
 
 @lru_cache(maxsize=4)
@@ -29,7 +60,7 @@ def _setup(cfg: SimConfig):
     from sim.model import load_foundation
 
     torch.set_num_threads(cfg.runtime.threads)
-    return load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    return load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
 
 
 @lru_cache(maxsize=2)
@@ -46,6 +77,7 @@ def _cohort(blob: str):
 
 
 @ray.remote(max_retries=2, num_returns=2)
+@_releases_device_memory
 def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key: bytes | None = None):
     """Train + distil one contribution (``sim.contribute.contribute``); returns ``(commit, corrupted)``: the
     ``Commit``, signed with the institution's ``key`` (``sim.commit.sign_commit``) when one is given, and with
@@ -83,6 +115,7 @@ def contribute_task(cfg_blob: str, inst, contribution, pulled: tuple | None, key
 
 
 @ray.remote(max_retries=2)
+@_releases_device_memory
 def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int) -> list[dict]:
     """Every strategy of ``snapshot`` on every task in ``tasks`` (``sim.evaluation.evaluate_snapshot``); under a
     backdoor attack each record also has ``asr``, the attack's success (``sim.attacks.attack_success``)."""
@@ -103,6 +136,7 @@ def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int)
 
 
 @ray.remote(max_retries=2)
+@_releases_device_memory
 def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
     """The ``individual`` references: each institution's latest adapter on its task's pooled test set
     (``individual``) and on its own test split (``individual_local``)."""
@@ -116,6 +150,7 @@ def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
 
 
 @ray.remote(max_retries=2)
+@_releases_device_memory
 def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = None,
                 per_step: bool | list[str] = False) -> tuple[list, list, dict]:
     """Re-merge a run's commits in the given orders (``sim.replay.replay``) with this worker's foundation."""
@@ -131,6 +166,7 @@ def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = 
 
 
 @ray.remote(max_retries=2)
+@_releases_device_memory
 def subset_task(source_dir: str, cfg_blob: str, run_dir: str, run_id: str) -> dict:
     """Build the run of ``cfg_blob`` (a smaller community) from the larger run dir ``source_dir``'s log
     (``sim.replay.replay_subset``) with this worker's foundation and cohort; returns its summary."""

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     cohort = build_cohort(cfg.data, cfg.seed)
-    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     foundation.check_tasks(cohort.task_classes)
     tasks = list(cohort.tasks)
     per_task = {}

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cohort = build_cohort(cfg.data, cfg.seed)
     inst = pick_institution(cohort, args.task, args.institution)
-    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     foundation.check_tasks(cohort.task_classes)
     # Step 1: distil the institution's private training split.
     distilled = distill(inst.train, inst.task, inst.classes, cfg.distill, cfg.seed, foundation)

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         elif spec.sequential and cfg.merge.search_mode == "sequential":
             pair_proxy(args.adapters, adapters, args.proxy, proxy, detail="stage i searches on the sets of adapters "
                        "0..i; --search-mode global uses any number")
-        foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+        foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
         check_fits(foundation, adapters)
     out = prepare_out_dir(args.out, args.overwrite)
     # Step 2: merge.

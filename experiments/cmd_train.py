@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if task not in cohort.task_classes:
         raise ValueError(f"--task {task!r} is not a task of data.name={cfg.data.name}; "
                          f"tasks: {', '.join(cohort.tasks)}")
-    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     foundation.check_tasks(cohort.task_classes)
     adapter, metrics = train_task(cfg, cohort, foundation, task)
     save_adapter(adapter, out)

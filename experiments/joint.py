@@ -52,7 +52,7 @@ def _train_worker(config: dict) -> None:
             cfg = config_from_dict(cfg_dict)
             torch.set_num_threads(cfg.runtime.threads)
             device = str(ray.train.torch.get_device()) if cfg.runtime.device.startswith("cuda") else "cpu"
-            foundation = load_foundation(cfg.model, cfg.data.img_size, device)
+            foundation = load_foundation(cfg.model, cfg.data.img_size, device, cfg.runtime.precision)
             parts = joint_parts(build_cohort(cfg.data, cfg.seed))
             steps = cfg.train.joint_steps or cfg.train.steps * len(parts)
             result = train_joint_adapter(foundation, parts, cfg.lora, cfg.train, cfg.seed, steps, rank, world,
@@ -125,7 +125,7 @@ def evaluate_joint(cfg: SimConfig, adapter, tasks: list[str] | None = None) -> l
 
     torch.set_num_threads(cfg.runtime.threads)
     cohort = build_cohort(cfg.data, cfg.seed)
-    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     return evaluate_predictor(foundation, adapter, cohort, list(tasks or cohort.tasks))
 
 

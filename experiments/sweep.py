@@ -230,7 +230,9 @@ def resources(cfg: SimConfig):
     """What one trial reserves: an empty head bundle and the simulation's worker pool."""
     from ray import tune
 
-    bundle = {"CPU": cfg.runtime.num_cpus} | ({"GPU": cfg.runtime.num_gpus} if cfg.runtime.num_gpus else {})
+    from actors.runner import pool_bundle
+
+    bundle = pool_bundle(cfg)
     return tune.PlacementGroupFactory([{}] + [dict(bundle) for _ in range(cfg.runtime.workers)], strategy="PACK")
 
 
@@ -301,8 +303,10 @@ def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | 
 
         started = connect(apply_overrides(base, [f"runtime.address={address}"] if address else []))
     try:
+        from actors.runner import check_pool_fits
         from sim.model import load_foundation
 
+        check_pool_fits(base)        # a trial's pool the cluster can never hold would leave Tune pending forever
         for p in plan["points"]:     # pretrain each distinct foundation once, before trials race for it
             cfg = trial_config(plan["base"], p["values"], sweep_dir)
             load_foundation(cfg.model, cfg.data.img_size)
@@ -336,7 +340,9 @@ def run_sweep(plan: dict, sweep_dir: Path, resume: bool = False, address: str | 
 
 
 def joint_key(cfg: SimConfig) -> str:
-    return config_hash(cfg.data, cfg.model, cfg.lora, cfg.train, cfg.seed)
+    """The joint reference's key: what it is trained from (a precision other than fp32 too; fp32 keys as before)."""
+    precision = () if cfg.runtime.precision == "fp32" else (cfg.runtime.precision,)
+    return config_hash(cfg.data, cfg.model, cfg.lora, cfg.train, cfg.seed, *precision)
 
 
 def joint_references(plan: dict, sweep_dir: Path) -> dict[str, dict]:

@@ -39,9 +39,11 @@ FILE_FIELDS = ("checkpoint", "pretrained", "prototypes")
 
 def commit_config(cfg: SimConfig) -> dict:
     """What a contribution's commit is made from, beside its id and seed: the run seed, the device kind, the torch
-    threads and the data, model, LoRA, training and distillation sections (not the joint reference's fields of
+    threads, the precision (when not fp32) and the data, model, LoRA, training and distillation sections (not the joint reference's fields of
     ``train``, which no contribution reads), with the content hash of every file the model section names."""
     parts = {"seed": cfg.seed, "device": cfg.runtime.device.split(":")[0], "threads": cfg.runtime.threads}
+    if cfg.runtime.precision != "fp32":      # added later: an fp32 commit keeps its key
+        parts["precision"] = cfg.runtime.precision
     parts |= {name: config_to_dict(getattr(cfg, name)) for name in COMMIT_SECTIONS}
     for field in ("joint", "joint_steps"):      # the joint reference does not touch contributions
         parts["train"].pop(field, None)

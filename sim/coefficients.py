@@ -177,8 +177,7 @@ def proxy_features(foundation: Foundation, data: ProxyData, weights: dict[str, t
     out = []
     for i in range(0, len(data), batch_size):
         xb = data.x[i:i + batch_size]                                            # (b, 3, S, S), normalised
-        out.append(torch.func.functional_call(foundation.backbone, weights, (xb,), strict=False)
-                   if weights else foundation.backbone(xb))
+        out.append(foundation.embed(xb, weights))
     return torch.cat(out)
 
 

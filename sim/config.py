@@ -383,13 +383,22 @@ class ScheduleConfig:
         _check(0 < self.wall_scale < math.inf, "schedule.wall_scale", "a finite number > 0", self.wall_scale)
 
 
+# ``runtime.precision`` values (sim.accelerator maps each to an autocast dtype; listed here so that validating a
+# config does not import torch).
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
-    device: str = _f("cpu", "torch device for training/evaluation tasks: cpu, cuda or cuda:N")
+    device: str = _f("cpu", "torch device of the pooled workers' training/evaluation tasks: cpu, cuda or cuda:N "
+                            "(cuda needs runtime.num_gpus > 0; the merge actor stays on the CPU)")
     workers: int = _f(2, "pooled torch worker processes")
     num_cpus: float = _f(1.0, "CPUs reserved per torch task")
     num_gpus: float = _f(0.0, "GPUs (fractional allowed) reserved per torch task")
     threads: int = _f(1, "torch intra-op threads per worker")
+    precision: str = _f("fp32", "the frozen foundation's forward passes (training, evaluation, coefficient search, "
+                                "distillation): fp32, or bf16 = bfloat16 autocast (mixed precision; LoRA parameters, "
+                                "optimizer state and losses stay fp32)")
     clock: str = _f("virtual", "virtual (deterministic order) or wall (arrival order)")
     address: str | None = _f(None, "Ray address of an existing cluster; None = RAY_ADDRESS or a local Ray")
     eval_every: int = _f(0, "evaluate every k accepted commits (0 = only at the end)")
@@ -407,6 +416,11 @@ class RuntimeConfig:
         _check(self.num_cpus >= 0, "runtime.num_cpus", "a number >= 0", self.num_cpus)
         _check(self.num_gpus >= 0, "runtime.num_gpus", "a number >= 0", self.num_gpus)
         _check(self.threads >= 1, "runtime.threads", "an integer >= 1", self.threads)
+        # A pooled task that reserves no GPU gets CUDA_VISIBLE_DEVICES="" from Ray: torch would find no CUDA device.
+        _check(self.device == "cpu" or self.num_gpus > 0, "runtime.num_gpus",
+               "> 0 with runtime.device=cuda (e.g. 1, or 0.5 for two workers per GPU: Ray assigns a task a GPU only "
+               "when it reserves one)", self.num_gpus)
+        _choice("runtime.precision", self.precision, PRECISIONS)
         _choice("runtime.clock", self.clock, ("virtual", "wall"))
         _check(self.eval_every >= 0, "runtime.eval_every", "an integer >= 0", self.eval_every)
         _check(self.institutions_per_actor >= 0, "runtime.institutions_per_actor", "an integer >= 0 (0 = automatic)",

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -81,7 +81,9 @@ class Foundation:
     """Frozen backbone + head settings. ``features`` takes images in [0, 1], (B, 3, S, S).
 
     ``mean``/``std``: per-channel input normalisation (the pretrained config's for a named pretrained model);
-    ``class_embeddings``: the prototype head's rows from ``model.prototypes`` (``None``: seeded prototypes)."""
+    ``class_embeddings``: the prototype head's rows from ``model.prototypes`` (``None``: seeded prototypes);
+    ``precision``: ``runtime.precision`` of every forward pass through the backbone (``autocast``; features come
+    out float32 either way)."""
 
     backbone: torch.nn.Module
     cfg: ModelConfig
@@ -91,6 +93,7 @@ class Foundation:
     mean: tuple[float, ...] = (PIXEL_MEAN,) * 3
     std: tuple[float, ...] = (PIXEL_STD,) * 3
     class_embeddings: ClassEmbeddings | None = None
+    precision: str = "fp32"
 
     @property
     def dim(self) -> int:
@@ -121,12 +124,26 @@ class Foundation:
         std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
         return (z.to(self.device) * PIXEL_STD + PIXEL_MEAN - mean) / std
 
+    def autocast(self):
+        """The context every forward pass through the backbone (or a training copy of it) runs in:
+        ``sim.accelerator.autocast`` of this foundation's device and precision (a no-op for fp32)."""
+        from sim.accelerator import autocast
+
+        return autocast(self.device, self.precision)
+
     def features(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Pooled features (B, D); ``weights`` ({module.weight: W'}, see ``merged_weights``) replace frozen ones."""
-        x = self.normalize(x)
-        if not weights:
-            return self.backbone(x)
-        return torch.func.functional_call(self.backbone, weights, (x,), strict=False)
+        return self.embed(self.normalize(x), weights)
+
+    def embed(self, z: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pooled features (B, D), float32, of images ``z`` already at the backbone's input scale (``normalize``),
+        in this foundation's precision; ``weights`` replace frozen ones as in ``features``."""
+        with self.autocast():
+            if not weights:
+                feats = self.backbone(z)
+            else:
+                feats = torch.func.functional_call(self.backbone, weights, (z,), strict=False)
+        return feats.float()       # the same tensor for fp32
 
     def merged_weights(self, adapter: "Adapter") -> dict[str, torch.Tensor]:
         """{module.weight: W + ΔW} for every module the adapter touches."""
@@ -251,15 +268,24 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def load_foundation(cfg: ModelConfig, img_size: int, device: str = "cpu") -> Foundation:
-    """The frozen foundation of ``cfg``; cached per process and, for forgesim's pretraining, on disk.
+def load_foundation(cfg: ModelConfig, img_size: int, device: str = "cpu", precision: str = "fp32") -> Foundation:
+    """The frozen foundation of ``cfg`` on ``device``, computing in ``precision`` (``runtime.precision``); cached
+    per process and, for forgesim's pretraining, on disk.
 
     The fingerprint hashes the weights as loaded (the backbone's state dict after timm's or forgesim's load) and,
     with ``model.prototypes``, the class embeddings: an adapter trained on other weights or another head is
-    another base."""
-    key = (cfg, img_size, device)
+    another base. The precision is not part of it (the weights are the same): adapters trained in bf16 and in fp32
+    are on one base, and a bf16 foundation shares the fp32 one's backbone in this process."""
+    key = (cfg, img_size, device, precision)
     if key in _LOADED:
         return _LOADED[key]
+    if precision != "fp32":
+        from sim.accelerator import autocast
+
+        autocast(device, precision)          # an unknown precision is a ValueError naming runtime.precision
+        foundation = replace(load_foundation(cfg, img_size, device), precision=precision)
+        _LOADED[key] = foundation
+        return foundation
     mean, std = (PIXEL_MEAN,) * 3, (PIXEL_STD,) * 3
     if cfg.pretrained != "none":
         backbone, (mean, std) = _named_pretrained(cfg, img_size)

@@ -118,7 +118,7 @@ def replay(run_dir: str | Path, orders: int | Sequence[int], strategies: Sequenc
     for s in strategies:
         get_spec(s)
     torch.set_num_threads(cfg.runtime.threads)
-    foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     cohort = cohort or build_cohort(cfg.data, cfg.seed)
     tasks = list(dict.fromkeys(c.task for c in commits))
     rows, per_task, perms = [], [], []
@@ -218,7 +218,8 @@ class ReplayEvaluator:
 # Subset replay: a smaller community built from a larger one's log (nested cohorts)
 # ------------------------------------------------------------------------------------------
 # The config names of ``sim.cache.commit_config``'s top-level values, for messages.
-TOP_LEVEL = {"seed": "seed", "device": "the device kind (runtime.device)", "threads": "runtime.threads"}
+TOP_LEVEL = {"seed": "seed", "device": "the device kind (runtime.device)", "threads": "runtime.threads",
+             "precision": "runtime.precision"}
 
 
 def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
@@ -251,6 +252,7 @@ def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
     for c in (source, cfg):                  # what makes a commit (the commit cache's key), and the schedule
         parts = commit_config(c) | {"schedule": config_to_dict(c.schedule)}
         parts["data"].pop("institutions")
+        parts.setdefault("precision", "fp32")    # the cache key leaves the default out
         made[c is cfg] = parts
     a, b = made[False], made[True]
     for name in sorted(a, key=lambda k: (isinstance(a[k], dict), k)):
@@ -320,7 +322,7 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     torch.set_num_threads(cfg.runtime.threads)
-    foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device)
+    foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     cohort = cohort or build_cohort(cfg.data, cfg.seed)
     meta = {i.id: (i.task, tuple(i.classes)) for i in cohort.institutions}
     state = MainState(run_dir, cfg, meta, foundation)

@@ -121,7 +121,11 @@ def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, 
 
     ``linear_classes``: task → K for a linear head per task (empty: prototype head). A task's head starts from
     ``init``'s head of that task when it has one of that shape (a pulled merge carries every task's), else fresh.
-    One task gives the single-head layout of ``Adapter.head``, several the per-task one."""
+    One task gives the single-head layout of ``Adapter.head``, several the per-task one.
+
+    The forward pass through the backbone runs in the foundation's precision (``Foundation.autocast``,
+    ``runtime.precision``); the LoRA factors, heads, their gradients, the optimizer state and the loss stay float32,
+    and the adapter comes back float32 on the CPU whatever the device."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     t0 = time.perf_counter()
@@ -147,7 +151,8 @@ def _fit(foundation: Foundation, lora: LoraConfig, cfg: TrainConfig, seed: int, 
             xb = to_unit_float(xb)                                           # (B, 3, S, S) in [0, 1]
             if cfg.augment:
                 xb = augment(xb, g)
-            feats = model(foundation.normalize(xb))                          # (B, D)
+            with foundation.autocast():                                      # runtime.precision
+                feats = model(foundation.normalize(xb)).float()              # (B, D), float32
             head_w = dict(linears[task].named_parameters()) if linears else None
             loss = F.cross_entropy(foundation.logits(feats, task, classes, head_w), yb.to(foundation.device))
             opt.zero_grad(set_to_none=True)

@@ -40,7 +40,7 @@ def sample_embedder(cfg: DistillConfig, gen: torch.Generator, size: int, foundat
         raise ValueError("distill.embed=foundation needs the foundation model")
     # z is in forgesim's normalised space (PIXEL_MEAN, PIXEL_STD), its own backbone's input scale; a named
     # pretrained model normalises with its own mean and std, so z is mapped to that scale first.
-    return lambda z: foundation.backbone(foundation.from_standard_scale(z))
+    return lambda z: foundation.embed(foundation.from_standard_scale(z))
 
 
 def matching_loss(real: list[torch.Tensor], syn: list[torch.Tensor], embed: Embed) -> torch.Tensor:

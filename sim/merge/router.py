@@ -218,7 +218,7 @@ def base_features(foundation: Foundation, x: torch.Tensor, batch_size: int = 512
     """Pooled features (n, D) of the frozen foundation, no adapter, for *normalised* images ``x`` (n, 3, S, S)."""
     if len(x) == 0:
         return torch.zeros((0, foundation.dim), device=foundation.device)
-    return torch.cat([foundation.backbone(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([foundation.embed(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 def _normalized(foundation: Foundation, x: np.ndarray | torch.Tensor) -> torch.Tensor:
