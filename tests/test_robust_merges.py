@@ -9,18 +9,9 @@ from sim.config import MergeConfig, apply_overrides, SimConfig
 from sim.merge import STRATEGIES, merge
 from sim.merge.streamed import ROWS
 from sim.model import PEFT_PREFIX, Adapter
+from test_merge import from_delta
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def from_delta(*deltas: list[list[float]]) -> list[Adapter]:
-    """Adapters whose ΔW of module "m" is exactly the given matrix (A = I, B = ΔW, alpha = r → scaling 1)."""
-    out = []
-    for d in deltas:
-        b = torch.tensor(d, dtype=torch.float32)
-        out.append(Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.eye(b.shape[1]),
-                            f"{PEFT_PREFIX}m.lora_B.weight": b}, float(b.shape[1]), None))
-    return out
 
 
 def random_adapters(n: int, out_f: int = 2 * ROWS + 6, in_f: int = 9, r: int = 2) -> list[Adapter]:

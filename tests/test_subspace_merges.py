@@ -15,6 +15,7 @@ from sim.merge import get_spec
 from sim.merge.subspace import common_split, iso_c, iso_cts, knots, tsv
 from sim.merge.specs import ISO_CTS_COMMON_FRACTION, KNOTS_SCALE
 from sim.model import PEFT_PREFIX, Adapter
+from test_merge import from_delta
 
 MODULES = ("blocks.0.attn.qkv", "blocks.1.attn.qkv")
 EPS32 = float(np.finfo(np.float32).eps)
@@ -30,16 +31,6 @@ def make_adapter(seed: int, r: int = 3, out_f: int = 12, in_f: int = 10, alpha: 
         w[f"{PEFT_PREFIX}{m}.lora_A.weight"] = torch.randn(r, in_f, generator=g)
         w[f"{PEFT_PREFIX}{m}.lora_B.weight"] = torch.randn(out_f, r, generator=g)
     return Adapter(w, alpha, "base0")
-
-
-def from_delta(*deltas) -> list[Adapter]:
-    """Adapters whose ΔW of module ``m`` is exactly the given matrix (A = I, B = ΔW, alpha = r: scaling 1)."""
-    out = []
-    for d in deltas:
-        b = torch.tensor(d, dtype=torch.float32)
-        out.append(Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.eye(b.shape[1]),
-                            f"{PEFT_PREFIX}m.lora_B.weight": b}, float(b.shape[1]), None))
-    return out
 
 
 def np_delta(a: Adapter, m: str) -> np.ndarray:
