@@ -161,7 +161,7 @@ def latency_table(sizes: list[int], strategies: list[str], peft_ties_svd_max_n: 
                 state = continual.start(name)
                 for a in adapters[:-1]:
                     state = continual.step(state, a)
-                s, mb = measure(lambda state=state: continual.step(state, adapters[-1]))
+                s, mb = measure(lambda state=state, last=adapters[-1]: continual.step(state, last))
                 rows.append({"n": n, "method": f"{name}:step", "s": s, "peak_mb": mb})
                 print(f"  N={n:2d} {name + ':step':<21s} {s:7.2f} s  {mb:7.0f} MB  (the N-th commit's step)",
                       flush=True)
