@@ -94,7 +94,8 @@ class TopK:
         self.by_group: dict[int, list[torch.Tensor]] = {}     # group -> views of its candidates' values
         self.missed: list[int] = []
 
-    def group(self, contributor: torch.Tensor, module: int) -> torch.Tensor:
+    def group(self, contributor: torch.Tensor | int, module: int) -> torch.Tensor | int:
+        """The group of contributor(s) in module ``module``: the contributor (global scope) or i · M + j."""
         return contributor if self.scope == "global" else contributor * self.a.shape[1] + module
 
     def collect(self, j: int, r0: int, x: torch.Tensor, kept: torch.Tensor, tmp: torch.Tensor) -> None:
@@ -115,8 +116,7 @@ class TopK:
             sizes = torch.bincount(who, minlength=n).tolist()          # nonzero() is ordered: who ascends
             for i, v_i in enumerate(vals.split(sizes)):
                 if sizes[i]:
-                    self.by_group.setdefault(i if self.scope == "global" else i * self.a.shape[1] + j,
-                                             []).append(v_i)
+                    self.by_group.setdefault(self.group(i, j), []).append(v_i)
         counts = torch.linalg.vector_norm(kept.view(n, -1), ord=0, dim=1).double()   # nonzeros; exact below 2^24
         idx = torch.arange(n) if self.scope == "global" else torch.arange(n) * self.a.shape[1] + j
         self.above.index_add_(0, idx, counts)
