@@ -118,7 +118,7 @@ class TopK:
                 if sizes[i]:
                     self.by_group.setdefault(self.group(i, j), []).append(v_i)
         counts = torch.linalg.vector_norm(kept.view(n, -1), ord=0, dim=1).double()   # nonzeros; exact below 2^24
-        idx = torch.arange(n) if self.scope == "global" else torch.arange(n) * self.a.shape[1] + j
+        idx = self.group(torch.arange(n), j)
         self.above.index_add_(0, idx, counts)
 
     def resolve(self) -> tuple[torch.Tensor, list[int]]:
