@@ -343,6 +343,45 @@ def test_a_commit_the_gate_rejects_changes_no_branch(tmp_path, tiny_cfg, tiny_fo
     assert ok["event"] == "accepted" and "gate_norm" in ok and "gate_fit" in ok and ok["gate_s"] >= 0
 
 
+@pytest.mark.parametrize("kind", ["scale", "sign_flip"])
+def test_with_20_percent_update_attackers_the_gated_main_is_main_of_their_honest_commits_alone(
+        tmp_path, tiny_cfg, tiny_foundation, tiny_cohort, honest, kind):
+    # Prepare: the malicious share of 20 % drawn from the seed (one of the 4 institutions), attacking from the fifth
+    # commit on (attacks.start 4: its second-round commit); the stream is the honest commits in merge order, the
+    # malicious institution's from then on attacked as its kind says
+    ac = AttacksConfig(kind=kind, share=0.2, start=4, scale=10.0)
+    bad = attacks.malicious(ac, len(tiny_cohort.institutions), tiny_cfg.seed)
+    assert len(bad) == 1
+    stream = [dataclasses.replace(c, adapter=attacks.attacked_update(c.adapter, kind, ac), meta={"attack": kind})
+              if c.institution in bad and k >= ac.start else c for k, c in enumerate(honest)]
+    attacked = {c.id for c in stream if c.meta.get("attack")}
+    strategies = ("ties", "svd", "mixture")
+    meta = {i.id: (i.task, tuple(i.classes)) for i in tiny_cohort.institutions}
+
+    def main_of(commits, checks):
+        cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=strategies),
+                               gate=GateConfig(checks=checks, min_history=2))
+        state = MainState(tmp_path / f"run-{len(list(tmp_path.iterdir()))}", cfg, meta, tiny_foundation)
+        return state, [state.receive(c) for c in commits]
+
+    # Execute: the attacked stream through the gate (norm and cosine); the same stream without the attacked commits,
+    # ungated
+    gated, acks = main_of(stream, ("norm", "cosine"))
+    alone, _ = main_of([c for c in stream if c.id not in attacked], ())
+    # Assert: the gate rejected exactly the attacked commits (its true positives, no honest commit lost), each by the
+    # check meant for its kind, and every branch of the gated main predicts bit for bit as main of the honest commits
+    rejected = {a["id"]: a["gate_failed"] for a in acks if a["event"] == "rejected"}
+    assert set(rejected) == attacked and attacked
+    assert set(rejected.values()) == {"norm" if kind == "scale" else "cosine"}
+    (_, ours), (_, theirs) = gated.snapshot(), alone.snapshot()
+    for strategy in strategies:
+        for task in tiny_cohort.tasks:
+            x, classes = tiny_cohort.task_split(task, "test").x, tiny_cohort.task_classes[task]
+            p = predict_proba(tiny_foundation, ours[strategy], x, task, classes)
+            q = predict_proba(tiny_foundation, theirs[strategy], x, task, classes)
+            assert np.array_equal(p, q), (strategy, task)
+
+
 def test_bad_attacks_and_gate_fields_are_named():
     for override, message in (("attacks.kind=evil", "attacks.kind must be one of none, scale"),
                               ("attacks.share=1.5", "attacks.share must be"),
