@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+import yaml
 
 from experiments.common import CLIError, add_config_args, resolve_config
 from experiments.trackers import add_tracker_args, mlflow_uri, parse_trackers, where_logged
@@ -25,6 +28,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_tracker_args(p)
 
 
+def split_grid_overrides(grid: dict, overrides: list[str]) -> tuple[dict[str, tuple], list[str]]:
+    """``--set`` items naming one of the study's grid axes (``data.institutions=[10,50,100,200]``: the axis's values;
+    a single value: that value alone), apart from the rest, which set the base config. Without this a ``--set`` of
+    an axis would set the base and every trial would then replace it with the grid's value."""
+    axes, rest = {}, []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if sep and key.strip() in grid:
+            value = yaml.safe_load(raw) if raw.strip() else None
+            values = tuple(value) if isinstance(value, list) else (value,)
+            if not values or len(set(map(json.dumps, values))) != len(values):
+                raise CLIError(f"--set {item}: grid axis {key.strip()} needs one or more distinct values")
+            axes[key.strip()] = values
+        else:
+            rest.append(item)
+    return axes, rest
+
+
+def grid_values(base, axes: dict[str, tuple]) -> dict[str, tuple]:
+    """``axes`` once each of their values is a valid config value over ``base`` (else the config's error, which names
+    the field)."""
+    from sim.config import apply_overrides
+
+    for key, values in axes.items():
+        for value in values:
+            apply_overrides(base, [f"{key}={json.dumps(value)}"])
+    return axes
+
+
 def run(args: argparse.Namespace) -> int:
     from experiments.presets import get_study
     from experiments.sweep import SWEEP_FILE, read_plan, run_sweep, write_plan
@@ -44,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.study or not args.out:
             raise CLIError("give a study and --out DIR (or --resume DIR)")
         study = get_study(args.study, smoke=args.smoke)
+        axes, args.overrides = split_grid_overrides(study.grid, args.overrides)
         base = resolve_config(args, {"seed": "seed"}, base=study.base)     # constructing it validates it
+        study.grid.update(grid_values(base, axes))
+        for key, values in axes.items():
+            print(f"{study.name}: grid axis {key} = {', '.join(map(str, values))} (from --set)")
         sweep_dir = Path(args.out)
         if sweep_dir.exists() and not sweep_dir.is_dir():
             raise CLIError(f"--out {sweep_dir} exists and is not a directory")
