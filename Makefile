@@ -22,11 +22,12 @@ demo: $(STAMP)
 	$(BIN)/forgesim report $(DEMO_OUT)
 
 # The suite on TEST_WORKERS pytest-xdist processes, each with its own local Ray and one torch thread (the default-
-# model tests first, see tests/conftest.py); TEST_WORKERS=0 runs it in this one process.
+# model tests first, see tests/conftest.py); TEST_WORKERS=0 runs it in this one process. -rs names every skipped
+# test with its reason, so a CI log shows whether the Chromium test ran.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
