@@ -8,15 +8,15 @@ the clean run.
 
 Per seed it runs the ``poisoning`` study's community (10 institutions over 4 tasks, the ``demo`` preset's training,
 distillation and search sizes, 2 contributions each) without attackers (no gate, and the gate alone: its false
-positives on honest commits), then each attack kind at ``--share`` (from merge position ``--start``, the
-``attacks.start`` of the study: 0) with the gate off and on. All runs share one
-commit cache (``runtime.commit_cache``, ``--cache``), so an honest contribution is trained once and every run merges
-the same honest commits; an attacked one is trained once per kind. Prints per run and strategy the final ACC, its
-difference from the seed's clean run without the gate and from the clean run with the same gate, the gate's TPR, FPR
-and seconds per commit checked, and the verdict of the claim per kind and strategy (|Δ ACC| ≤ 0.02 with the gate on,
-against either clean run), then the measured values of the checks that rejected honest commits. ``--out`` keeps the
-run dirs. The ACC figures are deterministic per seed (virtual clock); the gate's seconds depend on the machine's
-load.
+positives on honest commits), then each attack kind at ``--share`` (from merge position ``--start``; the study's
+``attacks.start`` is 0) with the gate off and on. All runs share one commit cache (``runtime.commit_cache``,
+``--cache``), so an honest contribution is trained once and every run merges the same honest commits; an attacked
+one is trained once per kind. Prints per run and strategy the final ACC, its difference from the seed's clean run
+without the gate and from the clean run with the same gate, under a backdoor its success (triggered test images of
+other classes sent to the target class), the gate's TPR, FPR and seconds per commit checked; then the verdict of
+the claim per kind and strategy (|Δ ACC| ≤ 0.02 with the gate on, against either clean run) and the measured values
+of the checks that rejected honest commits. ``--out`` keeps the run dirs. The ACC figures are deterministic per seed
+(virtual clock); the gate's seconds depend on the machine's load.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def one_run(seed: int, kind: str | None, share: float, start: int, checks: tuple
     gate = summary.get("gate", {})
     return {"seed": seed, "attack": kind or "none", "gate": ",".join(checks) or "off",
             "acc": {s: summary["strategies"][s]["acc"] for s in strategies},
+            "asr": {s: summary["strategies"][s].get("asr", math.nan) for s in strategies},
             "accepted": summary["commits_accepted"], "commits": summary["commits_accepted"] + summary["commits_rejected"],
             "tpr": gate.get("tpr", math.nan), "fpr": gate.get("fpr", math.nan),
             "by_check": gate.get("by_check", {}), "gate_s": gate.get("gate_s_per_commit", math.nan),
@@ -94,8 +95,8 @@ def main() -> None:
           f"from merge position {args.start}; commit cache {cache}")
     names = ", ".join(strategies)
     print(f"| seed | attack | gate | {' | '.join(strategies)} | Δ ACC vs clean, no gate ({names}) | "
-          f"Δ ACC vs clean, same gate | accepted | TPR | FPR | rejected by | gate s / commit | wall s |")
-    print("|" + "---|" * (10 + len(strategies)))
+          f"Δ ACC vs clean, same gate | backdoor success | accepted | TPR | FPR | rejected by | gate s / commit | wall s |")
+    print("|" + "---|" * (11 + len(strategies)))
     verdicts, false_pos = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
         clean: dict = {}
@@ -110,6 +111,7 @@ def main() -> None:
             print(f"| {seed} | {r['attack']} | {r['gate']} | " + " | ".join(f"{r['acc'][s]:.3f}" for s in strategies)
                   + " | " + ", ".join(f"{d:+.3f}" for d in plain.values())
                   + " | " + ", ".join(f"{d:+.3f}" for d in same.values())
+                  + " | " + (", ".join(f"{r['asr'][s]:.3f}" for s in strategies) if kind == "backdoor" else "–")
                   + f" | {r['accepted']} / {r['commits']} | {rate(r['tpr'])} | {rate(r['fpr'])} | {rejected} | "
                   f"{rate(r['gate_s']) if gate else '–'} | {r['wall_s']:.0f} |", flush=True)
     print(f"\nclaim: with the gate on, |ACC − clean ACC| <= {TOLERANCE} at share {args.share} (vs the clean run without "
