@@ -119,9 +119,11 @@ def idle_times(schedule: Schedule) -> list[dict]:
             continue
         busy = sum(c.train_time + c.delay for c in mine)
         span = mine[-1].t_commit - mine[0].t_pull
+        # summed gap by gap (not span - busy), so back-to-back contributions give exactly 0
+        idle = sum(b.t_pull - a.t_arrive for a, b in zip(mine, mine[1:])) + mine[-1].barrier_wait
         out.append({"institution": i, "speed": float(schedule.speeds[i]), "fast": i in fast,
                     "contributions": len(mine), "busy": float(busy), "span": float(span),
-                    "idle": float(max(0.0, span - busy)), "t_last": float(mine[-1].t_commit)})
+                    "idle": float(max(0.0, idle)), "t_last": float(mine[-1].t_commit)})
     return out
 
 
