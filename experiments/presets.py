@@ -347,14 +347,14 @@ def asynchrony(smoke: bool = False) -> Study:
     may) with an upload delay of mean 0.1 training times, branches lora_avg (pulled), ties and fusion, every branch
     scored on every task after every merge (``runtime.eval_tasks: all``). The report gives accuracy over virtual time,
     the time to 90 % of the final accuracy (FedScale's time-to-accuracy), the staleness of the accepted commits and the
-    idle time of the fast institutions. Smoke: the tiny model, 4 institutions × 2 contributions, lora_avg and ties,
-    σ 1, the three protocols, seed 0 (3 trials)."""
+    idle time of the fast institutions. Smoke: the tiny model, 4 institutions × 2 contributions (hosted by one actor),
+    lora_avg and ties, σ 1, the three protocols, seed 0 (3 trials)."""
     n = 4 if smoke else 12
     cfg = _with(_sized(SimConfig(), smoke), data={"institutions": n},
                 merge={"strategies": ASYNCHRONY_STRATEGIES[:2] if smoke else ASYNCHRONY_STRATEGIES},
                 schedule={"arrival": "eager", "contributions": 2 if smoke else 3, "commit_delay": 0.1,
                           "pull_strategy": "lora_avg"},
-                runtime={"eval_every": 1, "eval_tasks": "all"})
+                runtime={"eval_every": 1, "eval_tasks": "all"} | ({"institutions_per_actor": n} if smoke else {}))
     grid = {"schedule.speed_sigma": (1.0,) if smoke else (0.0, 0.5, 1.0, 1.5),
             "protocol": tuple(asynchrony_protocols(n)), "seed": (0,) if smoke else (0, 1, 2)}
     return Study("asynchrony", cfg, grid, variants={"protocol": asynchrony_protocols(n)}, description=asynchrony.__doc__,
