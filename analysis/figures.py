@@ -871,7 +871,7 @@ def plot_staleness_idle(staleness: pd.DataFrame, results: pd.DataFrame, out_dir:
             ax.bar(per_run.index + (k - (len(protocols) - 1) / 2) * width, per_run.to_numpy(), width,
                    color=strategy_color(proto, protocols), label=proto)
         ax.set_title(f"staleness, {x_label} = {value:g}" if value is not None else "staleness", fontsize=10)
-        ax.set_xlabel("staleness (commits merged between pull and merge)")
+        ax.set_xlabel("staleness (commits)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("accepted commits per run")
@@ -890,8 +890,10 @@ def plot_staleness_idle(staleness: pd.DataFrame, results: pd.DataFrame, out_dir:
     if x in idle.columns:
         ix.set_xticks(_panel_values(idle, x))
     ix.grid(alpha=0.3)
+    fig.subplots_adjust(wspace=0.32)
     _fig_legend(fig, list(axes))
-    caption = ("Left: staleness of the accepted commits, the mean number per run with each staleness, per protocol "
+    caption = ("Left: staleness of the accepted commits (commits merged between a contribution's pull and its own "
+               "merge), the mean number per run with each staleness, per protocol "
                f"(one panel per {x_label}); a synchronous round's commits are stale only by their place in the "
                "barrier's merge order, MedForge's start from the foundation and are never stale. Right: the share "
                "of the institutions' virtual time between their first pull and their last merge spent idle — "

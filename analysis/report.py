@@ -144,6 +144,7 @@ def facts_table(run: RunData) -> Table:
              ("staleness mean / max (commits)", f"{_fmt(staleness.get('mean'), 1)} / {staleness.get('max', '–')}"),
              ("seed", s.get("seed", "–")), ("clock", s.get("clock", "–")), ("contributions start from",
                                                                             s.get("init_from", "–")),
+             ("merge protocol", (s.get("asynchrony") or {}).get("protocol", "–")),
              ("data", f"{get('data', 'name')}, {get('data', 'n_tasks')} tasks"),
              ("LoRA rank", get("lora", "rank")),
              ("distillation", f"{get('distill', 'method')}, IPC {get('distill', 'ipc')}"),

@@ -325,6 +325,11 @@ def check_asynchrony_sweep(out: Path, res: pd.DataFrame, html: Path, preset) -> 
     assert trials.loc["sync_rounds", "idle_share_fast"] > trials.loc["sync_rounds", "idle_share"] > 0
     summary = json.loads((out / trials.loc["sync_rounds", "run_dir"] / "summary.json").read_text())
     assert summary["asynchrony"]["staleness_counts"] == {"0": 2, "1": 2, "2": 2, "3": 2}
+    # ...merged at the barriers in institution order, round 1 pulled main after round 0's four merges
+    events = pd.read_parquet(out / trials.loc["sync_rounds", "run_dir"] / "events.parquet")
+    merged = events[events.event == "accepted"].sort_values("seq")
+    assert list(merged.id) == [f"inst{i:03d}-{k:02d}" for k in (0, 1) for i in range(4)]
+    assert list(merged.pulled_version) == [0] * 4 + [4] * 4 and merged.t_commit.nunique() == 2
     # evaluation rows carry virtual time: one time per barrier (2 rounds)
     metrics = pd.read_parquet(out / trials.loc["sync_rounds", "run_dir"] / "metrics.parquet")
     assert metrics[metrics.version > 0].t_virtual.nunique() == 2
