@@ -52,6 +52,12 @@ def test_study_presets_full_and_smoke():
         assert len(full[name].points()) >= 3          # seeds at least
     with pytest.raises(ValueError, match="unknown study 'scalling'; known: scaling"):
         get_study("scalling")
+    # a variant axis: each name is its bundle of config values, and an unknown name is one clear error
+    bundle = full["asynchrony"].overrides({"schedule.speed_sigma": 0.5, "protocol": "async_stale", "seed": 1})
+    assert bundle == {"schedule.speed_sigma": 0.5, "schedule.init_from": "main", "schedule.protocol": "async",
+                      "schedule.staleness_weighting": True, "schedule.max_staleness": 12, "seed": 1}
+    with pytest.raises(ValueError, match="protocol 'fedprox' is not one of medforge, async_stale, sync_rounds"):
+        full["asynchrony"].overrides({"protocol": "fedprox"})
 
 
 def test_a_study_entry_is_what_its_sweep_dir_records_for_the_report(tmp_path):
@@ -333,6 +339,8 @@ def check_asynchrony_sweep(out: Path, res: pd.DataFrame, html: Path, preset) -> 
     # evaluation rows carry virtual time: one time per barrier (2 rounds)
     metrics = pd.read_parquet(out / trials.loc["sync_rounds", "run_dir"] / "metrics.parquet")
     assert metrics[metrics.version > 0].t_virtual.nunique() == 2
+    # ...and every evaluation scores both tasks (runtime.eval_tasks: all), the first one too, with one task merged
+    assert metrics[metrics.version > 0].groupby(["version", "strategy"]).task.nunique().eq(2).all()
     report = (html.parent / "report.md").read_text()
     assert "Time to accuracy, staleness and idle time per protocol" in report
     assert (html.parent / "figures" / "staleness_idle.png").stat().st_size > 0
