@@ -118,7 +118,7 @@ class MergeActor:
         version, snapshot = state.snapshot()
         refs = {s: ray.put({s: p}) for s, p in snapshot.items()}
         return [evaluate_task.options(**self.options).remote(self.cfg_blob, refs[s], [task], version)
-                for s in snapshot for task in state.tasks_seen()]
+                for s in snapshot for task in state.tasks_to_score()]
 
     def finish(self, references: bool = True) -> dict:
         """Final evaluation (every strategy, plus the references) and the main branch written to disk.
@@ -132,7 +132,7 @@ class MergeActor:
         """
         version = self.state.version
         self.state.save_main()
-        tasks = self.state.tasks_seen()
+        tasks = self.state.tasks_to_score()
         final = self.evals.get(version) or self._evaluate()     # evaluated already if the last commit hit eval_every
         refs = {}
         if references:
@@ -142,7 +142,7 @@ class MergeActor:
             base = base_reference(list(self.state.latest_adapters().values()))
             refs["base"] = evaluate_task.options(**self.options).remote(self.cfg_blob, {"base": base}, tasks, version)
             refs["individual"] = individual_task.options(**self.options).remote(self.cfg_blob,
-                                                                                self.state.latest_adapters())
+                                                                                self.state.latest_adapters(), tasks)
         periodic = [r for v in sorted(self.evals) if v != version for part in ray.get(self.evals[v]) for r in part]
         out = {"version": version, "evals": periodic + [r for part in ray.get(final) for r in part],
                "storage": self.state.storage_bytes()}

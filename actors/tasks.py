@@ -137,14 +137,14 @@ def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int)
 
 @ray.remote(max_retries=2)
 @_releases_device_memory
-def individual_task(cfg_blob: str, adapters: dict) -> list[dict]:
+def individual_task(cfg_blob: str, adapters: dict, tasks: list[str] | None = None) -> list[dict]:
     """The ``individual`` references: each institution's latest adapter on its task's pooled test set
-    (``individual``) and on its own test split (``individual_local``)."""
+    (``individual``) and on its own test split (``individual_local``), on ``tasks`` (default: the adapters')."""
     from sim.evaluation import evaluate_individual
 
     t0 = time.perf_counter()
     cfg = _config(cfg_blob)
-    records = evaluate_individual(_setup(cfg), adapters, _cohort(cfg_blob))
+    records = evaluate_individual(_setup(cfg), adapters, _cohort(cfg_blob), tasks)
     busy = time.perf_counter() - t0
     return [r | {"busy_s": busy / max(1, len(records))} for r in records]
 

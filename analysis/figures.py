@@ -29,7 +29,8 @@ from analysis.load import REFERENCES, mean_ci
 
 __all__ = ["FigureResult", "strategy_color", "plot_scaling", "plot_cost", "cost_frames", "draw_cost",
            "plot_orders", "plot_forgetting", "forgetting_frames", "draw_forgetting", "plot_ipc", "plot_rank",
-           "plot_timeline", "timeline_frames", "draw_timeline", "plot_progress"]
+           "plot_timeline", "timeline_frames", "draw_timeline", "plot_progress", "plot_time_to_accuracy",
+           "plot_staleness_idle"]
 
 DPI = 150
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -769,3 +770,133 @@ def plot_progress(history: pd.DataFrame, references: dict, out_dir: str | Path) 
                   "points average fewer tasks)" if varying else "")
                + "; horizontal lines: the references on all tasks at the end of the run.")
     return _save(fig, Path(out_dir), "progress", caption)
+
+
+# 9. asynchrony: accuracy over virtual time, staleness and idle time -------------------------------------------------
+def _step_mean(group: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over trials of step curves (``trial_id``, ``t_virtual``, ``acc``; each trial's curve holds from its
+    point until its next): on the union of their times, each trial's value the last at or before the time."""
+    grid = np.unique(group["t_virtual"].to_numpy(float))
+    values = []
+    for _, g in group.groupby("trial_id", sort=False):
+        g = g.sort_values("t_virtual")
+        t, acc = g["t_virtual"].to_numpy(float), g["acc"].to_numpy(float)
+        idx = np.searchsorted(t, grid, side="right") - 1
+        values.append(np.where(idx >= 0, acc[np.clip(idx, 0, None)], np.nan))
+    return grid, np.nanmean(np.vstack(values), axis=0)
+
+
+def _panel_values(df: pd.DataFrame, column: str) -> list:
+    return sorted(df[column].dropna().unique()) if column in df.columns else [None]
+
+
+def plot_time_to_accuracy(curves: pd.DataFrame, results: pd.DataFrame, out_dir: str | Path, x: str = "sigma",
+                          by: str = "protocol", x_label: str = "σ", time_label: str = "virtual time (units)"
+                          ) -> FigureResult | None:
+    """Accuracy over virtual time: one panel per strategy (rows) × value of ``x`` (columns), one line per ``by``
+    (protocol), the mean over seeds of the trials' step curves; a diamond marks the mean time to target (the first
+    time a trial reaches ``TARGET`` of its final accuracy, ``results``' ``time_to_target``).
+
+    Args:
+        curves: one row per trial × strategy × point, ``trial_id``, ``strategy``, ``t_virtual``, ``acc`` and the
+            ``x`` and ``by`` columns (``analysis.load.accuracy_over_time`` per run, with the foundation at t = 0).
+        results: the study's rows (trial × strategy) with ``time_to_target`` and ``acc``.
+    Returns:
+        The figure's result, or None without curves.
+    """
+    if curves is None or curves.empty or by not in curves.columns:
+        return None
+    strategies, xs = _strategies(curves), _panel_values(curves, x)
+    protocols = list(dict.fromkeys(curves[by]))
+    fig = Figure(figsize=(3.6 * len(xs) + 1.2, 2.9 * len(strategies) + 1.2))
+    axes = np.atleast_2d(fig.subplots(len(strategies), len(xs), squeeze=False, sharey="row"))
+    for r, s in enumerate(strategies):
+        for c, value in enumerate(xs):
+            ax = axes[r, c]
+            part = curves[(curves["strategy"] == s) & ((curves[x] == value) if value is not None else True)]
+            for proto in protocols:
+                g = part[part[by] == proto]
+                if g.empty:
+                    continue
+                color = strategy_color(proto, protocols)
+                t, acc = _step_mean(g)
+                ax.step(t, acc, where="post", color=color, lw=1.6, label=proto)
+                rows = results[(results["strategy"] == s) & (results[by] == proto)
+                               & ((results[x] == value) if value is not None else True)]
+                hit = rows["time_to_target"].dropna() if "time_to_target" in rows else pd.Series(dtype=float)
+                if len(hit):
+                    y = acc[max(0, np.searchsorted(t, hit.mean(), side="right") - 1)]
+                    ax.plot([hit.mean()], [y], "D", color=color, ms=6, mec="black", mew=0.6, zorder=5)
+            ax.set_title(f"{s}, {x_label} = {value:g}" if value is not None else s, fontsize=10)
+            ax.grid(alpha=0.3)
+            if r == len(strategies) - 1:
+                ax.set_xlabel(time_label)
+            if c == 0:
+                ax.set_ylabel("ACC (mean over all tasks)")
+    axes[0, 0].plot([], [], "D", color="0.5", mec="black", mew=0.6, ls="", label="time to target (mean)")
+    _fig_legend(fig, list(axes.ravel()))
+    n_seeds = curves["seed"].nunique() if "seed" in curves.columns else 1
+    caption = (f"Accuracy against virtual time per protocol: each panel one strategy (rows) and one {x_label} "
+               "(columns); lines: the main branch's ACC on every task of the cohort after each merge (the last merge "
+               "of an instant, e.g. a round's barrier), from the foundation at t = 0, mean over "
+               f"{n_seeds} seed(s) of the step curves; diamonds: the mean time to 90 % of the run's final accuracy "
+               f"(FedScale's time-to-accuracy). x axis: {time_label}.")
+    return _save(fig, Path(out_dir), "time_to_accuracy", caption)
+
+
+def plot_staleness_idle(staleness: pd.DataFrame, results: pd.DataFrame, out_dir: str | Path, x: str = "sigma",
+                        by: str = "protocol", x_label: str = "σ") -> FigureResult | None:
+    """Staleness histograms of the accepted commits (one panel per value of ``x``, bars per ``by``: the mean over
+    seeds of the commits per staleness) and the idle share of the fast institutions against ``x`` (last panel).
+
+    Args:
+        staleness: ``trial_id``, ``staleness``, ``count`` and the ``x``, ``by`` columns, per trial
+            (``analysis.load.staleness_counts``).
+        results: the study's rows with ``idle_share_fast`` and ``idle_share`` (one value per trial).
+    """
+    if staleness is None or staleness.empty or by not in staleness.columns:
+        return None
+    xs = _panel_values(staleness, x)
+    protocols = list(dict.fromkeys(staleness[by]))
+    fig = Figure(figsize=(3.4 * (len(xs) + 1) + 0.8, 3.8))
+    axes = fig.subplots(1, len(xs) + 1, squeeze=False)[0]
+    width = 0.8 / max(1, len(protocols))
+    for ax, value in zip(axes, xs):
+        part = staleness[(staleness[x] == value) if value is not None else np.ones(len(staleness), bool)]
+        for k, proto in enumerate(protocols):
+            g = part[part[by] == proto]
+            if g.empty:
+                continue
+            per_run = g.groupby("staleness")["count"].sum() / g["trial_id"].nunique()
+            ax.bar(per_run.index + (k - (len(protocols) - 1) / 2) * width, per_run.to_numpy(), width,
+                   color=strategy_color(proto, protocols), label=proto)
+        ax.set_title(f"staleness, {x_label} = {value:g}" if value is not None else "staleness", fontsize=10)
+        ax.set_xlabel("staleness (commits)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("accepted commits per run")
+    idle = _per_trial(results, [x, by, "seed"]) if not results.empty else results
+    ix = axes[-1]
+    for proto in protocols:
+        g = idle[idle[by] == proto] if by in idle.columns else idle.iloc[:0]
+        color = strategy_color(proto, protocols)
+        for col, style, marker in (("idle_share_fast", "-", "o"), ("idle_share", ":", "")):
+            if col in g.columns and g[col].notna().any():
+                _line_ci(ix, g.assign(**{col: 100 * g[col]}), x, col, proto if col == "idle_share_fast" else "",
+                         color, style, marker)
+    ix.set_xlabel(f"speed heterogeneity {x_label}")
+    ix.set_ylabel("idle share of virtual time (%)")
+    ix.set_title("idle time (solid: fast half, dotted: all)", fontsize=10)
+    if x in idle.columns:
+        ix.set_xticks(_panel_values(idle, x))
+    ix.grid(alpha=0.3)
+    fig.subplots_adjust(wspace=0.32)
+    _fig_legend(fig, list(axes))
+    caption = ("Left: staleness of the accepted commits (commits merged between a contribution's pull and its own "
+               "merge), the mean number per run with each staleness, per protocol "
+               f"(one panel per {x_label}); a synchronous round's commits are stale only by their place in the "
+               "barrier's merge order, MedForge's start from the foundation and are never stale. Right: the share "
+               "of the institutions' virtual time between their first pull and their last merge spent idle — "
+               "waiting for a round's barrier or with nothing to do (sim.asynchrony.idle_times) — of the faster "
+               f"half of the institutions (solid) and of all (dotted), against {x_label}. {_seed_note(idle)}")
+    return _save(fig, Path(out_dir), "staleness_idle", caption)

@@ -103,4 +103,8 @@ DEFAULT_LAYOUTS: tuple[StudyLayout, ...] = (
     StudyLayout("poisoning", "attack_share", "malicious share", "share of malicious institutions",
                 _COLUMNS | {"attack_share": "attacks.share"},
                 (Section("Attacks and the gate", tables=("poisoning",)),)),
+    StudyLayout("asynchrony", "sigma", "σ", "speed heterogeneity σ (lognormal sigma of institution speeds)",
+                _COLUMNS | {"sigma": "schedule.speed_sigma"}, (
+        Section("Asynchrony: accuracy over virtual time", "time_to_accuracy", ("asynchrony",)),
+        Section("Staleness and idle time", "staleness_idle"))),
 )

@@ -23,7 +23,8 @@ import yaml
 
 __all__ = ["RunData", "SweepData", "REFERENCES", "dir_kind", "load_run", "load_sweep", "study_rows",
            "mean_ci", "t_quantile", "final_table", "strategy_task_table", "eval_history", "contributions",
-           "cost_table", "strategy_scores", "reference_scores", "cache_hits", "distill_audit", "run_orders"]
+           "cost_table", "strategy_scores", "reference_scores", "cache_hits", "distill_audit", "run_orders",
+           "accuracy_over_time", "staleness_counts"]
 
 # Reference predictors, never merge strategies. All but ``individual_local`` are scored on each task's pooled test
 # set, like the strategies; ``individual_local`` is each site's adapter on its own test split (sim.evaluation).
@@ -224,6 +225,30 @@ def eval_history(metrics: pd.DataFrame) -> pd.DataFrame:
     if "event" in df.columns:
         df = df[df["event"] == "eval"]
     return df
+
+
+def accuracy_over_time(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each strategy's accuracy over virtual time in one run: one row per strategy × distinct ``t_virtual`` (when
+    main reached the evaluated version), ``acc`` the mean over tasks of the last version merged at that instant
+    (of versions merged together, at a synchronous round's barrier, main only rests at the last). Columns
+    ``strategy``, ``t_virtual``, ``version``, ``acc``; empty when the records carry no ``t_virtual`` (a run dir
+    written before they did)."""
+    cols = ["strategy", "t_virtual", "version", "acc"]
+    hist = eval_history(metrics)
+    if hist.empty or "t_virtual" not in hist.columns:
+        return pd.DataFrame(columns=cols)
+    means = (hist.groupby(["strategy", "version"], sort=False)
+             .agg(acc=("acc", "mean"), t_virtual=("t_virtual", "first")).reset_index())
+    means = means.dropna(subset=["t_virtual"]).sort_values(["strategy", "t_virtual", "version"], kind="stable")
+    return means.drop_duplicates(["strategy", "t_virtual"], keep="last")[cols].reset_index(drop=True)
+
+
+def staleness_counts(summary: dict) -> pd.DataFrame:
+    """A run's accepted commits per staleness (``summary.json``'s ``asynchrony.staleness_counts``): columns
+    ``staleness``, ``count``; empty without the block."""
+    counts = ((summary.get("asynchrony") or {}).get("staleness_counts") or {})
+    return pd.DataFrame({"staleness": [int(k) for k in counts], "count": [int(v) for v in counts.values()]},
+                        columns=["staleness", "count"])
 
 
 def contributions(events: pd.DataFrame) -> pd.DataFrame:

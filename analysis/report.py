@@ -21,8 +21,8 @@ import pandas as pd
 from analysis import claims, cost, figures
 from analysis.figures import FigureResult
 from analysis.layout import Section, StudyLayout, read_layouts
-from analysis.load import (REFERENCES, RunData, SweepData, contributions, cost_table, dir_kind, eval_history,
-                           load_run, load_sweep, study_rows, strategy_task_table)
+from analysis.load import (REFERENCES, RunData, SweepData, accuracy_over_time, contributions, cost_table, dir_kind,
+                           eval_history, load_run, load_sweep, staleness_counts, study_rows, strategy_task_table)
 
 __all__ = ["Table", "Report", "build_report", "run_report", "sweep_report", "check_layout", "claims_table", "FIGURES",
            "TABLES", "TABLE_DATA", "FIGURE_NAMES"]
@@ -144,6 +144,7 @@ def facts_table(run: RunData) -> Table:
              ("staleness mean / max (commits)", f"{_fmt(staleness.get('mean'), 1)} / {staleness.get('max', '–')}"),
              ("seed", s.get("seed", "–")), ("clock", s.get("clock", "–")), ("contributions start from",
                                                                             s.get("init_from", "–")),
+             ("merge protocol", (s.get("asynchrony") or {}).get("protocol", "–")),
              ("data", f"{get('data', 'name')}, {get('data', 'n_tasks')} tasks"),
              ("LoRA rank", get("lora", "rank")),
              ("distillation", f"{get('distill', 'method')}, IPC {get('distill', 'ipc')}"),
@@ -307,6 +308,51 @@ def steps_table(steps: pd.DataFrame | None) -> Table | None:
                       "final accuracy.")
 
 
+def asynchrony_table(rows: pd.DataFrame | None, x: str = "sigma", x_label: str = "σ", by: str = "protocol"
+                     ) -> Table | None:
+    """Per protocol × value of ``x`` (speed heterogeneity): each strategy's time to 90 % of its final accuracy and
+    its final ACC, then what the protocol cost — the virtual time of the last merge, the mean staleness of the
+    accepted commits, the commits rejected as too stale and the idle shares of the fast half and of all
+    institutions; each mean ± sd over seeds."""
+    need = {by, x, "strategy", "acc", "time_to_target"}
+    if rows is None or rows.empty or not need <= set(rows.columns):
+        return None
+    strategies = [s for s in dict.fromkeys(rows["strategy"]) if s not in REFERENCES]
+
+    def num(v: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+        v = v.dropna() * scale
+        if v.empty:
+            return "–"
+        return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else "")
+
+    table_rows = []
+    for proto in dict.fromkeys(rows[by]):
+        for value in sorted(rows.loc[rows[by] == proto, x].unique()):
+            g = rows[(rows[by] == proto) & (rows[x] == value)]
+            trials = g.drop_duplicates("trial_id") if "trial_id" in g.columns else g
+            cells = []
+            for s in strategies:
+                mine = g[g["strategy"] == s]
+                cells += [num(mine["time_to_target"]), _mean_sd(mine["acc"])]
+            cells += [num(trials[c]) if c in trials else "–" for c in ("t_end", "staleness_mean")]
+            cells += [num(trials["stale_rejected"], digits=1) if "stale_rejected" in trials else "–"]
+            cells += [num(trials[c], 100, 1) if c in trials else "–" for c in ("idle_share_fast", "idle_share")]
+            table_rows.append([str(proto), f"{value:g}"] + cells)
+    columns = ([("", by), ("", x_label)] + [(s, sub) for s in strategies for sub in ("time to 90 %", "ACC (%)")]
+               + [("", "last merge (t)"), ("", "staleness (mean)"), ("", "stale rejected"),
+                  ("idle (%)", "fast half"), ("idle (%)", "all")])
+    n_seeds = rows["seed"].nunique() if "seed" in rows.columns else 1
+    return Table("Time to accuracy, staleness and idle time per protocol", columns, table_rows,
+                 note=f"Mean ± sd over {n_seeds} seed(s). Time to 90 %: the first virtual time at which the branch's "
+                      "ACC on every task of the cohort reaches 90 % of its final ACC (sim.asynchrony); ACC: final, "
+                      "mean over tasks, in %; last merge: the virtual time of the last accepted commit's merge; "
+                      "staleness: commits merged between a contribution's pull and its merge, mean over accepted "
+                      "commits; stale rejected: commits rejected by schedule.max_staleness per run; idle: the share "
+                      "of virtual time between an institution's first pull and its last merge spent neither "
+                      "training nor uploading (waiting for a barrier or for its next start), of the faster half "
+                      "of the institutions and of all. Virtual time unit: one training at speed 1.")
+
+
 def orders_task_table(per_task: pd.DataFrame | None) -> Table | None:
     """Range (max − min over orders) of the AUC per strategy × task, in points of %."""
     if per_task is None or per_task.empty or not {"strategy", "task", "order", "auc"} <= set(per_task.columns):
@@ -423,6 +469,36 @@ class StudyData:
         return self.sweep.orders if self.sweep.orders is not None else pd.DataFrame()
 
     @cached_property
+    def asynchrony_runs(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Per run dir of the study: its accuracy over virtual time (the foundation's accuracy at t = 0 first) and
+        its staleness counts, each row with the trial's config and variant columns (``trial_id``, ``seed``, the
+        layout's x, ``protocol``); empty frames when the rows or the run dirs lack them."""
+        res = self.results
+        if res.empty or "run_dir" not in res.columns or "protocol" not in res.columns:
+            return pd.DataFrame(), pd.DataFrame()
+        keep = [c for c in ("trial_id", "seed", self.layout.x, "protocol") if c and c in res.columns]
+        curves, stale = [], []
+        for _, trial in res.drop_duplicates("trial_id").iterrows():
+            run_dir = self.sweep.path / str(trial["run_dir"])
+            if not (run_dir / "summary.json").is_file():
+                continue
+            run = load_run(run_dir)
+            info = {c: trial[c] for c in keep}
+            over = accuracy_over_time(run.metrics)
+            if not over.empty:
+                base = (run.summary.get("references") or {}).get("base", {}).get("acc")
+                if base is not None:
+                    start = pd.DataFrame({"strategy": over["strategy"].unique(), "t_virtual": 0.0, "version": 0,
+                                          "acc": float(base)})
+                    over = pd.concat([start, over[over["t_virtual"] > 0]], ignore_index=True)
+                curves.append(over.assign(**info))
+            counts = staleness_counts(run.summary)
+            if not counts.empty:
+                stale.append(counts.assign(**info))
+        return (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(),
+                pd.concat(stale, ignore_index=True) if stale else pd.DataFrame())
+
+    @cached_property
     def claim_data(self) -> claims.ClaimData:
         """The study's rows and merge orders as the claims read them (``analysis.claims``)."""
         return claims.claim_data(self.sweep, self.layout.study)
@@ -473,6 +549,17 @@ def _steps(st: StudyData) -> FigureResult | None:
     return figures.plot_steps(st.steps, st.fig_dir)
 
 
+def _time_to_accuracy(st: StudyData) -> FigureResult | None:
+    return figures.plot_time_to_accuracy(st.asynchrony_runs[0], st.results, st.fig_dir, st.layout.x or "sigma",
+                                         x_label=st.layout.x_label or "σ",
+                                         time_label="virtual time (units: one training at speed 1)")
+
+
+def _staleness_idle(st: StudyData) -> FigureResult | None:
+    return figures.plot_staleness_idle(st.asynchrony_runs[1], st.results, st.fig_dir, st.layout.x or "sigma",
+                                       x_label=st.layout.x_label or "σ")
+
+
 def _forgetting(st: StudyData) -> FigureResult | None:
     """Forgetting bars from the study's rows, the heatmap from the study's first run dir (if it was kept)."""
     rows, history = st.forgetting_rows, None
@@ -495,6 +582,8 @@ FIGURES: dict[str, tuple[Callable[[StudyData], pd.DataFrame], Callable[[StudyDat
     "forgetting": (lambda st: st.forgetting_rows, _forgetting),
     "ipc": (lambda st: st.rows, _ipc),
     "rank": (lambda st: st.rows, _rank),
+    "time_to_accuracy": (lambda st: st.asynchrony_runs[0], _time_to_accuracy),
+    "staleness_idle": (lambda st: st.asynchrony_runs[1], _staleness_idle),
 }
 # every figure a report may write: a figure whose data is gone must not survive from an earlier report
 FIGURE_NAMES = (*FIGURES, "timeline", "progress")
@@ -524,12 +613,14 @@ TABLES: dict[str, Callable[[StudyData], Table | None]] = {
     "poisoning": lambda st: poisoning_table(st.results),
     "steps": lambda st: steps_table(st.sweep.orders_steps),
     "claims": lambda st: claims_table(claims.evaluate(st.claim_data)),
+    "asynchrony": lambda st: asynchrony_table(st.results, st.layout.x or "sigma", st.layout.x_label or "σ"),
 }
 # table name -> the data a tables-only section of it needs (shown only when non-empty); other tables read the
 # study's rows over x
 TABLE_DATA: dict[str, Callable[[StudyData], pd.DataFrame]] = {"claims": lambda st: st.claim_data.results,
                                                              "strategies": lambda st: st.results,
-                                                             "poisoning": lambda st: st.results}
+                                                             "poisoning": lambda st: st.results,
+                                                             "asynchrony": lambda st: st.results}
 
 
 def check_layout(layout: StudyLayout) -> None:

@@ -10,8 +10,8 @@ import yaml
 from experiments.common import CLIError, add_config_args, resolve_config
 from experiments.trackers import add_tracker_args, mlflow_uri, parse_trackers, where_logged
 
-HELP = ("run a study (scaling, order, forgetting, ipc, rank, medforge, medlego, strategies) as a Ray Tune sweep and "
-        "write a sweep dir")
+HELP = ("run a study (scaling, order, forgetting, ipc, rank, medforge, medlego, strategies, poisoning, asynchrony) as a "
+        "Ray Tune sweep and write a sweep dir")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     for err in out["errored"]:
         print(f"  errored: {err}")
     if not res.empty:
-        keys = [c for c in ("contributors", "ipc", "rank", "seed") if c in res and res[c].nunique() > 1]
+        keys = [c for c in ("contributors", "ipc", "rank", "sigma", "protocol", "seed")
+                if c in res and res[c].nunique() > 1]
         table = res.groupby(keys + ["strategy"], sort=False)[["acc", "auc"]].mean() if keys else \
             res.groupby("strategy", sort=False)[["acc", "auc"]].mean()
         print(table.round(3).to_string())

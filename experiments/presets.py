@@ -76,12 +76,19 @@ class Study:
     (training is paid once per point, strategies are compared on identical commits); with ``orders`` > 0 each trial
     also re-merges its commits in that many distinct orders (order 0 = the run's), only the points matching
     ``orders_where`` (config field -> value; empty: every point) when it is given; ``order_steps`` scores every branch
-    (True) or the strategies it names after every merge step of those orders (OPCM's protocol, ``analysis.steps``). ``x`` is the axis its report plots
-    against (None: seeds only) and ``sections`` what its report shows (``analysis.layout.Section``)."""
+    (True) or the strategies it names after every merge step of those orders (OPCM's protocol, ``analysis.steps``).
+    ``x`` is the axis its report plots against (None: seeds only) and ``sections`` what its report shows
+    (``analysis.layout.Section``).
+
+    ``variants``: grid axes whose values are named bundles of config values (axis -> name -> {field: value}), for
+    what one field cannot say (a protocol is a pull policy, a weighting and a schedule mode at once). The grid holds
+    the names under the axis (no dot in it); a point's trial runs the bundle (``overrides``), and its results rows
+    carry the name in a column of the axis's name (``labels``)."""
 
     name: str
     base: SimConfig
     grid: dict[str, tuple] = field(default_factory=dict)
+    variants: dict[str, dict[str, dict[str, object]]] = field(default_factory=dict)
     orders: int = 0
     orders_where: dict = field(default_factory=dict)
     order_steps: bool | tuple[str, ...] = False
@@ -95,9 +102,27 @@ class Study:
         return self.orders if all(point.get(k, v) == v for k, v in self.orders_where.items()) else 0
 
     def points(self) -> list[dict]:
-        """The grid's points, in a fixed order (the last field varies fastest)."""
+        """The grid's points, in a fixed order (the last field varies fastest); a variant axis holds its names."""
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def overrides(self, point: dict) -> dict:
+        """The config values of ``point`` (field -> value): its fields, each variant name replaced by its bundle in
+        the axis's place."""
+        out: dict = {}
+        for key, value in point.items():
+            if key in self.variants:
+                if value not in self.variants[key]:
+                    raise ValueError(f"study {self.name}: {key} {value!r} is not one of "
+                                     f"{', '.join(self.variants[key])}")
+                out |= self.variants[key][value]
+            else:
+                out[key] = value
+        return out
+
+    def labels(self, point: dict) -> dict:
+        """The variant names of ``point`` (axis -> name), the results columns they become."""
+        return {key: point[key] for key in self.variants if key in point}
 
     @property
     def columns(self) -> dict[str, str]:
@@ -291,9 +316,56 @@ def poisoning(smoke: bool = False) -> Study:
                  sections=(Section("Attacks and the gate", tables=("poisoning",)),))
 
 
+SIGMA = Axis("sigma", "schedule.speed_sigma", "σ", "speed heterogeneity σ (lognormal sigma of institution speeds)")
+# The asynchrony study's branches: LoRA averaging (FedIT's FedAvg of the factors, the branch every protocol that
+# starts from main pulls), TIES and MedForge's sequential fusion.
+ASYNCHRONY_STRATEGIES = ("lora_avg", "ties", "fusion")
+
+
+def asynchrony_protocols(institutions: int) -> dict[str, dict[str, object]]:
+    """The asynchrony study's protocols as config bundles, on the same cohort, schedule draws and budget:
+
+    * ``medforge``: MedForge's — every adapter from the foundation (``init_from: base``), merged on arrival;
+    * ``async_stale``: asynchronous with staleness (FedBuff, Nguyen et al. 2022): each contribution starts from main
+      (``init_from: main``), commits are merged on arrival weighted by 1 / (1 + staleness), and a commit more than
+      one commit per institution behind main (``max_staleness`` = the number of institutions) is rejected;
+    * ``sync_rounds``: synchronous rounds (FedAvg, McMahan et al. 2017): everyone pulls main when a round starts,
+      the round's commits are merged at its barrier (its slowest member's arrival), unweighted.
+    """
+    return {"medforge": {"schedule.init_from": "base", "schedule.protocol": "async",
+                         "schedule.staleness_weighting": False, "schedule.max_staleness": -1},
+            "async_stale": {"schedule.init_from": "main", "schedule.protocol": "async",
+                            "schedule.staleness_weighting": True, "schedule.max_staleness": institutions},
+            "sync_rounds": {"schedule.init_from": "main", "schedule.protocol": "sync_rounds",
+                            "schedule.staleness_weighting": False, "schedule.max_staleness": -1}}
+
+
+def asynchrony(smoke: bool = False) -> Study:
+    """Institutions of heterogeneous speed (lognormal σ 0, 0.5, 1, 1.5) under three protocols on the same cohort and
+    budget (``asynchrony_protocols``: medforge, async_stale, sync_rounds) × seeds 0-2: 12 institutions over 4 tasks,
+    3 contributions each, compute-bound (``schedule.arrival: eager``: each starts its next contribution as soon as it
+    may) with an upload delay of mean 0.1 training times, branches lora_avg (pulled), ties and fusion, every branch
+    scored on every task after every merge (``runtime.eval_tasks: all``). The report gives accuracy over virtual time,
+    the time to 90 % of the final accuracy (FedScale's time-to-accuracy), the staleness of the accepted commits and the
+    idle time of the fast institutions. Smoke: the tiny model, 4 institutions × 2 contributions (hosted by one actor),
+    lora_avg and ties, σ 1, the three protocols, seed 0 (3 trials)."""
+    n = 4 if smoke else 12
+    cfg = _with(_sized(SimConfig(), smoke), data={"institutions": n},
+                merge={"strategies": ASYNCHRONY_STRATEGIES[:2] if smoke else ASYNCHRONY_STRATEGIES},
+                schedule={"arrival": "eager", "contributions": 2 if smoke else 3, "commit_delay": 0.1,
+                          "pull_strategy": "lora_avg"},
+                runtime={"eval_every": 1, "eval_tasks": "all"} | ({"institutions_per_actor": n} if smoke else {}))
+    grid = {"schedule.speed_sigma": (1.0,) if smoke else (0.0, 0.5, 1.0, 1.5),
+            "protocol": tuple(asynchrony_protocols(n)), "seed": (0,) if smoke else (0, 1, 2)}
+    return Study("asynchrony", cfg, grid, variants={"protocol": asynchrony_protocols(n)}, description=asynchrony.__doc__,
+                 x=SIGMA, sections=(Section("Asynchrony: accuracy over virtual time", "time_to_accuracy", ("asynchrony",)),
+                                    Section("Staleness and idle time", "staleness_idle")))
+
+
 STUDIES: dict[str, Callable[[bool], Study]] = {"scaling": scaling, "order": order, "forgetting": forgetting,
                                                "ipc": ipc, "rank": rank, "medforge": medforge, "medlego": medlego,
-                                               "strategies": strategies, "poisoning": poisoning}
+                                               "strategies": strategies, "poisoning": poisoning,
+                                               "asynchrony": asynchrony}
 
 
 def get_study(name: str, smoke: bool = False) -> Study:

@@ -45,7 +45,10 @@ if TYPE_CHECKING:
 SWEEP_FILE = "sweep.json"
 TUNE_NAME = "tune"
 # results.parquet: each strategy's summary metrics, and the references' ACC/AUC, per trial
-SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "asr")
+SUMMARY_METRICS = ("acc", "auc", "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "asr",
+                   "time_to_target")
+# results.parquet: what asynchrony cost, per trial (summary.json's asynchrony block, sim.asynchrony; NaN without one)
+ASYNCHRONY_METRICS = ("t_end", "idle_share", "idle_share_fast", "idle_fast", "stale_rejected")
 # results.parquet: the gate against the attacks, per trial (summary.json's gate block; NaN without one)
 GATE_METRICS = ("malicious_commits", "honest_commits", "true_positives", "false_positives", "tpr", "fpr",
                 "gate_s_per_commit")
@@ -255,8 +258,9 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
 
     layout = study.layout()
     check_layout(layout)
-    points = [{"name": point_name(i, p), "values": p, "orders": study.orders_of(p)}
-              for i, p in enumerate(study.points())]
+    # a variant axis (``Study.variants``) names the point and its results column; its trial runs the bundle
+    points = [{"name": point_name(i, p), "values": study.overrides(p), "orders": study.orders_of(study.overrides(p))}
+              | ({"labels": study.labels(p)} if study.variants else {}) for i, p in enumerate(study.points())]
     if "data.institutions" in study.grid:     # nested communities: the smaller ones built from the largest's log
         builds = plan_builds(config_to_dict(base), points, sweep_dir)
         points = [p | builds[p["name"]] for p in points]
@@ -413,6 +417,7 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
         common = {"trial_id": p["name"], "tune_trial_id": tune_ids[trial_name], "study": plan["study"],
                   "built": "subset" if p.get("subset_of") else "fresh"}
         common |= {col: _get(cfg, field) for col, field in columns.items()}
+        common |= p.get("labels", {})
         common |= {field: value for field, value in p["values"].items() if field not in columns.values()}
         common |= {"wall_s": run.summary["wall_s"], "commits_accepted": run.summary["commits_accepted"],
                    "cache_hits": cache_hits(run.events)}
@@ -422,6 +427,7 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
         gate = run.summary.get("gate") or {}
         common |= {f"gate_{m}" if not m.startswith("gate_") else m:
                    math.nan if gate.get(m) is None else float(gate[m]) for m in GATE_METRICS}
+        common |= asynchrony_scores(run.summary)
         common["run_dir"] = str(run_dir.relative_to(sweep_dir))
         for s in cfg.merge.strategies:
             rows.append(common | {"strategy": s} | strategy_scores(run.summary, s, SUMMARY_METRICS))
@@ -436,6 +442,15 @@ def write_results(plan: dict, sweep_dir: Path, grid, joint: dict) -> "pd.DataFra
     if orders_steps:
         pd.DataFrame(orders_steps).to_parquet(sweep_dir / "orders_steps.parquet", index=False)
     return df
+
+
+def asynchrony_scores(summary: dict) -> dict[str, float]:
+    """A run's ``ASYNCHRONY_METRICS`` and its mean staleness (``staleness_mean``) as results columns (NaN where the
+    summary lacks them: a run dir written before they existed)."""
+    block = summary.get("asynchrony") or {}
+    out = {m: math.nan if block.get(m) is None else float(block[m]) for m in ASYNCHRONY_METRICS}
+    mean = (summary.get("staleness") or {}).get("mean")
+    return out | {"staleness_mean": math.nan if mean is None else float(mean)}
 
 
 def _get(cfg: SimConfig, field: str):

@@ -342,7 +342,8 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    arrival: str = _f("poisson", "arrival process of contribution start times: poisson, uniform, periodic or trace")
+    arrival: str = _f("poisson", "arrival process of contribution start times: poisson, uniform, periodic, eager (all "
+                                 "at 0: each starts as soon as it may) or trace")
     contributions: int = _f(2, "contributions per institution (trace: ignored, each institution has its CSV rows)")
     rate: float = _f(1.0, "mean contribution starts per institution per unit of virtual time (trace: ignored)")
     speed_sigma: float = _f(0.5, "lognormal sigma of institution speeds (heterogeneous hospitals); 0 = all speed 1")
@@ -360,11 +361,16 @@ class ScheduleConfig:
     pull_strategy: str = _f("", "init_from=main: merge strategy whose branch is pulled; empty = the first "
                                 "parameter-space entry of merge.strategies")
     wall_scale: float = _f(0.05, "runtime.clock=wall: seconds of real time per unit of virtual time")
+    protocol: str = _f("async", "when commits are merged: async (each on arrival) or sync_rounds (contribution k of "
+                                "every institution is round k: all pull when the round starts, and the round's "
+                                "commits are merged together when its slowest member's has arrived, which starts "
+                                "the next round)")
 
     def __post_init__(self) -> None:
-        from sim.schedule import ARRIVALS  # the registry; imported here, see the note above _choice
+        from sim.schedule import ARRIVALS, PROTOCOLS  # the registries; imported here, see the note above _choice
 
         _choice("schedule.arrival", self.arrival, ARRIVALS)
+        _choice("schedule.protocol", self.protocol, PROTOCOLS)
         _check(self.contributions >= 1, "schedule.contributions", "an integer >= 1", self.contributions)
         _check(0 < self.rate < math.inf, "schedule.rate", "a finite number > 0", self.rate)
         _check(0 <= self.speed_sigma < math.inf, "schedule.speed_sigma", "a finite number >= 0", self.speed_sigma)
@@ -402,6 +408,9 @@ class RuntimeConfig:
     clock: str = _f("virtual", "virtual (deterministic order) or wall (arrival order)")
     address: str | None = _f(None, "Ray address of an existing cluster; None = RAY_ADDRESS or a local Ray")
     eval_every: int = _f(0, "evaluate every k accepted commits (0 = only at the end)")
+    eval_tasks: str = _f("seen", "the tasks each evaluation scores: seen (those of the commits accepted so far) or all "
+                                 "(every task of the cohort, a task without a commit yet scored as it stands, so "
+                                 "accuracy over time is on one fixed test set)")
     commit_cache: str | None = _f(None, "directory of a content-addressed commit cache shared by runs: a "
                                         "contribution trained before with the same training-relevant config is "
                                         "loaded from it instead of retrained (sweeps set it); None = off")
@@ -423,6 +432,7 @@ class RuntimeConfig:
         _choice("runtime.precision", self.precision, PRECISIONS)
         _choice("runtime.clock", self.clock, ("virtual", "wall"))
         _check(self.eval_every >= 0, "runtime.eval_every", "an integer >= 0", self.eval_every)
+        _choice("runtime.eval_tasks", self.eval_tasks, ("seen", "all"))
         _check(self.institutions_per_actor >= 0, "runtime.institutions_per_actor", "an integer >= 0 (0 = automatic)",
                self.institutions_per_actor)
 
@@ -569,8 +579,27 @@ class SimConfig:
         self._follow_pretrained_input()
         _check(self.data.institutions >= self.data.task_count, "data.institutions",
                f"at least the number of tasks ({self.data.task_count})", self.data.institutions)
+        self._check_protocol()
+        _check(self.runtime.eval_tasks == "seen" or self.model.head == "prototype", "runtime.eval_tasks",
+               "seen with model.head=linear (a task without a commit has no head to score it with)",
+               self.runtime.eval_tasks)
         self.pull_branch  # noqa: B018 - raises here, at construction, if init_from=main has no branch to pull
         self.gate_branch  # noqa: B018 - the same for the gate's regression check
+
+    def _check_protocol(self) -> None:
+        """Synchronous rounds need the virtual clock (its driver holds a round's commits until the barrier) and no
+        per-commit staleness: a round's commits all start from the same main, and the merge actor's staleness of
+        each (the round's commits merged before it at the barrier, 0 … n - 1) only reflects its place in the
+        barrier's institution order, so it may neither weight nor reject them."""
+        if self.schedule.protocol != "sync_rounds":
+            return
+        _check(self.runtime.clock == "virtual", "runtime.clock", "virtual with schedule.protocol=sync_rounds (the "
+               "barrier is the virtual clock's)", self.runtime.clock)
+        _check(not self.schedule.staleness_weighting, "schedule.staleness_weighting", "false with "
+               "schedule.protocol=sync_rounds (a round's commits all pulled the same main)",
+               self.schedule.staleness_weighting)
+        _check(self.schedule.max_staleness < 0, "schedule.max_staleness", "-1 with schedule.protocol=sync_rounds "
+               "(a round's commits all pulled the same main; none is stale)", self.schedule.max_staleness)
 
     def _follow_pretrained_input(self) -> None:
         """With ``model.pretrained`` hub or FILE, images are what the model was pretrained on: ``data.img_size`` and

@@ -228,6 +228,14 @@ class MainState:
         """Tasks of the accepted commits, in order of first arrival."""
         return list(dict.fromkeys(c.task for c in self.commits))
 
+    def tasks_to_score(self) -> list[str]:
+        """The tasks an evaluation scores (``runtime.eval_tasks``): ``tasks_seen`` (seen), or those first and then
+        every other task of the cohort in institution order (all), so accuracy over time is on one fixed set."""
+        seen = self.tasks_seen()
+        if self.cfg.runtime.eval_tasks != "all":
+            return seen
+        return list(dict.fromkeys(seen + [self.institutions[i][0] for i in sorted(self.institutions)]))
+
     def latest_adapters(self) -> dict[int, Adapter]:
         """Each institution's latest accepted adapter."""
         return {c.institution: c.adapter for c in self.commits}

@@ -238,6 +238,9 @@ def subset_mismatch(source: SimConfig, cfg: SimConfig) -> str | None:
     if source.schedule.init_from != "base" or cfg.schedule.init_from != "base":
         return "schedule.init_from is main: each commit depends on the main it pulled, so a smaller community's " \
                "commits are not the larger one's"
+    if "sync_rounds" in (source.schedule.protocol, cfg.schedule.protocol):
+        return "schedule.protocol is sync_rounds: a round's barrier waits for the slowest member of the whole " \
+               "community, so a smaller community's schedule is not the larger one's"
     if cfg.data.partition != "per_institution":
         return f"data.partition is {cfg.data.partition}: institution i's data depend on the community size"
     if "wall" in (source.runtime.clock, cfg.runtime.clock):
@@ -335,14 +338,14 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
                              f"({ack.get('reason')})")
         if every and state.version % every == 0:
             evals[state.version] = evaluate_snapshot(foundation, state.branches.snapshot(), cohort,
-                                                     state.tasks_seen(), state.version)
+                                                     state.tasks_to_score(), state.version)
     # Step 3: ``MergeActor.finish``: main on disk, the final evaluation, the references.
-    version, tasks = state.version, state.tasks_seen()
+    version, tasks = state.version, state.tasks_to_score()
     state.save_main()
     final = evals.get(version) or evaluate_snapshot(foundation, state.branches.snapshot(), cohort, tasks, version)
     latest = state.latest_adapters()
     base = evaluate_snapshot(foundation, {"base": base_reference(list(latest.values()))}, cohort, tasks, version)
-    individual = evaluate_individual(foundation, latest, cohort)
+    individual = evaluate_individual(foundation, latest, cohort, tasks)
     periodic = [r for v in sorted(evals) if v != version for r in evals[v]]
     evaluated = FinalEvaluation(periodic + final, base, individual, state.storage_bytes())
     extra = {"replayed_from": {"run_dir": str(source_dir.resolve()), "n_institutions": source.data.institutions,

@@ -13,6 +13,20 @@ An *arrival process* (one registry, ``ARRIVALS``) gives each institution the tim
 * before each contribution ``k >= 1`` the institution leaves for good with probability ``dropout``, at the
   time it would have pulled.
 
+``schedule.protocol`` says when a commit is merged (``PROTOCOLS``):
+
+* ``async`` (the default, and MedForge's): on arrival, ``t_commit = t_arrive = t_pull + train_time + delay``;
+* ``sync_rounds``: synchronous rounds with a barrier (FedAvg's protocol, McMahan et al. 2017). Contribution ``k`` of
+  every institution is round ``k``. Round ``k`` starts at ``T_k`` (``T_0 = 0``, ``T_k`` = round ``k - 1``'s barrier);
+  each member pulls at ``max(T_k, arrival[k])`` (the arrival process says when it is available), trains and uploads
+  as above, and the round's barrier is its slowest member's arrival ``B_k = max t_arrive``. Every commit of the
+  round is merged at ``t_commit = B_k`` (in institution order, the virtual clock's tie-break), so fast members wait
+  ``B_k - t_arrive`` and the next round's pulls, at ``B_k``, see every commit of the round. An institution that
+  drops out before round ``k`` is not waited for. The barrier couples the institutions, so this is a mode of
+  ``build_schedule`` and not an arrival process (which draws each institution's start times alone).
+
+Both protocols make the same contributions (same ids, seeds, speeds, stragglers and delays): only the times differ.
+
 The merge order of the virtual clock is ``(t_commit, institution, index)``. Every random draw comes from
 ``derive_rng(seed, "schedule", ...)`` with a separate stream per institution (and per contribution), so the
 same inputs give the identical schedule and changing one institution's draws leaves the others' untouched.
@@ -36,8 +50,11 @@ from sim.registry import lookup
 if TYPE_CHECKING:   # annotations only: sim.config checks schedule.arrival against ARRIVALS, so no import cycle
     from sim.config import ScheduleConfig
 
-__all__ = ["Contribution", "Schedule", "ARRIVALS", "get_arrival", "build_schedule", "read_trace",
-           "poisson", "uniform", "periodic", "trace"]
+__all__ = ["Contribution", "Schedule", "ARRIVALS", "PROTOCOLS", "get_arrival", "build_schedule", "read_trace",
+           "poisson", "uniform", "periodic", "eager", "trace"]
+
+# schedule.protocol: when a commit is merged (see the module docstring)
+PROTOCOLS = ("async", "sync_rounds")
 
 # Same-time events: a commit is merged before a pull at that instant, so the pull sees it.
 _EVENT_ORDER = {"commit": 0, "dropout": 1, "pull": 2}
@@ -51,11 +68,21 @@ class Contribution:
     institution: int
     index: int         # k-th contribution of this institution, 0-based
     t_pull: float      # pulls main and starts training
-    t_commit: float    # its commit reaches the merge actor: t_pull + train_time + delay
+    t_commit: float    # its commit is merged: on arrival (async), at its round's barrier (sync_rounds)
     train_time: float  # virtual training duration (speed and straggling included)
     delay: float       # virtual time between end of training and the commit's arrival
     straggler: bool
     seed: int          # derive_seed(seed, "contribution", institution, index): training/distillation seed
+
+    @property
+    def t_arrive(self) -> float:
+        """When the commit has arrived (training and upload done): ``t_pull + train_time + delay``."""
+        return self.t_pull + self.train_time + self.delay
+
+    @property
+    def barrier_wait(self) -> float:
+        """Virtual time the arrived commit waited for its round's barrier before it was merged (0 when async)."""
+        return max(0.0, self.t_commit - self.t_arrive)
 
     def record(self) -> dict:
         """The fields as a flat dict."""
@@ -139,10 +166,18 @@ def trace(cfg: ScheduleConfig, speeds: Sequence[float], seed: int) -> list[np.nd
     return [np.sort(np.asarray(times.get(i, []), dtype=float)) for i in range(len(speeds))]
 
 
+def eager(cfg: ScheduleConfig, speeds: Sequence[float], seed: int) -> list[np.ndarray]:
+    """``cfg.contributions`` starts per institution, all at 0: an institution is always ready, so it starts each
+    contribution as soon as it may (its previous commit has arrived, or, with synchronous rounds, its round has
+    begun); compute-bound institutions whose only pace is their speed (``cfg.rate`` is ignored)."""
+    return [np.zeros(cfg.contributions) for _ in speeds]
+
+
 ARRIVALS: dict[str, Callable[[ScheduleConfig, Sequence[float], int], list[np.ndarray]]] = {
     "poisson": poisson,
     "uniform": uniform,
     "periodic": periodic,
+    "eager": eager,
     "trace": trace,
 }
 
@@ -213,27 +248,70 @@ def draw_speeds(sigma: float, n_institutions: int, seed: int) -> tuple[float, ..
                  for i in range(n_institutions))
 
 
+def _draw(cfg: ScheduleConfig, institution: int, k: int, speed: float, seed: int) -> tuple[bool, bool, float, float]:
+    """Contribution ``k``'s own draws: ``(leaves before it, straggles, train_time, delay)``.
+
+    Contribution ``k`` has its own stream, so e.g. changing ``dropout`` never changes a kept contribution, and both
+    protocols draw the same contributions.
+    """
+    rng = derive_rng(seed, "schedule", "contribution", institution, k)
+    u_dropout, u_straggler = rng.random(2)
+    delay = cfg.commit_delay * float(rng.standard_exponential())
+    straggler = bool(u_straggler < cfg.straggler_prob)
+    train_time = cfg.train_time / speed * (cfg.straggler_factor if straggler else 1.0)
+    return bool(k >= 1 and u_dropout < cfg.dropout), straggler, train_time, delay
+
+
+def _contribution(institution: int, k: int, t_pull: float, t_commit: float, train_time: float, delay: float,
+                  straggler: bool, seed: int) -> Contribution:
+    return Contribution(f"inst{institution:03d}-{k:02d}", institution, k, t_pull, t_commit, train_time, delay,
+                        straggler, derive_seed(seed, "contribution", institution, k))
+
+
 def plan_institution(cfg: ScheduleConfig, institution: int, speed: float, arrivals: np.ndarray, seed: int
                      ) -> tuple[list[Contribution], float | None]:
-    """One institution's contributions, done one at a time from its ``arrivals``, and its dropout time (or None).
-
-    Contribution ``k`` has its own stream, so e.g. changing ``dropout`` never changes a kept contribution.
-    """
+    """One institution's contributions under ``async``, done one at a time from its ``arrivals``, and its dropout
+    time (or None)."""
     out: list[Contribution] = []
     t_free = 0.0  # when the previous commit arrived: the institution is busy until then
     for k, t_arrive in enumerate(arrivals):
-        rng = derive_rng(seed, "schedule", "contribution", institution, k)
-        u_dropout, u_straggler = rng.random(2)
-        delay = cfg.commit_delay * float(rng.standard_exponential())
+        leaves, straggler, train_time, delay = _draw(cfg, institution, k, speed, seed)
         t_pull = max(float(t_arrive), t_free)
-        if k >= 1 and u_dropout < cfg.dropout:
+        if leaves:
             return out, t_pull
-        straggler = bool(u_straggler < cfg.straggler_prob)
-        train_time = cfg.train_time / speed * (cfg.straggler_factor if straggler else 1.0)
         t_free = t_pull + train_time + delay
-        out.append(Contribution(f"inst{institution:03d}-{k:02d}", institution, k, t_pull, t_free, train_time,
-                                delay, straggler, derive_seed(seed, "contribution", institution, k)))
+        out.append(_contribution(institution, k, t_pull, t_free, train_time, delay, straggler, seed))
     return out, None
+
+
+def plan_rounds(cfg: ScheduleConfig, speeds: Sequence[float], arrivals: Sequence[np.ndarray], seed: int
+                ) -> tuple[list[Contribution], dict[int, float]]:
+    """Every institution's contributions under ``sync_rounds`` and the dropout times (see the module docstring).
+
+    Round ``k`` holds contribution ``k`` of every institution that has one and has not left; it starts at the
+    previous round's barrier and ends at its own, the latest arrival of its members.
+    """
+    out: list[Contribution] = []
+    dropouts: dict[int, float] = {}
+    t_round = 0.0
+    for k in range(max((len(a) for a in arrivals), default=0)):
+        members = []       # (institution, t_pull, train_time, delay, straggler) of round k
+        for i, (speed, times) in enumerate(zip(speeds, arrivals)):
+            if i in dropouts or k >= len(times):
+                continue
+            leaves, straggler, train_time, delay = _draw(cfg, i, k, speed, seed)
+            t_pull = max(float(times[k]), t_round)
+            if leaves:
+                dropouts[i] = t_pull
+                continue
+            members.append((i, t_pull, train_time, delay, straggler))
+        if not members:
+            break
+        barrier = max(t_pull + train_time + delay for _, t_pull, train_time, delay, _ in members)
+        out += [_contribution(i, k, t_pull, barrier, train_time, delay, straggler, seed)
+                for i, t_pull, train_time, delay, straggler in members]
+        t_round = barrier
+    return out, dropouts
 
 
 def build_schedule(cfg: ScheduleConfig, n_institutions: int, seed: int) -> Schedule:
@@ -243,14 +321,18 @@ def build_schedule(cfg: ScheduleConfig, n_institutions: int, seed: int) -> Sched
     # Step 1: speeds, then each institution's start times from the arrival process.
     speeds = draw_speeds(cfg.speed_sigma, n_institutions, seed)
     arrivals = get_arrival(cfg.arrival)(cfg, speeds, seed)
-    # Step 2: each institution's contributions, one at a time, with stragglers, delays and dropout.
+    # Step 2: each institution's contributions, with stragglers, delays and dropout: one at a time on its own, or in
+    # rounds with a barrier.
     contributions: list[Contribution] = []
     dropouts: dict[int, float] = {}
-    for i, (speed, times) in enumerate(zip(speeds, arrivals)):
-        planned, t_left = plan_institution(cfg, i, speed, times, seed)
-        contributions += planned
-        if t_left is not None:
-            dropouts[i] = t_left
+    if cfg.protocol == "sync_rounds":
+        contributions, dropouts = plan_rounds(cfg, speeds, arrivals, seed)
+    else:
+        for i, (speed, times) in enumerate(zip(speeds, arrivals)):
+            planned, t_left = plan_institution(cfg, i, speed, times, seed)
+            contributions += planned
+            if t_left is not None:
+                dropouts[i] = t_left
     # Step 3: the merge order of the virtual clock.
     contributions.sort(key=lambda c: (c.t_commit, c.institution, c.index))
     return Schedule(tuple(contributions), dropouts, speeds)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from sim.asynchrony import summarise_asynchrony, version_times
 from sim.config import SimConfig
 from sim.evaluation import finite_mean, summarise_reference, summarise_strategies
 from sim.schedule import Schedule
@@ -70,11 +71,17 @@ def event_rows(run_id: str, schedule: Schedule, log: Sequence[dict]) -> list[dic
     return rows + [common | {"source": "merge_actor"} | {k: v for k, v in r.items() if is_flat(v)} for r in log]
 
 
-def metric_rows(run_id: str, final: FinalEvaluation) -> list[dict]:
-    """One row per evaluation × strategy × task, the references as version -1; ``busy_s`` is left out (timing)."""
+def metric_rows(run_id: str, final: FinalEvaluation, times: dict[int, float] | None = None) -> list[dict]:
+    """One row per evaluation × strategy × task, the references as version -1; ``busy_s`` is left out (timing).
+
+    ``t_virtual``: when main reached the evaluated version (``times``, ``sim.asynchrony.version_times``); NaN for
+    the references and without ``times``.
+    """
     common = {"run_id": run_id}
-    rows = [common | r for r in final.evals]
-    rows += [common | {"event": "eval"} | r for records in final.references().values() for r in records]
+    times = times or {}
+    rows = [common | {"t_virtual": times.get(int(r["version"]), math.nan)} | r for r in final.evals]
+    rows += [common | {"event": "eval", "t_virtual": math.nan} | r for records in final.references().values()
+             for r in records]
     return [{k: v for k, v in r.items() if k != "busy_s"} for r in rows]
 
 
@@ -94,6 +101,8 @@ def summarise_run(cfg: SimConfig, run_id: str, schedule: Schedule, acks: Sequenc
     """
     accepted = list({r["id"]: r for r in log if r.get("event") == "accepted"}.values())
     merges = [r for r in log if r.get("event") == "merged"]
+    evals = [r for r in final.evals if r["strategy"] in cfg.merge.strategies]
+    asynchrony, targets = summarise_asynchrony(schedule, log, evals, cfg.schedule.protocol)
     busy = sum(a.get("task_s", 0.0) for a in acks) + sum(
         r.get("busy_s", 0.0) for r in final.evals + final.base + final.individual)
     summary = {
@@ -102,17 +111,18 @@ def summarise_run(cfg: SimConfig, run_id: str, schedule: Schedule, acks: Sequenc
         "wall_s": wall_s, "startup_s": startup_s, "busy_s": busy,
         "parallel_efficiency": busy / (wall_s * max(1.0, cfg.runtime.workers * cfg.runtime.num_cpus)),
         "seed": cfg.seed, "clock": cfg.runtime.clock, "init_from": cfg.schedule.init_from,
-        "strategies": summarise_strategies([r for r in final.evals if r["strategy"] in cfg.merge.strategies],
-                                           merges, final.storage),
+        "strategies": {s: block | {"time_to_target": targets.get(s, math.nan)}
+                       for s, block in summarise_strategies(evals, merges, final.storage).items()},
         "references": {name: summarise_reference(records) for name, records in final.references().items()},
         "staleness": {"mean": finite_mean([a.get("staleness") for a in accepted]),
                       "max": max([a.get("staleness") or 0 for a in accepted], default=0)},
+        "asynchrony": asynchrony,
     } | (extra or {})
     if "faults" in summary:
         summary["faults"] = summary["faults"] | fault_counts(log, accepted)
     if cfg.gate.checks or cfg.attacks.any:
         summary["gate"] = gate_counts(cfg, log, accepted)
-    return RunRecords(event_rows(run_id, schedule, log), metric_rows(run_id, final), summary)
+    return RunRecords(event_rows(run_id, schedule, log), metric_rows(run_id, final, version_times(log)), summary)
 
 
 def fault_counts(log: Sequence[dict], accepted: Sequence[dict]) -> dict:

@@ -423,3 +423,73 @@ def test_strategies_table_per_dataset_with_order_ranges():
     assert by["synthetic", "ties"][2] == "51.0 ± 1.4" and by["synthetic", "ties"][4] == "15.0"
     assert by["digits", "ties"][4] == "–" and by["synthetic", "svd"][6] == "2.000"
     assert table.bold == {(0, 2), (2, 2)}
+
+
+# The asynchrony study: accuracy over virtual time, staleness and idle time --------------------------------------------
+def test_time_to_accuracy_figure_has_one_line_per_protocol(tmp_path):
+    plot_time_to_accuracy, plot_staleness_idle = F.plot_time_to_accuracy, F.plot_staleness_idle
+
+    # Prepare: two protocols, two σ, one strategy, two seeds each
+    rows, curves, stale = [], [], []
+    for proto in ("medforge", "sync_rounds"):
+        for sigma in (0.0, 1.0):
+            for seed in (0, 1):
+                trial = f"{proto}-{sigma}-{seed}"
+                curves += [{"trial_id": trial, "seed": seed, "sigma": sigma, "protocol": proto, "strategy": "ties",
+                            "t_virtual": t, "acc": a} for t, a in ((0.0, 0.3), (1.0 + seed, 0.5), (3.0, 0.6))]
+                rows.append({"trial_id": trial, "seed": seed, "sigma": sigma, "protocol": proto, "strategy": "ties",
+                             "acc": 0.6, "time_to_target": 3.0, "idle_share": 0.1, "idle_share_fast": 0.2})
+                stale += [{"trial_id": trial, "seed": seed, "sigma": sigma, "protocol": proto, "staleness": s,
+                           "count": 2} for s in (0, 1)]
+    # Execute
+    acc = plot_time_to_accuracy(pd.DataFrame(curves), pd.DataFrame(rows), tmp_path)
+    idle = plot_staleness_idle(pd.DataFrame(stale), pd.DataFrame(rows), tmp_path)
+    # Assert: a legend entry per protocol (and the target marker), one panel per σ
+    assert acc.legend_labels == ["medforge", "sync_rounds", "time to target (mean)"]
+    assert [lab for lab, _ in acc.axes_labels].count("virtual time (units)") == 2
+    assert idle.legend_labels == ["medforge", "sync_rounds"] and idle.png.stat().st_size > 0
+
+
+def test_mean_of_step_curves_by_hand():
+    _step_mean = F._step_mean
+
+    # Prepare: trial a: 0.2 from 0, 0.6 from 2; trial b: 0.4 from 0, 0.8 from 1
+    df = pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "t_virtual": [0.0, 2.0, 0.0, 1.0],
+                       "acc": [0.2, 0.6, 0.4, 0.8]})
+    # Execute
+    t, acc = _step_mean(df)
+    # Assert: at 0 (0.2 + 0.4) / 2, at 1 (0.2 + 0.8) / 2, at 2 (0.6 + 0.8) / 2
+    assert list(t) == [0.0, 1.0, 2.0] and np.allclose(acc, [0.3, 0.5, 0.7])
+
+
+def test_accuracy_over_time_keeps_the_last_version_of_an_instant():
+    from analysis.load import accuracy_over_time
+
+    # Prepare: versions 1 and 2 merged together at t=3 (a barrier), version 3 at t=5; a reference row (version -1)
+    rows = [{"event": "eval", "strategy": "ties", "version": v, "task": task, "acc": acc, "t_virtual": t}
+            for v, t, accs in ((1, 3.0, (0.9, 0.9)), (2, 3.0, (0.4, 0.6)), (3, 5.0, (0.7, 0.9)))
+            for task, acc in zip(TASKS, accs)]
+    rows.append({"event": "eval", "strategy": "base", "version": -1, "task": "xray", "acc": 0.1, "t_virtual": np.nan})
+    # Execute
+    over = accuracy_over_time(pd.DataFrame(rows))
+    # Assert: the mean over tasks of version 2 stands for t=3 (version 1 is main in passing), version 3 for t=5
+    assert over[["t_virtual", "version"]].values.tolist() == [[3.0, 2], [5.0, 3]]
+    assert np.allclose(over["acc"], [0.5, 0.8]) and set(over["strategy"]) == {"ties"}
+    # ...records without virtual time (written before they carried it) give no curve
+    assert accuracy_over_time(pd.DataFrame(rows).drop(columns="t_virtual")).empty
+
+
+def test_asynchrony_table_means_over_seeds():
+    from analysis.report import asynchrony_table
+
+    # Prepare: one protocol at σ 0.5, two seeds; ties reaches 90 % at 2 and 4, ACC 50 and 60 %
+    rows = pd.DataFrame([{"trial_id": f"t{seed}", "seed": seed, "sigma": 0.5, "protocol": "sync_rounds",
+                          "strategy": "ties", "acc": acc, "time_to_target": ttt, "t_end": 9.0, "staleness_mean": 1.5,
+                          "stale_rejected": 0.0, "idle_share_fast": fast, "idle_share": 0.25}
+                         for seed, acc, ttt, fast in ((0, 0.5, 2.0, 0.4), (1, 0.6, 4.0, 0.6))])
+    # Execute
+    table = asynchrony_table(rows)
+    # Assert: mean ± sd (ddof 1) of each cell
+    assert table.rows == [["sync_rounds", "0.5", "3.00 ± 1.41", "55.0 ± 7.1", "9.00 ± 0.00", "1.50 ± 0.00",
+                           "0.0 ± 0.0", "50.0 ± 14.1", "25.0 ± 0.0"]]
+    assert asynchrony_table(rows.drop(columns="time_to_target")) is None

@@ -33,6 +33,29 @@ def test_invalid_value_names_the_field(override, field):
     assert str(err.value).startswith(field), str(err.value)
 
 
+@pytest.mark.parametrize("overrides, field", [
+    (["schedule.protocol=rounds"], "schedule.protocol"),
+    (["schedule.protocol=sync_rounds", "runtime.clock=wall"], "runtime.clock"),
+    (["schedule.protocol=sync_rounds", "schedule.staleness_weighting=true"], "schedule.staleness_weighting"),
+    (["schedule.protocol=sync_rounds", "schedule.max_staleness=3"], "schedule.max_staleness"),
+    (["runtime.eval_tasks=some"], "runtime.eval_tasks"),
+    (["runtime.eval_tasks=all", "model.head=linear"], "runtime.eval_tasks"),
+])
+def test_protocol_and_evaluation_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError) as err:
+        apply_overrides(SimConfig(), overrides)
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_sync_rounds_and_all_tasks_are_accepted():
+    # Execute
+    cfg = apply_overrides(SimConfig(), ["schedule.protocol=sync_rounds", "schedule.init_from=main",
+                                        "runtime.eval_tasks=all"])
+    # Assert: the defaults are the behaviour before these fields existed
+    assert (cfg.schedule.protocol, cfg.runtime.eval_tasks) == ("sync_rounds", "all")
+    assert (SimConfig().schedule.protocol, SimConfig().runtime.eval_tasks) == ("async", "seen")
+
+
 def test_choice_error_lists_choices():
     with pytest.raises(ValueError, match="one of adamw, sgd"):
         apply_overrides(SimConfig(), ["train.optimizer=adagrad"])

@@ -93,7 +93,7 @@ def test_module_imports_neither_torch_nor_ray():
 
 
 def test_unknown_arrival_lists_known_names():
-    with pytest.raises(ValueError, match="unknown arrival process 'poison'; known: poisson, uniform, periodic, trace"):
+    with pytest.raises(ValueError, match="unknown arrival process 'poison'; known: poisson, uniform, periodic, eager, trace"):
         get_arrival("poison")
 
 
@@ -189,6 +189,130 @@ def test_missing_trace_and_unknown_institution_stop_the_build(tmp_path, trace_cs
     # Execute / Assert: the trace names institution 1, but there is only one
     with pytest.raises(ValueError, match="unknown institution 1"):
         build_schedule(ScheduleConfig(arrival="trace", trace=str(trace_csv)), 1, 0)
+
+
+def test_eager_starts_each_contribution_when_the_previous_commit_arrives():
+    # Prepare: speeds 1, so each training takes exactly train_time; commit_delay 0
+    cfg = ScheduleConfig(arrival="eager", contributions=3, speed_sigma=0.0, train_time=0.5)
+    # Execute
+    schedule = build_schedule(cfg, 2, seed=4)
+    # Assert: back to back from 0, whatever the seed or rate
+    for i in range(2):
+        assert [(c.t_pull, c.t_commit) for c in schedule.for_institution(i)] == [(0.0, 0.5), (0.5, 1.0), (1.0, 1.5)]
+
+
+# --------------------------------------------------------------------------------------------
+# Existing schedules are unchanged (hashes of the schedules built before schedule.protocol and eager existed)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, digest", [
+    ({}, "92d137f4b005c28d9eaa2ab5d01bdfb9923a98334b74f372bc103194d85f831c"),
+    ({"arrival": "uniform", "contributions": 3, "speed_sigma": 1.0, "straggler_prob": 0.3, "commit_delay": 0.2,
+      "dropout": 0.2}, "aaa055bc7404f8b0b71df58b70c26e3ef13ba99a0bf7abf273c7a4671a8c2b1b"),
+    ({"arrival": "periodic", "contributions": 4, "rate": 2.0, "speed_sigma": 1.5, "train_time": 0.8,
+      "commit_delay": 0.1}, "5fb7018681fc35dc3a24a19606fe536b9e44529aef480f6ba240d432eb7fc393"),
+])
+def test_async_schedules_are_bit_identical_to_before(kwargs, digest):
+    import hashlib
+
+    # Execute
+    s = build_schedule(ScheduleConfig(**kwargs), 7, seed=3)
+    # Assert: every field of every contribution, the dropouts and the speeds, as exact floats
+    blob = repr([dataclasses.astuple(c) for c in s.contributions]) + repr(sorted(s.dropouts.items())) + repr(s.speeds)
+    assert hashlib.sha256(blob.encode()).hexdigest() == digest
+
+
+# --------------------------------------------------------------------------------------------
+# Synchronous rounds
+# --------------------------------------------------------------------------------------------
+def sync_cfg(**kwargs) -> ScheduleConfig:
+    return ScheduleConfig(**({"arrival": "eager", "contributions": 2, "speed_sigma": 1.0, "commit_delay": 0.1,
+                              "protocol": "sync_rounds"} | kwargs))
+
+
+def test_sync_rounds_by_hand():
+    # Prepare: 3 institutions, 2 rounds; speeds and delays are the seed's draws, the rest is computed here
+    cfg = sync_cfg()
+    schedule = build_schedule(cfg, 3, seed=0)
+    free = build_schedule(dataclasses.replace(cfg, protocol="async"), 3, seed=0)
+    draws = {c.id: (c.train_time, c.delay) for c in free.contributions}
+    # Execute: the barriers by hand — round 0 starts at 0, each round ends at its latest arrival
+    b0 = max(sum(draws[f"inst{i:03d}-00"]) for i in range(3))
+    b1 = b0 + max(sum(draws[f"inst{i:03d}-01"]) for i in range(3))
+    # Assert: the same contributions (ids, seeds, training times, delays) as async, other times
+    assert {c.id: (c.train_time, c.delay, c.seed) for c in schedule.contributions} == \
+        {c.id: (c.train_time, c.delay, c.seed) for c in free.contributions}
+    # ...pulls at the round's start, every commit merged at its round's barrier, in institution order
+    assert [c.id for c in schedule.contributions] == [f"inst{i:03d}-{k:02d}" for k in (0, 1) for i in range(3)]
+    assert [c.t_pull for c in schedule.contributions] == pytest.approx([0.0] * 3 + [b0] * 3)
+    assert [c.t_commit for c in schedule.contributions] == pytest.approx([b0] * 3 + [b1] * 3)
+    for c in schedule.contributions:
+        train, delay = draws[c.id]
+        assert c.t_arrive == pytest.approx(c.t_pull + train + delay)
+        assert c.barrier_wait == pytest.approx(c.t_commit - c.t_arrive) and c.barrier_wait >= 0
+    # ...the slowest member of each round waits for no one
+    for k in (0, 1):
+        waits = [c.barrier_wait for c in schedule.contributions if c.index == k]
+        assert min(waits) == 0.0 and sorted(waits)[1] > 0
+    # ...the events: a round's commits, then the next round's pulls, at the same instant
+    events = [(e["event"], e["contribution"]) for e in schedule.events() if e["t_virtual"] == b0]
+    assert events == [("commit", f"inst{i:03d}-00") for i in range(3)] + [("pull", f"inst{i:03d}-01") for i in range(3)]
+
+
+def test_sync_rounds_staleness_is_the_place_in_the_barrier():
+    # Execute
+    schedule = build_schedule(sync_cfg(contributions=3), 4, seed=1)
+    # Assert: every commit of a round pulled the main of the previous barrier; merged k-th in it, it is k stale
+    assert schedule.expected_staleness() == {f"inst{i:03d}-{k:02d}": i for i in range(4) for k in range(3)}
+
+
+def test_sync_rounds_pull_waits_for_a_late_arrival(tmp_path):
+    # Prepare: a trace where institution 1 is available for round 1 only at 5.0, after the round-0 barrier (2.0)
+    trace = tmp_path / "t.csv"
+    trace.write_text("institution,time\n0,0\n0,0\n1,0\n1,5.0\n")
+    cfg = ScheduleConfig(arrival="trace", trace=str(trace), speed_sigma=0.0, train_time=2.0, protocol="sync_rounds")
+    # Execute
+    got = [(c.id, c.t_pull, c.t_commit) for c in build_schedule(cfg, 2, seed=0).contributions]
+    # Assert: round 1 starts at 2.0; institution 0 pulls then, institution 1 at 5.0; the barrier is 7.0
+    assert got == [("inst000-00", 0.0, 2.0), ("inst001-00", 0.0, 2.0), ("inst000-01", 2.0, 7.0),
+                   ("inst001-01", 5.0, 7.0)]
+
+
+def test_sync_rounds_do_not_wait_for_an_institution_that_left():
+    # Prepare: dropout 1 — everyone leaves before its second contribution
+    cfg = sync_cfg(contributions=3, dropout=1.0)
+    # Execute
+    schedule = build_schedule(cfg, 3, seed=2)
+    # Assert: one round; each leaves at the start of round 1 (the round-0 barrier)
+    barrier = max(c.t_commit for c in schedule.contributions)
+    assert sorted(c.id for c in schedule.contributions) == [f"inst{i:03d}-00" for i in range(3)]
+    assert schedule.dropouts == {0: barrier, 1: barrier, 2: barrier}
+
+
+def test_sync_rounds_are_deterministic_and_seeded():
+    # Execute
+    first, again, other = (build_schedule(sync_cfg(straggler_prob=0.5), 5, seed) for seed in (3, 3, 4))
+    # Assert
+    assert first == again and first.contributions != other.contributions
+
+
+def test_idle_time_by_hand():
+    from sim.asynchrony import idle_times
+
+    # Prepare: A trains 0 → 1 and 1 → 2, B trains 0 → 4 and 4 → 8 (no upload delay)
+    a = [contribution(0, 0, 0.0, 1.0), contribution(0, 1, 1.0, 2.0)]
+    b = [contribution(1, 0, 0.0, 4.0), contribution(1, 1, 4.0, 8.0)]
+    free = Schedule(tuple(sorted(a + b, key=lambda c: c.t_commit)), {}, (4.0, 1.0))
+    # ...the same in rounds: A's commits wait for B's at 4 and 8, A's second training starts at 4
+    a_sync = [Contribution("inst000-00", 0, 0, 0.0, 4.0, 1.0, 0.0, False, 0),
+              Contribution("inst000-01", 0, 1, 4.0, 8.0, 1.0, 0.0, False, 0)]
+    rounds = Schedule((a_sync[0], b[0], a_sync[1], b[1]), {}, (4.0, 1.0))
+    # Execute
+    idle_free, idle_rounds = idle_times(free), idle_times(rounds)
+    # Assert: async, nobody waits; in rounds A (the fast half) waits 3 per round: idle 6 of span 8
+    assert [(r["institution"], r["busy"], r["span"], r["idle"], r["fast"]) for r in idle_free] == \
+        [(0, 2.0, 2.0, 0.0, True), (1, 8.0, 8.0, 0.0, False)]
+    assert [(r["institution"], r["busy"], r["span"], r["idle"]) for r in idle_rounds] == \
+        [(0, 2.0, 8.0, 6.0), (1, 8.0, 8.0, 0.0)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +451,7 @@ def test_contribution_record_is_flat():
     ({"rate": 0}, "schedule.rate"),
     ({"arrival": "bursty"}, "schedule.arrival"),
     ({"arrival": "trace"}, "schedule.trace"),
+    ({"protocol": "barrier"}, "schedule.protocol"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError) as err:

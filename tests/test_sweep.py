@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT_COLUMNS = {"trial_id", "study", "seed", "contributors", "rank", "ipc", "partition", "strategy", "acc", "auc",
                   "forgetting", "bwt", "storage_bytes", "merge_s", "infer_ms_per_image", "wall_s", "base_acc", "base_auc",
                   "individual_acc", "individual_auc", "individual_local_acc", "individual_local_auc", "joint_acc",
-                  "joint_auc", "distill_fidelity", "mia_auc", "run_dir", "built"}
+                  "joint_auc", "distill_fidelity", "mia_auc", "run_dir", "built", "time_to_target", "t_end",
+                  "staleness_mean", "idle_share", "idle_share_fast"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -43,11 +44,20 @@ def test_study_presets_full_and_smoke():
     assert full["order"].orders == 20 and full["order"].base.data.institutions == 12
     assert full["forgetting"].base.runtime.eval_every == 1
     assert full["scaling"].base.train.joint and full["ipc"].base.distill.audit
-    for name in STUDIES:
-        assert len(smoke[name].points()) <= 2 and smoke[name].base.model.embed_dim <= 32
+    assert full["asynchrony"].grid["schedule.speed_sigma"] == (0.0, 0.5, 1.0, 1.5)
+    assert full["asynchrony"].grid["protocol"] == ("medforge", "async_stale", "sync_rounds")
+    for name in STUDIES:           # the asynchrony smoke has one trial per protocol
+        assert len(smoke[name].points()) <= (3 if name == "asynchrony" else 2)
+        assert smoke[name].base.model.embed_dim <= 32
         assert len(full[name].points()) >= 3          # seeds at least
     with pytest.raises(ValueError, match="unknown study 'scalling'; known: scaling"):
         get_study("scalling")
+    # a variant axis: each name is its bundle of config values, and an unknown name is one clear error
+    bundle = full["asynchrony"].overrides({"schedule.speed_sigma": 0.5, "protocol": "async_stale", "seed": 1})
+    assert bundle == {"schedule.speed_sigma": 0.5, "schedule.init_from": "main", "schedule.protocol": "async",
+                      "schedule.staleness_weighting": True, "schedule.max_staleness": 12, "seed": 1}
+    with pytest.raises(ValueError, match="protocol 'fedprox' is not one of medforge, async_stale, sync_rounds"):
+        full["asynchrony"].overrides({"protocol": "fedprox"})
 
 
 def test_a_study_entry_is_what_its_sweep_dir_records_for_the_report(tmp_path):
@@ -253,7 +263,7 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
 
     html = build_report(out)
     figure = {"scaling": "scaling", "order": "orders", "forgetting": "forgetting", "ipc": "ipc", "rank": "rank",
-              "strategies": "orders", "poisoning": None}[study]
+              "strategies": "orders", "poisoning": None, "asynchrony": "time_to_accuracy"}[study]
     if figure:
         assert (html.parent / "figures" / f"{figure}.png").stat().st_size > 0
         assert f"figures/{figure}.png" in (html.parent / "report.md").read_text()
@@ -273,6 +283,8 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
         assert res.joint_acc.notna().all() and len(list((out / "joint").glob("*/records.json"))) == 2
         # ...both joint references (one per community size) trained in one Ray Train job
         assert [json.loads(f.read_text())["batched"] for f in (out / "joint").glob("*/stats.json")] == [2, 2]
+    if study == "asynchrony":
+        check_asynchrony_sweep(out, res, html, preset)
     if study == "ipc":
         assert res.distill_fidelity.notna().all() and res.mia_auc.between(0, 1).all()
     if study == "forgetting":
@@ -297,6 +309,41 @@ def test_smoke_sweep_writes_one_row_per_trial_and_strategy(study, ray_session, t
         # order 0 is the run's own order: it reproduces the run's final accuracy
         first = orders[orders.order == 0].set_index("strategy").acc
         assert np.allclose(first[res.strategy], res.set_index("strategy").acc[res.strategy], atol=1e-9)
+
+
+def check_asynchrony_sweep(out: Path, res: pd.DataFrame, html: Path, preset) -> None:
+    """The asynchrony smoke: each protocol ran as its bundle says, its measures are in the results, and the report
+    has the accuracy-over-time figure (one line per protocol), the staleness and idle figure and the table."""
+    trials = res.drop_duplicates("trial_id").set_index("protocol")
+    assert set(trials.index) == {"medforge", "async_stale", "sync_rounds"}
+    configs = {p: json.loads((out / "sweep.json").read_text())["points"][i]["values"] for i, p in
+               enumerate(t["protocol"] for t in (preset.labels(q) for q in preset.points()))}
+    assert configs["sync_rounds"]["schedule.protocol"] == "sync_rounds"
+    assert configs["medforge"]["schedule.init_from"] == "base"
+    assert configs["async_stale"]["schedule.staleness_weighting"] is True
+    # every trial merged on the same cohort with the same budget; the last merge is the slowest's last arrival
+    assert trials.commits_accepted.add(trials.stale_rejected).eq(8).all()
+    assert trials.t_end.nunique() == 1
+    assert (res.time_to_target > 0).all() and (res.time_to_target <= res.t_end).all()
+    # MedForge's commits start from the foundation: never stale, nobody waits (eager arrivals)
+    assert trials.loc["medforge", "staleness_mean"] == 0 and trials.loc["medforge", "idle_share"] == 0
+    # sync rounds: the fast half waits at every barrier; a round's commits are 0 … 3 stale by their merge place
+    assert trials.loc["sync_rounds", "idle_share_fast"] > trials.loc["sync_rounds", "idle_share"] > 0
+    summary = json.loads((out / trials.loc["sync_rounds", "run_dir"] / "summary.json").read_text())
+    assert summary["asynchrony"]["staleness_counts"] == {"0": 2, "1": 2, "2": 2, "3": 2}
+    # ...merged at the barriers in institution order, round 1 pulled main after round 0's four merges
+    events = pd.read_parquet(out / trials.loc["sync_rounds", "run_dir"] / "events.parquet")
+    merged = events[events.event == "accepted"].sort_values("seq")
+    assert list(merged.id) == [f"inst{i:03d}-{k:02d}" for k in (0, 1) for i in range(4)]
+    assert list(merged.pulled_version) == [0] * 4 + [4] * 4 and merged.t_commit.nunique() == 2
+    # evaluation rows carry virtual time: one time per barrier (2 rounds)
+    metrics = pd.read_parquet(out / trials.loc["sync_rounds", "run_dir"] / "metrics.parquet")
+    assert metrics[metrics.version > 0].t_virtual.nunique() == 2
+    # ...and every evaluation scores both tasks (runtime.eval_tasks: all), the first one too, with one task merged
+    assert metrics[metrics.version > 0].groupby(["version", "strategy"]).task.nunique().eq(2).all()
+    report = (html.parent / "report.md").read_text()
+    assert "Time to accuracy, staleness and idle time per protocol" in report
+    assert (html.parent / "figures" / "staleness_idle.png").stat().st_size > 0
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tiny_cfg, tiny_foundation,
