@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 from analysis.layout import Section, StudyLayout
-from sim.config import SimConfig
+from sim.config import SimConfig, apply_overrides
 from sim.registry import lookup
 
 
@@ -83,7 +84,9 @@ class Study:
     ``variants``: grid axes whose values are named bundles of config values (axis -> name -> {field: value}), for
     what one field cannot say (a protocol is a pull policy, a weighting and a schedule mode at once). The grid holds
     the names under the axis (no dot in it); a point's trial runs the bundle (``overrides``), and its results rows
-    carry the name in a column of the axis's name (``labels``)."""
+    carry the name in a column of the axis's name (``labels``). A bundle's value may be a function of the point's
+    config (the base with the point's other values), for a value that follows another field: async_stale's
+    ``max_staleness`` is the point's number of institutions, also when ``--set`` or a grid axis changes it."""
 
     name: str
     base: SimConfig
@@ -106,9 +109,10 @@ class Study:
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
-    def overrides(self, point: dict) -> dict:
+    def overrides(self, point: dict, base: SimConfig | None = None) -> dict:
         """The config values of ``point`` (field -> value): its fields, each variant name replaced by its bundle in
-        the axis's place."""
+        the axis's place; a bundle's function value is called with the point's config over ``base`` (default: the
+        study's base)."""
         out: dict = {}
         for key, value in point.items():
             if key in self.variants:
@@ -118,6 +122,10 @@ class Study:
                 out |= self.variants[key][value]
             else:
                 out[key] = value
+        deferred = {k: v for k, v in out.items() if callable(v)}
+        if deferred:
+            cfg = apply_overrides(base or self.base, [f"{k}={json.dumps(v)}" for k, v in out.items() if not callable(v)])
+            out |= {k: f(cfg) for k, f in deferred.items()}
         return out
 
     def labels(self, point: dict) -> dict:
@@ -322,7 +330,12 @@ SIGMA = Axis("sigma", "schedule.speed_sigma", "σ", "speed heterogeneity σ (log
 ASYNCHRONY_STRATEGIES = ("lora_avg", "ties", "fusion")
 
 
-def asynchrony_protocols(institutions: int) -> dict[str, dict[str, object]]:
+def one_per_institution(cfg: SimConfig) -> int:
+    """async_stale's ``max_staleness``: the point's number of institutions (one commit per institution behind)."""
+    return cfg.data.institutions
+
+
+def asynchrony_protocols() -> dict[str, dict[str, object]]:
     """The asynchrony study's protocols as config bundles, on the same cohort, schedule draws and budget:
 
     * ``medforge``: MedForge's — every adapter from the foundation (``init_from: base``), merged on arrival;
@@ -335,7 +348,7 @@ def asynchrony_protocols(institutions: int) -> dict[str, dict[str, object]]:
     return {"medforge": {"schedule.init_from": "base", "schedule.protocol": "async",
                          "schedule.staleness_weighting": False, "schedule.max_staleness": -1},
             "async_stale": {"schedule.init_from": "main", "schedule.protocol": "async",
-                            "schedule.staleness_weighting": True, "schedule.max_staleness": institutions},
+                            "schedule.staleness_weighting": True, "schedule.max_staleness": one_per_institution},
             "sync_rounds": {"schedule.init_from": "main", "schedule.protocol": "sync_rounds",
                             "schedule.staleness_weighting": False, "schedule.max_staleness": -1}}
 
@@ -356,8 +369,8 @@ def asynchrony(smoke: bool = False) -> Study:
                           "pull_strategy": "lora_avg"},
                 runtime={"eval_every": 1, "eval_tasks": "all"} | ({"institutions_per_actor": n} if smoke else {}))
     grid = {"schedule.speed_sigma": (1.0,) if smoke else (0.0, 0.5, 1.0, 1.5),
-            "protocol": tuple(asynchrony_protocols(n)), "seed": (0,) if smoke else (0, 1, 2)}
-    return Study("asynchrony", cfg, grid, variants={"protocol": asynchrony_protocols(n)}, description=asynchrony.__doc__,
+            "protocol": tuple(asynchrony_protocols()), "seed": (0,) if smoke else (0, 1, 2)}
+    return Study("asynchrony", cfg, grid, variants={"protocol": asynchrony_protocols()}, description=asynchrony.__doc__,
                  x=SIGMA, sections=(Section("Asynchrony: accuracy over virtual time", "time_to_accuracy", ("asynchrony",)),
                                     Section("Staleness and idle time", "staleness_idle")))
 

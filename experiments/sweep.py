@@ -259,7 +259,8 @@ def write_plan(study: Study, base: SimConfig, sweep_dir: Path, max_concurrent: i
     layout = study.layout()
     check_layout(layout)
     # a variant axis (``Study.variants``) names the point and its results column; its trial runs the bundle
-    points = [{"name": point_name(i, p), "values": study.overrides(p), "orders": study.orders_of(study.overrides(p))}
+    points = [{"name": point_name(i, p), "values": study.overrides(p, base),
+               "orders": study.orders_of(study.overrides(p, base))}
               | ({"labels": study.labels(p)} if study.variants else {}) for i, p in enumerate(study.points())]
     if "data.institutions" in study.grid:     # nested communities: the smaller ones built from the largest's log
         builds = plan_builds(config_to_dict(base), points, sweep_dir)

@@ -58,6 +58,11 @@ def test_study_presets_full_and_smoke():
                       "schedule.staleness_weighting": True, "schedule.max_staleness": 12, "seed": 1}
     with pytest.raises(ValueError, match="protocol 'fedprox' is not one of medforge, async_stale, sync_rounds"):
         full["asynchrony"].overrides({"protocol": "fedprox"})
+    # async_stale's max_staleness follows the point's institutions: a grid axis, or a base changed by --set
+    stale = {"protocol": "async_stale"}
+    assert full["asynchrony"].overrides(stale | {"data.institutions": 8})["schedule.max_staleness"] == 8
+    changed = full["asynchrony"].base.replace(data=dataclasses.replace(full["asynchrony"].base.data, institutions=20))
+    assert full["asynchrony"].overrides(stale, changed)["schedule.max_staleness"] == 20
 
 
 def test_a_study_entry_is_what_its_sweep_dir_records_for_the_report(tmp_path):
