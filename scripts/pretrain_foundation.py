@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from sim.config import SimConfig, apply_overrides  # noqa: E402
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "sim" / "foundations")
     ap.add_argument("--img-size", type=int, default=None, help="input size (default: data.img_size of the config)")
     ap.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = apply_overrides(SimConfig(), args.set) if args.set else SimConfig()
     img_size = args.img_size or cfg.data.img_size
     model = dataclasses.replace(cfg.model, cache_dir=str(args.out))
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"forgesim": "foundation", "key": path.stem})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB) sha256 {digest} in {time.perf_counter() - t0:.0f} s")
+    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB) sha256 {digest} in {time.perf_counter() - t0:.0f} s "
+          f"({torch.get_num_threads()} torch threads, torch {torch.__version__})")
     return 0
 
 
