@@ -126,7 +126,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
                     help="model overrides of every foundation (e.g. a candidate model.checkpoint)")
     ap.add_argument("--ft-lr", type=float, default=1e-3, help="learning rate of the full fine-tune")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: each row is small, "
+                    "and more threads mostly contend on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base_cfg = SimConfig()

@@ -61,6 +61,8 @@ MAX_VERTICES, MEAN_VERTICES = 200, 100
 MAX_CONTOURS = 200
 PERLIN_MAX, LINE_OFFSET_MAX = 4.0, 0.1
 RADIUS_MAX, OVAL_MAX, CENTRE_SHIFT = 100, 2.0, 400
+RENDER_SCALE = 4               # images are drawn at 4x the model's input size and averaged down (the authors draw
+                               # at 512 px and resize): point clouds and lines become grey densities, not speckle
 LINE_STEP = 0.75               # contour edges are sampled every 3/4 px of the rendering canvas (no gaps)
 
 
@@ -144,15 +146,15 @@ def _weight_variants(params: np.ndarray) -> np.ndarray:
 
 def render_fractals(categories: list[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 (len(categories), 100, size, size) greyscale instances: 25 weight variants × 4 flips per category,
-    rendered at twice ``size`` and averaged down."""
-    canvas = 2 * size
+    rendered at ``RENDER_SCALE`` times ``size`` and averaged down."""
+    canvas = RENDER_SCALE * size
     steps = max(1, int(round(POINTS_PER_PIXEL * canvas * canvas / CHAINS)))
     out = np.empty((len(categories), FRACTAL_INSTANCES, size, size), np.uint8)
     for c, params in enumerate(categories):
         maps = _weight_variants(params)                                             # (25, N, 6)
         probs = np.broadcast_to(params[:, 6], maps.shape[:2])
         img = _raster(_chaos_game(maps, probs, steps, rng), canvas, pad=1).astype(np.float32)
-        img = img.reshape(len(maps), size, 2, size, 2).mean(axis=(2, 4)) * FRACTAL_GREY
+        img = img.reshape(len(maps), size, RENDER_SCALE, size, RENDER_SCALE).mean(axis=(2, 4)) * FRACTAL_GREY
         img = np.stack([img, img[:, ::-1], img[:, :, ::-1], img[:, ::-1, ::-1]], axis=1)   # the four flips
         out[c] = np.round(img.reshape(FRACTAL_INSTANCES, size, size)).astype(np.uint8)
     return out
@@ -228,13 +230,14 @@ def _contour_image(cat: dict, canvas: int, rng: np.random.Generator, gradients: 
 
 
 def render_contours(categories: list[dict], instances: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (len(categories), instances, size, size) greyscale RCDB instances, rendered at twice ``size``."""
+    """uint8 (len(categories), instances, size, size) greyscale RCDB instances, rendered at ``RENDER_SCALE``
+    times ``size`` and averaged down."""
     gradients = rng.uniform(-1, 1, 256).astype(np.float32)
     out = np.empty((len(categories), instances, size, size), np.uint8)
     for c, cat in enumerate(categories):
         for i in range(instances):
-            img = _contour_image(cat, 2 * size, rng, gradients)
-            out[c, i] = np.round(img.reshape(size, 2, size, 2).mean(axis=(1, 3))).astype(np.uint8)
+            img = _contour_image(cat, RENDER_SCALE * size, rng, gradients)
+            out[c, i] = np.round(img.reshape(size, RENDER_SCALE, size, RENDER_SCALE).mean(axis=(1, 3))).astype(np.uint8)
     return out
 
 
