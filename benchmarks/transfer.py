@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/transfer.py [--quick] [--foundations formula,shapes] [--threads N]
 
-For each foundation (``model.pretrain_data``: ``formula``, the default, and ``shapes``, the corpus forgesim pretrained
-on before; each loads its shipped file, or pretrains once into the cache) and each task, on the task's pooled
+For each foundation (``model.pretrain_data``: ``formula``, the formula-driven corpus, and ``shapes``, the default;
+each loads its shipped file, or pretrains once into the cache) and each task, on the task's pooled
 training split of the default cohort (every site, ``data.*`` defaults otherwise) and scored on its pooled test split:
 
 * ``base``: the bare foundation with the prototype head (no adapter): near chance when the foundation has not been

@@ -156,9 +156,10 @@ class ModelConfig:
     pretrain_steps: int = _f(600, "optimizer steps of forgesim's one-time foundation pretraining")
     pretrain_batch: int = _f(128, "batch size of the foundation pretraining")
     pretrain_lr: float = _f(2e-3, "learning rate of the foundation pretraining")
-    pretrain_data: str = _f("formula", "corpus of forgesim's foundation pretraining: formula (formula-driven images: "
-                                       "FractalDB-style IFS fractals and RCDB-style radial contours, one class per "
-                                       "formula) or shapes (the simple synthetic shapes of forgesim before 0.x)")
+    pretrain_data: str = _f("shapes", "corpus of forgesim's foundation pretraining: shapes (ten simple synthetic "
+                                      "shapes) or formula (formula-driven images: FractalDB-style IFS fractals and "
+                                      "RCDB-style radial contours, one class per formula; sim.data.formula); "
+                                      "benchmarks/transfer.py compares the two")
     cache_dir: str | None = _f(None, "foundation cache directory; None = $FORGESIM_CACHE or ~/.cache/forgesim")
     head: str = _f("prototype", "prototype (frozen class prototypes, cosine / tau) or linear (per-task heads)")
     tau: float = _f(0.07, "temperature of the cosine prototype head")

@@ -16,8 +16,7 @@ formula's category as the label, in numpy alone.
 * its instances vary one of the six parameters of every map by a weight in {0.8, 0.9, 1.1, 1.2} (24 variants, plus
   the unweighted one: the paper's 25, ``weights_0.1.csv``), each in the four flips (none, vertical, horizontal,
   both): 100 instances per category;
-* an instance is rendered by the chaos game: here ``CHAINS`` parallel chains (``BURN_IN`` steps discarded, so every
-  kept point lies on the attractor) instead of one chain of 100,000 points, grey points on black.
+* an instance is rendered by the chaos game, white points on black.
 
 **Radial contours** (RCDB, following the authors' ``make_rcdb.py`` with lengths scaled from its 512 px canvas):
 
@@ -29,12 +28,22 @@ formula's category as the label, in numpy alone.
   position, drawn independently per vertex, contour and axis), so the contours grow outwards as a noisy concentric
   family; each contour in a random grey U{0, …, 255}, over the earlier ones, on white.
 
-Deviations, for a CPU budget and a 32 px model: ``categories`` (default 64 + 64) instead of 1,000 per family,
-``instances`` per category (FractalDB's 100 without its ten random 3 × 3 patch masks per point; RCDB's 1,000 cut to
-the same 100); images are rendered at twice the model's input size and averaged down (not at 512 and resized), with
-``POINTS_PER_PIXEL`` chaos-game points per rendered pixel and one-pixel-wide contour lines at that size (RCDB's 1 px
-lines at 512 px are thinner than one pixel of a 32 px image, so the contours keep a visible width). The filling-rate
-test is run exactly as in the search code, at 512 px with 100,000 points.
+Deviations, for a CPU budget and a 32 px model:
+
+* categories: as many as the pretraining budget asks for (``sim.model.pretraining_corpus``: 192 for the default,
+  half of each family, at most 256) instead of 1,000 per family;
+* instances: FractalDB's 100 per category without its ten random 3 × 3 patch masks per point; RCDB's 1,000 cut to
+  the same 100;
+* resolution: images are drawn at ``RENDER_SCALE`` (4) times the model's input size and averaged down (the authors
+  draw at 512 px and resize), with ``POINTS_PER_PIXEL`` chaos-game points per drawn pixel and one-pixel-wide contour
+  lines at that size (RCDB's 1 px lines at 512 px would vanish at 32 px);
+* the filling-rate test runs at 128 × 128 with 6,250 points, the same 0.38 points per pixel as the authors'
+  100,000 on 512 × 512 (a fractal's fine structure makes its rate somewhat higher at the coarser grid, so more
+  candidates pass: about 1 in 20, where none of a first 64 passed at 512 px);
+* the chaos game runs ``CHAINS`` parallel chains from the origin instead of one, the first ``BURN_IN`` points of
+  each discarded (the same attractor, sampled in parallel);
+* the Perlin noise is ``perlin_1d`` with seeded random lattice gradients (the authors call the ``noise`` package's
+  ``pnoise1``); sampled at uniform random positions, as there, it is an i.i.d. draw from its value distribution.
 """
 from __future__ import annotations
 
