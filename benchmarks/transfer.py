@@ -42,9 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from sim.config import SimConfig, apply_overrides  # noqa: E402
 from sim.data import build_cohort  # noqa: E402
-from sim.data.base import Split, to_unit_float  # noqa: E402
+from sim.data.base import Split, derive_rng, to_unit_float  # noqa: E402
 from sim.data.digits import _stratified  # noqa: E402
-from sim.data.base import derive_rng  # noqa: E402
 from sim.metrics import chance_accuracy, evaluate  # noqa: E402
 from sim.model import Foundation, augment, load_foundation  # noqa: E402
 from sim.train import train_adapter  # noqa: E402

@@ -12,8 +12,9 @@
   with the update ``ΔW = B A · alpha / r``. Saved as a standard peft adapter dir that
   ``peft.PeftModel.from_pretrained`` loads onto the same timm model.
 * Where the weights come from (``load_foundation``): with ``model.pretrained=none`` (the default) forgesim's own
-  backbone of the configured shape, from ``model.checkpoint`` or pretrained once by forgesim on the public synthetic
-  ``shapes`` corpus (classes disjoint from every task) and cached on disk keyed by its config; with ``hub`` or a
+  backbone of the configured shape, from ``model.checkpoint`` or pretrained once by forgesim on the corpus
+  ``model.pretrain_data`` names (the public synthetic ``shapes``, or the formula-driven images of
+  ``sim.data.formula``; classes disjoint from every task) and cached on disk keyed by its config; with ``hub`` or a
   FILE, the timm model ``model.name`` at its own architecture with timm's pretrained weights (``sim.pretrained``),
   normalised with its pretrained mean and std. ``model.prototypes`` replaces the seeded prototypes by class
   embeddings from a file (``sim.class_embeddings``); the fingerprint then covers them too.
