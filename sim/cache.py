@@ -30,7 +30,7 @@ COMMIT_SECTIONS = ("data", "model", "lora", "train", "distill")
 # Fields added after the first commit caches were written: at their defaults they leave a key as it was (the commit
 # is the same), so existing caches stay valid.
 LATER_FIELDS = {"data": {"interpolation": "bilinear", "classes": None},
-                "model": {"pretrained": "none", "keep_head": False, "prototypes": None}}
+                "model": {"pretrained": "none", "keep_head": False, "prototypes": None, "pretrain_data": "shapes"}}
 LATER_ATTACK_FIELDS = {"noise": 0.01}      # attacks: fields added after attacked commits were first cached
 # Model fields that name a file: the key holds the file's content hash too, so a file replaced under the same name
 # does not hand out commits trained on the old one.

@@ -56,6 +56,7 @@ def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
 
 
 PARTITIONS = ("pool", "per_institution")   # data.partition; see sim.data.build_cohort
+PRETRAIN_DATA = ("formula", "shapes")     # model.pretrain_data: the corpora sim.model.pretrain_foundation knows
 INTERPOLATIONS = ("bilinear", "bicubic")   # data.interpolation: the filters sim.data.resize_uint8 applies
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +156,10 @@ class ModelConfig:
     pretrain_steps: int = _f(600, "optimizer steps of forgesim's one-time foundation pretraining")
     pretrain_batch: int = _f(128, "batch size of the foundation pretraining")
     pretrain_lr: float = _f(2e-3, "learning rate of the foundation pretraining")
+    pretrain_data: str = _f("shapes", "corpus of forgesim's foundation pretraining: shapes (ten simple synthetic "
+                                      "shapes) or formula (formula-driven images: FractalDB-style IFS fractals and "
+                                      "RCDB-style radial contours, one class per formula; sim.data.formula); "
+                                      "benchmarks/transfer.py compares the two")
     cache_dir: str | None = _f(None, "foundation cache directory; None = $FORGESIM_CACHE or ~/.cache/forgesim")
     head: str = _f("prototype", "prototype (frozen class prototypes, cosine / tau) or linear (per-task heads)")
     tau: float = _f(0.07, "temperature of the cosine prototype head")
@@ -169,6 +174,7 @@ class ModelConfig:
         _check(self.mlp_ratio > 0, "model.mlp_ratio", "a number > 0", self.mlp_ratio)
         _check(self.pretrain_steps >= 0, "model.pretrain_steps", "an integer >= 0", self.pretrain_steps)
         _check(self.pretrain_lr > 0, "model.pretrain_lr", "a number > 0", self.pretrain_lr)
+        _choice("model.pretrain_data", self.pretrain_data, PRETRAIN_DATA)
         _choice("model.head", self.head, ("prototype", "linear"))
         _check(0 < self.tau <= 10, "model.tau", "a number in (0, 10]", self.tau)
         _check(bool(self.pretrained), "model.pretrained", "none, hub or a weights file", self.pretrained)

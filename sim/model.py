@@ -12,8 +12,9 @@
   with the update ``ΔW = B A · alpha / r``. Saved as a standard peft adapter dir that
   ``peft.PeftModel.from_pretrained`` loads onto the same timm model.
 * Where the weights come from (``load_foundation``): with ``model.pretrained=none`` (the default) forgesim's own
-  backbone of the configured shape, from ``model.checkpoint`` or pretrained once by forgesim on the public synthetic
-  ``shapes`` corpus (classes disjoint from every task) and cached on disk keyed by its config; with ``hub`` or a
+  backbone of the configured shape, from ``model.checkpoint`` or pretrained once by forgesim on the corpus
+  ``model.pretrain_data`` names (the public synthetic ``shapes``, or the formula-driven images of
+  ``sim.data.formula``; classes disjoint from every task) and cached on disk keyed by its config; with ``hub`` or a
   FILE, the timm model ``model.name`` at its own architecture with timm's pretrained weights (``sim.pretrained``),
   normalised with its pretrained mean and std. ``model.prototypes`` replaces the seeded prototypes by class
   embeddings from a file (``sim.class_embeddings``); the fingerprint then covers them too.
@@ -216,7 +217,8 @@ def foundation_key(cfg: ModelConfig, img_size: int) -> str:
     """Cache key: everything that changes the pretrained weights (not the head or the cache dir)."""
     arch = {k: getattr(cfg, k) for k in ("name", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
                                          "pretrain_steps", "pretrain_batch", "pretrain_lr")}
-    return config_hash(arch, img_size, "shapes-v1")
+    # the shapes corpus keeps the key it had before model.pretrain_data existed, so its caches and file still match
+    return config_hash(arch, img_size, f"{cfg.pretrain_data}-v1")
 
 
 def foundation_path(cfg: ModelConfig, img_size: int) -> Path:
@@ -337,17 +339,33 @@ def _own_backbone(cfg: ModelConfig, img_size: int) -> torch.nn.Module:
     return backbone
 
 
-def pretrain_foundation(cfg: ModelConfig, img_size: int, log: Any = None) -> dict[str, torch.Tensor]:
-    """Supervised pretraining of the backbone on the public ``shapes`` corpus; returns its state dict."""
-    from sim.data.synthetic import SHAPE_CLASSES, make_pretraining_corpus
+def pretraining_corpus(cfg: ModelConfig, img_size: int) -> tuple[Any, int]:
+    """The labelled corpus of ``model.pretrain_data`` (a ``Split``, seed 0) and its number of classes, sized by the
+    pretraining budget: a quarter as many images as the pretraining draws, at least 1,000; the shapes corpus at most
+    12,000 (as it always was), the formula corpus at most 25,600 (256 categories of 100 instances)."""
+    want = max(1000, cfg.pretrain_steps * cfg.pretrain_batch // 4)
+    if cfg.pretrain_data == "shapes":
+        from sim.data.synthetic import SHAPE_CLASSES, make_pretraining_corpus
 
+        return make_pretraining_corpus(min(12000, want), img_size, seed=0), len(SHAPE_CLASSES)
+    from sim.data.formula import FRACTAL_INSTANCES, make_formula_corpus
+
+    categories = min(256, want // FRACTAL_INSTANCES)
+    return make_formula_corpus(img_size, seed=0, fractals=categories // 2, contours=categories - categories // 2)
+
+
+def pretrain_foundation(cfg: ModelConfig, img_size: int, log: Any = None) -> dict[str, torch.Tensor]:
+    """Supervised pretraining of the backbone on the ``model.pretrain_data`` corpus (label = the image's formula
+    category, or its shape); returns its state dict."""
     t0 = time.perf_counter()
     torch.manual_seed(0)  # timm initialises weights from the global RNG; pin it for a reproducible cache
     backbone = create_backbone(cfg, img_size)
-    corpus = make_pretraining_corpus(min(12000, max(1000, cfg.pretrain_steps * cfg.pretrain_batch // 4)),
-                                     img_size, seed=0)
+    corpus, n_classes = pretraining_corpus(cfg, img_size)
+    if log is not None:
+        log(f"pretraining corpus {cfg.pretrain_data}: {len(corpus)} images of {n_classes} classes "
+            f"({time.perf_counter() - t0:.0f}s)")
     x, y = torch.from_numpy(corpus.x), torch.from_numpy(corpus.y)
-    head = torch.nn.Linear(backbone.num_features, len(SHAPE_CLASSES))
+    head = torch.nn.Linear(backbone.num_features, n_classes)
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.pretrain_lr, total_steps=max(cfg.pretrain_steps, 1),

@@ -18,6 +18,7 @@ from sim.config import (DataConfig, LoraConfig, SimConfig, apply_overrides, conf
     ("data.rare_prevalence=0.7", "data.rare_prevalence"),
     ("model.num_heads=5", "model.num_heads"),
     ("model.head=mlp", "model.head"),
+    ("model.pretrain_data=imagenet", "model.pretrain_data"),
     ("merge.density=0", "merge.density"),
     ("merge.granularity=block", "merge.granularity"),
     ("distill.ipc=0", "distill.ipc"),

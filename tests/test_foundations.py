@@ -236,6 +236,9 @@ def test_commit_cache_key_hashes_the_files_a_model_names_and_is_unchanged_withou
     # the key of the default config as the cache computed it before these fields existed: existing caches stay valid
     assert contribution_key(SimConfig(), "inst000-00", 7) == \
         "899bb617efdd88068ed794eb2ca08a6f021caa72861772f1b1b8fe5bb28d6ef6"
+    # a foundation pretrained on the formula corpus is another base: its commits have other keys
+    formula = SimConfig(model=ModelConfig(pretrain_data="formula"))
+    assert contribution_key(formula, "inst000-00", 7) != contribution_key(SimConfig(), "inst000-00", 7)
     path = tmp_path / "protos.npy"
     np.save(path, np.ones((3, 96), np.float32))
     cfg = SimConfig(model=ModelConfig(prototypes=str(path)))

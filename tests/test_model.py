@@ -164,3 +164,32 @@ def test_the_default_foundation_is_shipped_and_loads_without_pretraining(tmp_pat
         assert all(torch.equal(foundation.backbone.state_dict()[k], f.get_tensor(k)) for k in f.keys())
     assert not any(tmp_path.iterdir())
     model_mod._LOADED.clear()
+
+
+def test_foundation_keys_keep_the_shapes_key_and_name_the_formula_corpus():
+    # the shapes foundation's key as it was before model.pretrain_data existed (its shipped file is named by it)
+    assert ModelConfig().pretrain_data == "shapes"
+    assert model_mod.foundation_key(ModelConfig(), 32) == "6c0adb364313332e"
+    formula = ModelConfig(pretrain_data="formula")
+    assert model_mod.foundation_key(formula, 32) not in ("6c0adb364313332e", model_mod.foundation_key(formula, 16))
+
+
+def test_the_formula_foundation_is_shipped_too(tmp_path):
+    model = ModelConfig(pretrain_data="formula", cache_dir=str(tmp_path))
+    shipped = model_mod.SHIPPED_FOUNDATIONS / model_mod.foundation_path(model, 32).name
+    assert shipped.is_file(), "run scripts/pretrain_foundation.py --set model.pretrain_data=formula"
+    with safe_open(str(shipped), "pt") as f:
+        assert f.metadata()["key"] == shipped.stem
+
+
+def test_pretraining_corpus_follows_the_option(tiny_cfg):
+    import dataclasses
+
+    shapes, k_shapes = model_mod.pretraining_corpus(tiny_cfg.model, 16)
+    formula, k_formula = model_mod.pretraining_corpus(dataclasses.replace(tiny_cfg.model, pretrain_data="formula"), 16)
+    # 30 steps x batch 32 / 4 < 1,000: the smallest corpus; formula: 10 categories (5 fractal, 5 contour) of 100
+    assert (len(shapes), k_shapes) == (1000, 10)
+    assert (len(formula), k_formula) == (1000, 10)
+    np.testing.assert_array_equal(np.bincount(formula.y), np.full(10, 100))
+    assert formula.x.shape == (1000, 3, 16, 16) and formula.x.dtype == np.uint8
+    assert not np.array_equal(formula.x, shapes.x)
