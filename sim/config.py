@@ -335,7 +335,7 @@ class MergeConfig:
         _check(isinstance(self.search_batch, int) and not isinstance(self.search_batch, bool)
                and self.search_batch >= 1, "merge.search_batch", "an integer >= 1", self.search_batch)
         if self.search_batch > 1:
-            from sim.coefficients import parallel_problem  # nevergrad is imported only for a batched search
+            from sim.optimizers import parallel_problem  # nevergrad is imported only for a batched search
 
             problem = parallel_problem(self.optimizer, self.search_batch, budget=self.budget)
             _check(problem is None, "merge.search_batch",

@@ -299,3 +299,10 @@ def test_search_batch_from_a_config_file():
     assert config_from_dict({"merge": {"search_batch": 4, "optimizer": "CMA"}}).merge.search_batch == 4
     with pytest.raises(ValueError, match="merge.search_batch"):
         config_from_dict({"merge": {"search_batch": 0}})
+
+
+def test_validating_a_batched_search_does_not_import_torch(fresh_python):
+    # the parallel-ask check builds the nevergrad optimizer only; institution actors validate configs without torch
+    code = ("import sys; from sim.config import MergeConfig; MergeConfig(search_batch=4, optimizer='CMA'); "
+            "print(sorted(m for m in ('torch', 'peft', 'timm') if m in sys.modules))")
+    assert fresh_python(code) == "[]"

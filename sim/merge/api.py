@@ -213,7 +213,7 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
         adapters: the contributors, in arrival order.
         weights: explicit coefficients, (N,) or (N, M); ``None`` = searched (if searching) or the default.
         cfg: density, svd threshold/rank and the search settings (optimizer, budget, bound, l1, granularity,
-            search_mode).
+            search_mode, search_batch: candidates asked together where the spec has a stacked objective).
         foundation, proxy: needed to search coefficients (cross-entropy on the distilled sets). A sequential
             search needs one set per adapter in arrival order (a list, or ``ArrivedProxy`` with the sources);
             stage i sees only the sets of adapters 0..i (``ArrivedProxy.seen``), as it does in a run. Global
