@@ -8,6 +8,9 @@ Huang et al., arXiv 2307.13269); its paper names Shiwa and Cobyla. Here:
   seeded through the parametrization's ``random_state``. The initial point is evaluated first (it counts towards
   the budget), so the result is never worse than the start; the best *evaluated* point is returned (the
   objective is deterministic) with the objective trace.
+* ``batch`` (``merge.search_batch``) > 1 — the same search with nevergrad's ``num_workers=batch``: rounds of
+  ``batch`` asks scored together (``batch_loss``, e.g. fusion's stacked forward, ``sim.stacked_forward``) and told in
+  ask order. Deterministic per seed, but another trajectory than one-at-a-time asks (``batch`` 1, unchanged).
 * ``prepare_proxy`` / ``proxy_loss`` — the cross-entropy objective: the union of distilled sets, each scored on
   its own task's classes, mean CE per set, then the mean over sets (as MedForge's ``get_loss`` does). Images are
   normalised and concatenated once, so one evaluation is one batched forward pass. With linear heads each set
