@@ -14,6 +14,10 @@ else is the frozen foundation. Two things follow, and this module does both:
   dimension. The candidates' features equal C separate forwards of the foundation with those merged weights
   (``Foundation.merged_weights``) up to float round-off. (Merged weights rather than the frozen output plus
   ``s (x A_cᵀ) B_cᵀ``: the same matmul cost as the frozen layer, no extra pass over the activations.)
+* **Only what the features read.** With token pooling the features are the class token's row of the last block's
+  output, so the last block computes every token's keys and values but the query, attention output, projection and
+  MLP of the class token only (``_class_token_block``): the same features, about three quarters of that block's
+  arithmetic skipped.
 
 ``proxy_tokens`` gives the prefix tokens of a ``ProxyData`` (from the cache), ``stacked_features`` the pooled features
 (C, n, D) of those tokens under C candidate updates. The adapted layers' forwards are replaced on the instance for
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from sim.model import Foundation
 
@@ -115,13 +120,43 @@ def suffix_features(foundation: Foundation, tokens: torch.Tensor, k: int,
             module.forward = _candidate_linear(c, w, module.bias)
         with foundation.autocast():
             x = tokens.unsqueeze(0).expand(c, *tokens.shape).reshape(c * n, *tokens.shape[1:])   # (C·n, T, D)
-            for blk in bb.blocks[k:]:
+            blocks = list(bb.blocks[k:])
+            last = blocks.pop() if _class_token_only(bb, blocks[-1]) else None
+            for blk in blocks:
                 x = blk(x)
+            if last is not None:
+                x = _class_token_block(last, x)                                                  # (C·n, 1, D)
             feats = bb.forward_head(bb.norm(x))                                                  # (C·n, D)
     finally:
         for module, _ in linears:
             vars(module).pop("forward", None)
     return feats.float().reshape(c, n, -1)
+
+
+def _class_token_only(backbone: torch.nn.Module, blk: torch.nn.Module) -> bool:
+    """Whether the features read only the class token of ``blk``'s output: token pooling (``global_pool="token"``, no
+    attention pool) after timm's plain ``Block`` with its plain ``Attention`` (no gate), the last block."""
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    return (getattr(backbone, "global_pool", None) == "token" and getattr(backbone, "attn_pool", None) is None
+            and getattr(backbone, "num_prefix_tokens", 0) >= 1 and type(blk) is Block
+            and type(blk.attn) is Attention and blk.attn.gate is None and not blk.training)
+
+
+def _class_token_block(blk: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block.forward`` of tokens (B, T, D) computed for the class token's row only, (B, 1, D): every token's keys
+    and values, the class token's query, attention output, residuals and MLP. Token pooling reads nothing else, so the
+    features are those of the full block (the other rows' attention, projection and MLP are never used)."""
+    attn = blk.attn
+    b, t, _ = x.shape
+    qkv = attn.qkv(blk.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)                                                   # (B, H, T, hd)
+    q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v)                               # (B, H, 1, hd)
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, 1, attn.attn_dim))))
+    x0 = x[:, :1] + blk.drop_path1(blk.ls1(o))
+    return x0 + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x0))))
 
 
 def _candidate_linear(c: int, w: torch.Tensor, bias: torch.Tensor | None):

@@ -306,3 +306,29 @@ def test_validating_a_batched_search_does_not_import_torch(fresh_python):
     code = ("import sys; from sim.config import MergeConfig; MergeConfig(search_batch=4, optimizer='CMA'); "
             "print(sorted(m for m in ('torch', 'peft', 'timm') if m in sys.modules))")
     assert fresh_python(code) == "[]"
+
+
+def test_the_last_block_for_the_class_token_alone_equals_the_full_block(tiny_foundation):
+    from sim.stacked_forward import _class_token_block, _class_token_only
+
+    bb = tiny_foundation.backbone
+    tokens = proxy_tokens(tiny_foundation, proxy_of(tiny_foundation), bb.blocks.__len__() - 1, PrefixCache())
+    assert _class_token_only(bb, bb.blocks[-1])                               # timm ViT, token pooling
+    with torch.inference_mode():
+        torch.testing.assert_close(_class_token_block(bb.blocks[-1], tokens), bb.blocks[-1](tokens)[:, :1],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_other_pooling_runs_the_whole_last_block(tiny_foundation, monkeypatch):
+    from sim.stacked_forward import _class_token_only
+
+    bb = tiny_foundation.backbone
+    monkeypatch.setattr(bb, "global_pool", "avg")                              # features read every token
+    assert not _class_token_only(bb, bb.blocks[-1])
+    adapters = [random_adapter(tiny_foundation, ("blocks.1.attn.qkv",), seed=s) for s in range(2)]
+    data = proxy_of(tiny_foundation)
+    feats = stacked_features(tiny_foundation, proxy_tokens(tiny_foundation, data, 1, PrefixCache()), 1,
+                             updates_of(adapters))
+    for c, a in enumerate(adapters):
+        torch.testing.assert_close(feats[c], proxy_features(tiny_foundation, data, tiny_foundation.merged_weights(a)),
+                                   rtol=1e-4, atol=1e-5)
