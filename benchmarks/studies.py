@@ -10,7 +10,7 @@ and distillation sizes; made once, or ``--run-dir`` of an existing run) re-merge
 strategies (``--run-dir DIR``: made there if DIR holds no run yet, reused otherwise), the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
 (``experiments.sweep.replay_run``). Prints the wall time of the order study (target ≤ 120 s) and the spread of each
 strategy over the orders. ``--search-batch B --optimizer NAME`` replays with the batched search
-(``merge.search_batch``; B > 1 needs an optimizer that asks in parallel, e.g. CMA).
+(``merge.search_batch``; B > 1 needs an optimizer that asks in parallel, e.g. TwoPointsDE).
 
 ``scaling``: ``forgesim sweep scaling`` (``--smoke``: its CI size) with nested cohorts: per seed only the largest
 community is trained, the smaller ones are built from its log (``sim.replay.replay_subset``). Prints the study's

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, help="evaluations of the search (merge.budget)")
     p.add_argument("--search-mode", choices=("sequential", "global"), help="fusion/mixture search (merge.search_mode)")
     p.add_argument("--search-batch", type=int, help="candidates asked and scored together, 1 = one at a time; B > 1 needs "
-                                                    "a parallel --optimizer such as CMA (merge.search_batch)")
+                                                    "a parallel --optimizer such as TwoPointsDE (merge.search_batch)")
     p.add_argument("--granularity", choices=("adapter", "layer"), help="one coefficient per adapter or per module "
                                                                        "(merge.granularity)")
     add_config_args(p)

@@ -49,5 +49,5 @@ def parallel_problem(name: str, batch: int, dimension: int = 2, budget: int = 40
             inner = inner.optim
     if isinstance(inner, _MetaModel) and np.lib.NumpyVersion(np.__version__) >= "2.4.0":
         return (f"{name} with {batch} workers runs nevergrad's MetaModel, whose surrogate step fails under numpy "
-                f"{np.__version__} (nevergrad issue #1612); use e.g. CMA, TwoPointsDE, PSO or OnePlusOne")
+                f"{np.__version__} (nevergrad issue #1612); use e.g. TwoPointsDE, CMA, PSO or OnePlusOne")
     return None
