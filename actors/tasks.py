@@ -152,13 +152,16 @@ def individual_task(cfg_blob: str, adapters: dict, tasks: list[str] | None = Non
 @ray.remote(max_retries=2)
 @_releases_device_memory
 def replay_task(run_dir: str, orders: list[int], strategies: list[str] | None = None,
-                per_step: bool | list[str] = False) -> tuple[list, list, dict]:
-    """Re-merge a run's commits in the given orders (``sim.replay.replay``) with this worker's foundation."""
+                per_step: bool | list[str] = False, merge: dict | None = None) -> tuple[list, list, dict]:
+    """Re-merge a run's commits in the given orders (``sim.replay.replay``) with this worker's foundation; ``merge``:
+    the merge section to replay with (``config_to_dict`` of a ``MergeConfig``; default: the run's own)."""
     from sim.replay import load_replayable, replay
 
     import json
 
     loaded = load_replayable(run_dir)
+    if merge is not None:
+        loaded = (loaded[0].replace(merge=config_from_dict({"merge": merge}).merge), loaded[1])
     cfg = loaded[0]
     blob = json.dumps(config_to_dict(cfg))
     return replay(run_dir, orders, strategies, foundation=_setup(cfg), cohort=_cohort(blob), loaded=loaded,

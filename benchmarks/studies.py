@@ -1,6 +1,7 @@
 """Studies on this machine: the merge-order study and the cost of sweeping strategies.
 
     .venv/bin/python benchmarks/studies.py order [--run-dir DIR] [--orders 20] [--strategies fusion,mixture,svd]
+                                                 [--search-batch B --optimizer NAME]
     .venv/bin/python benchmarks/studies.py scaling [--smoke] [--out DIR]
     .venv/bin/python benchmarks/studies.py reuse
 
@@ -8,7 +9,8 @@
 and distillation sizes; made once, or ``--run-dir`` of an existing run) re-merged in 20 seeded orders × 3
 strategies (``--run-dir DIR``: made there if DIR holds no run yet, reused otherwise), the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
 (``experiments.sweep.replay_run``). Prints the wall time of the order study (target ≤ 120 s) and the spread of each
-strategy over the orders.
+strategy over the orders. ``--search-batch B --optimizer NAME`` replays with the batched search
+(``merge.search_batch``; B > 1 needs an optimizer that asks in parallel, e.g. TwoPointsDE).
 
 ``scaling``: ``forgesim sweep scaling`` (``--smoke``: its CI size) with nested cohorts: per seed only the largest
 community is trained, the smaller ones are built from its log (``sim.replay.replay_subset``). Prints the study's
@@ -51,7 +53,9 @@ def order_study(args: argparse.Namespace) -> None:
     strategies = tuple(args.strategies.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
-        cfg = study.base.replace(merge=dataclasses.replace(study.base.merge, strategies=strategies))
+        merge = dataclasses.replace(study.base.merge, strategies=strategies, search_batch=args.search_batch,
+                                    optimizer=args.optimizer or study.base.merge.optimizer)
+        cfg = study.base.replace(merge=merge)
         if not (run_dir / "summary.json").is_file():
             t0 = time.perf_counter()
             run_simulation(cfg, run_dir)
@@ -65,8 +69,10 @@ def order_study(args: argparse.Namespace) -> None:
         finally:
             ray.shutdown()
         orders = pd.read_parquet(run_dir / "orders.parquet")
-    print(f"{os.cpu_count()} cores; {cfg.data.institutions} institutions × {cfg.schedule.contributions} contribution, "
-          f"{args.orders} orders × {len(strategies)} strategies on {cfg.runtime.workers} workers")
+    print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {cfg.data.institutions} institutions × "
+          f"{cfg.schedule.contributions} contribution, {args.orders} orders × {len(strategies)} strategies on "
+          f"{cfg.runtime.workers} workers; search: merge.search_batch {cfg.merge.search_batch}, "
+          f"merge.optimizer {cfg.merge.optimizer}")
     print("| strategy | ACC mean | ACC range | AUC mean | AUC range | merge s per order |")
     print("|---|---|---|---|---|---|")
     for s, g in orders.groupby("strategy", sort=False):
@@ -139,6 +145,8 @@ def main() -> None:
     p.add_argument("--run-dir")
     p.add_argument("--orders", type=int, default=20)
     p.add_argument("--strategies", default="fusion,mixture,svd")
+    p.add_argument("--search-batch", type=int, default=1, help="merge.search_batch of the replays")
+    p.add_argument("--optimizer", help="merge.optimizer of the replays (default: the study's)")
     p = sub.add_parser("scaling")
     p.add_argument("--smoke", action="store_true", help="the study's CI size (4 and 8 institutions, seed 0)")
     p.add_argument("--out", help="keep the sweep dir here (default: a temporary dir)")

@@ -21,7 +21,7 @@ HELP = ("merge peft LoRA adapter dirs with one strategy; writes a peft adapter d
 FLAGS = {"seed": "seed", "density": "merge.density", "svd_threshold": "merge.svd_threshold", "rank": "merge.svd_rank",
          "trim": "merge.trim", "clip_norm": "merge.clip_norm",
          "optimizer": "merge.optimizer", "budget": "merge.budget", "search_mode": "merge.search_mode",
-         "granularity": "merge.granularity"}
+         "search_batch": "merge.search_batch", "granularity": "merge.granularity"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", help="nevergrad optimizer of the search (merge.optimizer)")
     p.add_argument("--budget", type=int, help="evaluations of the search (merge.budget)")
     p.add_argument("--search-mode", choices=("sequential", "global"), help="fusion/mixture search (merge.search_mode)")
+    p.add_argument("--search-batch", type=int, help="candidates asked and scored together, 1 = one at a time; B > 1 needs "
+                                                    "a parallel --optimizer such as TwoPointsDE (merge.search_batch)")
     p.add_argument("--granularity", choices=("adapter", "layer"), help="one coefficient per adapter or per module "
                                                                        "(merge.granularity)")
     add_config_args(p)

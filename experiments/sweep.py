@@ -197,7 +197,7 @@ def distinct_orders(n_commits: int, orders: int, seed: int) -> list[int]:
 
 def replay_run(cfg: SimConfig, run_dir: Path, orders: int, per_step: bool | list[str] = False) -> None:
     """``orders`` distinct merge orders of ``run_dir``'s accepted commits (``distinct_orders``), split over the pool's
-    workers as Ray tasks; writes ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir, and with
+    workers as Ray tasks, merged with ``cfg.merge`` (strategies, search settings); writes ``orders.parquet`` and ``orders_per_task.parquet`` into the run dir, and with
     ``per_step`` ``orders_steps.parquet`` (every branch, or the strategies it names, scored after every merge step,
     ``sim.replay.replay``)."""
     import pandas as pd
@@ -212,7 +212,9 @@ def replay_run(cfg: SimConfig, run_dir: Path, orders: int, per_step: bool | list
     pg, own = worker_pool(cfg)
     try:
         chunks = [c.tolist() for c in np.array_split(ids, min(len(ids), cfg.runtime.workers)) if len(c)]
-        parts = ray.get([replay_task.options(**task_options(cfg, pg)).remote(str(run_dir), chunk, None, per_step)
+        merge = config_to_dict(cfg.merge)            # the replay's merge settings are ``cfg``'s, not only the run's
+        parts = ray.get([replay_task.options(**task_options(cfg, pg)).remote(str(run_dir), chunk, None, per_step,
+                                                                             merge)
                          for chunk in chunks])
     finally:
         if own:

@@ -8,6 +8,9 @@ Huang et al., arXiv 2307.13269); its paper names Shiwa and Cobyla. Here:
   seeded through the parametrization's ``random_state``. The initial point is evaluated first (it counts towards
   the budget), so the result is never worse than the start; the best *evaluated* point is returned (the
   objective is deterministic) with the objective trace.
+* ``batch`` (``merge.search_batch``) > 1 — the same search with nevergrad's ``num_workers=batch``: rounds of
+  ``batch`` asks scored together (``batch_loss``, e.g. fusion's stacked forward, ``sim.stacked_forward``) and told in
+  ask order. Deterministic per seed, but another trajectory than one-at-a-time asks (``batch`` 1, unchanged).
 * ``prepare_proxy`` / ``proxy_loss`` — the cross-entropy objective: the union of distilled sets, each scored on
   its own task's classes, mean CE per set, then the mean over sets (as MedForge's ``get_loss`` does). Images are
   normalised and concatenated once, so one evaluation is one batched forward pass. With linear heads each set
@@ -28,21 +31,7 @@ import torch.nn.functional as F
 
 from sim.data.base import DistilledSet
 from sim.model import Adapter, Foundation
-
-# Names documented and tested; any other name in ``nevergrad.optimizers.registry`` works as well.
-OPTIMIZERS = ("NGOpt", "Shiwa", "Cobyla", "CMA", "OnePlusOne", "TwoPointsDE", "PSO", "RandomSearch")
-
-
-def get_optimizer(name: str) -> type:
-    """The nevergrad optimizer class registered as ``name``; a typo lists the common names."""
-    import nevergrad as ng
-
-    try:
-        return ng.optimizers.registry[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r} (merge.optimizer); known: {', '.join(OPTIMIZERS)} "
-                         f"or any name in nevergrad.optimizers.registry") from None
-
+from sim.optimizers import OPTIMIZERS, get_optimizer, parallel_problem  # noqa: F401 - re-exported
 
 def l1_penalty(w: np.ndarray, l1: float) -> float:
     """``l1 · mean |w|`` — MedForge's ``get_regular`` (0.05 · mean of absolute coefficients)."""
@@ -69,7 +58,8 @@ class SearchResult:
 
 def search_coefficients(loss: Callable[[np.ndarray], float], init: np.ndarray, *, optimizer: str = "NGOpt",
                         budget: int = 40, bound: float = 1.5, l1: float = 0.05, seed: int = 0,
-                        penalised: Callable[[np.ndarray], np.ndarray] | None = None) -> SearchResult:
+                        penalised: Callable[[np.ndarray], np.ndarray] | None = None, batch: int = 1,
+                        batch_loss: Callable[[np.ndarray], Sequence[float]] | None = None) -> SearchResult:
     """Minimise ``loss(w) + l1 · mean|w|`` over w in [-bound, bound]^shape(init), ``budget`` evaluations.
 
     Args:
@@ -82,6 +72,11 @@ def search_coefficients(loss: Callable[[np.ndarray], float], init: np.ndarray, *
         seed: seeds the optimizer (``parametrization.random_state``).
         penalised: maps w to the coefficients the L1 penalty is taken on (default w itself; MedForge's
             sequential Mixture penalises the weights over all contributors, ``[a · w_prev, b]``).
+        batch: candidates asked together (``merge.search_batch``). 1: one ``ask`` / ``tell`` at a time. B > 1: the
+            optimizer is built with ``num_workers=B`` (nevergrad's setting for B evaluations in flight), B candidates
+            are asked, scored together and told in ask order; the initial point is scored with the first ones.
+        batch_loss: ``loss`` of C candidates at once, W (C, *shape(init)) → (C,) (e.g. one stacked forward);
+            default: ``loss`` on each. Used only with ``batch`` > 1.
     Returns:
         ``SearchResult`` with the best evaluated coefficients (shaped like ``init``) and the objective trace.
     """
@@ -89,6 +84,8 @@ def search_coefficients(loss: Callable[[np.ndarray], float], init: np.ndarray, *
 
     if budget < 1:
         raise ValueError(f"merge.budget must be an integer >= 1, got {budget!r}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"merge.search_batch must be an integer >= 1, got {batch!r}")
     opt_cls = get_optimizer(optimizer)
     t0 = time.perf_counter()
     init = np.clip(np.asarray(init, dtype=np.float64), -bound, bound)
@@ -97,6 +94,9 @@ def search_coefficients(loss: Callable[[np.ndarray], float], init: np.ndarray, *
         value = float(loss(w)) + l1_penalty(penalised(w) if penalised is not None else w, l1)
         return value if np.isfinite(value) else float("inf")
 
+    if batch != 1:
+        return _search_batched(objective, loss, batch_loss, init, opt_cls, optimizer, budget, bound, l1, seed,
+                               penalised, batch, t0)
     best_w, best = init.copy(), objective(init)
     trace = [best]
     if budget > 1:
@@ -112,6 +112,48 @@ def search_coefficients(loss: Callable[[np.ndarray], float], init: np.ndarray, *
                 trace.append(value)
                 if value < best:
                     best, best_w = value, np.array(cand.value, dtype=np.float64)
+    return SearchResult(best_w, best, trace[0], trace, optimizer, budget, seed, time.perf_counter() - t0)
+
+
+def _search_batched(objective: Callable[[np.ndarray], float], loss: Callable[[np.ndarray], float],
+                    batch_loss: Callable[[np.ndarray], Sequence[float]] | None, init: np.ndarray, opt_cls: type,
+                    optimizer: str, budget: int, bound: float, l1: float, seed: int,
+                    penalised: Callable[[np.ndarray], np.ndarray] | None, batch: int, t0: float) -> SearchResult:
+    """``search_coefficients`` with ``batch`` > 1: rounds of ``batch`` asks (the first round also scores the initial
+    point), each round scored together (``batch_loss``) and told in ask order. The budget counts evaluations as in
+    the one-at-a-time search; the last round holds what is left of it."""
+    import nevergrad as ng
+
+    def objectives(points: list[np.ndarray]) -> list[float]:
+        stack = np.stack(points)
+        data = batch_loss(stack) if batch_loss is not None else [loss(w) for w in stack]
+        out = []
+        for w, value in zip(stack, data):
+            value = float(value) + l1_penalty(penalised(w) if penalised is not None else w, l1)
+            out.append(value if np.isfinite(value) else float("inf"))
+        return out
+
+    best_w, best, trace = init.copy(), float("inf"), []
+    param = ng.p.Array(init=init, lower=-bound, upper=bound)
+    param.random_state = np.random.RandomState(seed % 2**32)
+    opt = opt_cls(parametrization=param, budget=max(budget - 1, 1), num_workers=batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nevergrad/scipy chatter about bounds and injected points
+        left = budget - 1
+        while not trace or left > 0:
+            cands = [opt.ask() for _ in range(min(batch, left))]
+            points = ([init] if not trace else []) + [np.asarray(c.value, dtype=np.float64) for c in cands]
+            values = objectives(points)
+            if not trace:
+                best = values[0]
+                trace.append(best)
+                values = values[1:]
+            for cand, w, value in zip(cands, points[-len(cands):] if cands else [], values):
+                opt.tell(cand, value)
+                trace.append(value)
+                if value < best:
+                    best, best_w = value, w.copy()
+            left -= len(cands)
     return SearchResult(best_w, best, trace[0], trace, optimizer, budget, seed, time.perf_counter() - t0)
 
 

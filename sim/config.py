@@ -307,6 +307,10 @@ class MergeConfig:
                                      "parameter-space searches; mixture weights are always per adapter)")
     search_mode: str = _f("sequential", "fusion/mixture: search two coefficients per arriving commit (MedForge), "
                                         "or all N at once (global)")
+    search_batch: int = _f(1, "candidates the coefficient search asks and scores together: 1 = one ask/tell at a "
+                              "time; B > 1 = nevergrad with num_workers=B, B candidates per round in one stacked "
+                              "forward over the cached frozen prefix (fusion; other objectives keep one at a time); "
+                              "the optimizer's trajectory differs from one-at-a-time asks")
     density: float | None = _f(None, "ties/dare/magnitude_prune/knots: fraction of entries each contributor keeps; "
                                      "null = each strategy's published default (ties 0.2, dare 0.5, "
                                      "magnitude_prune 0.5)")
@@ -334,6 +338,14 @@ class MergeConfig:
         _check(self.l1 >= 0, "merge.l1", "a number >= 0", self.l1)
         _choice("merge.granularity", self.granularity, ("adapter", "layer"))
         _choice("merge.search_mode", self.search_mode, ("sequential", "global"))
+        _check(isinstance(self.search_batch, int) and not isinstance(self.search_batch, bool)
+               and self.search_batch >= 1, "merge.search_batch", "an integer >= 1", self.search_batch)
+        if self.search_batch > 1:
+            from sim.optimizers import parallel_problem  # nevergrad is imported only for a batched search
+
+            problem = parallel_problem(self.optimizer, self.search_batch, budget=self.budget)
+            _check(problem is None, "merge.search_batch",
+                   f"1 with merge.optimizer {self.optimizer} ({problem})", self.search_batch)
         _check(self.density is None or 0 < self.density <= 1, "merge.density",
                "null (each strategy's default) or a number in (0, 1]", self.density)
         _check(self.trim is None or 0 <= self.trim < 0.5, "merge.trim", "null (0.1) or a fraction in [0, 0.5)",

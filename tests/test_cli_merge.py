@@ -199,6 +199,25 @@ def test_sequential_cli_merge_is_the_one_shot_merge_with_sets_paired_by_position
                  cfg_file, "--budget", "3", "--search-mode", "global", "--out", str(tmp_path / "glob")]) == 0
 
 
+
+def test_merge_cli_batched_search_is_the_apis(tmp_path, search_inputs, tiny_cfg, tiny_foundation):
+    # Prepare
+    dirs, proxy_files, cfg_file = search_inputs
+    adapters, sets = [load_adapter(d) for d in dirs], [DistilledSet.load(f) for f in proxy_files]
+    flags = ["--budget", "5", "--seed", "3", "--optimizer", "CMA"]
+    # Execute
+    out = tmp_path / "batched"
+    code = main(["merge", "--strategy", "fusion", "--adapters", *dirs, "--proxy", *proxy_files, "--config", cfg_file,
+                 *flags, "--search-batch", "2", "--out", str(out)])
+    api = merge("fusion", adapters, cfg=dataclasses.replace(tiny_cfg.merge, budget=5, optimizer="CMA", search_batch=2),
+                foundation=tiny_foundation, proxy=sets, seed=3)
+    # Assert: the API's coefficients; a sequential optimizer cannot be batched (exit 2, naming the field)
+    assert code == 0
+    np.testing.assert_allclose(json.loads((out / "merge.json").read_text())["coefficients"], api.coefficients)
+    assert main(["merge", "--strategy", "fusion", "--adapters", *dirs, "--proxy", *proxy_files, "--config", cfg_file,
+                 "--optimizer", "Cobyla", "--search-batch", "2", "--out", str(tmp_path / "bad")]) == 2
+
+
 @pytest.mark.parametrize("strategy", ["regmean", "fisher"])
 def test_data_aware_merge_computes_statistics_on_each_adapters_set(strategy, tmp_path, search_inputs,
                                                                    tiny_foundation):

@@ -184,9 +184,23 @@ def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[
     return proxy if isinstance(proxy, ProxyData) else prepare_proxy(foundation, proxy)
 
 
-def _search(loss: Callable, init: np.ndarray, cfg: MergeConfig, seed: int, **kw) -> SearchResult:
+def _search(loss: Callable, init: np.ndarray, cfg: MergeConfig, seed: int, batch_loss: Callable | None = None,
+            **kw) -> SearchResult:
+    """``search_coefficients`` with the config's settings; ``merge.search_batch`` applies where the objective has a
+    stacked ``batch_loss`` (one-at-a-time asks otherwise: batching a cheap objective would only change the
+    trajectory)."""
+    batch = cfg.search_batch if batch_loss is not None else 1
     return search_coefficients(loss, init, optimizer=cfg.optimizer, budget=cfg.budget, bound=cfg.bound, l1=cfg.l1,
-                               seed=seed, **kw)
+                               seed=seed, batch=batch, batch_loss=batch_loss if batch > 1 else None, **kw)
+
+
+def _batch_objective(spec: StrategySpec, foundation: Foundation, data: ProxyData, adapters: Sequence[Adapter],
+                     cfg: MergeConfig) -> Callable | None:
+    """The spec's stacked objective of C candidates (``search_batch_loss``) when ``merge.search_batch`` > 1, else
+    ``None`` (built only when used: it takes the proxy's prefix tokens)."""
+    if cfg.search_batch == 1 or spec.batch_loss_impl is None:
+        return None
+    return spec.search_batch_loss(foundation, data, adapters)
 
 
 def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *, cfg: MergeConfig | None = None,
@@ -199,7 +213,7 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
         adapters: the contributors, in arrival order.
         weights: explicit coefficients, (N,) or (N, M); ``None`` = searched (if searching) or the default.
         cfg: density, svd threshold/rank and the search settings (optimizer, budget, bound, l1, granularity,
-            search_mode).
+            search_mode, search_batch: candidates asked together where the spec has a stacked objective).
         foundation, proxy: needed to search coefficients (cross-entropy on the distilled sets). A sequential
             search needs one set per adapter in arrival order (a list, or ``ArrivedProxy`` with the sources);
             stage i sees only the sets of adapters 0..i (``ArrivedProxy.seen``), as it does in a run. Global
@@ -290,7 +304,8 @@ def _merge_global(spec: StrategySpec, adapters: Sequence[Adapter], foundation: F
     if cfg.granularity == "layer" and spec.space != "output":
         init = np.repeat(init[:, None], n_modules, axis=1)
     options = _strategy_options(spec.fn, cfg, seed) | (statistics or {})
-    res = _search(_objective(spec, foundation, data, adapters, options), init, cfg, seed)
+    res = _search(_objective(spec, foundation, data, adapters, options), init, cfg, seed,
+                  _batch_objective(spec, foundation, data, adapters, cfg))
     return MergeResult(spec.name, spec.fn(adapters, res.coefficients, **options), res.coefficients, res.trace,
                        stages=[res.record() | {"coefficients": res.coefficients.tolist()}])
 
@@ -423,7 +438,8 @@ def _stage_coefficients(state: SequentialState, spec: StrategySpec, pool: list[A
     get_optimizer(cfg.optimizer)
     data = _proxy_data(foundation, proxy, pool)
     if spec.space != "output":       # (a, b) weigh the pool (merged so far, new) directly
-        res = _search(_objective(spec, foundation, data, pool, {}), np.full(shape, 0.5), cfg, seed)
+        res = _search(_objective(spec, foundation, data, pool, {}), np.full(shape, 0.5), cfg, seed,
+                      _batch_objective(spec, foundation, data, pool, cfg))
     else:                            # (a, b) rescale all N weights; the pool's probabilities are cached across stages
         probs = state.cache.probabilities(foundation, pool, data)
         res = _search(mixture_loss(probs, data, to_weights), np.full(shape, 0.5), cfg, seed, penalised=to_weights)

@@ -76,6 +76,10 @@ class StrategySpec:
     which a ``null`` config field (``merge.density``) leaves in force.
     ``search_loss(foundation, data, adapters) -> loss(w)`` (``loss_impl``): a faster equivalent of the generic search objective
     (``None``: cross-entropy of ``fn(adapters, w)`` on the proxy data).
+    ``search_batch_loss(foundation, data, adapters) -> loss(W)`` (``batch_loss_impl``): the same objective of C
+    candidates at once, W (C, *shape(w)) → (C,), in one stacked forward; a search with ``merge.search_batch`` > 1
+    asks that many candidates together only for a strategy that has one (``None``: one-at-a-time asks, whatever
+    ``merge.search_batch`` says).
     ``statistic`` (``statistic_impl``): ``(foundation, adapter, distilled set) -> statistic`` of one contributor on
     the distilled set it arrived with (RegMean's input Grams, Fisher merging's diagonal Fisher), passed to ``fn`` as
     the list ``statistic_option=[...]``, one per contributor (``sim.merge.api`` computes each once per adapter).
@@ -101,6 +105,7 @@ class StrategySpec:
     one_is_identity: bool = True
     default_options: tuple[tuple[str, float], ...] = ()
     loss_impl: str | None = None
+    batch_loss_impl: str | None = None
     statistic_impl: str | None = None
     statistic_option: str = ""
     continual: bool = False
@@ -120,6 +125,11 @@ class StrategySpec:
     def search_loss(self) -> Callable | None:
         """``loss_impl`` imported (``None`` without one)."""
         return None if self.loss_impl is None else resolve(self.loss_impl)
+
+    @property
+    def search_batch_loss(self) -> Callable | None:
+        """``batch_loss_impl`` imported (``None`` without one)."""
+        return None if self.batch_loss_impl is None else resolve(self.batch_loss_impl)
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -148,6 +158,7 @@ _SPECS = (
                  citation="Zhu et al., Med-LEGO, MICCAI 2025 (arXiv 2503.01164), eq. 2 pre-merge baseline"),
     StrategySpec("fusion", "sim.merge.fusion:fusion", "factors", searched=True, sequential=True, default_weight=None,
                  needs_proxy=True, mixed_ranks=False, same_modules=True, loss_impl="sim.merge.fusion:fusion_loss",
+                 batch_loss_impl="sim.merge.fusion:fusion_batch_loss",
                  citation="Tan et al., MedForge (arXiv 2502.16055), official model_fusion.py; LoraHub, Huang et al. "
                           "(arXiv 2307.13269)"),
     StrategySpec("mixture", "sim.merge.mixture:mixture", "output", searched=True, sequential=True, default_weight=None,
