@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sim.coefficients import (ProxyData, ProxySet, prepare_proxy, proxy_features, proxy_loss,
+from sim.coefficients import (ProxyData, prepare_proxy, proxy_features, proxy_loss,
                               search_coefficients)
 from sim.config import MergeConfig, config_from_dict
 from sim.data.base import DistilledSet
