@@ -23,7 +23,8 @@ demo: $(STAMP)
 
 # The suite on TEST_WORKERS pytest-xdist processes, each with its own local Ray and one torch thread (the default-
 # model tests first, see tests/conftest.py); TEST_WORKERS=0 runs it in this one process. -rs names every skipped
-# test with its reason, so a CI log shows whether the Chromium test ran.
+# test with its reason, and the summary's "browser test:" line names the Chromium the HTML report was rendered in,
+# so a CI log shows whether the Chromium test ran.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["find_chromium", "chromium_args", "screenshot", "broken_images", "main"]
+__all__ = ["find_chromium", "chromium_version", "chromium_args", "screenshot", "broken_images", "main"]
 
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 _MARKER = "forgesim-image-check"
@@ -39,6 +39,15 @@ window.addEventListener('load', function () {{
 def find_chromium() -> str | None:
     """Path of a Chromium/Chrome executable on PATH, or None."""
     return next((p for p in map(shutil.which, _CANDIDATES) if p), None)
+
+
+def chromium_version(timeout: float = 30.0) -> str:
+    """The browser's own ``--version`` line (e.g. ``Chromium 131.0.6778.204 built on Debian ...``)."""
+    exe = find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no chromium found on PATH (Debian: apt-get install chromium)")
+    done = _run([exe, "--version"], timeout)
+    return (done.stdout.strip().splitlines() or [exe])[0]
 
 
 def chromium_args(profile: Path) -> list[str]:

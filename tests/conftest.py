@@ -19,6 +19,24 @@ def pytest_collection_modifyitems(config, items):
     items[:] = sorted(items, key=lambda item: 0 if item.get_closest_marker("slow") else 1)
 
 
+_BROWSER_RUNS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Note the tests that ran in a real browser (their ``browser`` property; under pytest-xdist the reports,
+    properties included, come back to this controller process)."""
+    if report.when == "call":
+        for name, value in report.user_properties:
+            if name == "browser":
+                _BROWSER_RUNS.append(f"{report.nodeid} {report.outcome.upper()} in {value}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per browser test that ran, so a CI log shows the HTML report was rendered (``-rs`` lists the skips)."""
+    for line in _BROWSER_RUNS:
+        terminalreporter.write_line(f"browser test: {line}")
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory) -> SimConfig:
     """A 2-block, width-32 ViT on 16 px images, pretrained for 30 steps into a private cache dir."""

@@ -12,7 +12,7 @@ import yaml
 
 from analysis import build_report
 from analysis import figures as F
-from analysis.browser import broken_images, find_chromium, screenshot
+from analysis.browser import broken_images, chromium_version, find_chromium, screenshot
 from analysis.load import (contributions, dir_kind, eval_history, load_run, load_sweep, mean_ci,
                            strategy_task_table, study_rows)
 from analysis.report import task_table
@@ -341,7 +341,9 @@ def test_analysis_never_imports_the_simulation():
 
 # The HTML in a real browser -----------------------------------------------------------------------------------------
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)")
-def test_html_report_renders_in_chromium(tmp_path):
+def test_html_report_renders_in_chromium(tmp_path, record_property):
+    # the browser that ran, for the suite's closing summary (tests/conftest.py): a CI log shows this test ran in it
+    record_property("browser", f"{chromium_version()} ({find_chromium()})")
     html = build_report(write_run(tmp_path / "run"))
     total, broken = broken_images(html)
     assert total == 3 and broken == []
