@@ -16,6 +16,12 @@ Huang et al., arXiv 2307.13269); its paper names Shiwa and Cobyla. Here:
   normalised and concatenated once, so one evaluation is one batched forward pass. With linear heads each set
   is scored with the scored adapter's head of the set's task (a candidate merge carries its pool's heads), so
   the proxy data holds no head of its own.
+* ``max_images`` (``merge.proxy_images``) > 0 — a bounded proxy: when the received sets hold more images than that,
+  each set contributes an equal share of them (``proxy_quota``), the first rows of one seeded, class-interleaved order
+  of its images (``stratified_order``, drawn from the set's content hash alone). The objective is then a stratified
+  estimate of the same mean over sets (every set still weighs 1 / n_sets, every class of a set is drawn in turn), so
+  a stage's cost stops growing with the number of contributors; a set's sample only shrinks as more sets arrive (a
+  prefix of the same order), which lets per-set caches (the mixture's probabilities) serve every later stage.
 """
 from __future__ import annotations
 
@@ -162,7 +168,11 @@ def _search_batched(objective: Callable[[np.ndarray], float], loss: Callable[[np
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ProxySet:
-    """One distilled set inside ``ProxyData``: rows ``start:stop`` of its images, scored on ``classes``."""
+    """One distilled set inside ``ProxyData``: rows ``start:stop`` of its images, scored on ``classes``.
+
+    ``key`` names the rows held (a sample's key differs from its whole set's); ``parent`` is the whole set's content
+    hash (``set_key``); ``prefix``, for a bounded proxy's sample, the number of rows held: the first ``prefix`` rows
+    of the set's ``stratified_order`` (``None``: the whole set in its own order)."""
 
     task: str
     classes: tuple[str, ...]
@@ -170,6 +180,8 @@ class ProxySet:
     stop: int
     y: torch.Tensor
     key: str
+    parent: str = ""
+    prefix: int | None = None
 
 
 @dataclass
@@ -192,21 +204,61 @@ def set_key(ds: DistilledSet) -> str:
     return h.hexdigest()
 
 
-def prepare_proxy(foundation: Foundation, proxy: Sequence[DistilledSet]) -> ProxyData:
-    """Check, normalise and concatenate the distilled sets once (scored with whichever adapter is evaluated)."""
+def stratified_order(ds: DistilledSet, key: str | None = None) -> np.ndarray:
+    """The rows of ``ds`` in the order a bounded proxy takes them: each class's rows in a seeded random order, the
+    classes interleaved (one row of each class in turn, from a seeded first class; a class that runs out drops
+    out), so every prefix is as class-balanced as the set allows. Drawn from the set's content hash (``key``,
+    default ``set_key(ds)``) alone: the same set gives the same order in every run, stage and contributor order."""
+    key = key or set_key(ds)
+    rng = np.random.default_rng(int(key[:16], 16))
+    classes = np.unique(ds.y)
+    per_class = [rng.permutation(np.flatnonzero(ds.y == c)) for c in classes]
+    shift = int(rng.integers(len(per_class))) if per_class else 0
+    per_class = per_class[shift:] + per_class[:shift]
+    longest = max((len(p) for p in per_class), default=0)
+    return np.array([p[j] for j in range(longest) for p in per_class if j < len(p)], dtype=np.int64)
+
+
+def proxy_quota(sizes: Sequence[int], max_images: int) -> list[int]:
+    """Rows each set contributes to a proxy of at most ``max_images`` images (``0``: every row of every set).
+
+    Within the bound every set is kept whole; beyond it, each set gets an equal share ⌊max_images / n_sets⌋ (at
+    least one row; a set smaller than its share keeps all its rows, and what it leaves is not handed to others, so
+    a set's share depends only on how many sets there are)."""
+    if max_images < 0:
+        raise ValueError(f"max_images must be >= 0, got {max_images}")
+    nonempty = [s for s in sizes if s > 0]
+    if max_images == 0 or sum(nonempty) <= max_images:
+        return list(sizes)
+    share = max(1, max_images // len(nonempty))
+    return [min(s, share) for s in sizes]
+
+
+def prepare_proxy(foundation: Foundation, proxy: Sequence[DistilledSet], max_images: int = 0) -> ProxyData:
+    """Check, normalise and concatenate the distilled sets once (scored with whichever adapter is evaluated);
+    ``max_images`` > 0 bounds the proxy by a stratified sample of every set (module doc, ``proxy_quota``)."""
     if len(proxy) == 0:
         raise ValueError("coefficient search needs proxy data (at least one distilled set)")
-    xs, sets, start = [], [], 0
     for ds in proxy:
         if ds.x.shape[-1] != foundation.img_size or ds.x.shape[-2] != foundation.img_size:
             raise ValueError(f"proxy set of task {ds.task!r} has {ds.x.shape[-1]} px images; "
                              f"the foundation takes {foundation.img_size} px")
+    quota = proxy_quota([len(ds) for ds in proxy], max_images)
+    xs, sets, start = [], [], 0
+    for ds, q in zip(proxy, quota):
         if len(ds) == 0:
             continue
-        xs.append(foundation.normalize(torch.from_numpy(ds.x)))
-        y = torch.from_numpy(ds.y.astype(np.int64)).to(foundation.device)
-        sets.append(ProxySet(ds.task, tuple(ds.classes), start, start + len(ds), y, set_key(ds)))
-        start += len(ds)
+        key = set_key(ds)
+        if q < len(ds):
+            rows = stratified_order(ds, key)[:q]
+            x, y_np, parent, held = ds.x[rows], ds.y[rows], key, q
+            key = f"{key}:{q}"
+        else:
+            x, y_np, parent, held = ds.x, ds.y, key, None
+        xs.append(foundation.normalize(torch.from_numpy(np.ascontiguousarray(x))))
+        y = torch.from_numpy(y_np.astype(np.int64)).to(foundation.device)
+        sets.append(ProxySet(ds.task, tuple(ds.classes), start, start + len(y_np), y, key, parent, held))
+        start += len(y_np)
     if not sets:
         raise ValueError("coefficient search needs proxy data; all distilled sets are empty")
     return ProxyData(torch.cat(xs), sets)

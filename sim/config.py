@@ -311,6 +311,10 @@ class MergeConfig:
                               "time; B > 1 = nevergrad with num_workers=B, B candidates per round in one stacked "
                               "forward over the cached frozen prefix (fusion; other objectives keep one at a time); "
                               "the optimizer's trajectory differs from one-at-a-time asks")
+    proxy_images: int = _f(0, "coefficient search: score at most this many distilled images; beyond it every "
+                              "received set gives an equal, class-stratified share (a seeded prefix of its images), so "
+                              "a stage's cost stays flat as contributors arrive; 0 = every image of every set "
+                              "(MedForge)")
     density: float | None = _f(None, "ties/dare/magnitude_prune/knots: fraction of entries each contributor keeps; "
                                      "null = each strategy's published default (ties 0.2, dare 0.5, "
                                      "magnitude_prune 0.5)")
@@ -340,6 +344,8 @@ class MergeConfig:
         _choice("merge.search_mode", self.search_mode, ("sequential", "global"))
         _check(isinstance(self.search_batch, int) and not isinstance(self.search_batch, bool)
                and self.search_batch >= 1, "merge.search_batch", "an integer >= 1", self.search_batch)
+        _check(isinstance(self.proxy_images, int) and not isinstance(self.proxy_images, bool)
+               and self.proxy_images >= 0, "merge.proxy_images", "an integer >= 0", self.proxy_images)
         if self.search_batch > 1:
             from sim.optimizers import parallel_problem  # nevergrad is imported only for a batched search
 

@@ -175,13 +175,15 @@ def _statistics(spec: StrategySpec, foundation: Foundation | None, adapters: Seq
     return {spec.statistic_option: [_statistic(spec, foundation, a, ds) for a, ds in zip(adapters, sets)]}
 
 
-def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[Adapter]) -> ProxyData:
+def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[Adapter],
+                max_images: int = 0) -> ProxyData:
+    """The search's proxy, bounded to ``max_images`` (``merge.proxy_images``; prepared ``ProxyData`` is used as given)."""
     if foundation is None or proxy is None or (not isinstance(proxy, ProxyData) and len(proxy) == 0):
         raise ValueError("a coefficient search needs the foundation and proxy data (distilled sets)")
     for a in adapters:
         a.check_base(foundation)
     # No heads here: each candidate is scored with its own (the merged pool's) heads, see ``proxy_loss``.
-    return proxy if isinstance(proxy, ProxyData) else prepare_proxy(foundation, proxy)
+    return proxy if isinstance(proxy, ProxyData) else prepare_proxy(foundation, proxy, max_images)
 
 
 def _search(loss: Callable, init: np.ndarray, cfg: MergeConfig, seed: int, batch_loss: Callable | None = None,
@@ -250,8 +252,8 @@ def merge(strategy: str, adapters: Sequence[Adapter], weights: Weights = None, *
         result = _merge_sequentially(strategy, adapters, foundation, arrived, cfg, seed)
     else:
         every = proxy.seen(len(proxy) - 1) if isinstance(proxy, ArrivedProxy) else proxy
-        result = _merge_global(spec, adapters, foundation, _proxy_data(foundation, every, adapters), cfg, seed,
-                               statistics)
+        result = _merge_global(spec, adapters, foundation, _proxy_data(foundation, every, adapters, cfg.proxy_images),
+                               cfg, seed, statistics)
     result.merge_s = time.perf_counter() - t0
     return result
 
@@ -436,7 +438,7 @@ def _stage_coefficients(state: SequentialState, spec: StrategySpec, pool: list[A
         stage = np.array([k / (k + 1), 1 / (k + 1)])
         return (np.repeat(stage[:, None], n_modules, axis=1) if per_layer else stage), None
     get_optimizer(cfg.optimizer)
-    data = _proxy_data(foundation, proxy, pool)
+    data = _proxy_data(foundation, proxy, pool, cfg.proxy_images)
     if spec.space != "output":       # (a, b) weigh the pool (merged so far, new) directly
         res = _search(_objective(spec, foundation, data, pool, {}), np.full(shape, 0.5), cfg, seed,
                       _batch_objective(spec, foundation, data, pool, cfg))

@@ -190,13 +190,22 @@ class ProbabilityCache:
         for s in data.sets:
             heads = dict(zip(map(id, adapters), member_heads(adapters, s.task)))
             digests = {i: _head_digest(h) for i, h in heads.items()}
-            missing = [a for a in adapters if self._store.get((id(a), s.key), (None, "", None))[1] != digests[id(a)]]
+            # a bounded proxy's sample is a prefix of its set's stratified order: probabilities of a longer prefix
+            # (an earlier stage's larger share) serve it, sliced
+            key, rows = (s.key, None) if s.prefix is None else (s.parent + ":prefix", s.prefix)
+
+            def held(a: Adapter) -> bool:
+                entry = self._store.get((id(a), key))
+                return (entry is not None and entry[1] == digests[id(a)]
+                        and (rows is None or entry[2].shape[0] >= rows))
+
+            missing = [a for a in adapters if not held(a)]
             if missing:
                 feats = adapter_features(foundation, missing, data.x[s.start:s.stop])
                 probs = adapter_probabilities(foundation, feats, s.task, s.classes, [heads[id(a)] for a in missing])
                 for a, p in zip(missing, probs):
-                    self._store[(id(a), s.key)] = (a, digests[id(a)], p)
-            out.append(torch.stack([self._store[(id(a), s.key)][2] for a in adapters]))
+                    self._store[(id(a), key)] = (a, digests[id(a)], p)
+            out.append(torch.stack([self._store[(id(a), key)][2][:rows] for a in adapters]))
         return out
 
 
