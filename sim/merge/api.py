@@ -177,7 +177,8 @@ def _statistics(spec: StrategySpec, foundation: Foundation | None, adapters: Seq
 
 def _proxy_data(foundation: Foundation | None, proxy: Proxy, adapters: Sequence[Adapter],
                 max_images: int = 0) -> ProxyData:
-    """The search's proxy, bounded to ``max_images`` (``merge.proxy_images``; prepared ``ProxyData`` is used as given)."""
+    """The search's proxy, bounded to ``max_images`` (``merge.proxy_images``); prepared ``ProxyData`` is used as
+    given."""
     if foundation is None or proxy is None or (not isinstance(proxy, ProxyData) and len(proxy) == 0):
         raise ValueError("a coefficient search needs the foundation and proxy data (distilled sets)")
     for a in adapters:
