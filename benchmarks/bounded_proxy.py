@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.search_batch import load_commits  # noqa: E402
+from benchmarks.search_batch import add_commit_args, load_commits  # noqa: E402
 
 
 def fold(foundation, pairs, strategy: str, merge_cfg, seed: int) -> dict:
@@ -60,13 +60,9 @@ def main() -> None:
     import torch
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", help="a run dir whose commits to fold (default: make them)")
+    add_commit_args(ap, institutions=50)
     ap.add_argument("--bounds", default="0,250", help="comma-separated merge.proxy_images values (0 = whole proxy)")
     ap.add_argument("--strategies", default="fusion,mixture")
-    ap.add_argument("--budget", type=int, default=20, help="merge.budget (the demo's and order study's: 20)")
-    ap.add_argument("--institutions", type=int, default=50, help="without --run-dir: commits to make")
-    ap.add_argument("--ipc", type=int, default=5, help="without --run-dir: real images per class per set")
-    ap.add_argument("--steps", type=int, default=20, help="without --run-dir: training steps per adapter")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from sim.config import MergeConfig

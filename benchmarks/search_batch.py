@@ -26,6 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def add_commit_args(ap: argparse.ArgumentParser, institutions: int) -> None:
+    """The options ``load_commits`` reads: ``--run-dir``, or the commits to make, and the search budget."""
+    ap.add_argument("--run-dir", help="a run dir whose commits to fold (default: make them)")
+    ap.add_argument("--budget", type=int, default=20, help="merge.budget (the demo's and order study's: 20)")
+    ap.add_argument("--institutions", type=int, default=institutions, help="without --run-dir: commits to make")
+    ap.add_argument("--ipc", type=int, default=5, help="without --run-dir: real images per class per set")
+    ap.add_argument("--steps", type=int, default=20, help="without --run-dir: training steps per adapter")
+
+
 def load_commits(args: argparse.Namespace):
     """(config, foundation, [(adapter, distilled set)]) from ``--run-dir`` or made from the order study's cohort."""
     import numpy as np
@@ -82,13 +91,9 @@ def main() -> None:
     import torch
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", help="a run dir whose commits to fold (default: make them)")
+    add_commit_args(ap, institutions=12)
     ap.add_argument("--modes", default="1:NGOpt,4:CMA,8:CMA,8:TwoPointsDE",
                     help="comma-separated B:OPTIMIZER (merge.search_batch : merge.optimizer)")
-    ap.add_argument("--budget", type=int, default=20, help="merge.budget (the order study's: 20)")
-    ap.add_argument("--institutions", type=int, default=12, help="without --run-dir: commits to make")
-    ap.add_argument("--ipc", type=int, default=5, help="without --run-dir: real images per class per set")
-    ap.add_argument("--steps", type=int, default=20, help="without --run-dir: training steps per adapter")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from sim.config import MergeConfig
