@@ -41,22 +41,25 @@ def find_chromium() -> str | None:
     return next((p for p in map(shutil.which, _CANDIDATES) if p), None)
 
 
-def chromium_version(timeout: float = 30.0) -> str:
-    """The browser's own ``--version`` line (e.g. ``Chromium 131.0.6778.204 built on Debian ...``)."""
+def _require_chromium() -> str:
+    """``find_chromium``, or a FileNotFoundError saying how to install it."""
     exe = find_chromium()
     if exe is None:
         raise FileNotFoundError("no chromium found on PATH (Debian: apt-get install chromium)")
+    return exe
+
+
+def chromium_version(timeout: float = 30.0) -> str:
+    """The browser's own ``--version`` line (e.g. ``Chromium 131.0.6778.204 built on Debian ...``)."""
+    exe = _require_chromium()
     done = _run([exe, "--version"], timeout)
     return (done.stdout.strip().splitlines() or [exe])[0]
 
 
 def chromium_args(profile: Path) -> list[str]:
     """Flags for a headless run that works as root and in containers, with its own throw-away profile."""
-    exe = find_chromium()
-    if exe is None:
-        raise FileNotFoundError("no chromium found on PATH (Debian: apt-get install chromium)")
-    return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-            "--no-first-run", "--mute-audio", f"--user-data-dir={profile}"]
+    return [_require_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--hide-scrollbars", "--no-first-run", "--mute-audio", f"--user-data-dir={profile}"]
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
