@@ -360,7 +360,7 @@ def test_dare_is_merge_utils_definition_on_the_drawn_masks_with_a_per_module_see
 
 
 def test_dare_keeps_each_entry_with_probability_density_for_any_density():
-    # Prepare: one large update; 0.3 is not a multiple of 1/256, so the byte draw's tie rule is exercised
+    # Prepare: one large update; densities 0.3, 0.5, 0.9 (0.3 is not a multiple of a power of two)
     g = torch.Generator().manual_seed(0)
     a = Adapter({f"{PEFT_PREFIX}m.lora_A.weight": torch.randn(4, 300, generator=g),
                  f"{PEFT_PREFIX}m.lora_B.weight": torch.randn(400, 4, generator=g)}, 4.0)

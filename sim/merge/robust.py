@@ -10,7 +10,8 @@
 The median and the trimmed mean are order statistics of every entry over the N contributors, which no low-rank
 shortcut gives: they are formed through row blocks of every ΔW_i at once (``streamed.row_blocks``), so a module
 needs one buffer of N × ``streamed.ROWS`` rows, never N dense updates (N = 50 at ViT-B/16's qkv: 5 MB instead of
-50 × 7 MB), and each block is ordered per entry by a selection network of elementwise min/max (``trimmed_block``).
+50 × 7 MB), and each block is ordered per entry by a selection network of elementwise min/max (``trimmed_block``, compiled
+in ``kernels``).
 The clipped mean is a weighted sum with one factor per contributor, exact in the stacked factors
 (``delta.weighted_sum``), and its norms come from the factors (no dense ΔW). Results are the smallest exact LoRA
 factors of their numerical rank (``base.dense_factors``), as the other ΔW-space merges.
@@ -70,26 +71,25 @@ def selection_network(n: int, lo: int, hi: int) -> tuple[tuple[int, int], ...]:
 def trimmed_block(x: torch.Tensor, k: int) -> torch.Tensor:
     """The mean over dim 0 of ``x`` (N, rows, in) without its k smallest and k largest values per entry (rows, in).
 
-    ``x`` is overwritten (the reused buffer of ``row_blocks``). Per entry the values are ordered by a selection
-    network of elementwise min/max over the N planes (``selection_network``): on CPU a few hundred passes over a
-    cached (rows, in) plane are several times faster than ``torch.sort``/``kthvalue`` along the contributor axis,
-    and exact, ties included. The kept values are then summed in ascending order, so the result does not depend on
-    the contributors' order at all and no outlier enters a sum. N − 2k = 2 gives (lo + hi) / 2, the even-N median of
-    numpy (``torch.median`` would give lo).
+    Per entry the values are ordered by a selection network of elementwise min/max over the N planes
+    (``selection_network``), run by ``kernels.network_block`` on chunks of entries that stay in the core's cache
+    (on CPU several times faster than ``torch.sort``/``kthvalue`` along the contributor axis, or than the network
+    as torch passes), and exact, ties included. The kept values are then summed in ascending order, so the result
+    does not depend on the contributors' order at all and no outlier enters a sum. N − 2k = 2 gives (lo + hi) / 2,
+    the even-N median of numpy (``torch.median`` would give lo).
     """
+    from sim.merge.kernels import network_block          # numba (~70 MB) only in a process that merges
+
     n = x.shape[0]
     if k == 0:
         return x.mean(0)
-    planes = list(x.unbind(0))                                   # (rows, in) views
-    spare = torch.empty_like(planes[0])
-    for i, j in selection_network(n, k, n - 1 - k):
-        torch.minimum(planes[i], planes[j], out=spare)
-        torch.maximum(planes[i], planes[j], out=planes[j])
-        planes[i], spare = spare, planes[i]                      # no copy: the min's buffer becomes plane i
-    kept = planes[k].clone()
-    for p in planes[k + 1:n - k]:
-        kept += p
-    return kept.div_(n - 2 * k)
+    return network_block(x, _network_pairs(n, k), k)
+
+
+@functools.lru_cache(maxsize=64)
+def _network_pairs(n: int, k: int) -> np.ndarray:
+    """``selection_network(n, k, n - 1 - k)`` as a (P, 2) int64 array."""
+    return np.array(selection_network(n, k, n - 1 - k), dtype=np.int64).reshape(-1, 2)
 
 
 def _coordinatewise(adapters: Sequence[Adapter], weights: Weights, k: int, strategy: str) -> Adapter:

@@ -10,20 +10,22 @@ larger than the cache. Here:
   (N, ROWS, in) into a reused buffer, so every per-entry operation runs on data in cache.
 * Exact k-th magnitudes (``TopK``): the k-th largest |x| of a group (one contributor's whole task vector, or one
   module of it) is bracketed between two values ``b < a`` read off an i.i.d. sample of the group's entries (4.5
-  standard errors of the sample quantile either side). The merging pass itself counts the entries above ``a``
-  (certainly kept) and collects the few in ``(b, a]`` (candidates); the k-th largest is then the (k − count)-th
-  largest candidate, and the candidates at or above it are added to the merge afterwards. A bracket that misses
-  (the k-th largest outside ``(b, a]``) is widened to the whole group and the merge redone: the result is always the
-  exact definition (every entry with |x| ≥ the k-th largest |x| is kept, ties included), only rarely slower.
-* ``Sums``: what the combinations need per entry, from matmuls over the contributor axis: ``Σ w_i x_i`` (task
-  arithmetic after a trim or drop) or TIES' ``S = Σ x_i``, ``P = Σ w_i max(x_i, 0)``, ``Q = Σ w_i min(x_i, 0)`` and,
-  for the disjoint mean, the counts of positive and negative entries: the elected sign is that of S, and the
-  agreeing entries' weighted sum is P where S ≥ 0, else Q (zeros never agree).
+  standard errors of the sample quantile either side), gathered from the row blocks as they are formed. The merging
+  pass itself counts the entries above ``a`` (certainly kept) and collects the few in ``(b, a]`` (candidates); the
+  k-th largest is then the (k − count)-th largest candidate, and the candidates at or above it are added to the
+  merge afterwards. A bracket that misses (the k-th largest outside ``(b, a]``) is widened to the whole group and
+  the merge redone: the result is always the exact definition (every entry with |x| ≥ the k-th largest |x| is kept,
+  ties included), only rarely slower.
+* ``Sums``: what the combinations need per entry: ``Σ w_i x_i`` (task arithmetic after a trim or drop) or TIES'
+  ``S = Σ x_i``, ``P = Σ w_i max(x_i, 0)``, ``Q = Σ w_i min(x_i, 0)`` and, for the disjoint mean, the counts of
+  positive and negative entries: the elected sign is that of S, and the agreeing entries' weighted sum is P where
+  S ≥ 0, else Q (zeros never agree).
 
-The trims avoid float comparisons into boolean masks, which on CPU cost several times a float pass:
-``hardshrink(x, λ)`` keeps |x| > λ in one pass, written in place. DARE's keep test U < c compares the random bytes
-themselves into a mask and selects with one ``where`` (faster than turning the bytes into floats first). ``benchmarks/merge_latency.py`` prints
-the times; ``tests/test_streamed.py`` checks the selection against a sort, ties and bracket misses included.
+The per-entry work of a block (trim or drop, count, candidates, sums) is one compiled pass over it
+(``kernels.BlockTrim``, ``kernels.drop_block``): as a dozen torch operations it cost several times the matmul that
+forms the block. DARE's drop is drawn by a counter-based generator keyed by (seed, module, contributor, entry).
+``benchmarks/merge_latency.py`` prints the times; ``tests/test_streamed.py`` checks the selection against a sort,
+ties and bracket misses included.
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ SAMPLE_GLOBAL = 1 << 17   # sampled entries per contributor for a whole-task-vec
 SAMPLE_MODULE = 1 << 16   # sampled entries per contributor and module for a per-module threshold
 Z = 4.5              # bracket half-width in standard errors of the sample quantile
 COMBINES = ("sum", "ties_sum", "ties_mean")
-_HARDSHRINK = torch.ops.aten.hardshrink.out
 
 
 def stack_module(adapters: Sequence[Adapter], module: str, w: torch.Tensor | None = None,
@@ -93,33 +94,30 @@ class TopK:
         self.cand: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []   # per block
         self.by_group: dict[int, list[torch.Tensor]] = {}     # group -> views of its candidates' values
         self.missed: list[int] = []
+        self._trim = None                                     # kernels.BlockTrim of the last block shape
 
     def group(self, contributor: torch.Tensor | int, module: int) -> torch.Tensor | int:
         """The group of contributor(s) in module ``module``: the contributor (global scope) or i · M + j."""
         return contributor if self.scope == "global" else contributor * self.a.shape[1] + module
 
-    def collect(self, j: int, r0: int, x: torch.Tensor, kept: torch.Tensor, tmp: torch.Tensor) -> None:
-        """Trim block (r0, X) of module j: ``kept`` ← the entries with |x| > a (the rest 0), counted per group;
-        the candidates, b < |x| <= a, are stored. ``tmp``: scratch of X's shape."""
+    def collect(self, j: int, r0: int, x: torch.Tensor, w: torch.Tensor, combine: str, out: torch.Tensor) -> None:
+        """Trim block (r0, X) of module j in one fused pass (``kernels.BlockTrim``): the entries with |x| > a are
+        counted per group and added, weighted by ``w``, to ``out`` (the block's slice of ``Sums.buf``); the
+        candidates, b < |x| <= a (x ≠ 0), are stored."""
+        from sim.merge.kernels import BlockTrim          # numba (~70 MB) only in a process that merges
+
         n, rows, in_f = x.shape
-        a, b = self.a[:, j].tolist(), self.b[:, j].tolist()
-        for xi, ki, ti, ai, bi in zip(x.unbind(0), kept.unbind(0), tmp.unbind(0), a, b):
-            _HARDSHRINK(xi, ai, out=ki)                  # keeps |x| > λ in one pass, written in place
-            _HARDSHRINK(xi, bi, out=ti)
-        tmp.sub_(kept)                                   # the candidates' values, 0 elsewhere
-        flat = tmp.view(-1).nonzero().squeeze(1)
-        if flat.numel():
-            who = torch.div(flat, rows * in_f, rounding_mode="floor")
-            pos = flat - who * (rows * in_f) + r0 * in_f
-            vals = tmp.view(-1)[flat]
-            self.cand.append((who, j, pos, vals))
-            sizes = torch.bincount(who, minlength=n).tolist()          # nonzero() is ordered: who ascends
+        if self._trim is None or self._trim.shape != (n, rows * in_f):
+            self._trim = BlockTrim(n, rows * in_f)
+        counts, who, pos, vals = self._trim(x, self.a[:, j].contiguous(), self.b[:, j].contiguous(),
+                                            w.contiguous(), combine, out.numpy())
+        if who.numel():
+            self.cand.append((who, j, pos + r0 * in_f, vals))
+            sizes = torch.bincount(who, minlength=n).tolist()          # ordered by contributor
             for i, v_i in enumerate(vals.split(sizes)):
                 if sizes[i]:
                     self.by_group.setdefault(self.group(i, j), []).append(v_i)
-        counts = torch.linalg.vector_norm(kept.view(n, -1), ord=0, dim=1).double()   # nonzeros; exact below 2^24
-        idx = self.group(torch.arange(n), j)
-        self.above.index_add_(0, idx, counts)
+        self.above.index_add_(0, self.group(torch.arange(n), j), counts.double())
 
     def resolve(self) -> tuple[torch.Tensor, list[int]]:
         """(t (G,), missed groups): the exact k-th largest |x| of every group whose bracket held it."""
@@ -170,20 +168,23 @@ def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.
 
 
 def _sample(sb: torch.Tensor, a: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
-    """|x| at m i.i.d. positions of every ΔW_i of one module: (N, m)."""
+    """|x| at m i.i.d. positions of every ΔW_i of one module: (N, m).
+
+    The positions are drawn uniformly over the module's entries and gathered from its row blocks as
+    ``row_blocks`` forms them (one batched matmul per block: far cheaper than forming m scattered entries)."""
     n, out_f, _ = sb.shape
     in_f = a.shape[2]
     if m == 0 or out_f == 0 or in_f == 0:
         return torch.zeros(n, 0)
-    rows = torch.randint(0, out_f, (m,), generator=g)
-    cols = torch.randint(0, in_f, (m,), generator=g)
-    at = a.transpose(1, 2).contiguous()                                      # (N, in, r): rows gathered whole
+    pos = torch.randint(0, out_f * in_f, (m,), generator=g).sort().values
+    starts = torch.arange(0, out_f, ROWS).tolist() + [out_f]
+    bounds = torch.searchsorted(pos, torch.tensor(starts) * in_f).tolist()
     out = torch.empty(n, m)
-    for c0 in range(0, n, 8):                                                # 8 contributors at a time
-        rows_b = sb[c0:c0 + 8].index_select(1, rows).unsqueeze(-2)           # (8, m, 1, r)
-        cols_a = at[c0:c0 + 8].index_select(1, cols).unsqueeze(-1)           # (8, m, r, 1)
-        out[c0:c0 + 8] = torch.matmul(rows_b, cols_a).view(-1, m).abs_()     # x_i[row, col] = sb_i[row] · a_i[:, col]
-    return out
+    for bi, (r0, x) in enumerate(row_blocks(sb, a)):
+        lo, hi = bounds[bi], bounds[bi + 1]
+        if hi > lo:
+            torch.index_select(x.reshape(n, -1), 1, pos[lo:hi] - r0 * in_f, out=out[:, lo:hi])
+    return out.abs_()
 
 
 def plan_topk(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], density: float, scope: str) -> TopK:
@@ -233,7 +234,8 @@ class Sums:
             raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
         self.combine, self.shape = combine, (out_f, in_f)
         names = {"sum": ("wx",), "ties_sum": ("s", "p", "q"), "ties_mean": ("s", "p", "q", "cp", "cn")}[combine]
-        self.t = {k: torch.zeros(out_f * in_f) for k in names}
+        self.buf = torch.zeros(len(names), out_f * in_f)             # the sums, one row each (the fused pass's out)
+        self.t = dict(zip(names, self.buf.unbind(0)))
 
     def add_block(self, r0: int, k: torch.Tensor, w: torch.Tensor, tmp: torch.Tensor) -> None:
         """Add block K (N, rows, in) of kept (trimmed, dropped) entries at rows r0..; ``w`` (N,)."""
@@ -306,16 +308,16 @@ def _pass(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor, 
     ``None`` (with ``plan.missed`` set) when a bracket missed its group's k-th magnitude."""
     sums = []
     for j, (sb, a) in enumerate(stacks):
-        acc = Sums(sb.shape[1], a.shape[2], combine)
-        kept = tmp = None
+        in_f = a.shape[2]
+        acc = Sums(sb.shape[1], in_f, combine)
+        tmp = None
         for r0, x in row_blocks(sb, a):
-            if tmp is None or tmp.shape != x.shape:
-                kept, tmp = torch.empty_like(x), torch.empty_like(x)
             if plan is None:
+                if tmp is None or tmp.shape != x.shape:
+                    tmp = torch.empty_like(x)
                 acc.add_block(r0, x, w[:, j], tmp)
                 continue
-            plan.collect(j, r0, x, kept, tmp)
-            acc.add_block(r0, kept, w[:, j], tmp)
+            plan.collect(j, r0, x, w[:, j], combine, acc.buf[:, r0 * in_f:(r0 + x.shape[1]) * in_f])
         sums.append(acc)
     if plan is None:
         return [acc.result() for acc in sums]
@@ -332,34 +334,24 @@ def dropped_merge(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], w: torch.
                   seeds: Sequence[int], combine: str) -> list[torch.Tensor]:
     """DARE: each entry of each ΔW_i kept with probability ``density`` and rescaled by 1 / density, then combined.
 
-    The drop is an exact Bernoulli(density) per entry drawn from a per-module seed (``seeds[j]``): one random byte
-    U per entry keeps it when U < ⌊256 p⌋, drops it when U > ⌊256 p⌋, and on U = ⌊256 p⌋ (1 in 256) a float64
-    uniform decides against the rest, 256 p − ⌊256 p⌋; so P(keep) = p to float64 precision, whatever p.
+    The drop is a Bernoulli(density) per entry from a counter-based generator (``kernels.drop_block``): entry e of
+    contributor i in module j is kept when SplitMix64(key_ij + e · golden) < ⌊density · 2^64⌋, key_ij drawn from
+    the module's seed ``seeds[j]``; so P(keep) is density to 2^-64, each contributor's mask depends only on
+    (seed, module, i, e), and the draw and the sums are one fused pass.
     """
+    from sim.merge.kernels import contributor_keys, drop_block, keep_threshold
+
     if density >= 1:
         return _pass(stacks, w, None, combine)                              # nothing dropped, nothing rescaled
-    c = math.floor(256 * density)
-    frac = 256 * density - c
+    threshold = keep_threshold(density)
     out = []
     for j, (sb, a) in enumerate(stacks):
-        g = torch.Generator().manual_seed(int(seeds[j]))
-        acc = Sums(sb.shape[1], a.shape[2], combine)
-        wj = w[:, j] / density                                              # the rescale, folded into the weights
-        keep = tmp = scratch = None
-        zero = torch.zeros(())
+        in_f = a.shape[2]
+        keys = contributor_keys(int(seeds[j]), sb.shape[0])
+        acc = Sums(sb.shape[1], in_f, combine)
+        wj = (w[:, j] / density).contiguous()                               # the rescale, folded into the weights
         for r0, x in row_blocks(sb, a):
-            numel = x.numel()
-            if tmp is None or tmp.shape != x.shape:
-                tmp, scratch = torch.empty_like(x), torch.empty_like(x)
-                keep = torch.empty(x.shape, dtype=torch.bool)
-            raw = torch.randint(-2 ** 63, 2 ** 63 - 1, (-(-numel // 8),), dtype=torch.int64, generator=g)
-            u8 = raw.view(torch.uint8)[:numel].view(x.shape)
-            if frac > 0:
-                tie = (u8 == c).view(-1).nonzero().squeeze(1)
-                extra = torch.rand(tie.numel(), dtype=torch.float64, generator=g) < frac
-            torch.lt(u8, c, out=keep)                                         # U < c: kept
-            if frac > 0 and tie.numel():
-                keep.view(-1)[tie] = extra
-            acc.add_block(r0, torch.where(keep, x, zero, out=tmp), wj, scratch)
+            drop_block(x, keys, r0 * in_f, threshold, wj, combine,
+                       acc.buf[:, r0 * in_f:(r0 + x.shape[1]) * in_f].numpy())
         out.append(acc.result())
     return out

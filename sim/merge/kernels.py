@@ -1,0 +1,261 @@
+"""Fused per-entry passes for the streamed ΔW-space merges, compiled with numba.
+
+``sim.merge.streamed`` forms a block of rows of every contributor's ΔW_i at once (one batched matmul) and then has
+to trim, count, collect candidates and add up the kept entries. As separate torch operations that is about ten
+passes over each block, each a kernel launch, on tensors larger than the core's cache, and ``nonzero`` alone is a
+slow single-threaded scan. Here one compiled pass does it all: per chunk of entries (a thread each), per
+contributor in order, per entry: the magnitude test against the bracket (``|x| > a``: kept; ``b < |x| <= a``, x ≠ 0:
+a candidate), the kept entry added to the combination's sums, the kept count and the candidate written to the
+chunk's own slots. Every entry is handled by one thread and the contributors are added in a fixed order, so the
+result does not depend on the number of threads. The comparisons are float32 comparisons of the very values torch
+formed, so the selection is the exact one of ``streamed``; only the summation order (float64 here, per entry)
+differs from a matmul's.
+
+Modes (``MODES``): ``sum`` — Σ w_i x_i; ``ties_sum`` — S = Σ x_i, P = Σ w_i max(x_i, 0), Q = Σ w_i min(x_i, 0);
+``ties_mean`` — S, P, Q and the numbers of positive and negative kept entries.
+"""
+from __future__ import annotations
+
+import numpy as np
+import numba as nb
+import torch
+
+MODES = {"sum": 0, "ties_sum": 1, "ties_mean": 2}
+CHUNK = 1024          # entries per thread's chunk: its five float64 sums stay in L1
+NETWORK_CHUNK = 256   # entries per chunk of a selection network: N = 50 planes of 256 floats (50 KB) stay in L2
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _trim_block(x, a, b, w, mode, out, counts, cand_n, cand_pos, cand_val, chunk):   # pragma: no cover - compiled
+    n, e_total = x.shape
+    n_chunks = (e_total + chunk - 1) // chunk
+    for c in nb.prange(n_chunks):
+        e0 = c * chunk
+        m = min(e0 + chunk, e_total) - e0
+        s = np.zeros(m)                   # float64 per entry, rounded once into ``out`` (float32)
+        p = np.zeros(m)
+        q = np.zeros(m)
+        cp = np.zeros(m)
+        cn = np.zeros(m)
+        padded = (m + 7) // 8 * 8
+        flag = np.zeros(padded, np.uint8)
+        words = flag.view(np.uint64)      # 8 flags a word: most words are 0 and skipped at once
+        for i in range(n):
+            ai, bi, wi = a[i], b[i], np.float64(w[i])
+            xi = x[i, e0:e0 + m]
+            kept = 0
+            # Branch-free loops (they vectorise): the kept entries' sums, and the candidates' flags.
+            if mode == 0:
+                for e in range(m):
+                    keep = abs(xi[e]) > ai
+                    kept += keep
+                    s[e] += wi * np.float64(xi[e]) if keep else 0.0
+            elif mode == 1:
+                for e in range(m):
+                    keep = abs(xi[e]) > ai
+                    kept += keep
+                    vd = np.float64(xi[e]) if keep else 0.0
+                    s[e] += vd
+                    p[e] += wi * max(vd, 0.0)
+                    q[e] += wi * min(vd, 0.0)
+            else:
+                for e in range(m):
+                    keep = abs(xi[e]) > ai
+                    kept += keep
+                    vd = np.float64(xi[e]) if keep else 0.0
+                    s[e] += vd
+                    p[e] += wi * max(vd, 0.0)
+                    q[e] += wi * min(vd, 0.0)
+                    cp[e] += 1.0 if vd > 0 else 0.0
+                    cn[e] += 1.0 if vd < 0 else 0.0
+            counts[c, i] = kept
+            for e in range(m):
+                v = xi[e]
+                av = abs(v)
+                flag[e] = (av > bi) & (av <= ai) & (v != 0)
+            nc = 0
+            for k in range(padded // 8):
+                if words[k]:
+                    for e in range(8 * k, min(8 * k + 8, m)):
+                        if flag[e]:
+                            cand_pos[c, i, nc] = e0 + e
+                            cand_val[c, i, nc] = xi[e]
+                            nc += 1
+            cand_n[c, i] = nc
+        for e in range(m):
+            out[0, e0 + e] += s[e]
+        if mode > 0:
+            for e in range(m):
+                out[1, e0 + e] += p[e]
+                out[2, e0 + e] += q[e]
+        if mode == 2:
+            for e in range(m):
+                out[3, e0 + e] += cp[e]
+                out[4, e0 + e] += cn[e]
+
+
+@nb.njit(cache=True, nogil=True)
+def _compact(cand_n, cand_pos, cand_val):   # pragma: no cover - compiled
+    """The candidates, ordered by contributor, then position: (who, pos, val)."""
+    total = cand_n.sum()
+    who = np.empty(total, np.int64)
+    pos = np.empty(total, np.int64)
+    val = np.empty(total, np.float32)
+    k = 0
+    n_chunks, n = cand_n.shape
+    for i in range(n):
+        for c in range(n_chunks):
+            for t in range(cand_n[c, i]):
+                who[k] = i
+                pos[k] = cand_pos[c, i, t]
+                val[k] = cand_val[c, i, t]
+                k += 1
+    return who, pos, val
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@nb.njit(inline="always")
+def _splitmix64(z):   # pragma: no cover - compiled
+    """The SplitMix64 output function (Steele, Lea and Flood, "Fast splittable pseudorandom number generators",
+    OOPSLA 2014) of a uint64."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _drop_block(x, keys, pos0, threshold, w, mode, out, chunk):   # pragma: no cover - compiled
+    n, e_total = x.shape
+    n_chunks = (e_total + chunk - 1) // chunk
+    for c in nb.prange(n_chunks):
+        e0 = c * chunk
+        m = min(e0 + chunk, e_total) - e0
+        s = np.zeros(m)
+        p = np.zeros(m)
+        q = np.zeros(m)
+        cp = np.zeros(m)
+        cn = np.zeros(m)
+        for i in range(n):
+            key, wi = keys[i], np.float64(w[i])
+            xi = x[i, e0:e0 + m]
+            base = np.uint64(pos0 + e0)
+            for e in range(m):
+                u = _splitmix64(key + (base + np.uint64(e)) * _GOLDEN)
+                vd = np.float64(xi[e]) if u < threshold else 0.0
+                if mode == 0:
+                    s[e] += wi * vd
+                else:
+                    s[e] += vd
+                    p[e] += wi * max(vd, 0.0)
+                    q[e] += wi * min(vd, 0.0)
+                    cp[e] += 1.0 if vd > 0 else 0.0
+                    cn[e] += 1.0 if vd < 0 else 0.0
+        for e in range(m):
+            out[0, e0 + e] += s[e]
+        if mode > 0:
+            for e in range(m):
+                out[1, e0 + e] += p[e]
+                out[2, e0 + e] += q[e]
+        if mode == 2:
+            for e in range(m):
+                out[3, e0 + e] += cp[e]
+                out[4, e0 + e] += cn[e]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _network_block(x, pairs, k, out, chunk):   # pragma: no cover - compiled
+    n, e_total = x.shape
+    n_chunks = (e_total + chunk - 1) // chunk
+    kept = n - 2 * k
+    for c in nb.prange(n_chunks):
+        e0 = c * chunk
+        m = min(e0 + chunk, e_total) - e0
+        v = np.empty((n, m), np.float32)
+        for i in range(n):
+            v[i, :] = x[i, e0:e0 + m]
+        for t in range(pairs.shape[0]):                  # compare-exchange: v_i <- min, v_j <- max
+            vi, vj = v[pairs[t, 0]], v[pairs[t, 1]]
+            for e in range(m):
+                lo = min(vi[e], vj[e])
+                vj[e] = max(vi[e], vj[e])
+                vi[e] = lo
+        for e in range(m):                               # the kept values, summed in ascending order (float32)
+            acc = v[k, e]
+            for i in range(k + 1, n - k):
+                acc += v[i, e]
+            out[e0 + e] = acc / np.float32(kept)
+
+
+def network_block(x: torch.Tensor, pairs: np.ndarray, k: int) -> torch.Tensor:
+    """The mean over dim 0 of x (N, rows, in) without its k smallest and k largest values per entry, the values
+    ordered by the compare-exchange ``pairs`` (P, 2) of a selection network: chunks of entries, each ordered in
+    the core's cache. Bit-identical to ``robust.trimmed_block``'s torch passes (same network, same float32 sum)."""
+    _set_threads()
+    n = x.shape[0]
+    out = torch.empty(x.shape[1:])
+    _network_block(x.reshape(n, -1).numpy(), pairs, k, out.view(-1).numpy(), NETWORK_CHUNK)
+    return out
+
+
+def keep_threshold(p: float) -> int:
+    """T = ⌊p · 2^64⌋ exactly (p a float64 in [0, 1)): a uniform 64-bit integer is below T with probability
+    T / 2^64, within 2^-64 of p."""
+    from fractions import Fraction
+    return int(Fraction(p) * (1 << 64))
+
+
+def contributor_keys(seed: int, n: int) -> np.ndarray:
+    """One 64-bit stream key per contributor from a module's seed (SplitMix64 of seed + (i + 1) · golden ratio)."""
+    g = int(_GOLDEN)
+    out = np.empty(n, np.uint64)
+    for i in range(n):
+        z = (seed + (i + 1) * g) & ((1 << 64) - 1)
+        z = ((z ^ (z >> 30)) * int(_MIX1)) & ((1 << 64) - 1)
+        z = ((z ^ (z >> 27)) * int(_MIX2)) & ((1 << 64) - 1)
+        out[i] = z ^ (z >> 31)
+    return out
+
+
+def drop_block(x: torch.Tensor, keys: np.ndarray, pos0: int, threshold: int, w: torch.Tensor, mode: str,
+               out: np.ndarray) -> None:
+    """DARE's drop on block x (N, E) at flat position ``pos0`` of its module: entry e of contributor i is kept when
+    SplitMix64(key_i + (pos0 + e) · golden) < ``threshold``, and the kept entries, weighted by w (N,), are added
+    to ``out`` (rows, E) float32 as ``mode`` says (``sum`` or ``ties_mean``)."""
+    _set_threads()
+    _drop_block(x.reshape(x.shape[0], -1).numpy(), keys, pos0, np.uint64(threshold), w.contiguous().numpy(),
+                MODES[mode], out, CHUNK)
+
+
+def _set_threads() -> None:
+    """numba's threads follow torch's (a pooled worker or a test may have set fewer)."""
+    nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
+
+
+class BlockTrim:
+    """Reused buffers for ``trim`` on blocks of one shape (N, E)."""
+
+    def __init__(self, n: int, entries: int, chunk: int = CHUNK):
+        self.chunk = chunk
+        n_chunks = -(-entries // chunk)
+        self.shape = (n, entries)
+        self.counts = np.zeros((n_chunks, n), np.int64)
+        self.cand_n = np.zeros((n_chunks, n), np.int64)
+        self.cand_pos = np.zeros((n_chunks, n, chunk), np.int32)
+        self.cand_val = np.zeros((n_chunks, n, chunk), np.float32)
+
+    def __call__(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, mode: str,
+                 out: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Trim block x (N, E) against the brackets a, b (N,) and add the kept entries, weighted by w (N,), to
+        ``out`` (rows, E) float32 (one row per sum of ``mode``, zero where the block was not yet added). Returns (kept counts (N,), and the candidates'
+        contributor, position in the block and value, ordered by contributor)."""
+        _set_threads()
+        xa = x.reshape(x.shape[0], -1).numpy()
+        _trim_block(xa, a.numpy(), b.numpy(), w.numpy(), MODES[mode], out, self.counts, self.cand_n,
+                    self.cand_pos, self.cand_val, self.chunk)
+        who, pos, val = _compact(self.cand_n, self.cand_pos, self.cand_val)
+        return (torch.from_numpy(self.counts.sum(0)), torch.from_numpy(who), torch.from_numpy(pos),
+                torch.from_numpy(val))
