@@ -237,8 +237,8 @@ def kth_largest(x: np.ndarray, k: int) -> float:
     """The k-th largest value of the 1-d array ``x`` (``inf`` for k = 0); ``x`` may be reordered.
 
     Exact: a seeded sample brackets it between b < a (the sample quantile ± ``BRACKET_Z`` standard errors); one pass
-    counts the entries above a and collects those in (b, a], whose (k − count)-th largest it then is — a partition of
-    about 1 % of ``x`` instead of all of it. A bracket that misses (or a small array) partitions ``x`` itself.
+    counts the entries above a and collects those in (b, a] (``kernels.bracket``), whose (k − count)-th largest it
+    then is — a partition of about 1 % of ``x`` instead of all of it. A bracket that misses (or a small array) partitions ``x`` itself.
     """
     n = x.size
     if k <= 0:
@@ -253,8 +253,9 @@ def kth_largest(x: np.ndarray, k: int) -> float:
     hi, lo = math.floor((q - BRACKET_Z * se) * m), math.ceil((q + BRACKET_Z * se) * m)
     a = float(sample[hi - 1]) if hi >= 1 else math.inf
     b = float(sample[lo - 1]) if lo <= m else -math.inf
-    above = int(np.count_nonzero(x > a))
-    cand = x[(x > b) & (x <= a)]
+    from sim.merge.kernels import bracket               # numba (~70 MB) only in a process that merges
+
+    above, cand = bracket(x, a, b)
     need = k - above
     if 1 <= need <= cand.size:
         cand.partition(cand.size - need)
