@@ -237,6 +237,8 @@ def main() -> None:
     for s in strategies:
         get_spec(s)  # fail fast on a typo
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores")
+    from sim.merge import kernels
+    print(f"compiled kernels ready in {kernels.warm_up():.1f} s (numba; compiled once, then loaded from its cache)")
     if not args.skip_latency:
         print(f"Part 1: merge latency, N rank-{RANK} adapters on {BLOCKS} x Linear({DIM}, {QKV}) (ViT-B/16 qkv)")
         rows = latency_table(sizes, strategies, peft_ties_svd_max_n=10 if args.quick else 20)

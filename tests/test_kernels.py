@@ -49,7 +49,7 @@ def test_the_trim_sums_each_entry_in_float64_rounded_once():
     counts, who, _, _ = trim(x, torch.full((4,), -1.0), torch.full((4,), -2.0), torch.ones(4), "sum", out)
     # Assert
     assert out[0, 0] == 2.0
-    assert counts.tolist() == [1, 1, 1, 1] and who.numel() == 0
+    assert counts.tolist() == [1, 1, 1, 1] and who.size == 0
 
 
 def test_dare_masks_depend_on_seed_module_contributor_and_entry_only(threads):

@@ -96,8 +96,8 @@ def _trim_block(x, a, b, w, mode, out, counts, cand_n, cand_pos, cand_val, chunk
 
 
 @nb.njit(cache=True, nogil=True)
-def _compact(cand_n, cand_pos, cand_val):   # pragma: no cover - compiled
-    """The candidates, ordered by contributor, then position: (who, pos, val)."""
+def _compact(cand_n, cand_pos, cand_val, offset):   # pragma: no cover - compiled
+    """The candidates, ordered by contributor, then position: (who, offset + position in the block, value)."""
     total = cand_n.sum()
     who = np.empty(total, np.int64)
     pos = np.empty(total, np.int64)
@@ -108,10 +108,74 @@ def _compact(cand_n, cand_pos, cand_val):   # pragma: no cover - compiled
         for c in range(n_chunks):
             for t in range(cand_n[c, i]):
                 who[k] = i
-                pos[k] = cand_pos[c, i, t]
+                pos[k] = offset + cand_pos[c, i, t]
                 val[k] = cand_val[c, i, t]
                 k += 1
     return who, pos, val
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _kth_by_group(group, val, n_groups, need):   # pragma: no cover - compiled
+    """Per group g: how many candidates it has, and the need[g]-th largest |value| among them (0 where
+    need[g] is not in 1..count)."""
+    count = np.zeros(n_groups, np.int64)
+    for c in range(group.size):
+        count[group[c]] += 1
+    start = np.zeros(n_groups + 1, np.int64)
+    for g in range(n_groups):
+        start[g + 1] = start[g] + count[g]
+    grouped = np.empty(group.size, np.float32)
+    fill = start[:-1].copy()
+    for c in range(group.size):
+        g = group[c]
+        grouped[fill[g]] = abs(val[c])
+        fill[g] += 1
+    kth = np.zeros(n_groups, np.float32)
+    for g in nb.prange(n_groups):
+        cnt = count[g]
+        if 1 <= need[g] <= cnt:
+            seg = np.partition(grouped[start[g]:start[g + 1]], cnt - need[g])
+            kth[g] = seg[cnt - need[g]]
+    return count, kth
+
+
+def kth_by_group(group: np.ndarray, val: np.ndarray, n_groups: int, need: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(candidates per group (G,), the need[g]-th largest |value| of group g's candidates (G,) float32, 0 where
+    need[g] is outside 1..count); ``group`` (C,) int64 in 0..G−1, ``val`` (C,) float32."""
+    _set_threads()
+    return _kth_by_group(group, val, n_groups, need.astype(np.int64))
+
+
+@nb.njit(cache=True, nogil=True)
+def _add_kept(who, pos, val, threshold, w, mode, out):   # pragma: no cover - compiled
+    for c in range(who.size):
+        v = val[c]
+        i = who[c]
+        if abs(v) >= threshold[i]:
+            vd = np.float64(v)
+            wi = np.float64(w[i])
+            e = pos[c]
+            if mode == 0:
+                out[0, e] += wi * vd
+            else:
+                out[0, e] += vd
+                if v > 0:
+                    out[1, e] += wi * vd
+                else:
+                    out[2, e] += wi * vd
+                if mode == 2:
+                    if v > 0:
+                        out[3, e] += 1.0
+                    elif v < 0:
+                        out[4, e] += 1.0
+
+
+def add_kept(who: np.ndarray, pos: np.ndarray, val: np.ndarray, threshold: np.ndarray, w: torch.Tensor, mode: str,
+             out: np.ndarray) -> None:
+    """Add the candidates (contributor, flat position, value) with |value| >= threshold[contributor] to a
+    module's sums ``out`` (rows, E) float32, weighted by w (N,), as ``mode`` says."""
+    _add_kept(who, pos, val, threshold.astype(np.float32), w.contiguous().numpy(), MODES[mode], out)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -254,6 +318,49 @@ def bracket(x: np.ndarray, a: float, b: float) -> tuple[int, np.ndarray]:
     return int(above.sum()), out
 
 
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _sample_entries(sb, at, rows, cols, out):   # pragma: no cover - compiled
+    n, _, r = sb.shape
+    for i in nb.prange(n):
+        for t in range(rows.size):
+            acc = np.float32(0)
+            for q in range(r):
+                acc += sb[i, rows[t], q] * at[i, cols[t], q]
+            out[i, t] = abs(acc)
+
+
+def sample_entries(sb: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """|x_i[row_t, col_t]| of x_i = sb_i @ a_i for every contributor i and sampled position t: (N, m), each a
+    length-r dot product of a row of sb_i and a column of a_i (no block formed)."""
+    _set_threads()
+    out = torch.empty(sb.shape[0], rows.numel())
+    _sample_entries(sb.contiguous().numpy(), a.transpose(1, 2).contiguous().numpy(), rows.numpy(), cols.numpy(),
+                    out.numpy())
+    return out
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _row_order_stats(x, idx):   # pragma: no cover - compiled
+    rows = x.shape[0]
+    out = np.empty((rows, idx.size), x.dtype)
+    for r in nb.prange(rows):
+        v = x[r].copy()
+        lo = 0
+        for t in range(idx.size):                 # ascending indices: each partition works on what is right of the last
+            part = np.partition(v[lo:], idx[t] - lo)
+            v[lo:] = part
+            out[r, t] = v[idx[t]]
+            lo = idx[t]
+    return out
+
+
+def row_order_stats(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """The values of each row of x (rows, m) at ascending sorted positions ``idx`` (0-based, increasing): (rows,
+    len(idx)), ``torch.kthvalue`` for several k at once, rows in parallel."""
+    _set_threads()
+    return torch.from_numpy(_row_order_stats(x.contiguous().numpy(), np.asarray(idx, dtype=np.int64)))
+
+
 def keep_threshold(p: float) -> int:
     """T = ⌊p · 2^64⌋ exactly (p a float64 in [0, 1)): a uniform 64-bit integer is below T with probability
     T / 2^64, within 2^-64 of p."""
@@ -301,14 +408,36 @@ class BlockTrim:
         self.cand_val = np.zeros((n_chunks, n, chunk), np.float32)
 
     def __call__(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, mode: str,
-                 out: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 out: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Trim block x (N, E) against the brackets a, b (N,) and add the kept entries, weighted by w (N,), to
-        ``out`` (rows, E) float32 (one row per sum of ``mode``, zero where the block was not yet added). Returns (kept counts (N,), and the candidates'
-        contributor, position in the block and value, ordered by contributor)."""
+        ``out`` (rows, E) float32 (one row per sum of ``mode``, zero where the block was not yet added). Returns
+        (kept counts (N,), and the candidates' contributor, ``offset`` + position in the block and value, ordered
+        by contributor)."""
         _set_threads()
         xa = x.reshape(x.shape[0], -1).numpy()
         _trim_block(xa, a.numpy(), b.numpy(), w.numpy(), MODES[mode], out, self.counts, self.cand_n,
                     self.cand_pos, self.cand_val, self.chunk)
-        who, pos, val = _compact(self.cand_n, self.cand_pos, self.cand_val)
-        return (torch.from_numpy(self.counts.sum(0)), torch.from_numpy(who), torch.from_numpy(pos),
-                torch.from_numpy(val))
+        who, pos, val = _compact(self.cand_n, self.cand_pos, self.cand_val, offset)
+        return self.counts.sum(0), who, pos, val
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's cache) every kernel on tiny inputs; returns the seconds it took. A process's
+    first merge pays this otherwise: ``benchmarks/merge_latency.py`` calls it before timing anything."""
+    import time
+
+    t0 = time.perf_counter()
+    x = torch.linspace(-1, 1, 2 * 3 * 8).reshape(2, 3, 8)
+    a, b, w = torch.full((2,), 0.5), torch.full((2,), 0.1), torch.ones(2)
+    for mode, rows in (("sum", 1), ("ties_sum", 3), ("ties_mean", 5)):
+        out = np.zeros((rows, 24), np.float32)
+        _, who, pos, val = BlockTrim(2, 24)(x, a, b, w, mode, out)
+        kth_by_group(who, val, 2, np.ones(2, np.int64))
+        add_kept(who, pos, val, np.zeros(2, np.float32), w, mode, out)
+        if mode != "ties_sum":
+            drop_block(x, contributor_keys(0, 2), 0, keep_threshold(0.5), w, mode, out)
+    network_block(torch.rand(5, 2, 3), np.array([[0, 1], [1, 2]], np.int64), 1)
+    bracket(np.linspace(0, 1, 100, dtype=np.float32), 0.5, 0.2)
+    sample_entries(torch.rand(2, 4, 3), torch.rand(2, 3, 5), torch.tensor([0, 3]), torch.tensor([1, 4]))
+    row_order_stats(torch.rand(2, 9), [2, 5])
+    return time.perf_counter() - t0

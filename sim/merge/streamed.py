@@ -10,7 +10,7 @@ larger than the cache. Here:
   (N, ROWS, in) into a reused buffer, so every per-entry operation runs on data in cache.
 * Exact k-th magnitudes (``TopK``): the k-th largest |x| of a group (one contributor's whole task vector, or one
   module of it) is bracketed between two values ``b < a`` read off an i.i.d. sample of the group's entries (4.5
-  standard errors of the sample quantile either side), gathered from the row blocks as they are formed. The merging
+  standard errors of the sample quantile either side), each sampled entry a length-r dot product. The merging
   pass itself counts the entries above ``a`` (certainly kept) and collects the few in ``(b, a]`` (candidates); the
   k-th largest is then the (k − count)-th largest candidate, and the candidates at or above it are added to the
   merge afterwards. A bracket that misses (the k-th largest outside ``(b, a]``) is widened to the whole group and
@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from sim.merge.base import scaled_factors
@@ -81,7 +82,8 @@ class TopK:
 
     Groups: ``scope="global"`` — contributor i's whole task vector (every module); ``"module"`` — contributor i's
     module j (group i · M + j). ``a``/``b`` (N, M): per contributor and module, the bracket of its group;
-    ``above`` (G,): entries counted above ``a``; candidates ``(group, module, position, value)``.
+    ``above`` (G,): entries counted above ``a``; ``cand[j]``: module j's candidates, per block (contributor,
+    flat position, value) as numpy arrays.
     """
 
     k: torch.Tensor            # (G,) int64 entries each group keeps
@@ -90,13 +92,12 @@ class TopK:
     scope: str
 
     def __post_init__(self) -> None:
-        self.above = torch.zeros(self.k.shape[0], dtype=torch.float64)
-        self.cand: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []   # per block
-        self.by_group: dict[int, list[torch.Tensor]] = {}     # group -> views of its candidates' values
+        self.above = np.zeros(self.k.shape[0], dtype=np.int64)
+        self.cand: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self.missed: list[int] = []
         self._trim = None                                     # kernels.BlockTrim of the last block shape
 
-    def group(self, contributor: torch.Tensor | int, module: int) -> torch.Tensor | int:
+    def group(self, contributor: np.ndarray | int, module: int) -> np.ndarray | int:
         """The group of contributor(s) in module ``module``: the contributor (global scope) or i · M + j."""
         return contributor if self.scope == "global" else contributor * self.a.shape[1] + module
 
@@ -110,32 +111,43 @@ class TopK:
         if self._trim is None or self._trim.shape != (n, rows * in_f):
             self._trim = BlockTrim(n, rows * in_f)
         counts, who, pos, vals = self._trim(x, self.a[:, j].contiguous(), self.b[:, j].contiguous(),
-                                            w.contiguous(), combine, out.numpy())
-        if who.numel():
-            self.cand.append((who, j, pos + r0 * in_f, vals))
-            sizes = torch.bincount(who, minlength=n).tolist()          # ordered by contributor
-            for i, v_i in enumerate(vals.split(sizes)):
-                if sizes[i]:
-                    self.by_group.setdefault(self.group(i, j), []).append(v_i)
-        self.above.index_add_(0, self.group(torch.arange(n), j), counts.double())
+                                            w.contiguous(), combine, out.numpy(), r0 * in_f)
+        if who.size:
+            self.cand.setdefault(j, []).append((who, pos, vals))
+        np.add.at(self.above, self.group(np.arange(n), j), counts)
 
-    def resolve(self) -> tuple[torch.Tensor, list[int]]:
+    def module_candidates(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Module j's candidates, all blocks: (contributor, flat position, value)."""
+        parts = self.cand.get(j, [])
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return tuple(np.concatenate(c) for c in zip(*parts))
+
+    def resolve(self) -> tuple[np.ndarray, list[int]]:
         """(t (G,), missed groups): the exact k-th largest |x| of every group whose bracket held it."""
-        t = torch.full((self.k.shape[0],), math.inf)
+        from sim.merge.kernels import kth_by_group
+
+        for j, parts in self.cand.items():                   # one array per module
+            self.cand[j] = [self.module_candidates(j)]
+        n_groups = self.k.shape[0]
+        groups = [self.group(who, j) for j, [(who, _, _)] in self.cand.items()]
+        vals = [v for [(_, _, v)] in self.cand.values()]
+        group = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+        val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+        k = self.k.numpy()
+        need = k - self.above
+        count, kth = kth_by_group(group.astype(np.int64), val, n_groups, need)
+        t = np.full(n_groups, np.inf, dtype=np.float32)
         missed = []
-        for g in range(self.k.shape[0]):
-            k, above = int(self.k[g]), int(self.above[g])
-            if k == 0:
+        for g in range(n_groups):
+            if k[g] == 0:
                 continue                                                    # keeps nothing: t = inf
-            parts = self.by_group.get(g, [])
-            vals = torch.cat(parts).abs_() if parts else torch.zeros(0)
-            need = k - above
-            if need > vals.numel() and self.reaches_bottom(g):
+            if need[g] > count[g] and self.reaches_bottom(g):
                 t[g] = 0.0                  # the rest are zeros (never stored): keep every nonzero entry
-            elif need < 1 or need > vals.numel():
+            elif need[g] < 1 or need[g] > count[g]:
                 missed.append(g)
             else:
-                t[g] = torch.kthvalue(vals, vals.numel() - need + 1).values
+                t[g] = kth[g]
         return t, missed
 
     def reaches_bottom(self, g: int) -> bool:
@@ -143,12 +155,9 @@ class TopK:
         b = self.b[g] if self.scope == "global" else self.b.view(-1)[g:g + 1]
         return bool((b < 0).all())
 
-    def kept_candidates(self, t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(module j, contributor, position, value) of every candidate at or above its group's k-th magnitude."""
-        for who, j, pos, v in self.cand:
-            sel = v.abs() >= t[self.group(who, j)]
-            if sel.any():
-                yield j, who[sel], pos[sel], v[sel]
+    def contributor_thresholds(self, t: np.ndarray, j: int) -> np.ndarray:
+        """Module j's k-th magnitude per contributor, from the groups' ``t``."""
+        return t[self.group(np.arange(self.a.shape[0]), j)]
 
 
 def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,31 +169,27 @@ def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.
     q = k / n
     se = math.sqrt(max(q * (1 - q), 1.0 / m) / m)
     hi_pos, lo_pos = math.floor((q - Z * se) * m), math.ceil((q + Z * se) * m)      # descending positions
-    a = (torch.full((rows,), math.inf) if hi_pos < 1
-         else torch.kthvalue(sample, m - hi_pos + 1, dim=1).values)
-    b = (torch.full((rows,), -1.0) if lo_pos >= m
-         else torch.kthvalue(sample, m - lo_pos, dim=1).values)
+    from sim.merge.kernels import row_order_stats
+
+    wanted = ([m - lo_pos - 1] if lo_pos < m else []) + ([m - hi_pos] if hi_pos >= 1 else [])   # ascending
+    stats = row_order_stats(sample, wanted).unbind(1) if wanted else ()
+    a = torch.full((rows,), math.inf) if hi_pos < 1 else stats[-1]
+    b = torch.full((rows,), -1.0) if lo_pos >= m else stats[0]
     return a, b
 
 
 def _sample(sb: torch.Tensor, a: torch.Tensor, m: int, g: torch.Generator) -> torch.Tensor:
-    """|x| at m i.i.d. positions of every ΔW_i of one module: (N, m).
+    """|x| at m i.i.d. positions (uniform over the module's entries) of every ΔW_i of one module: (N, m), each
+    entry a length-r dot product (``kernels.sample_entries``)."""
+    from sim.merge.kernels import sample_entries
 
-    The positions are drawn uniformly over the module's entries and gathered from its row blocks as
-    ``row_blocks`` forms them (one batched matmul per block: far cheaper than forming m scattered entries)."""
     n, out_f, _ = sb.shape
     in_f = a.shape[2]
     if m == 0 or out_f == 0 or in_f == 0:
         return torch.zeros(n, 0)
-    pos = torch.randint(0, out_f * in_f, (m,), generator=g).sort().values
-    starts = torch.arange(0, out_f, ROWS).tolist() + [out_f]
-    bounds = torch.searchsorted(pos, torch.tensor(starts) * in_f).tolist()
-    out = torch.empty(n, m)
-    for bi, (r0, x) in enumerate(row_blocks(sb, a)):
-        lo, hi = bounds[bi], bounds[bi + 1]
-        if hi > lo:
-            torch.index_select(x.reshape(n, -1), 1, pos[lo:hi] - r0 * in_f, out=out[:, lo:hi])
-    return out.abs_()
+    rows = torch.randint(0, out_f, (m,), generator=g)
+    cols = torch.randint(0, in_f, (m,), generator=g)
+    return sample_entries(sb, a, rows, cols)
 
 
 def plan_topk(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], density: float, scope: str) -> TopK:
@@ -258,18 +263,6 @@ class Sums:
             self.t["cp"][sl] += (nonzero + diff) * 0.5                      # exact: small integers
             self.t["cn"][sl] += (nonzero - diff) * 0.5
 
-    def add_entries(self, pos: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-        """Add single kept entries x (flat positions ``pos``) with their contributors' weights ``w``."""
-        if self.combine == "sum":
-            self.t["wx"].index_add_(0, pos, w * x)
-            return
-        self.t["s"].index_add_(0, pos, x)
-        self.t["p"].index_add_(0, pos, w * x.clamp_min(0))
-        self.t["q"].index_add_(0, pos, w * x.clamp_max(0))
-        if self.combine == "ties_mean":
-            self.t["cp"].index_add_(0, pos, (x > 0).float())
-            self.t["cn"].index_add_(0, pos, (x < 0).float())
-
     def result(self) -> torch.Tensor:
         """The merged ΔW (out, in)."""
         if self.combine == "sum":
@@ -325,8 +318,10 @@ def _pass(stacks: Sequence[tuple[torch.Tensor, torch.Tensor]], w: torch.Tensor, 
     if missed:
         plan.missed = missed
         return None
-    for j, who, pos, v in plan.kept_candidates(thresholds):
-        sums[j].add_entries(pos, v, w[who, j])
+    from sim.merge.kernels import add_kept
+
+    for j, [(who, pos, v)] in plan.cand.items():            # the candidates at or above their group's k-th magnitude
+        add_kept(who, pos, v, plan.contributor_thresholds(thresholds, j), w[:, j], combine, sums[j].buf.numpy())
     return [acc.result() for acc in sums]
 
 
