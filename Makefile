@@ -7,12 +7,14 @@ DEMO_OUT ?= runs/demo
 
 .PHONY: demo test install clean
 
+# The merge kernels (numba) are compiled once here into their cache, not by every test process and Ray worker.
 # PIP_FIND_LINKS is cleared on purpose: some machines carry a local CPU-only torch wheel whose
 # version (+cpu) would be picked over the registry's, and registry torchvision wheels do not import with it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	PIP_FIND_LINKS= $(BIN)/pip install --quiet --upgrade pip
 	PIP_FIND_LINKS= $(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -c "from sim.merge import kernels; print(f'merge kernels compiled in {kernels.warm_up():.0f} s')"
 	touch $(STAMP)
 
 install: $(STAMP)

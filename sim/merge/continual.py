@@ -238,7 +238,8 @@ def kth_largest(x: np.ndarray, k: int) -> float:
 
     Exact: a seeded sample brackets it between b < a (the sample quantile ± ``BRACKET_Z`` standard errors); one pass
     counts the entries above a and collects those in (b, a] (``kernels.bracket``), whose (k − count)-th largest it
-    then is — a partition of about 1 % of ``x`` instead of all of it. A bracket that misses (or a small array) partitions ``x`` itself.
+    then is — a partition of about 1 % of ``x`` instead of all of it. A bracket that misses (or a small array)
+    partitions ``x`` itself.
     """
     n = x.size
     if k <= 0:

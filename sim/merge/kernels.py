@@ -386,8 +386,8 @@ def drop_block(x: torch.Tensor, keys: np.ndarray, pos0: int, threshold: int, w: 
     SplitMix64(key_i + (pos0 + e) · golden) < ``threshold``, and the kept entries, weighted by w (N,), are added
     to ``out`` (rows, E) float32 as ``mode`` says (``sum`` or ``ties_mean``)."""
     _set_threads()
-    _drop_block(x.reshape(x.shape[0], -1).numpy(), keys, pos0, np.uint64(threshold), w.contiguous().numpy(),
-                MODES[mode], out, CHUNK)
+    xa = np.ascontiguousarray(x.reshape(x.shape[0], -1).numpy())        # a partial last block is a strided view
+    _drop_block(xa, keys, pos0, np.uint64(threshold), w.contiguous().numpy(), MODES[mode], out, CHUNK)
 
 
 def _set_threads() -> None:
@@ -414,7 +414,7 @@ class BlockTrim:
         (kept counts (N,), and the candidates' contributor, ``offset`` + position in the block and value, ordered
         by contributor)."""
         _set_threads()
-        xa = x.reshape(x.shape[0], -1).numpy()
+        xa = np.ascontiguousarray(x.reshape(x.shape[0], -1).numpy())    # a partial last block is a strided view
         _trim_block(xa, a.numpy(), b.numpy(), w.numpy(), MODES[mode], out, self.counts, self.cand_n,
                     self.cand_pos, self.cand_val, self.chunk)
         who, pos, val = _compact(self.cand_n, self.cand_pos, self.cand_val, offset)
@@ -430,10 +430,10 @@ def warm_up() -> float:
     x = torch.linspace(-1, 1, 2 * 3 * 8).reshape(2, 3, 8)
     a, b, w = torch.full((2,), 0.5), torch.full((2,), 0.1), torch.ones(2)
     for mode, rows in (("sum", 1), ("ties_sum", 3), ("ties_mean", 5)):
-        out = np.zeros((rows, 24), np.float32)
+        out = np.zeros((rows, 48), np.float32)[:, :24]          # a strided slice, as of ``Sums.buf``
         _, who, pos, val = BlockTrim(2, 24)(x, a, b, w, mode, out)
         kth_by_group(who, val, 2, np.ones(2, np.int64))
-        add_kept(who, pos, val, np.zeros(2, np.float32), w, mode, out)
+        add_kept(who, pos, val, np.zeros(2, np.float32), w, mode, np.zeros((rows, 24), np.float32))
         if mode != "ties_sum":
             drop_block(x, contributor_keys(0, 2), 0, keep_threshold(0.5), w, mode, out)
     network_block(torch.rand(5, 2, 3), np.array([[0, 1], [1, 2]], np.int64), 1)
