@@ -26,6 +26,21 @@ BRACKET_CHUNK = 1 << 16   # values per chunk of ``bracket``'s passes
 NETWORK_CHUNK = 256   # entries per chunk of a selection network: N = 50 planes of 256 floats (50 KB) stay in L2
 
 
+@nb.njit(inline="always")
+def _add_sums(out, e0, mode, s, p, q, cp, cn):   # pragma: no cover - compiled
+    """A chunk's per-entry sums (float64) added to ``out``'s rows from entry e0: the rows ``mode`` has."""
+    for e in range(s.size):
+        out[0, e0 + e] += s[e]
+    if mode > 0:
+        for e in range(s.size):
+            out[1, e0 + e] += p[e]
+            out[2, e0 + e] += q[e]
+    if mode == 2:
+        for e in range(s.size):
+            out[3, e0 + e] += cp[e]
+            out[4, e0 + e] += cn[e]
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _trim_block(x, a, b, w, mode, out, counts, cand_n, cand_pos, cand_val, chunk):   # pragma: no cover - compiled
     n, e_total = x.shape
@@ -83,16 +98,7 @@ def _trim_block(x, a, b, w, mode, out, counts, cand_n, cand_pos, cand_val, chunk
                             cand_val[c, i, nc] = xi[e]
                             nc += 1
             cand_n[c, i] = nc
-        for e in range(m):
-            out[0, e0 + e] += s[e]
-        if mode > 0:
-            for e in range(m):
-                out[1, e0 + e] += p[e]
-                out[2, e0 + e] += q[e]
-        if mode == 2:
-            for e in range(m):
-                out[3, e0 + e] += cp[e]
-                out[4, e0 + e] += cn[e]
+        _add_sums(out, e0, mode, s, p, q, cp, cn)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -219,16 +225,7 @@ def _drop_block(x, keys, pos0, threshold, w, mode, out, chunk):   # pragma: no c
                     q[e] += wi * min(vd, 0.0)
                     cp[e] += 1.0 if vd > 0 else 0.0
                     cn[e] += 1.0 if vd < 0 else 0.0
-        for e in range(m):
-            out[0, e0 + e] += s[e]
-        if mode > 0:
-            for e in range(m):
-                out[1, e0 + e] += p[e]
-                out[2, e0 + e] += q[e]
-        if mode == 2:
-            for e in range(m):
-                out[3, e0 + e] += cp[e]
-                out[4, e0 + e] += cn[e]
+        _add_sums(out, e0, mode, s, p, q, cp, cn)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
