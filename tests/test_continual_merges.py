@@ -303,3 +303,105 @@ def test_kth_largest_is_the_sorted_value_with_ties_and_missed_brackets(n, k):
               np.concatenate([np.zeros(n - n // 50), np.ones(n // 50)]).astype(np.float32)):   # bracket may miss
         want = float(np.sort(x)[::-1][k - 1]) if k else float("inf")
         assert kth_largest(x.copy(), k) == want
+
+
+# ------------------------------------------------------------------------------------------
+# The compiled passes: folds, carried thresholds, sampled brackets
+# ------------------------------------------------------------------------------------------
+BIG = dict(r=3, out_f=400, in_f=410)        # two modules of 164 000 entries: the global trim samples its bracket
+
+
+def step_through(name: str, adapters: list[Adapter], **options) -> C.ContinualState:
+    state = C.start(name)
+    for a in adapters:
+        state = C.step(state, a, **options)
+    return state
+
+
+@pytest.mark.parametrize("name, options", [("continual_ties", {}), ("continual_ties", {"scope": "module"}),
+                                           ("continual_ties", {"disjoint": "mean", "density": 0.35}),
+                                           ("continual_magmax", {})])
+def test_fold_is_bit_identical_to_stepping_through_the_commits(name, options):
+    # Prepare
+    adapters = [make_adapter(100 + i, **BIG) for i in range(4)]
+    # Execute
+    folded = C.fold(name, adapters, **options)
+    stepped = C.merged_adapter(step_through(name, adapters, **options), adapters)
+    # Assert
+    for m in MODULES:
+        assert torch.equal(folded.delta(m), stepped.delta(m)), m
+
+
+@pytest.mark.parametrize("scope", ["global", "module"])
+def test_continual_ties_on_sampled_brackets_matches_fusionbench(scope):
+    # Prepare: more entries than kth_largest partitions whole, so τ_t's and M_t's thresholds come from brackets
+    adapters = [make_adapter(110 + i, **BIG) for i in range(3)]
+    taus = task_vectors(adapters)
+    if scope == "module":       # the re-derivation trims each module on its own
+        want = {m: np_continual_ties([{m: t[m]} for t in taus])[m] for m in MODULES}
+    else:
+        want = np_continual_ties(taus)
+    # Execute
+    merged = C.fold("continual_ties", adapters, scope=scope)
+    # Assert
+    assert_merge(merged, want)
+
+
+def test_carried_thresholds_are_the_exact_kth_magnitudes_of_the_merged_update():
+    # Prepare
+    adapters = [make_adapter(120 + i, **BIG) for i in range(3)]
+    # Execute
+    state = step_through("continual_ties", adapters)
+    # Assert: the threshold the next step will trim M_t at is M_t's int(0.2 · size)-th largest magnitude
+    mags = np.concatenate([state.tensors[m].abs().reshape(-1).numpy() for m in MODULES])
+    want = float(np.sort(mags)[::-1][int(0.2 * mags.size) - 1])
+    assert [state.scalars[f"{C.THRESHOLD}/{m}"] for m in MODULES] == [want, want]
+    assert state.scalars[f"{C.THRESHOLD}/density"] == 0.2 and state.scalars[f"{C.THRESHOLD}/global"] == 1.0
+
+
+def test_missed_brackets_fall_back_to_the_same_merge(monkeypatch):
+    # Prepare
+    adapters = [make_adapter(130 + i, **BIG) for i in range(3)]
+    want = C.fold("continual_ties", adapters)
+    # Execute: a bracket of zero width misses every time
+    monkeypatch.setattr(C, "BRACKET_Z", 0.0)
+    state = step_through("continual_ties", adapters)
+    # Assert: every threshold came from the fallback, and the merge is the same
+    assert not state.scalars
+    for m in MODULES:
+        assert torch.equal(C.merged_adapter(state, adapters).delta(m), want.delta(m)), m
+
+
+def test_a_changed_density_or_scope_does_not_use_the_carried_thresholds():
+    # Prepare
+    adapters = [make_adapter(140 + i) for i in range(3)]
+    state = step_through("continual_ties", adapters[:2])
+    taus = task_vectors(adapters)
+    # Execute
+    merged = C.merged_adapter(C.step(state, adapters[2], density=0.5), adapters)
+    # Assert: the last step trims M_1 at density 0.5, not at the 0.2 threshold its step counted
+    m1 = np_continual_ties(taus[:2])
+    flat = np.stack([np.concatenate([m1[m].ravel() for m in MODULES]),
+                     np.concatenate([taus[2][m].ravel() for m in MODULES])])
+    upd, pos, want = np_ties_pair(flat, 0.5, "sum"), 0, {}
+    for m in MODULES:
+        want[m] = m1[m] + 0.5 * upd[pos:pos + m1[m].size].reshape(m1[m].shape)
+        pos += m1[m].size
+    assert_merge(merged, want)
+
+
+def test_tau_rows_are_summed_in_order():
+    from sim.merge import kernels
+
+    # Prepare: k = 13 (one sweep of eight terms, five single ones)
+    g = torch.Generator().manual_seed(5)
+    sb, a = torch.randn(37, 13, generator=g), torch.randn(13, 29, generator=g)
+    want = np.zeros((37, 29), np.float32)
+    for q in range(13):                                          # 0 + Σ_q in order, float32
+        want += np.outer(sb[:, q].numpy(), a[q].numpy()).astype(np.float32)
+    # Execute
+    full = kernels.tau(sb, a, torch.empty(37, 29))
+    some = kernels.tau_at(sb, a, np.array([0, 28, 29, 37 * 29 - 1]))
+    # Assert
+    np.testing.assert_array_equal(full.numpy(), want)
+    np.testing.assert_array_equal(some, want.reshape(-1)[[0, 28, 29, 37 * 29 - 1]])

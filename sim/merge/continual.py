@@ -174,6 +174,33 @@ def _blocks(n_rows: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + ROWS, n_rows)) for r0 in range(0, n_rows, ROWS)]
 
 
+def _magmax_module(prev: torch.Tensor | None, factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   work: torch.Tensor) -> torch.Tensor:
+    """One module's MagMax of ``prev`` (the selection so far; ``None``: none yet) and the λ-scaled task vectors
+    ``sb @ a`` of ``factors``, in order; ``work``: a (ROWS, in) scratch tensor.
+
+    Row block by row block (the block stays in the core's cache): its rows of each task vector are formed by one
+    matmul and selected entry by entry (``kernels.take_larger``). One commit (a step) and many (a fold) run the same
+    operations on every entry, so a fold is bit-identical to stepping through the same commits.
+    """
+    from sim.merge import kernels                       # numba (~70 MB) only in a process that merges
+
+    sb0, a0 = factors[0]
+    out = torch.empty(sb0.shape[0], a0.shape[1])
+    for r0, r1 in _blocks(out.shape[0]):
+        o, t = out[r0:r1], work[:r1 - r0]
+        rest = factors
+        if prev is None:
+            torch.mm(sb0[r0:r1], a0, out=o)
+            rest = factors[1:]
+        else:
+            o.copy_(prev[r0:r1])
+        for sb, a in rest:
+            torch.mm(sb[r0:r1], a, out=t)                  # λ τ, rows r0:r1
+            kernels.take_larger(o, t)
+    return out
+
+
 def _step_magmax(state: ContinualState, adapter: Adapter, *, weight: float | None = None) -> ContinualState:
     """Continual MagMax: per entry, keep whichever of M_{t-1} and λ τ_t has the larger magnitude (ties: the new).
 
@@ -187,21 +214,24 @@ def _step_magmax(state: ContinualState, adapter: Adapter, *, weight: float | Non
     lam = _weight(weight, CONTINUAL_MAGMAX_SCALE)
     merged, pool = {}, {}
     for m, shape in shapes.items():
-        sb, a = scaled_factors(adapter, m, lam)
-        if state.n == 0:
-            merged[m] = sb @ a
-            continue
-        prev, new = state.tensors[m], torch.empty(shape)
-        for r0, r1 in _blocks(shape[0]):
-            p, o = prev[r0:r1], new[r0:r1]
-            take, keep = (w[:r1 - r0] for w in _work(pool, (ROWS, shape[1]), 2))
-            torch.mm(sb[r0:r1], a, out=o)                          # λ τ_t, rows r0:r1
-            # take = 1 where |λ τ_t| >= |M_{t-1}|, else 0 (float ops: a boolean mask and torch.where are ~5× slower)
-            torch.abs(o, out=take).sub_(torch.abs(p, out=keep)).sign_().add_(1).clamp_(max=1)
-            torch.neg(take, out=keep).add_(1)
-            o.mul_(take).addcmul_(p, keep)                         # exact: one of the two terms is 0
-        merged[m] = new
+        merged[m] = _magmax_module(state.tensors[m] if state.n else None, [scaled_factors(adapter, m, lam)],
+                                   _work(pool, (ROWS, shape[1]), 1)[0])
     return _after(state, adapter, shapes, merged)
+
+
+def _fold_magmax(adapters: Sequence[Adapter], weights: Sequence[float | None]) -> ContinualState:
+    """``step`` folded over the adapters, each row block through all of them at once (``_magmax_module``): the
+    same result, without a pass over the whole merged update per commit."""
+    state, factors = start("continual_magmax"), []
+    for adapter, w in zip(adapters, weights):
+        shapes = _check(state, adapter)
+        lam = _weight(w, CONTINUAL_MAGMAX_SCALE)
+        factors.append([scaled_factors(adapter, m, lam) for m in shapes])
+        state = _after(state, adapter, shapes, {})
+    pool = {}
+    merged = {m: _magmax_module(None, [f[j] for f in factors], _work(pool, (ROWS, shape[1]), 1)[0])
+              for j, (m, shape) in enumerate(state.shapes.items())}
+    return ContinualState(state.strategy, state.n, state.base, state.shapes, merged, {})
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,13 +263,34 @@ BRACKET_SAMPLE = 1 << 16     # sampled magnitudes that bracket the k-th largest 
 BRACKET_Z = 4.5              # bracket half-width in standard errors of the sample quantile (as ``sim.merge.streamed``)
 
 
+def _bracket_of(sample: np.ndarray, k: int, n: int) -> tuple[float, float]:
+    """(a, b), b < a: where the k-th largest of n values lies, from a seeded sample of them sorted descending — the
+    sample quantile ± ``BRACKET_Z`` standard errors (±inf past the sample's ends)."""
+    m = sample.size
+    q = k / n
+    se = math.sqrt(max(q * (1 - q), 1.0 / m) / m)
+    hi, lo = math.floor((q - BRACKET_Z * se) * m), math.ceil((q + BRACKET_Z * se) * m)
+    a = float(sample[hi - 1]) if hi >= 1 else math.inf
+    b = float(sample[lo - 1]) if lo <= m else -math.inf
+    return a, b
+
+
+def _resolved(k: int, above: int, cand: np.ndarray) -> float | None:
+    """The k-th largest value, given how many values lie above the bracket and the candidates inside it (reordered);
+    ``None`` where the bracket missed it."""
+    need = k - above
+    if 1 <= need <= cand.size:
+        cand.partition(cand.size - need)
+        return float(cand[cand.size - need])
+    return None
+
+
 def kth_largest(x: np.ndarray, k: int) -> float:
     """The k-th largest value of the 1-d array ``x`` (``inf`` for k = 0); ``x`` may be reordered.
 
-    Exact: a seeded sample brackets it between b < a (the sample quantile ± ``BRACKET_Z`` standard errors); one pass
-    counts the entries above a and collects those in (b, a] (``kernels.bracket``), whose (k − count)-th largest it
-    then is — a partition of about 1 % of ``x`` instead of all of it. A bracket that misses (or a small array)
-    partitions ``x`` itself.
+    Exact: a seeded sample brackets it between b < a (``_bracket_of``); one pass counts the entries above a and
+    collects those in (b, a] (``kernels.bracket``), whose (k − count)-th largest it then is — a partition of about
+    1 % of ``x`` instead of all of it. A bracket that misses (or a small array) partitions ``x`` itself.
     """
     n = x.size
     if k <= 0:
@@ -247,20 +298,14 @@ def kth_largest(x: np.ndarray, k: int) -> float:
     if n <= 4 * BRACKET_SAMPLE:
         x.partition(n - k)
         return float(x[n - k])
-    m = BRACKET_SAMPLE
-    sample = np.sort(x[np.random.default_rng(0).integers(0, n, m)])[::-1]            # descending
-    q = k / n
-    se = math.sqrt(max(q * (1 - q), 1.0 / m) / m)
-    hi, lo = math.floor((q - BRACKET_Z * se) * m), math.ceil((q + BRACKET_Z * se) * m)
-    a = float(sample[hi - 1]) if hi >= 1 else math.inf
-    b = float(sample[lo - 1]) if lo <= m else -math.inf
+    sample = np.sort(x[np.random.default_rng(0).integers(0, n, BRACKET_SAMPLE)])[::-1]      # descending
+    a, b = _bracket_of(sample, k, n)
     from sim.merge.kernels import bracket               # numba (~70 MB) only in a process that merges
 
     above, cand = bracket(x, a, b)
-    need = k - above
-    if 1 <= need <= cand.size:
-        cand.partition(cand.size - need)
-        return float(cand[cand.size - need])
+    t = _resolved(k, above, cand)
+    if t is not None:
+        return t
     x.partition(n - k)                                                               # the bracket missed
     return float(x[n - k])
 
@@ -292,35 +337,107 @@ def _disjoint_(q0: torch.Tensor, q1: torch.Tensor, sign: torch.Tensor, how: str)
     return p0.mul_(sign)
 
 
-def _ties_module(prev: torch.Tensor, sb: torch.Tensor, a: torch.Tensor, t_prev: float, t_new: float, lam: float,
-                 how: str, work: list[torch.Tensor]) -> tuple[torch.Tensor, float, bool]:
-    """One module of a continual TIES step: (M_{t-1} + λ TIES(M_{t-1}, τ_t), Σ elected signs, any exact cancellation).
+class _Groups:
+    """The threshold groups of continual TIES on a task vector of modules of ``sizes`` entries: one group of all
+    modules (``scope="global"``) or one per module, with k = int(density · entries) per group.
 
-    τ_t = sb @ a; ``work``: four (ROWS, in) scratch tensors. Entries where the trimmed M_{t-1} and τ_t cancel
-    exactly have no elected sign and are left at M_{t-1}: ``_resolve_cancelled`` merges them once the majority sign
-    of the whole vector is known.
+    Each group of more than 4 · ``BRACKET_SAMPLE`` entries has a fixed seeded sample of its positions (``idx[j]``:
+    module j's share, local flat positions), whose values bracket the group's k-th largest magnitude, as in
+    ``kth_largest``. A smaller group takes every entry as a candidate.
     """
-    merged, votes, lost = torch.empty_like(prev), 0.0, 0.0
-    for r0, r1 in _blocks(prev.shape[0]):
-        p = prev[r0:r1]
-        y0, y1, sign, q0 = (w[:r1 - r0] for w in work)
-        torch.mm(sb[r0:r1], a, out=y1)                            # τ_t, rows r0:r1
-        # Step 1: trim both task vectors.
-        _trim(p, t_prev, out=y0)
-        _trim(y1, t_new, out=y1)
-        # Step 2: elect the sign of the trimmed sum.
-        torch.add(y0, y1, out=sign).sign_()
-        votes += float(sign.sum())
-        # Step 3: disjoint merge, added to the merged update so far.
-        torch.mul(y0, sign, out=q0)
-        # y0 − q0 · sign is y0 where sign = 0 and exactly 0 elsewhere (sign² = 1): y0 ≠ 0 there is an exact cancellation
-        lost += float(y0.addcmul_(q0, sign, value=-1).abs_().sum())      # a sum of magnitudes: > 0 iff any
-        torch.add(p, _disjoint_(q0, y1.mul_(sign), sign, how), alpha=lam, out=merged[r0:r1])
-    return merged, votes, lost > 0
+
+    def __init__(self, sizes: list[int], density: float, scope: str):
+        self.key = (tuple(sizes), density, scope)
+        self.members = [list(range(len(sizes)))] if scope == "global" else [[j] for j in range(len(sizes))]
+        self.group_of = [g for g, members in enumerate(self.members) for _ in members]
+        self.n = [sum(sizes[j] for j in members) for members in self.members]
+        self.k = [int(density * n) for n in self.n]
+        self.idx: list[np.ndarray | None] = [None] * len(sizes)
+        for g, members in enumerate(self.members):
+            if self.n[g] <= 4 * BRACKET_SAMPLE:
+                continue
+            pos, start = np.random.default_rng(0).integers(0, self.n[g], BRACKET_SAMPLE), 0
+            for j in members:
+                self.idx[j] = pos[(pos >= start) & (pos < start + sizes[j])] - start
+                start += sizes[j]
+
+    def brackets(self, samples: list[np.ndarray | None]) -> list[tuple[float, float]]:
+        """Per module, its group's bracket (a, b) of magnitudes from the magnitudes at the sampled positions:
+        (inf, −inf) collects every entry (a small group), (inf, inf) none (k = 0)."""
+        out = []
+        for g, members in enumerate(self.members):
+            if self.k[g] == 0:
+                out.append((math.inf, math.inf))
+            elif self.idx[members[0]] is None:
+                out.append((math.inf, -math.inf))
+            else:
+                sample = np.sort(np.concatenate([samples[j] for j in members]))[::-1]
+                out.append(_bracket_of(sample, self.k[g], self.n[g]))
+        return [out[g] for g in self.group_of]
+
+    def resolve(self, above: list[int], cands: list[np.ndarray]) -> list[float] | None:
+        """Per module, its group's k-th largest magnitude from the counts above the bracket and the candidates;
+        ``None`` if a bracket missed."""
+        out = []
+        for g, members in enumerate(self.members):
+            if self.k[g] == 0:
+                out.append(math.inf)
+                continue
+            t = _resolved(self.k[g], sum(above[j] for j in members), np.concatenate([cands[j] for j in members]))
+            if t is None:
+                return None
+            out.append(t)
+        return [out[g] for g in self.group_of]
+
+
+class _TiesScratch:
+    """What consecutive continual TIES steps of one fold reuse: τ buffers, counting buffers, the threshold groups,
+    and (``free``) the merged tensors of two steps back as the next outputs. A fresh one per call of ``step``."""
+
+    def __init__(self):
+        self.taus: dict[str, torch.Tensor] = {}
+        self.counted: dict[tuple[int, int], object] = {}
+        self.free: dict[str, torch.Tensor] = {}
+        self.groups: _Groups | None = None
+
+    def tau(self, m: str, shape: tuple[int, int]) -> torch.Tensor:
+        if m not in self.taus:
+            self.taus[m] = torch.empty(shape)
+        return self.taus[m]
+
+    def counter(self, shape: tuple[int, int]):
+        from sim.merge.kernels import Counted               # numba (~70 MB) only in a process that merges
+
+        if shape not in self.counted:
+            self.counted[shape] = Counted(shape)
+        return self.counted[shape]
+
+    def groups_for(self, sizes: list[int], density: float, scope: str) -> _Groups:
+        if self.groups is None or self.groups.key != (tuple(sizes), density, scope):
+            self.groups = _Groups(sizes, density, scope)
+        return self.groups
+
+    def out(self, m: str, shape: tuple[int, int]) -> torch.Tensor:
+        t = self.free.pop(m, None)
+        return t if t is not None and tuple(t.shape) == tuple(shape) else torch.empty(shape)
+
+
+THRESHOLD = "ties_threshold"       # ``scalars`` of a continual TIES state: M_t's own trim thresholds, for the next
+
+
+def _carried(state: ContinualState, modules: list[str], density: float, scope: str) -> list[float] | None:
+    """M_{t-1}'s trim thresholds as its step counted them, if for this density and scope."""
+    sc = state.scalars
+    if sc.get(f"{THRESHOLD}/density") != density or sc.get(f"{THRESHOLD}/global") != float(scope == "global"):
+        return None
+    try:
+        return [sc[f"{THRESHOLD}/{m}"] for m in modules]
+    except KeyError:
+        return None
 
 
 def _step_ties(state: ContinualState, adapter: Adapter, *, weight: float | None = None, density: float | None = None,
-               disjoint: str = "sum", scope: str = "global") -> ContinualState:
+               disjoint: str = "sum", scope: str = "global", _scratch: _TiesScratch | None = None) -> ContinualState:
     """Continual TIES-Merging: ``M_t = M_{t-1} + λ · TIES(M_{t-1}, τ_t)``, ``M_0 = λ τ_0`` (no trim).
 
     The merged update so far is one more task vector: the pair [M_{t-1}, τ_t] is TIES-merged — each trimmed to its
@@ -333,6 +450,12 @@ def _step_ties(state: ContinualState, adapter: Adapter, *, weight: float | None 
     FusionBench ``fusion_bench/method/opcm/ties_merging.py`` (``ContinualTiesMergingForCLIP``),
     ``config/method/opcm/ties_merging.yaml`` (scaling_factor 0.5, threshold 20, merge_func sum); TIES: Yadav et al.,
     "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023 (arXiv 2306.01708).
+
+    Cost: per module one matmul forms τ_t, one pass counts it against a sampled bracket of its threshold, and one
+    compiled pass (``kernels.Counted.ties``) trims both, elects, merges and writes M_t — and counts M_t against the
+    bracket of *its* threshold, taken from the step's own values at the sampled positions, so the next step starts
+    with M_t's exact thresholds (carried in ``scalars``). Exact: a bracket that misses, or an exact cancellation
+    (resolved after the pass), falls back to ``kth_largest`` over the whole vector.
     """
     if disjoint not in TIES_DISJOINT:
         raise ValueError(f"continual_ties disjoint merge must be one of {', '.join(TIES_DISJOINT)}, got {disjoint!r}")
@@ -345,23 +468,56 @@ def _step_ties(state: ContinualState, adapter: Adapter, *, weight: float | None 
     factors = [scaled_factors(adapter, m, 1.0) for m in modules]     # τ_t = sb @ a per module
     if state.n == 0:
         return _after(state, adapter, shapes, {m: lam * (sb @ a) for m, (sb, a) in zip(modules, factors)})
-    prevs, pool = [state.tensors[m] for m in modules], {}
+    from sim.merge import kernels                       # numba (~70 MB) only in a process that merges
+
+    scratch = _scratch or _TiesScratch()
+    prevs = [state.tensors[m] for m in modules]
     sizes = [o * i for o, i in shapes.values()]
-    t_prev = _thresholds(prevs, sizes, d, scope)
-    t_new = _thresholds((torch.mm(sb, a, out=_work(pool, shapes[m], 1)[0])          # τ_t, one at a time
-                         for m, (sb, a) in zip(modules, factors)), sizes, d, scope)
-    merged, votes, cancelled = {}, [], []
+    groups = scratch.groups_for(sizes, d, scope)
+    counters = [scratch.counter(shapes[m]) for m in modules]
+    t_prev = _carried(state, modules, d, scope) or _thresholds(prevs, sizes, d, scope)
+    # τ_t's thresholds: its values at the sampled positions bracket them, one counting pass resolves them.
+    taus = [None] * len(modules)                        # τ_t as a tensor: only where a fallback needs it
+
+    def tau(j: int) -> torch.Tensor:
+        if taus[j] is None:
+            taus[j] = kernels.tau(*factors[j], scratch.tau(modules[j], shapes[modules[j]]))
+        return taus[j]
+
+    samples = [None if ix is None else kernels.tau_at(*f, ix) for ix, f in zip(groups.idx, factors)]
+    if d >= 1:
+        t_new = [0.0] * len(modules)
+    else:
+        brackets = groups.brackets([None if y is None else np.abs(y) for y in samples])
+        counted = [c.magnitudes(*f, hi, lo) for c, f, (hi, lo) in zip(counters, factors, brackets)]
+        t_new = (groups.resolve([n for n, _ in counted], [c for _, c in counted])
+                 or _thresholds((tau(j) for j in range(len(modules))), sizes, d, scope))
+    # M_t's own thresholds, for the next step: its values at the sampled positions bracket them.
+    brackets = [(math.inf, math.inf)] * len(modules)
+    if d < 1:
+        brackets = groups.brackets([None if ix is None else kernels.ties_entries(
+            prevs[j].reshape(-1).numpy()[ix], samples[j], t_prev[j], t_new[j], lam, disjoint)
+            for j, ix in enumerate(groups.idx)])
+    merged, votes, above, cands, cancelled = {}, [], [], [], []
     for j, m in enumerate(modules):
-        merged[m], v, c = _ties_module(prevs[j], *factors[j], t_prev[j], t_new[j], lam, disjoint,
-                                       _work(pool, (ROWS, shapes[m][1]), 4))
-        votes.append(v)
-        if c:
+        merged[m] = scratch.out(m, shapes[m])
+        stats, cand = counters[j].ties(prevs[j], *factors[j], t_prev[j], t_new[j], lam, disjoint, merged[m],
+                                       *brackets[j])
+        votes.append(float(stats[0]))
+        above.append(int(stats[2]))
+        cands.append(cand)
+        if stats[1]:
             cancelled.append(j)
     # Step 4: exact cancellations, with the majority sign.
     for j in cancelled:
-        merged[modules[j]] = _resolve_cancelled(merged[modules[j]], prevs[j], factors[j][0] @ factors[j][1],
-                                                t_prev[j], t_new[j], lam, _majority(votes, j, scope), disjoint)
-    return _after(state, adapter, shapes, merged)
+        merged[modules[j]] = _resolve_cancelled(merged[modules[j]], prevs[j], tau(j), t_prev[j], t_new[j], lam,
+                                                _majority(votes, j, scope), disjoint)
+    t_next = None if cancelled or d >= 1 else groups.resolve(above, cands)
+    scalars = {}
+    if t_next is not None and all(math.isfinite(t) for t in t_next):
+        scalars = {f"{THRESHOLD}/density": d, f"{THRESHOLD}/global": float(scope == "global"),
+                   **{f"{THRESHOLD}/{m}": t for m, t in zip(modules, t_next)}}
+    return _after(state, adapter, shapes, merged, scalars)
 
 
 def _majority(votes: list[float], j: int, scope: str) -> float:
@@ -569,16 +725,31 @@ def merged_adapter(state: ContinualState, contributors: Sequence[Adapter]) -> Ad
 
 
 def fold(strategy: str, adapters: Sequence[Adapter], weights: Sequence[float] | None = None, **options) -> Adapter:
-    """Merge ``adapters`` in the given order, one ``step`` each; ``weights`` (N,): the per-commit ``weight`` option."""
+    """Merge ``adapters`` in the given order, one ``step`` each; ``weights`` (N,): the per-commit ``weight`` option.
+
+    The same result as stepping through them; MagMax goes through each row block of every commit at once, continual
+    TIES reuses its buffers from step to step."""
     if len(adapters) == 0:
         raise ValueError("merge needs at least one adapter")
     if weights is not None:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(adapters),):
             raise ValueError(f"continual merges take one weight per adapter ({len(adapters)}), got shape {w.shape}")
+    if weights is not None and options.get("weight") is not None:
+        raise ValueError("give continual merges either weights (one per adapter) or one weight, not both")
+    one = options.pop("weight", None)
+    per_commit = [one] * len(adapters) if weights is None else [float(x) for x in w]
+    if strategy == "continual_magmax" and not options:
+        return merged_adapter(_fold_magmax(adapters, per_commit), adapters)
     state = start(strategy)
-    for i, adapter in enumerate(adapters):
-        state = step(state, adapter, **options, **({} if weights is None else {"weight": float(w[i])}))
+    if strategy == "continual_ties":               # consecutive steps reuse their buffers
+        scratch = _TiesScratch()
+        for adapter, wi in zip(adapters, per_commit):
+            before, state = state, _step_ties(state, adapter, weight=wi, **options, _scratch=scratch)
+            scratch.free = dict(before.tensors)     # state t−1 is dead once state t exists
+        return merged_adapter(state, adapters)
+    for adapter, wi in zip(adapters, per_commit):
+        state = step(state, adapter, **options, weight=wi)
     return merged_adapter(state, adapters)
 
 

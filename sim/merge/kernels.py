@@ -11,6 +11,10 @@ result does not depend on the number of threads. The comparisons are float32 com
 formed, so the selection is the exact one of ``streamed``; only the summation order (float64 here, per entry)
 differs from a matmul's.
 
+The continual merges (``sim.merge.continual``) have their own passes: MagMax's selection of one block of rows
+(``take_larger``), and continual TIES' step over one module (``Counted``), which forms τ's rows from the factors in
+cache, trims, elects, merges, writes M_t and counts it against the bracket of the next step's threshold at once.
+
 Modes (``MODES``): ``sum`` — Σ w_i x_i; ``ties_sum`` — S = Σ x_i, P = Σ w_i max(x_i, 0), Q = Σ w_i min(x_i, 0);
 ``ties_mean`` — S, P, Q and the numbers of positive and negative kept entries.
 """
@@ -358,6 +362,230 @@ def row_order_stats(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return torch.from_numpy(_row_order_stats(x.contiguous().numpy(), np.asarray(idx, dtype=np.int64)))
 
 
+# ------------------------------------------------------------------------------------------
+# Continual merges (``sim.merge.continual``): one pass per module and commit
+# ------------------------------------------------------------------------------------------
+HOW = {"sum": 0, "mean": 1, "max": 2}    # continual TIES' disjoint merges
+STATS = 3                                # per chunk: Σ elected signs, exact cancellations, |value| > a
+
+
+@nb.njit(inline="always")
+def _ties_entry(p, y, t0, t1, lam, how):   # pragma: no cover - compiled
+    """One entry of a continual TIES step, float32: (M_{t-1} + λ · TIES(M_{t-1}, τ_t), elected sign, exact
+    cancellation). y0, y1: p and y trimmed (kept where |·| ≥ t; t ≤ 0 keeps all); the sign of y0 + y1 is elected;
+    the agreeing |y0 s|, |y1 s| are summed, averaged over those kept or the larger taken, times the sign."""
+    zero = np.float32(0)
+    y0 = p if (t0 <= zero) or (abs(p) >= t0) else zero
+    y1 = y if (t1 <= zero) or (abs(y) >= t1) else zero
+    total = y0 + y1
+    sg = np.float32(1) if total > zero else (np.float32(-1) if total < zero else zero)
+    p0 = max(y0 * sg, zero)
+    p1 = max(y1 * sg, zero)
+    if how == 0:
+        agg = p0 + p1
+    elif how == 1:
+        agg = (p0 + p1) / np.float32(max((p0 > zero) + (p1 > zero), 1))
+    else:
+        agg = max(p0, p1)
+    return p + lam * (agg * sg), sg, (sg == zero) & (y0 != zero)
+
+
+@nb.njit(inline="always")
+def _collect(x, e0, m, flag, c, cand_n, cand_val):   # pragma: no cover - compiled
+    """The flagged |x[e0 + e]| of a chunk, in order, into the chunk's candidate slots (8 flags a word: most words
+    are 0 and skipped at once)."""
+    words = flag.view(np.uint64)
+    nc = 0
+    for w in range((m + 7) // 8):
+        if words[w]:
+            for e in range(8 * w, min(8 * w + 8, m)):
+                if flag[e]:
+                    cand_val[c, nc] = abs(x[e0 + e])
+                    nc += 1
+    cand_n[c] = nc
+
+
+@nb.njit(inline="always")
+def _tau_row(sb, a, r, row):   # pragma: no cover - compiled
+    """Row r of τ = sb @ a (sb (out, k), a (k, in)) into ``row`` (in,), float32, summed over k in order (0 +
+    sb[r, 0] a[0] + sb[r, 1] a[1] + …): the same value as ``_tau_at``'s for every entry. Eight terms are added per
+    sweep of the row, which stays in L1 (about twice as fast as a sweep per term)."""
+    n = row.size
+    k = sb.shape[1]
+    for e in range(n):
+        row[e] = np.float32(0)
+    q = 0
+    while q + 8 <= k:
+        s0, s1, s2, s3 = sb[r, q], sb[r, q + 1], sb[r, q + 2], sb[r, q + 3]
+        s4, s5, s6, s7 = sb[r, q + 4], sb[r, q + 5], sb[r, q + 6], sb[r, q + 7]
+        a0, a1, a2, a3, a4, a5, a6, a7 = a[q], a[q + 1], a[q + 2], a[q + 3], a[q + 4], a[q + 5], a[q + 6], a[q + 7]
+        for e in range(n):
+            row[e] = (((((((row[e] + s0 * a0[e]) + s1 * a1[e]) + s2 * a2[e]) + s3 * a3[e]) + s4 * a4[e])
+                       + s5 * a5[e]) + s6 * a6[e]) + s7 * a7[e]
+        q += 8
+    while q < k:
+        s, aq = sb[r, q], a[q]
+        for e in range(n):
+            row[e] += s * aq[e]
+        q += 1
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _ties_rows(prev, sb, a, t0, t1, lam, how, out, hi, lo, rows, stats, cand_n, cand_val):   # pragma: no cover
+    n_rows, n_in = prev.shape
+    n_chunks = (n_rows + rows - 1) // rows
+    for c in nb.prange(n_chunks):
+        r0 = c * rows
+        r1 = min(r0 + rows, n_rows)
+        m = (r1 - r0) * n_in
+        tau = np.empty(n_in, np.float32)
+        flag = np.zeros((m + 7) // 8 * 8, np.uint8)
+        votes = 0
+        lost = 0
+        above = 0
+        for r in range(r0, r1):
+            _tau_row(sb, a, r, tau)
+            p, o = prev[r], out[r]
+            f0 = (r - r0) * n_in
+            for e in range(n_in):                       # branch-free: it vectorises
+                v, sg, cancel = _ties_entry(p[e], tau[e], t0, t1, lam, how)
+                o[e] = v
+                votes += np.int32(sg)
+                lost += np.int32(cancel)
+                av = abs(v)
+                above += np.int32(av > hi)
+                flag[f0 + e] = (av > lo) & (av <= hi)
+        stats[c, 0] = votes
+        stats[c, 1] = lost
+        stats[c, 2] = above
+        _collect(out.reshape(-1), r0 * n_in, m, flag, c, cand_n, cand_val)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _abs_rows(sb, a, hi, lo, rows, stats, cand_n, cand_val):   # pragma: no cover - compiled
+    n_rows, n_in = sb.shape[0], a.shape[1]
+    n_chunks = (n_rows + rows - 1) // rows
+    for c in nb.prange(n_chunks):
+        r0 = c * rows
+        r1 = min(r0 + rows, n_rows)
+        m = (r1 - r0) * n_in
+        tau = np.empty(m, np.float32)
+        flag = np.zeros((m + 7) // 8 * 8, np.uint8)
+        above = 0
+        for r in range(r0, r1):
+            f0 = (r - r0) * n_in
+            row = tau[f0:f0 + n_in]
+            _tau_row(sb, a, r, row)
+            for e in range(n_in):                       # branch-free: it vectorises
+                av = abs(row[e])
+                above += np.int32(av > hi)
+                flag[f0 + e] = (av > lo) & (av <= hi)
+        stats[c, 2] = above
+        _collect(tau, 0, m, flag, c, cand_n, cand_val)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _tau_full(sb, a, out):   # pragma: no cover - compiled
+    for r in nb.prange(out.shape[0]):
+        _tau_row(sb, a, r, out[r])
+
+
+@nb.njit(cache=True, nogil=True)
+def _tau_at(sb, a, idx):   # pragma: no cover - compiled
+    n_in = a.shape[1]
+    out = np.empty(idx.size, np.float32)
+    for t in range(idx.size):
+        r, e = idx[t] // n_in, idx[t] % n_in
+        acc = np.float32(0)
+        for q in range(sb.shape[1]):
+            acc += sb[r, q] * a[q, e]
+        out[t] = acc
+    return out
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _ties_entries(p, y, t0, t1, lam, how):   # pragma: no cover - compiled
+    out = np.empty(p.size, np.float32)
+    for e in range(p.size):
+        out[e] = abs(_ties_entry(p[e], y[e], t0, t1, lam, how)[0])
+    return out
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _take_larger(cur, new):   # pragma: no cover - compiled
+    rows = cur.shape[0]
+    for r in nb.prange(rows):
+        cr, nr = cur[r], new[r]
+        for e in range(cr.size):
+            cr[e] = nr[e] if abs(nr[e]) >= abs(cr[e]) else cr[e]
+
+
+def take_larger(cur: torch.Tensor, new: torch.Tensor) -> None:
+    """MagMax's selection in place: cur = new where |new| >= |cur| (ties: the new), else cur; both (rows, in)
+    float32 with contiguous rows."""
+    _set_threads()
+    _take_larger(cur.numpy(), new.numpy())
+
+
+class Counted:
+    """One module's passes of a continual TIES step, each counted against a bracket (lo, hi] of magnitudes: the
+    chunks' stats and the candidates |value| in (lo, hi], in buffers reused for every module of its shape.
+
+    τ = sb @ a is never stored: each pass forms its rows from the factors (k multiply-adds an entry, summed in
+    order), in the core's cache, so a pass reads only M_{t-1} and writes only M_t. ``tau`` and ``tau_at`` give
+    the same float32 values.
+    """
+
+    def __init__(self, shape: tuple[int, int], entries: int = BRACKET_CHUNK):
+        self.shape = tuple(shape)
+        self.rows = max(1, entries // shape[1])          # rows per chunk
+        n_chunks = -(-shape[0] // self.rows)
+        self.stats = np.zeros((n_chunks, STATS), np.int64)
+        self.cand_n = np.zeros(n_chunks, np.int64)
+        self.cand_val = np.empty((n_chunks, self.rows * shape[1]), np.float32)
+
+    def _result(self) -> tuple[np.ndarray, np.ndarray]:
+        cand = np.concatenate([self.cand_val[c, :n] for c, n in enumerate(self.cand_n.tolist())])
+        return self.stats.sum(0), cand
+
+    def ties(self, prev: torch.Tensor, sb: torch.Tensor, a: torch.Tensor, t0: float, t1: float, lam: float,
+             how: str, out: torch.Tensor, hi: float, lo: float) -> tuple[np.ndarray, np.ndarray]:
+        """out = continual TIES of (prev, τ = sb @ a) entry by entry (``_ties_entry``), one parallel pass; returns
+        (Σ elected signs, exact cancellations, |out| > hi), and the |out| in (lo, hi]."""
+        _set_threads()
+        f32 = np.float32
+        _ties_rows(prev.contiguous().numpy(), sb.contiguous().numpy(), a.contiguous().numpy(), f32(t0), f32(t1), f32(lam), HOW[how], out.numpy(),
+                   f32(hi), f32(lo), self.rows, self.stats, self.cand_n, self.cand_val)
+        return self._result()
+
+    def magnitudes(self, sb: torch.Tensor, a: torch.Tensor, hi: float, lo: float) -> tuple[int, np.ndarray]:
+        """(how many |τ| > hi, the |τ| in (lo, hi]) of τ = sb @ a, one parallel pass."""
+        _set_threads()
+        self.stats[:] = 0
+        _abs_rows(sb.contiguous().numpy(), a.contiguous().numpy(), np.float32(hi), np.float32(lo), self.rows, self.stats, self.cand_n,
+                  self.cand_val)
+        stats, cand = self._result()
+        return int(stats[2]), cand
+
+
+def tau(sb: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = sb @ a (float32, contiguous), formed as ``Counted``'s passes form it."""
+    _set_threads()
+    _tau_full(sb.contiguous().numpy(), a.contiguous().numpy(), out.numpy())
+    return out
+
+
+def tau_at(sb: torch.Tensor, a: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+    """(sb @ a) at the flat positions ``idx``, as ``Counted``'s passes form them."""
+    return _tau_at(sb.contiguous().numpy(), a.contiguous().numpy(), idx.astype(np.int64))
+
+
+def ties_entries(p: np.ndarray, y: np.ndarray, t0: float, t1: float, lam: float, how: str) -> np.ndarray:
+    """|continual TIES| of the entry pairs (p, y) (float32 arrays): ``Counted.ties``' values at sampled positions."""
+    f32 = np.float32
+    return _ties_entries(p.astype(f32), y.astype(f32), f32(t0), f32(t1), f32(lam), HOW[how])
+
+
 def keep_threshold(p: float) -> int:
     """T = ⌊p · 2^64⌋ exactly (p a float64 in [0, 1)): a uniform 64-bit integer is below T with probability
     T / 2^64, within 2^-64 of p."""
@@ -437,4 +665,12 @@ def warm_up() -> float:
     bracket(np.linspace(0, 1, 100, dtype=np.float32), 0.5, 0.2)
     sample_entries(torch.rand(2, 4, 3), torch.rand(2, 3, 5), torch.tensor([0, 3]), torch.tensor([1, 4]))
     row_order_stats(torch.rand(2, 9), [2, 5])
+    counted = Counted((4, 6), entries=12)
+    m, f_b, f_a = torch.linspace(-1, 1, 24).reshape(4, 6), torch.rand(4, 2), torch.rand(2, 6)
+    counted.ties(m, f_b, f_a, 0.5, 0.2, 0.5, "sum", torch.empty(4, 6), 0.9, 0.1)
+    counted.magnitudes(f_b, f_a, 0.9, 0.1)
+    tau(f_b, f_a, torch.empty(4, 6))
+    tau_at(f_b, f_a, np.array([0, 5]))
+    ties_entries(np.ones(3, np.float32), np.ones(3, np.float32), 0.5, 0.5, 0.5, "sum")
+    take_larger(torch.rand(8, 6)[2:6], torch.rand(4, 6))          # a block of rows of the selection, one of work
     return time.perf_counter() - t0
