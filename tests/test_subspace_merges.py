@@ -446,3 +446,18 @@ def test_zero_weights_give_a_zero_update(name):
     merged = get_spec(name).fn(adapters, [0.0, 0.0], **options(name))
     for m in MODULES:     # nothing kept: one zero factor (KnOTS keeps its basis U, with zero coordinates)
         assert np.abs(got(merged, m)).max() == 0.0 and (name == "knots" or merged.rank(m) == 1)
+
+
+def test_top_singular_values_of_factored_updates_match_numpy():
+    from sim.merge.subspace import top_singular_values
+
+    # Prepare: three (out, r) @ (r, in) products, one of rank 1 and one zero
+    g = torch.Generator().manual_seed(3)
+    sb, a = torch.randn(3, 40, 4, generator=g), torch.randn(3, 4, 30, generator=g)
+    sb[1, :, 1:] = 0
+    sb[2] = 0
+    # Execute
+    got = top_singular_values(sb, a).numpy()
+    # Assert
+    want = [np.linalg.svd(sb[i].double().numpy() @ a[i].double().numpy(), compute_uv=False)[0] for i in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -32,7 +32,7 @@ they keep (``B`` (out, K), ``A`` (K, in), scaling 1), or in the identity form wh
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -49,30 +49,33 @@ WELL_CONDITIONED = 30.0   # κ(xᵀx) up to which a polar factor is computed in 
 # ------------------------------------------------------------------------------------------
 # Linear algebra on factors
 # ------------------------------------------------------------------------------------------
-def factored_svd(b: torch.Tensor, a: torch.Tensor, floor: float | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_svd(b: torch.Tensor, a: torch.Tensor, floor: float | None = None,
+                 left: Callable[[int], int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``M = b @ a`` at its numerical rank ρ: (U (out, ρ), S (ρ,), V (in, ρ)), float64, S descending.
 
     Singular values at or below ``floor`` (default: ``rank_tolerance`` of M's largest) count as zero and are dropped
     with their vectors. With R = b.shape[1] < min(out, in): thin QR of b and aᵀ and the SVD of the R×R core;
     otherwise the eigendecomposition of M's Gram matrix on its shorter side, the other side's vectors M V / S.
     Float64: the polar factors built from these vectors amplify their errors by the inverse of the stack's smallest
-    singular value, which nearly parallel task directions make small.
+    singular value, which nearly parallel task directions make small. ``left(ρ)``: how many leading left singular
+    vectors are needed, given the rank (U then has that many columns; S and V are whole; default all ρ).
     """
     out_f, r = b.shape
     in_f = a.shape[1]
     if r < min(out_f, in_f):
         u, s, v = batched_svd(b[None], a[None])
         k = _kept(s[0], floor, (out_f, in_f))
-        return u[0, :, :k], s[0, :k], v[0, :, :k]
+        return u[0, :, :k if left is None else left(k)], s[0, :k], v[0, :, :k]
     m = (b @ a).double()                                                    # (out, in), float32 products
     wide = in_f > out_f
     lam, vec = torch.linalg.eigh(m @ m.T if wide else m.T @ m)              # shorter side, ascending
     s = lam.flip(0).clamp_min(0).sqrt()
     k = _kept(s, floor, (out_f, in_f))
     vec, s = vec.flip(1)[:, :k], s[:k]
-    other = (m.T @ vec if wide else m @ vec) / s                            # the longer side's singular vectors
-    return (vec, s, other) if wide else (other, s, vec)
+    n_left = k if left is None else left(k)
+    if wide:
+        return vec[:, :n_left], s, (m.T @ vec) / s                          # the longer side's singular vectors
+    return (m @ vec[:, :n_left]) / s[:n_left], s, vec
 
 
 def batched_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,6 +102,21 @@ def task_svds(sb: torch.Tensor, a: torch.Tensor, floors: Sequence[float] | None 
     u, s, v = batched_svd(sb, a)
     kept = [_kept(s[i], floor[i], shape) for i in range(n)]
     return [(u[i, :, :k], s[i, :k], v[i, :, :k]) for i, k in enumerate(kept)]
+
+
+def top_singular_values(sb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """σ_max of each ``sb_i @ a_i`` (sb (N, out, r), a (N, r, in)), float64 (N,), from r × r Gram matrices.
+
+    σ_max² is the largest eigenvalue of (sb_iᵀ sb_i)(a_i a_iᵀ), i.e. of the symmetric G_a^½ G_b G_a^½: the r × r
+    products of the factors' float64 Gram matrices, no QR of the (out, r) factors. Its error is round-off of the
+    largest eigenvalue (~1e-16 relative), which is what a rank floor needs.
+    """
+    sb64, a64 = sb.double(), a.double()
+    g_b, g_a = sb64.transpose(1, 2) @ sb64, a64 @ a64.transpose(1, 2)          # (N, r, r) each
+    lam, vec = torch.linalg.eigh(g_a)
+    half = (vec * lam.clamp_min(0).sqrt()[:, None, :]) @ vec.transpose(1, 2)  # G_a^½
+    top = torch.linalg.eigvalsh(half @ g_b @ half)[:, -1]
+    return top.clamp_min(0).sqrt()
 
 
 def _kept(s: torch.Tensor, floor: float | None, shape: tuple[int, int]) -> int:
@@ -275,15 +293,17 @@ def iso_cts(adapters: Sequence[Adapter], weights: Weights = None, *,
     factors = {}
     for j, m in enumerate(modules):
         b_cat, a_cat = stacked_factors(adapters, m, w[:, j])                # [w_i s_i B_i] (out, R), [A_i] (R, in)
-        u, s, v = factored_svd(b_cat, a_cat)                                # step 1: (out, ρ), (ρ,), (in, ρ)
+        u_c, s, v = factored_svd(b_cat, a_cat,                              # step 1: U_c (out, k_c), (ρ,), (in, ρ)
+                                 left=lambda rho: common_split(rho, len(adapters), fraction)[0])
         k_c, n_per = common_split(s.numel(), len(adapters), fraction)
-        u_c = u[:, :k_c]
         us, ss, vs = [], [s[:k_c]], [v[:, :k_c]]
         if n_per:                                                           # step 2
             sb, a = stack_module(adapters, m, w[:, j], torch.float64)                    # (N, out, r), (N, r, in)
             shape = (sb.shape[1], a.shape[2])
-            floors = [rank_tolerance(float(own[0]), shape) if own.numel() else math.inf
-                      for _, own, _ in task_svds(sb, a)]                    # read against w_i ΔW_i's σ_max
+            own = (top_singular_values(sb, a).tolist() if sb.shape[2] < min(shape)
+                   else [float(t[1][0]) if t[1].numel() else 0.0 for t in task_svds(sb, a)])
+            floors = [rank_tolerance(s_max, shape) if s_max > 0 else math.inf
+                      for s_max in own]                                      # read against w_i ΔW_i's σ_max
             side = sb.transpose(0, 1).reshape(shape[0], -1)                 # (out, N r): [w_1 s_1 B_1 … w_N s_N B_N]
             side = side - u_c @ (u_c.T @ side)                              # (I - U_c U_cᵀ) w_i s_i B_i
             residuals = side.view(shape[0], *sb.shape[::2]).transpose(0, 1)  # (N, out, r)
