@@ -430,6 +430,35 @@ def _tau_row(sb, a, r, row):   # pragma: no cover - compiled
         q += 1
 
 
+@nb.njit(inline="always")
+def _count_row(x, flag, hi, lo):   # pragma: no cover - compiled
+    """How many |x| > hi; flag = lo < |x| <= hi. Branch-free with 32-bit counts and 8-bit flags: it vectorises (a
+    64-bit count in the caller's loop does not)."""
+    above = np.int32(0)
+    for e in range(x.size):
+        av = abs(x[e])
+        above += np.int32(av > hi)
+        flag[e] = np.uint8(av > lo) & np.uint8(av <= hi)
+    return above
+
+
+@nb.njit(inline="always")
+def _ties_row(p, y, o, flag, t0, t1, lam, how, hi, lo):   # pragma: no cover - compiled
+    """One row of ``_ties_rows``: o = the step's entries, flags of lo < |o| <= hi; (Σ signs, cancellations, |o| > hi)."""
+    votes = np.int32(0)
+    lost = np.int32(0)
+    above = np.int32(0)
+    for e in range(p.size):
+        v, sg, cancel = _ties_entry(p[e], y[e], t0, t1, lam, how)
+        o[e] = v
+        votes += np.int32(sg)
+        lost += np.int32(cancel)
+        av = abs(v)
+        above += np.int32(av > hi)
+        flag[e] = np.uint8(av > lo) & np.uint8(av <= hi)
+    return votes, lost, above
+
+
 @nb.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _ties_rows(prev, sb, a, t0, t1, lam, how, out, hi, lo, rows, stats, cand_n, cand_val):   # pragma: no cover
     n_rows, n_in = prev.shape
@@ -445,16 +474,11 @@ def _ties_rows(prev, sb, a, t0, t1, lam, how, out, hi, lo, rows, stats, cand_n, 
         above = 0
         for r in range(r0, r1):
             _tau_row(sb, a, r, tau)
-            p, o = prev[r], out[r]
             f0 = (r - r0) * n_in
-            for e in range(n_in):                       # branch-free: it vectorises
-                v, sg, cancel = _ties_entry(p[e], tau[e], t0, t1, lam, how)
-                o[e] = v
-                votes += np.int32(sg)
-                lost += np.int32(cancel)
-                av = abs(v)
-                above += np.int32(av > hi)
-                flag[f0 + e] = (av > lo) & (av <= hi)
+            v, n_lost, n_above = _ties_row(prev[r], tau, out[r], flag[f0:f0 + n_in], t0, t1, lam, how, hi, lo)
+            votes += v
+            lost += n_lost
+            above += n_above
         stats[c, 0] = votes
         stats[c, 1] = lost
         stats[c, 2] = above
@@ -476,10 +500,7 @@ def _abs_rows(sb, a, hi, lo, rows, stats, cand_n, cand_val):   # pragma: no cove
             f0 = (r - r0) * n_in
             row = tau[f0:f0 + n_in]
             _tau_row(sb, a, r, row)
-            for e in range(n_in):                       # branch-free: it vectorises
-                av = abs(row[e])
-                above += np.int32(av > hi)
-                flag[f0 + e] = (av > lo) & (av <= hi)
+            above += _count_row(row, flag[f0:f0 + n_in], hi, lo)
         stats[c, 2] = above
         _collect(tau, 0, m, flag, c, cand_n, cand_val)
 
