@@ -45,7 +45,7 @@ from sim.model import Adapter
 
 # The published defaults (FusionBench's) live with the specs, which import no torch.
 TIES_DISJOINT = ("sum", "mean", "max")   # opcm/ties_merging.yaml merge_func (default sum)
-ROWS = 128                               # rows of ΔW per block of the elementwise passes (TIES, MagMax)
+ROWS = 128                               # rows of ΔW per block of the elementwise passes (MagMax)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ class ContinualState:
 
     * ``continual_task_arithmetic``, ``continual_ties``, ``continual_magmax``, ``continual_weight_average``:
       ``tensors[module]`` = the merged update M_t (out, in); the weight average also ``scalars["weight_sum"]``
-      (Σ w, = n by default).
+      (Σ w, = n by default); continual TIES also M_t's own trim thresholds, as its step counted them:
+      ``scalars["ties_threshold/<module>"]``, and ``["ties_threshold/density"]``, ``["ties_threshold/global"]``
+      (1.0 global, 0.0 per module) that they are for; absent where a step could not count them (the next step then
+      finds them by ``kth_largest``).
     * ``opcm``: the running sum of projected task vectors S_t = U K Vᵀ, factored: ``tensors[f"{module}/U"]``
       (out, p) and ``[f"{module}/V"]`` (in, q) orthonormal, ``[f"{module}/K"]`` (p, q), p, q ≤ Σ ranks; and
       ``scalars["norm_sum"]`` = Σ ‖τ_i‖ (whole task vectors), ``scalars["lambda"]`` = λ_t; M_t = S_t / λ_t.

@@ -130,13 +130,21 @@ class TopK:
         for j, parts in self.cand.items():                   # one array per module
             self.cand[j] = [self.module_candidates(j)]
         n_groups = self.k.shape[0]
-        groups = [self.group(who, j) for j, [(who, _, _)] in self.cand.items()]
-        vals = [v for [(_, _, v)] in self.cand.values()]
-        group = np.concatenate(groups) if groups else np.zeros(0, np.int64)
-        val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
         k = self.k.numpy()
         need = k - self.above
-        count, kth = kth_by_group(group.astype(np.int64), val, n_groups, need)
+        if self.scope == "global":                           # a group spans every module
+            groups = [who for [(who, _, _)] in self.cand.values()]
+            vals = [v for [(_, _, v)] in self.cand.values()]
+            group = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+            val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+            count, kth = kth_by_group(np.asarray(group, np.int64), val, n_groups, need)
+        else:                                                # module j's groups are i · M + j: one module at a time
+            n, n_mod = self.a.shape
+            count, kth = np.zeros(n_groups, np.int64), np.zeros(n_groups, np.float32)
+            for j in range(n_mod):
+                who, _, val = self.cand[j][0] if j in self.cand else self.module_candidates(j)
+                mine = np.arange(n) * n_mod + j
+                count[mine], kth[mine] = kth_by_group(np.asarray(who, np.int64), val, n, need[mine])
         t = np.full(n_groups, np.inf, dtype=np.float32)
         missed = []
         for g in range(n_groups):
