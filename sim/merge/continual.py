@@ -454,8 +454,9 @@ def _step_ties(state: ContinualState, adapter: Adapter, *, weight: float | None 
     ``config/method/opcm/ties_merging.yaml`` (scaling_factor 0.5, threshold 20, merge_func sum); TIES: Yadav et al.,
     "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023 (arXiv 2306.01708).
 
-    Cost: per module one matmul forms τ_t, one pass counts it against a sampled bracket of its threshold, and one
-    compiled pass (``kernels.Counted.ties``) trims both, elects, merges and writes M_t — and counts M_t against the
+    Cost: per module, two compiled passes that form τ_t's rows from its factors in cache (τ_t is never stored). One
+    counts τ_t against a sampled bracket of its threshold; the other (``kernels.Counted.ties``) reads M_{t-1},
+    trims both, elects, merges and writes M_t — and counts M_t against the
     bracket of *its* threshold, taken from the step's own values at the sampled positions, so the next step starts
     with M_t's exact thresholds (carried in ``scalars``). Exact: a bracket that misses, or an exact cancellation
     (resolved after the pass), falls back to ``kth_largest`` over the whole vector.
