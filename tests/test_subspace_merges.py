@@ -461,3 +461,28 @@ def test_top_singular_values_of_factored_updates_match_numpy():
     # Assert
     want = [np.linalg.svd(sb[i].double().numpy() @ a[i].double().numpy(), compute_uv=False)[0] for i in range(3)]
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_svds_match_the_svd_of_the_formed_residual():
+    from sim.merge.subspace import residual_svds
+
+    # Prepare: 3 contributors, rank 4, a common basis of 5 orthonormal columns; contributor 1 lies inside it
+    g = torch.Generator().manual_seed(4)
+    u_c = torch.linalg.qr(torch.randn(40, 5, generator=g, dtype=torch.float64))[0]
+    sb = torch.randn(3, 40, 4, generator=g, dtype=torch.float64)
+    sb[1] = u_c[:, :4] @ torch.randn(4, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 4, 30, generator=g, dtype=torch.float64)
+    floors = [1e-6, 1e-6, 1e-6]
+    # Execute
+    got = residual_svds(sb, a, u_c, floors, n=3)
+    # Assert: numpy's SVD of ((I − U_c U_cᵀ) sb_i) a_i, the leading triplets above the floor (up to sign)
+    p = np.eye(40) - u_c.numpy() @ u_c.numpy().T
+    for i, (u, s, v) in enumerate(got):
+        uu, ss, vt = np.linalg.svd(p @ sb[i].numpy() @ a[i].numpy())
+        k = min(3, int((ss > floors[i]).sum()))
+        assert s.numel() == k == (0 if i == 1 else 3)
+        np.testing.assert_allclose(s.numpy(), ss[:k], rtol=1e-10)
+        for j in range(k):
+            sign = np.sign(uu[:, j] @ u[:, j].numpy())
+            np.testing.assert_allclose(u[:, j].numpy() * sign, uu[:, j], atol=1e-9)
+            np.testing.assert_allclose(v[:, j].numpy() * sign, vt[j], atol=1e-9)

@@ -119,6 +119,39 @@ def top_singular_values(sb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return top.clamp_min(0).sqrt()
 
 
+def residual_svds(sb: torch.Tensor, a: torch.Tensor, u_c: torch.Tensor, floors: Sequence[float], n: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per contributor, the leading ≤ n singular triplets above ``floors[i]`` of R_i a_i, R_i = (I − U_c U_cᵀ) sb_i:
+    its update outside the orthonormal ``u_c`` (out, k). float64 (U (out, k_i), S (k_i,), V (in, k_i)).
+
+    The residual factor R_i is never formed: R_iᵀ R_i = sb_iᵀ sb_i − W_iᵀ W_i with W_i = U_cᵀ sb_i (an r × r Gram
+    matrix; its cancellation costs ~eps64 ‖sb_i‖² / σ², far below the floors' ~1e-4 relative), so
+    R_i = Q Λ^½ Eᵀ for its eigendecomposition E Λ Eᵀ and some orthonormal Q. With a_iᵀ = Q_a T_a (thin QR),
+    R_i a_i = Q (Λ^½ Eᵀ T_aᵀ) Q_aᵀ: the r × r core's SVD u' S v'ᵀ gives V = Q_a v' and U = R_i a_i V / S =
+    R_i z, z = T_aᵀ v' / S, formed as sb_i z − U_c (W_i z) for the kept columns only. With r >= min(out, in) the
+    residuals are formed and ``task_svds`` takes them.
+    """
+    n_tasks, out_f, r = sb.shape
+    side = sb.transpose(0, 1).reshape(out_f, n_tasks * r)                  # (out, N r)
+    if r >= min(out_f, a.shape[2]):
+        res = (side - u_c @ (u_c.T @ side)).view(out_f, n_tasks, r).transpose(0, 1)
+        return [(u[:, :n], s[:n], v[:, :n]) for u, s, v in task_svds(res, a, floors)]
+    wc = (u_c.T @ side).view(-1, n_tasks, r).transpose(0, 1)               # (N, k, r): W_i = U_cᵀ sb_i
+    gram = sb.transpose(1, 2) @ sb - wc.transpose(1, 2) @ wc                # R_iᵀ R_i, (N, r, r)
+    lam, vec = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
+    q_a, t_a = torch.linalg.qr(a.transpose(1, 2))                          # a_iᵀ = Q_a T_a: (N, in, r), (N, r, r)
+    core = (lam.clamp_min(0).sqrt()[:, :, None] * vec.transpose(1, 2)) @ t_a.transpose(1, 2)
+    _, s, vh = torch.linalg.svd(core)                                       # S descending
+    kept = [min(n, int((s[i] > floors[i]).sum())) for i in range(n_tasks)]
+    width = max(kept, default=0)
+    v = vh[:, :width].transpose(1, 2)                                       # (N, r, width): v'
+    z = (t_a.transpose(1, 2) @ v) / s[:, None, :width].clamp_min(torch.finfo(s.dtype).tiny)
+    wz = (wc @ z).transpose(0, 1).reshape(u_c.shape[1], n_tasks * width)    # (k, N width): W_i z_i side by side
+    u = sb @ z - (u_c @ wz).view(out_f, n_tasks, width).transpose(0, 1)     # (N, out, width): R_i z_i
+    vv = q_a @ v
+    return [(u[i, :, :k], s[i, :k], vv[i, :, :k]) for i, k in enumerate(kept)]
+
+
 def _kept(s: torch.Tensor, floor: float | None, shape: tuple[int, int]) -> int:
     """How many of the descending singular values ``s`` exceed ``floor`` (default: the rank tolerance of ``s[0]``)."""
     if s.numel() == 0:
@@ -304,11 +337,8 @@ def iso_cts(adapters: Sequence[Adapter], weights: Weights = None, *,
                    else [float(t[1][0]) if t[1].numel() else 0.0 for t in task_svds(sb, a)])
             floors = [rank_tolerance(s_max, shape) if s_max > 0 else math.inf
                       for s_max in own]                                      # read against w_i ΔW_i's σ_max
-            side = sb.transpose(0, 1).reshape(shape[0], -1)                 # (out, N r): [w_1 s_1 B_1 … w_N s_N B_N]
-            side = side - u_c @ (u_c.T @ side)                              # (I - U_c U_cᵀ) w_i s_i B_i
-            residuals = side.view(shape[0], *sb.shape[::2]).transpose(0, 1)  # (N, out, r)
-            for ut, st, vt in task_svds(residuals, a, floors):
-                us.append(ut[:, :n_per]), ss.append(st[:n_per]), vs.append(vt[:, :n_per])
+            for ut, st, vt in residual_svds(sb, a, u_c, floors, n_per):
+                us.append(ut), ss.append(st), vs.append(vt)
         s, x_t = torch.cat(ss), torch.cat([u_c[:, :0]] + us, 1)             # step 3: (K,), (out, N n_per)
         if s.numel() == 0:
             factors[m] = _factors(u_c, v[:, :0].T)
