@@ -443,20 +443,25 @@ def _count_row(x, flag, hi, lo):   # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
+def _row_chunk(c, rows, n_rows, n_in):   # pragma: no cover - compiled
+    """Chunk c of ``rows`` rows of n_in entries: (first row, end row, entries, its zeroed flags, padded to words)."""
+    r0 = c * rows
+    r1 = min(r0 + rows, n_rows)
+    m = (r1 - r0) * n_in
+    return r0, r1, m, np.zeros((m + 7) // 8 * 8, np.uint8)
+
+
+@nb.njit(inline="always")
 def _ties_row(p, y, o, flag, t0, t1, lam, how, hi, lo):   # pragma: no cover - compiled
     """One row of ``_ties_rows``: o = the step's entries, flags of lo < |o| <= hi; (Σ signs, cancellations, |o| > hi)."""
     votes = np.int32(0)
     lost = np.int32(0)
-    above = np.int32(0)
     for e in range(p.size):
         v, sg, cancel = _ties_entry(p[e], y[e], t0, t1, lam, how)
         o[e] = v
         votes += np.int32(sg)
         lost += np.int32(cancel)
-        av = abs(v)
-        above += np.int32(av > hi)
-        flag[e] = np.uint8(av > lo) & np.uint8(av <= hi)
-    return votes, lost, above
+    return votes, lost, _count_row(o, flag, hi, lo)      # the row is still in L1
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
@@ -464,11 +469,8 @@ def _ties_rows(prev, sb, a, t0, t1, lam, how, out, hi, lo, rows, stats, cand_n, 
     n_rows, n_in = prev.shape
     n_chunks = (n_rows + rows - 1) // rows
     for c in nb.prange(n_chunks):
-        r0 = c * rows
-        r1 = min(r0 + rows, n_rows)
-        m = (r1 - r0) * n_in
+        r0, r1, m, flag = _row_chunk(c, rows, n_rows, n_in)
         tau = np.empty(n_in, np.float32)
-        flag = np.zeros((m + 7) // 8 * 8, np.uint8)
         votes = 0
         lost = 0
         above = 0
@@ -490,11 +492,8 @@ def _abs_rows(sb, a, hi, lo, rows, stats, cand_n, cand_val):   # pragma: no cove
     n_rows, n_in = sb.shape[0], a.shape[1]
     n_chunks = (n_rows + rows - 1) // rows
     for c in nb.prange(n_chunks):
-        r0 = c * rows
-        r1 = min(r0 + rows, n_rows)
-        m = (r1 - r0) * n_in
+        r0, r1, m, flag = _row_chunk(c, rows, n_rows, n_in)
         tau = np.empty(m, np.float32)
-        flag = np.zeros((m + 7) // 8 * 8, np.uint8)
         above = 0
         for r in range(r0, r1):
             f0 = (r - r0) * n_in

@@ -333,10 +333,8 @@ def iso_cts(adapters: Sequence[Adapter], weights: Weights = None, *,
         if n_per:                                                           # step 2
             sb, a = stack_module(adapters, m, w[:, j], torch.float64)                    # (N, out, r), (N, r, in)
             shape = (sb.shape[1], a.shape[2])
-            own = (top_singular_values(sb, a).tolist() if sb.shape[2] < min(shape)
-                   else [float(t[1][0]) if t[1].numel() else 0.0 for t in task_svds(sb, a)])
             floors = [rank_tolerance(s_max, shape) if s_max > 0 else math.inf
-                      for s_max in own]                                      # read against w_i ΔW_i's σ_max
+                      for s_max in top_singular_values(sb, a).tolist()]      # read against w_i ΔW_i's σ_max
             for ut, st, vt in residual_svds(sb, a, u_c, floors, n_per):
                 us.append(ut), ss.append(st), vs.append(vt)
         s, x_t = torch.cat(ss), torch.cat([u_c[:, :0]] + us, 1)             # step 3: (K,), (out, N n_per)
