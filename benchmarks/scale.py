@@ -10,7 +10,8 @@ seconds added (its merges and coefficient searches are torch work on the same co
 training/distillation/search sizes with N institutions (4 tasks), a local embedded Ray with ``--workers`` pooled
 workers, and one evaluation at the end. ``--compare-strategies`` also times the smallest N with only the first
 strategy, for the "3 strategies cost ≤ 1.3× one" check (training is paid once per run either way).
-Per N also the wall per accepted commit. Targets at the largest N (50): peak memory ≤ 8 GB, start-up ≤ 30 s,
+Per N also the wall per accepted commit, each strategy's inference cost per test image and storage in the final
+evaluation (the mixture's grows with N: it runs every adapter), and how many actor processes hosted the institutions. Targets at the largest N (50): peak memory ≤ 8 GB, start-up ≤ 30 s,
 efficiency ≥ 0.9, and a wall per commit within 1.3× of the smallest N's (the flat cost per commit; with
 ``--set merge.proxy_images=K`` the coefficient searches score a bounded share of the received sets).
 """
@@ -66,7 +67,10 @@ def one_run(n: int, strategies: tuple[str, ...], workers: int, overrides: list[s
             "peak_gb": peak_pss / 2**30, "peak_rss_gb": peak_rss / 2**30, "busy_s": summary["busy_s"], "efficiency": summary["busy_s"] / (summary["wall_s"] * cores),
             "commits": summary["commits_accepted"],
             "merge_busy_s": sum((v.get("merge_s_total") or 0.0) for v in summary["strategies"].values()),
-            "acc": {s: round(v["acc"], 3) for s, v in summary["strategies"].items()}}
+            "acc": {s: round(v["acc"], 3) for s, v in summary["strategies"].items()},
+            "infer_ms": {s: round(v["infer_ms_per_image"], 2) for s, v in summary["strategies"].items()},
+            "storage_mb": {s: round(v["storage_bytes"] / 2**20, 1) for s, v in summary["strategies"].items()},
+            "hosts": summary.get("institution_actors", {})}
 
 
 def main() -> None:
@@ -81,8 +85,9 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; demo preset sizes, "
           f"{args.workers} workers, strategies {strategies}")
     print("| N | strategies | commits | wall s | wall s per commit | start-up s | peak GB (PSS) | peak GB (RSS sum) | "
-          "busy s | efficiency | merge s | efficiency with merges | final acc |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "busy s | efficiency | merge s | efficiency with merges | final acc | inference ms per image | storage MB | "
+          "institution actors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     sizes = [int(s) for s in args.sizes.split(",")]
     runs = [(n, strategies) for n in sizes]
     if args.compare_strategies:
@@ -95,7 +100,7 @@ def main() -> None:
               f"{r['wall_s'] / max(1, r['commits']):.2f} | {r['startup_s']:.1f} | "
               f"{r['peak_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['busy_s']:.1f} | {r['efficiency']:.2f} | "
               f"{r['merge_busy_s']:.1f} | {(r['busy_s'] + r['merge_busy_s']) / (r['wall_s'] * cores):.2f} | "
-              f"{r['acc']} |", flush=True)
+              f"{r['acc']} | {r['infer_ms']} | {r['storage_mb']} | {r['hosts']} |", flush=True)
     full = [r for r in results if r["strategies"] == ",".join(strategies)]
     big, small = max(full, key=lambda r: r["n"]), min(full, key=lambda r: r["n"])
     per_commit = lambda r: r["wall_s"] / max(1, r["commits"])  # noqa: E731

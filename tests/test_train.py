@@ -55,6 +55,26 @@ def test_metrics_hand_computed():
     assert macro_auc(np.array([0, 1, 0, 1]), np.array([[.7, .2, .1], [.1, .8, .1], [.6, .3, .1], [.2, .7, .1]])) == 1.0
 
 
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_macro_auc_is_sklearns_one_vs_rest_auc_with_ties(k):
+    from sklearn.metrics import roc_auc_score
+
+    # Prepare: float32 probabilities rounded to 2 decimals (many ties), one class absent when k = 5
+    rng = np.random.default_rng(k)
+    n = 200
+    y = rng.integers(0, k - 1 if k == 5 else k, n)
+    proba = np.round(rng.dirichlet(np.ones(k), n), 2).astype(np.float32)
+    proba[np.arange(n), y] += np.float32(0.05)
+    # Execute
+    got = macro_auc(y, proba)
+    # Assert: scikit-learn's ROC integration over the classes present
+    if k == 2:
+        want = roc_auc_score(y, proba[:, 1])
+    else:
+        want = np.mean([roc_auc_score(y == c, proba[:, c]) for c in range(k) if 0 < np.sum(y == c) < n])
+    assert got == pytest.approx(want, abs=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data, check_cross_task", [("synthetic", True), ("digits", False)])
 def test_learning_is_real_with_the_default_model(data, check_cross_task):
