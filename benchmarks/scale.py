@@ -11,7 +11,8 @@ training/distillation/search sizes with N institutions (4 tasks), a local embedd
 workers, and one evaluation at the end. ``--compare-strategies`` also times the smallest N with only the first
 strategy, for the "3 strategies cost ≤ 1.3× one" check (training is paid once per run either way).
 Per N also the wall per accepted commit, each strategy's inference cost per test image and storage in the final
-evaluation (the mixture's grows with N: it runs every adapter), and how many actor processes hosted the institutions. Targets at the largest N (50): peak memory ≤ 8 GB, start-up ≤ 30 s,
+evaluation (the mixture's grows with N: it runs every adapter), and how many actor processes hosted the institutions.
+Targets at the largest N (50): peak memory ≤ 8 GB, start-up ≤ 30 s,
 efficiency ≥ 0.9, and a wall per commit within 1.3× of the smallest N's (the flat cost per commit; with
 ``--set merge.proxy_images=K`` the coefficient searches score a bounded share of the received sets).
 """

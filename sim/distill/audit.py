@@ -140,10 +140,10 @@ MIA_FPRS = {"1pct": 0.01, "0p1pct": 0.001}
 def _operating_points(scores: np.ndarray, members: np.ndarray, nonmembers: np.ndarray) -> dict:
     """TPR at each ``MIA_FPRS`` point and the AUC of ``scores[members]`` vs ``scores[nonmembers]``."""
     from sim.distill.mia import tpr_at_fpr
-    from sklearn.metrics import roc_auc_score
+    from sim.metrics import binary_auc
 
     m, n = scores[members], scores[nonmembers]
-    auc = float(roc_auc_score(np.r_[np.ones(len(m)), np.zeros(len(n))], np.r_[m, n])) if len(m) and len(n) else None
+    auc = binary_auc(np.r_[np.ones(len(m), bool), np.zeros(len(n), bool)], np.r_[m, n]) if len(m) and len(n) else None
     return {"auc": auc, **{name: tpr_at_fpr(m, n, f) for name, f in MIA_FPRS.items()}}
 
 
