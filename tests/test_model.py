@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from sim import model as model_mod
 from sim.config import LoraConfig, ModelConfig, SimConfig
-from sim.model import (Adapter, create_backbone, load_adapter, load_foundation, new_adapter, prototypes,
-                       save_adapter, target_module_names)
+from sim.model import (PEFT_PREFIX, Adapter, create_backbone, load_adapter, load_foundation, new_adapter,
+                       prototypes, save_adapter, target_module_names)
 
 
 def _random_adapter(foundation, rank=4, seed=0, modules=("qkv",)):
@@ -193,3 +193,25 @@ def test_pretraining_corpus_follows_the_option(tiny_cfg):
     np.testing.assert_array_equal(np.bincount(formula.y), np.full(10, 100))
     assert formula.x.shape == (1000, 3, 16, 16) and formula.x.dtype == np.uint8
     assert not np.array_equal(formula.x, shapes.x)
+
+
+def test_the_adapter_config_written_without_peft_is_the_config_peft_builds(tiny_foundation, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftConfig
+
+    # Prepare: uneven ranks and a per-module alpha, so rank_pattern and alpha_pattern are not empty
+    adapter = _random_adapter(tiny_foundation, rank=4, modules=("qkv", "fc1"))
+    module = adapter.modules()[0]
+    for side in ("lora_A", "lora_B"):
+        key = f"{PEFT_PREFIX}{module}.{side}.weight"
+        adapter.weights[key] = adapter.weights[key][:2] if side == "lora_A" else adapter.weights[key][:, :2]
+    adapter.alpha_pattern[module] = 3.0
+    # Execute
+    save_adapter(adapter, tmp_path / "a")
+    read = PeftConfig.from_pretrained(str(tmp_path / "a"))
+    # Assert: peft reads the file as the LoraConfig built field by field from the adapter, defaults included
+    built = PeftLoraConfig(r=4, lora_alpha=adapter.alpha, lora_dropout=0.0, bias="none",
+                           target_modules="^(" + "|".join(m.replace(".", r"\.") for m in adapter.modules()) + ")$",
+                           rank_pattern={module: 2}, alpha_pattern={module: 3.0})
+    assert isinstance(read, PeftLoraConfig)
+    assert read.to_dict() == built.to_dict() == adapter.to_peft_config().to_dict()
