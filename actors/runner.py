@@ -141,7 +141,7 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, r
     ``resume``: ``out`` is the run dir of this config whose driver died; continue it (see the module docstring).
     """
     from sim.commit_log import CommitLog, resume_point
-    from sim.model import load_foundation
+    from sim.model import prepare_foundation
 
     t_start = time.time()
     run_dir = Path(out)
@@ -161,7 +161,7 @@ def run_simulation(cfg: SimConfig, out: str | Path, run_id: str | None = None, r
         if cfg.runtime.clock == "wall":
             pull_versions = {}
     # pretrain into the shared cache once, before any worker needs it; a prototype file must fit every task
-    load_foundation(cfg.model, cfg.data.img_size).check_tasks(cohort.task_classes)
+    prepare_foundation(cfg.model, cfg.data.img_size, cohort.task_classes)
     # Step 2: Ray, the worker pool and the actors; a per-run secret authenticates the institutions' commits.
     started_ray = connect(cfg)
     try:

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -215,3 +216,31 @@ def test_the_adapter_config_written_without_peft_is_the_config_peft_builds(tiny_
                            rank_pattern={module: 2}, alpha_pattern={module: 3.0})
     assert isinstance(read, PeftLoraConfig)
     assert read.to_dict() == built.to_dict() == adapter.to_peft_config().to_dict()
+
+
+def test_a_driver_prepares_a_cached_foundation_without_building_it(tiny_cfg, tiny_foundation, fresh_python, tmp_path,
+                                                                   monkeypatch):
+    from sim.model import foundation_path, prepare_foundation
+
+    # Prepare: tiny_cfg's foundation is pretrained into its cache dir (the tiny_foundation fixture)
+    m = tiny_cfg.model
+    shape = (f"patch_size={m.patch_size}, embed_dim={m.embed_dim}, depth={m.depth}, num_heads={m.num_heads}, "
+             f"pretrain_steps={m.pretrain_steps}, pretrain_batch={m.pretrain_batch}")
+    # Execute / Assert: a fresh driver finds the file, its header names the key: nothing built, timm not imported
+    out = fresh_python(f"import sys; from sim.config import ModelConfig; from sim.model import prepare_foundation; "
+                       f"prepare_foundation(ModelConfig({shape}, cache_dir={m.cache_dir!r}), 16, {{}}); "
+                       f"print('timm' in sys.modules, 'torch' in sys.modules)")
+    assert out == "False True"
+    # ...while a file of another key, prototypes to check, or no file yet go through load_foundation
+    calls = []
+    monkeypatch.setattr(model_mod, "load_foundation", lambda cfg, img_size: calls.append(cfg) or tiny_foundation)
+    other = dataclasses.replace(m, cache_dir=str(tmp_path))
+    prepare_foundation(other, 16, {})                                   # no file: pretrain it
+    path = foundation_path(other, 16)
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"forgesim": "foundation", "key": "foundation-other"})
+    prepare_foundation(other, 16, {})                                   # a file that is not this key's
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"forgesim": "foundation", "key": path.stem})
+    prepare_foundation(other, 16, {})                                   # this key's file: nothing to do
+    prototypes_file = tmp_path / "classes.npz"
+    prepare_foundation(dataclasses.replace(other, prototypes=str(prototypes_file)), 16, {})
+    assert [c.prototypes for c in calls] == [None, None, str(prototypes_file)]
