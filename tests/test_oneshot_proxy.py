@@ -158,11 +158,16 @@ def test_router_branch_is_fitted_on_every_set_received(strategy, tiny_cfg, tiny_
     # Assert: the branch is the fit on all four sets (the union received, each adapter's own), trained as one shot
     assert got.kind == strategy and [id(a) for a in got.adapters] == [id(a) for a in adapters]
     assert got.meta["n_sets"] == 4
+    # The branch scores its experts set by set as the sets arrive (its ProbabilityCache), the one-shot fit all at
+    # once: float32 sums of another blocking, so equal to rounding (1e-4; seen up to 2e-5 under the suite), while
+    # a fit that misses the fourth set is off by far more than that.
+    other = fit(tiny_foundation, adapters, sets[:3] + sets[:1], seed=derive_seed(cfg.seed, "merge", strategy, 4))
     for k in ("weight", "bias"):
-        torch.testing.assert_close(got.gate[k], expected.gate[k])
+        torch.testing.assert_close(got.gate[k], expected.gate[k], rtol=1e-4, atol=1e-4)
+    assert float((other.gate["weight"] - expected.gate["weight"]).abs().max()) > 1e-2
     x, ds = arrivals[1].distilled.x, arrivals[1].distilled
     np.testing.assert_allclose(predict_proba(tiny_foundation, got, x, ds.task, ds.classes),
-                               predict_proba(tiny_foundation, expected, x, ds.task, ds.classes), rtol=1e-6, atol=1e-7)
+                               predict_proba(tiny_foundation, expected, x, ds.task, ds.classes), rtol=1e-4, atol=1e-5)
     # main/<strategy>/ is a router dir that loads back to the same predictions
     save_main(branches.snapshot(), tmp_path / "main")
     back = load_router(tmp_path / "main" / strategy)
