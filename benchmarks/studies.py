@@ -1,7 +1,7 @@
 """Studies on this machine: the merge-order study and the cost of sweeping strategies.
 
     .venv/bin/python benchmarks/studies.py order [--run-dir DIR] [--orders 20] [--strategies fusion,mixture,svd]
-                                                 [--search-batch B --optimizer NAME]
+                                                 [--search-batch B --optimizer NAME] [--proxy-images M]
     .venv/bin/python benchmarks/studies.py scaling [--smoke] [--out DIR]
     .venv/bin/python benchmarks/studies.py reuse
 
@@ -10,7 +10,8 @@ and distillation sizes; made once, or ``--run-dir`` of an existing run) re-merge
 strategies (``--run-dir DIR``: made there if DIR holds no run yet, reused otherwise), the orders split over the pool's workers as Ray tasks exactly as ``forgesim sweep order`` does
 (``experiments.sweep.replay_run``). Prints the wall time of the order study (target ≤ 120 s) and the spread of each
 strategy over the orders. ``--search-batch B --optimizer NAME`` replays with the batched search
-(``merge.search_batch``; B > 1 needs an optimizer that asks in parallel, e.g. TwoPointsDE).
+(``merge.search_batch``; B > 1 needs an optimizer that asks in parallel, e.g. TwoPointsDE); ``--proxy-images M``
+replays with the bounded proxy (``merge.proxy_images``: each stage scores at most M distilled images).
 
 ``scaling``: ``forgesim sweep scaling`` (``--smoke``: its CI size) with nested cohorts: per seed only the largest
 community is trained, the smaller ones are built from its log (``sim.replay.replay_subset``). Prints the study's
@@ -54,7 +55,9 @@ def order_study(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
         merge = dataclasses.replace(study.base.merge, strategies=strategies, search_batch=args.search_batch,
-                                    optimizer=args.optimizer or study.base.merge.optimizer)
+                                    optimizer=args.optimizer or study.base.merge.optimizer,
+                                    proxy_images=study.base.merge.proxy_images if args.proxy_images is None
+                                    else args.proxy_images)
         cfg = study.base.replace(merge=merge)
         if not (run_dir / "summary.json").is_file():
             t0 = time.perf_counter()
@@ -72,7 +75,7 @@ def order_study(args: argparse.Namespace) -> None:
     print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {cfg.data.institutions} institutions × "
           f"{cfg.schedule.contributions} contribution, {args.orders} orders × {len(strategies)} strategies on "
           f"{cfg.runtime.workers} workers; search: merge.search_batch {cfg.merge.search_batch}, "
-          f"merge.optimizer {cfg.merge.optimizer}")
+          f"merge.optimizer {cfg.merge.optimizer}, merge.proxy_images {cfg.merge.proxy_images}")
     print("| strategy | ACC mean | ACC range | AUC mean | AUC range | merge s per order |")
     print("|---|---|---|---|---|---|")
     for s, g in orders.groupby("strategy", sort=False):
@@ -147,6 +150,7 @@ def main() -> None:
     p.add_argument("--strategies", default="fusion,mixture,svd")
     p.add_argument("--search-batch", type=int, default=1, help="merge.search_batch of the replays")
     p.add_argument("--optimizer", help="merge.optimizer of the replays (default: the study's)")
+    p.add_argument("--proxy-images", type=int, help="merge.proxy_images of the replays (default: the study's)")
     p = sub.add_parser("scaling")
     p.add_argument("--smoke", action="store_true", help="the study's CI size (4 and 8 institutions, seed 0)")
     p.add_argument("--out", help="keep the sweep dir here (default: a temporary dir)")

@@ -159,13 +159,16 @@ class ReplayEvaluator:
     """``evaluate_snapshot`` for many orders of the same commits: a mixture's per-adapter test probabilities do not
     depend on the order (only its weights do), so they are computed once per adapter and task and combined with
     each order's weights — in the same 256-image batches as ``sim.merge.mixture.mixture_proba``, so the numbers are
-    the ones a run's evaluation gives. Other predictors are evaluated as in a run."""
+    the ones a run's evaluation gives. Other predictors are evaluated as in a run, and a merged adapter that another
+    order already produced bit for bit (an order-invariant merge such as ``svd``, or the same prefix of two orders
+    scored per step) takes that evaluation's records instead of a second pass over the test sets."""
 
     BATCH = 256
 
     def __init__(self, foundation, cohort, tasks: Sequence[str]) -> None:
         self.foundation, self.cohort, self.tasks = foundation, cohort, list(tasks)
         self._probs: dict[tuple[int, str], tuple[object, list]] = {}     # (id(adapter), task) -> (adapter, chunks)
+        self._adapter_records: dict[str, list[dict]] = {}                # adapter_key -> its records on self.tasks
 
     def _adapter_chunks(self, adapter, task: str, head) -> list:
         import torch
@@ -206,12 +209,32 @@ class ReplayEvaluator:
         from sim.evaluation import evaluate_predictor
         from sim.merge import Mixture
 
+        from sim.model import Adapter
+
         out = []
         for strategy, predictor in snapshot.items():
-            recs = ([self._mixture_record(predictor, t) for t in self.tasks] if isinstance(predictor, Mixture)
-                    else evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks))
+            if isinstance(predictor, Mixture):
+                recs = [self._mixture_record(predictor, t) for t in self.tasks]
+            elif isinstance(predictor, Adapter):
+                key = adapter_key(predictor)
+                if key not in self._adapter_records:
+                    self._adapter_records[key] = evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks)
+                recs = self._adapter_records[key]
+            else:
+                recs = evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks)
             out += [{"event": "eval", "version": version, "strategy": strategy} | r for r in recs]
         return out
+
+
+def adapter_key(adapter) -> str:
+    """Content key of everything ``predict_proba`` reads from an adapter: its LoRA factors, scalings, heads and the
+    task its single head scores (equal keys, equal predictions)."""
+    from sim.model import fingerprint_state
+
+    parts = [fingerprint_state(adapter.weights), repr(float(adapter.alpha)), repr(sorted(adapter.alpha_pattern.items())),
+             str(adapter.base_fingerprint), str(adapter.meta.get("task")),
+             fingerprint_state(adapter.head) if adapter.head is not None else "prototype"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------

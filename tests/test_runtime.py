@@ -179,6 +179,42 @@ def test_replay_with_the_original_order_reproduces_the_run(run_two_workers, tmp_
     assert perms[0] == sorted(perms[0]) and perms[1] != perms[0]
 
 
+def test_replay_scores_a_merged_adapter_another_order_produced_once(tiny_foundation, tiny_cohort, monkeypatch):
+    import torch
+
+    import sim.evaluation
+    from sim.model import PEFT_PREFIX, Adapter
+    from sim.replay import ReplayEvaluator
+
+    # Prepare: two adapters of the same content (distinct objects, as two orders of an order-invariant merge give),
+    # one of other factors, and the first with another scaling; evaluate_predictor counted
+    g = torch.Generator().manual_seed(0)
+    weights = {}
+    for m in ("blocks.0.attn.qkv", "blocks.1.attn.qkv"):
+        out_f, in_f = tiny_foundation.weight(m).shape
+        weights[f"{PEFT_PREFIX}{m}.lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.3
+        weights[f"{PEFT_PREFIX}{m}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
+    same = Adapter(weights, 8.0, tiny_foundation.fingerprint)
+    again = Adapter({k: v.clone() for k, v in weights.items()}, 8.0, tiny_foundation.fingerprint)
+    other = Adapter({k: -v for k, v in weights.items()}, 8.0, tiny_foundation.fingerprint)
+    scaled = Adapter(weights, 16.0, tiny_foundation.fingerprint)
+    tasks = list(tiny_cohort.task_classes)
+    calls = []
+    real = sim.evaluation.evaluate_predictor
+    monkeypatch.setattr(sim.evaluation, "evaluate_predictor", lambda *a: calls.append(a[1]) or real(*a))
+    evaluator = ReplayEvaluator(tiny_foundation, tiny_cohort, tasks)
+    # Execute: order 1 scores `same` and `other`, order 2 `again` and `scaled`
+    first = evaluator.records({"svd": same, "fusion": other}, 4)
+    second = evaluator.records({"svd": again, "fusion": scaled}, 4)
+    # Assert: `again` took `same`'s records (no second pass); every other content was scored, as a run scores it
+    assert [id(p) for p in calls] == [id(same), id(other), id(scaled)]
+    svd = lambda recs: [r for r in recs if r["strategy"] == "svd"]
+    assert svd(second) == svd(first)
+    fresh = sim.evaluation.evaluate_snapshot(tiny_foundation, {"svd": again, "fusion": scaled}, tiny_cohort, tasks, 4)
+    drop = lambda recs: [{k: v for k, v in r.items() if k != "infer_s"} for r in recs]
+    assert drop(second) == drop(fresh)
+
+
 def test_replay_per_step_scores_every_step_and_ends_at_the_final_merge(run_two_workers, tmp_path, capsys):
     from experiments.cli import main
 
