@@ -62,10 +62,7 @@ class Commit:
         h = hashlib.sha256()
         h.update(json.dumps([self.id, int(self.institution), self.task, list(self.classes), int(self.pulled_version),
                              float(self.adapter.alpha), sorted(self.adapter.alpha_pattern.items())]).encode())
-        for name, tensors in (("lora", self.adapter.weights), ("head", self.adapter.head or {})):
-            for k in sorted(tensors):
-                h.update(f"{name}:{k}:{tuple(tensors[k].shape)}".encode())
-                h.update(tensors[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        self.adapter.update_hash(h)
         h.update(np.ascontiguousarray(self.distilled.x, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(self.distilled.y, dtype=np.int64).tobytes())
         return h.hexdigest()

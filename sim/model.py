@@ -540,6 +540,22 @@ class Adapter:
         a, b = self.factors(module)
         return (b.float() @ a.float()) * self.scaling(module)
 
+    def update_hash(self, h) -> None:
+        """Feed ``h`` (a hashlib object) the tensors that define this adapter: the LoRA factors, then the head, each
+        as ``name:key:shape`` and its float32 bytes, keys sorted (the tensor part of ``Commit.content_hash``)."""
+        for name, tensors in (("lora", self.weights), ("head", self.head or {})):
+            for k in sorted(tensors):
+                h.update(f"{name}:{k}:{tuple(tensors[k].shape)}".encode())
+                h.update(tensors[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+    def content_hash(self) -> str:
+        """SHA-256 of everything its predictions read: scalings, base, the task its single head scores, and the
+        tensors (``update_hash``). Equal hashes, equal predictions."""
+        h = hashlib.sha256(json.dumps([float(self.alpha), sorted(self.alpha_pattern.items()), self.base_fingerprint,
+                                       self.meta.get("task")]).encode())
+        self.update_hash(h)
+        return h.hexdigest()
+
     def check_base(self, foundation: Foundation) -> None:
         if self.base_fingerprint is not None and self.base_fingerprint != foundation.fingerprint:
             raise ValueError(f"adapter was trained on base {self.base_fingerprint}, "

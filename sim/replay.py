@@ -168,7 +168,7 @@ class ReplayEvaluator:
     def __init__(self, foundation, cohort, tasks: Sequence[str]) -> None:
         self.foundation, self.cohort, self.tasks = foundation, cohort, list(tasks)
         self._probs: dict[tuple[int, str], tuple[object, list]] = {}     # (id(adapter), task) -> (adapter, chunks)
-        self._adapter_records: dict[str, list[dict]] = {}                # adapter_key -> its records on self.tasks
+        self._adapter_records: dict[str, list[dict]] = {}      # Adapter.content_hash -> its records on self.tasks
 
     def _adapter_chunks(self, adapter, task: str, head) -> list:
         import torch
@@ -208,7 +208,6 @@ class ReplayEvaluator:
     def records(self, snapshot: dict, version: int) -> list[dict]:
         from sim.evaluation import evaluate_predictor
         from sim.merge import Mixture
-
         from sim.model import Adapter
 
         out = []
@@ -216,7 +215,7 @@ class ReplayEvaluator:
             if isinstance(predictor, Mixture):
                 recs = [self._mixture_record(predictor, t) for t in self.tasks]
             elif isinstance(predictor, Adapter):
-                key = adapter_key(predictor)
+                key = predictor.content_hash()
                 if key not in self._adapter_records:
                     self._adapter_records[key] = evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks)
                 recs = self._adapter_records[key]
@@ -224,17 +223,6 @@ class ReplayEvaluator:
                 recs = evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks)
             out += [{"event": "eval", "version": version, "strategy": strategy} | r for r in recs]
         return out
-
-
-def adapter_key(adapter) -> str:
-    """Content key of everything ``predict_proba`` reads from an adapter: its LoRA factors, scalings, heads and the
-    task its single head scores (equal keys, equal predictions)."""
-    from sim.model import fingerprint_state
-
-    parts = [fingerprint_state(adapter.weights), repr(float(adapter.alpha)), repr(sorted(adapter.alpha_pattern.items())),
-             str(adapter.base_fingerprint), str(adapter.meta.get("task")),
-             fingerprint_state(adapter.head) if adapter.head is not None else "prototype"]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------
