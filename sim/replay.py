@@ -10,7 +10,6 @@ exactly as the merge actor did (same merge seeds per sequence position) and is e
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -173,12 +172,10 @@ class ReplayEvaluator:
     def _adapter_chunks(self, adapter, task: str, head) -> list:
         import torch
 
-        from sim.merge.mixture import adapter_features, adapter_probabilities
+        from sim.merge.mixture import _head_digest, adapter_features, adapter_probabilities
 
         # the head is part of the key: a borrowed (average) head changes as the task's contributors arrive
-        head_key = None if head is None else hashlib.blake2b(
-            b"".join(head[k].detach().cpu().numpy().tobytes() for k in sorted(head)), digest_size=8).hexdigest()
-        key = (id(adapter), task, head_key)
+        key = (id(adapter), task, _head_digest(head))
         if key not in self._probs:
             x, classes = self.cohort.task_split(task, "test").x, self.cohort.task_classes[task]
             chunks = []
