@@ -185,7 +185,7 @@ def scaling(smoke: bool = False) -> Study:
 # The order study's bounded proxy (``merge.proxy_images``): its 20 orders × 12 sequential searches are the study's
 # cost, and with every received image each stage's cost grows with the sets received (the last stage scores 12 sets).
 # Measured (``benchmarks/studies.py order --proxy-images 0|32``, one 12-institution run, 20 orders, 2 cores): the
-# unbounded replays took 242 s, bounded to 32 images 111 s; over the orders fusion's ACC 0.539 / 0.531 (mean),
+# unbounded replays took 242 s, bounded to 32 images 111–124 s (three runs); over the orders fusion's ACC 0.539 / 0.531 (mean),
 # 0.128 / 0.129 (range), AUC 0.707 / 0.696; mixture's ACC 0.530 / 0.544, AUC 0.753 / 0.721; svd is order-invariant.
 ORDER_PROXY_IMAGES = 32
 
