@@ -134,18 +134,23 @@ class MergeActor:
         self.state.save_main()
         tasks = self.state.tasks_to_score()
         final = self.evals.get(version) or self._evaluate()     # evaluated already if the last commit hit eval_every
-        refs = {}
+        refs, individual = {}, []
         if references:
             from sim.merge.base import base_reference
 
             # linear heads: the frozen backbone with each task's contributors' average head (prototype: None)
             base = base_reference(list(self.state.latest_adapters().values()))
             refs["base"] = evaluate_task.options(**self.options).remote(self.cfg_blob, {"base": base}, tasks, version)
-            refs["individual"] = individual_task.options(**self.options).remote(self.cfg_blob,
-                                                                                self.state.latest_adapters(), tasks)
+            # one task per scored task (each scores its sites' adapters on the pooled and the local test sets), so
+            # the references spread over the pool beside the strategies' evaluations instead of one long tail
+            adapters = ray.put(self.state.latest_adapters())
+            individual = [individual_task.options(**self.options).remote(self.cfg_blob, adapters, [task])
+                          for task in tasks]
         periodic = [r for v in sorted(self.evals) if v != version for part in ray.get(self.evals[v]) for r in part]
         out = {"version": version, "evals": periodic + [r for part in ray.get(final) for r in part],
                "storage": self.state.storage_bytes()}
+        if references:
+            out["individual"] = [r for part in ray.get(individual) for r in part]
         return out | {name: ray.get(ref) for name, ref in refs.items()}
 
     def records(self) -> list[dict]:

@@ -116,6 +116,20 @@ def test_site_without_commit_counts_as_the_foundation(tiny_foundation, tiny_coho
         evaluate_individual(tiny_foundation, one, tiny_cohort, ["nope"])
 
 
+def test_individual_scored_task_by_task_is_the_same_as_at_once(tiny_foundation, tiny_cohort, site_adapters,
+                                                                 individual_records):
+    """The merge actor's final evaluation scores the individual references in one task per scored task, so they
+    spread over the pool; every record (scores, n, sites, sites without a commit) is the one-call record."""
+    from sim.evaluation import evaluate_individual
+
+    tasks = list(dict.fromkeys(r["task"] for r in individual_records))
+    split = [r for task in tasks for r in evaluate_individual(tiny_foundation, site_adapters, tiny_cohort, [task])]
+    timing = {"infer_s"}
+    assert len(tasks) == 2 and len(split) == len(individual_records) == 4
+    for got, want in zip(split, individual_records):
+        assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+
+
 def test_strategies_and_references_are_scored_on_identical_sets(tiny_cfg, tiny_foundation, tiny_cohort,
                                                                 site_adapters, individual_records):
     from sim.evaluation import evaluate_snapshot
