@@ -130,6 +130,7 @@ class MergeActor:
         the periodic ones and the final one), ``base``, ``individual`` (the records of ``individual`` and
         ``individual_local``, tagged in ``strategy``) and the per-strategy storage bytes.
         """
+        self.state.finish()           # commits still held at the gate's cold start (sim.main_state)
         version = self.state.version
         self.state.save_main()
         tasks = self.state.tasks_to_score()

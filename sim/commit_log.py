@@ -68,6 +68,12 @@ class CommitLog:
         path = self.write_commit(seq, commit)
         return self.append(record | {"dir": str(path.relative_to(self.dir))})
 
+    def append_held(self, commit: Commit, record: dict) -> dict:
+        """A commit held at the gate's cold start: its dir ``commits/held-<id>/`` (to survive a restart), then the
+        ``held`` line."""
+        path = write_commit_dir(commit, self.commits_dir / f"held-{commit.id}", {"held": True})
+        return self.append(record | {"dir": str(path.relative_to(self.dir))})
+
     # -- reading --------------------------------------------------------------------------
     def _scan(self) -> tuple[list[dict], int, bool]:
         """``(records, bytes of complete lines, torn)``: a torn last line (a crash mid-write, never acknowledged) is
@@ -107,14 +113,14 @@ class CommitLog:
         elif self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
             with open(self.path, "ab") as fh:
                 fh.write(b"\n")
-        named = {r["dir"] for r in records if r.get("event") == "accepted"}
+        named = {r["dir"] for r in records if r.get("event") == "accepted"} | {r["dir"] for r in pending_held(records)}
         for p in self.commits_dir.iterdir():
             if str(p.relative_to(self.dir)) not in named:
                 shutil.rmtree(p, ignore_errors=True)
         return records
 
     def load_commit(self, record: dict) -> Commit:
-        """The commit an ``accepted`` record names, checked against its content hash."""
+        """The commit an ``accepted`` (or ``held``) record names, checked against its content hash."""
         path = self.dir / record["dir"]
         try:
             commit = read_commit_dir(path)
@@ -167,16 +173,27 @@ def read_commit_dir(path: Path) -> Commit:
         raise ValueError(f"{path} is unreadable: {exc}") from None
 
 
+def pending_held(records: Sequence[dict]) -> list[dict]:
+    """The ``held`` records (``gate.cold_start: hold``) of commits the log has not yet accepted or rejected, in
+    arrival order."""
+    held = {r["id"]: r for r in records if r.get("event") == "held"}
+    for r in records:
+        if r.get("event") in ("accepted", "rejected") and r.get("held") and r.get("id") in held:
+            del held[r["id"]]
+    return list(held.values())
+
+
 def resume_point(schedule: Schedule, records: list[dict]) -> tuple[frozenset[str], dict[str, int]]:
     """What a resumed run skips and where its early pulls stand: ``(handled ids, {id: version to pull at})``.
 
-    Handled: accepted, or rejected for a reason of its own (not an injected corrupted copy). With the virtual clock
+    Handled: accepted, held at the gate's cold start, or rejected for a reason of its own (not an injected corrupted
+    copy). With the virtual clock
     the log holds a prefix of the schedule's commits, so a contribution that pulled before the last handled commit
     pulled the version = accepted commits before its pull event.
     """
     accepted = {r["id"] for r in records if r.get("event") == "accepted"}
     handled = accepted | {r["id"] for r in records
-                          if r.get("event") == "rejected" and r.get("id") and not r.get("injected")}
+                          if r.get("event") in ("rejected", "held") and r.get("id") and not r.get("injected")}
     remaining, version, versions = len(handled), 0, {}
     for ev in schedule.events():
         if remaining == 0:

@@ -557,7 +557,10 @@ class GateConfig:
     norm_spread: float = _f(0.25, "norm: smallest spread of the accepted log norms the z-score divides by (0.25: "
                                   "a norm 2.4× the median is z 3.5)")
     min_history: int = _f(3, "norm, cosine: accepted commits (of the task, for cosine) needed before the check "
-                             "judges; with fewer it passes")
+                             "judges; with fewer, cosine passes and norm follows gate.cold_start")
+    cold_start: str = _f("hold", "norm, while fewer than gate.min_history commits are accepted: hold (arriving "
+                                 "commits wait, merged into nothing, until each can be judged against gate.min_history "
+                                 "others, held or accepted; then they are taken on in arrival order) or pass (they pass the norm check unjudged)")
     min_cosine: float = _f(0.0, "cosine: smallest cosine similarity to the mean update of the task's accepted commits")
     max_cosine: float = _f(0.99, "duplicate: largest cosine similarity of the update to any accepted commit's (a "
                                  "copy with 1 % noise on its factors scores about 0.9999)")
@@ -576,6 +579,7 @@ class GateConfig:
         _check(self.norm_spread >= 0, "gate.norm_spread", "a number >= 0", self.norm_spread)
         _check(isinstance(self.min_history, int) and self.min_history >= 1, "gate.min_history", "an integer >= 1",
                self.min_history)
+        _choice("gate.cold_start", self.cold_start, ("hold", "pass"))
         _check(-1 <= self.min_cosine <= 1, "gate.min_cosine", "a number in [-1, 1]", self.min_cosine)
         _check(-1 < self.max_cosine <= 1, "gate.max_cosine", "a number in (-1, 1]", self.max_cosine)
         _check(0 <= self.min_fit <= 1, "gate.min_fit", "an accuracy in [0, 1]", self.min_fit)

@@ -8,8 +8,11 @@ the reason in the log, and main does not change. The checks (``gate.checks``):
   z-score of log ‖ΔW‖, (x − median) / max(1.4826 · MAD, ``norm_spread``), must lie within ±``norm_z`` (Iglewicz &
   Hoaglin's modified z-score, 3.5 their cut-off). On the log scale a scaled update is a shift (× 10: +2.3); the
   spread floor keeps a few near-equal norms from making every other honest norm an outlier. A task with fewer than
-  ``min_history`` accepted commits is judged against all accepted commits; with fewer than that in all, it passes.
-  Catches a scaled update.
+  ``min_history`` accepted commits is judged against all accepted commits. At the cold start, with fewer than
+  that in all, there is nothing to judge against: ``gate.cold_start: hold`` (the default) holds the arriving commits
+  (``MainState``: logged ``held``, merged into nothing) until each can be judged against ``min_history`` others
+  (accepted or held; ``held_norms``), then takes them on in arrival order; ``pass`` lets
+  them through unjudged (an attacker among the first commits is then never checked). Catches a scaled update.
 * ``cosine`` — cosine similarity of the flattened ΔW to the mean update of the task's accepted commits must be at
   least ``min_cosine`` (FoolsGold's and FLTrust's signal, Fung et al. 2020, Cao et al. NDSS 2021; here against the
   task's consensus rather than a server's own update). Catches a sign-flipped update. Judges from ``min_history``
@@ -119,23 +122,22 @@ class Gate:
         return self.cfg.gate.checks
 
     # -- the checks that need no merge ------------------------------------------------------
-    def precheck(self, commit) -> list[Check]:
-        """``norm``, ``cosine``, ``duplicate`` and ``fit`` of ``commit`` (those configured), in that order."""
+    def precheck(self, commit, norm: Check | None = None) -> list[Check]:
+        """``norm``, ``cosine``, ``duplicate`` and ``fit`` of ``commit`` (those configured), in that order; ``norm``:
+        its norm check when already judged (a commit held at the cold start, ``held_norms``)."""
         g, out = self.cfg.gate, []
         vector = self._vector(commit)
-        if "norm" in self.checks:
-            norm = float(vector.norm())
+        if "norm" in self.checks and norm is not None:
+            out.append(norm)
+        elif "norm" in self.checks:
+            norm_ = float(vector.norm())
             own = [n for n, t in zip(self.norms, self.norm_tasks) if t == commit.task]
             history, scope = (own, f"task {commit.task}'s") if len(own) >= g.min_history else (self.norms, "all")
             if len(history) < g.min_history:
                 out.append(Check("norm", True, math.nan, f"{len(self.norms)} accepted norms, fewer than "
                                                          f"gate.min_history {g.min_history}"))
             else:
-                z = robust_z(math.log(max(norm, 1e-30)), [math.log(max(n, 1e-30)) for n in history], g.norm_spread)
-                out.append(Check("norm", abs(z) <= g.norm_z, z,
-                                 None if abs(z) <= g.norm_z else f"update norm {norm:.4g} has robust z {z:.2f} "
-                                                                 f"(log scale, against {scope} accepted commits), "
-                                                                 f"beyond ±gate.norm_z {g.norm_z:g}"))
+                out.append(self._norm_check(norm_, history, f"{scope} accepted commits"))
         if "cosine" in self.checks:
             n = self.task_counts.get(commit.task, 0)
             if n < g.min_history:
@@ -155,6 +157,46 @@ class Gate:
             ok = acc >= g.min_fit
             out.append(Check("fit", ok, acc, None if ok else f"the adapter scores {acc:.3f} on its own distilled "
                                                              f"set, below gate.min_fit {g.min_fit:g}"))
+        return out
+
+    def _norm_check(self, norm: float, history: Sequence[float], scope: str) -> Check:
+        """The robust z of log ``norm`` against the log of the norms ``history`` (``scope`` names them)."""
+        g = self.cfg.gate
+        z = robust_z(math.log(max(norm, 1e-30)), [math.log(max(n, 1e-30)) for n in history], g.norm_spread)
+        ok = abs(z) <= g.norm_z
+        return Check("norm", ok, z, None if ok else f"update norm {norm:.4g} has robust z {z:.2f} (log scale, "
+                                                    f"against {scope}), beyond ±gate.norm_z {g.norm_z:g}")
+
+    # -- the cold start ----------------------------------------------------------------------
+    def holds(self) -> bool:
+        """Whether an arriving commit is held (``gate.cold_start: hold``): ``norm`` is checked and fewer than
+        ``gate.min_history`` commits are accepted, so there is no history to judge its norm against yet."""
+        g = self.cfg.gate
+        return "norm" in self.checks and g.cold_start == "hold" and len(self.norms) < g.min_history
+
+    def quorum(self, held: int) -> bool:
+        """Whether ``held`` commits can be judged: each against ``gate.min_history`` others (accepted or held), as
+        a commit after the cold start is judged against ``min_history`` accepted ones."""
+        return len(self.norms) + held >= self.cfg.gate.min_history + 1
+
+    def held_norms(self, commits: Sequence) -> list[Check]:
+        """The ``norm`` checks of the held ``commits``, judged together once there is a ``quorum``: each one's robust
+        z against the log norms of every accepted commit and every *other* held one (leave one out: a scaled update
+        inside its own sample would widen the MAD it is divided by; among three, × 10 against two honest norms 2×
+        apart scores z 2.0 with itself in the sample and 4.8 without). Fewer than ``min_history`` others (a run that
+        ends holding them): they pass unjudged, as with ``cold_start: pass``. A majority of attackers among the
+        first commits is not caught."""
+        g = self.cfg.gate
+        norms = [float(update_vector(c.adapter).norm()) for c in commits]
+        if not self.quorum(len(commits)):
+            return [Check("norm", True, math.nan, f"the run ended with {len(self.norms) + len(norms)} commits held "
+                                                  f"or accepted, too few for gate.min_history {g.min_history} "
+                                                  f"others each: not judged") for _ in commits]
+        out = []
+        for i, n in enumerate(norms):
+            others = self.norms + norms[:i] + norms[i + 1:]
+            out.append(self._norm_check(n, others, f"the {len(others)} other commits held or accepted at the cold "
+                                                   f"start"))
         return out
 
     def duplicate(self, commit) -> Check:

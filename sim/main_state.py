@@ -10,7 +10,11 @@ Step 2  idempotency: a commit id seen before with the same content gets its orig
         (``duplicate: true``); the same id with other content is rejected. Then staleness against
         ``schedule.max_staleness``.
 Step 2b the gate (``gate.checks``, ``sim.gate``): norm, cosine and fit before any merge; a failed check rejects the
-        commit with its measured value.
+        commit with its measured value. At the cold start (``gate.cold_start: hold``: norm checked, fewer than
+        ``gate.min_history`` accepted) the commit is held instead — its dir and a ``held`` line logged, no branch
+        changed — until each can be judged against ``min_history`` others (held or accepted); then their norms are
+        judged and each held commit, in arrival order, goes on through the other checks and steps 3-4 (``finish``
+        takes on those a run ends holding).
 Step 3  merge into every strategy's branch (``sim.branches.MainBranches``) — tentatively: merges are pure, nothing
         is replaced yet, so a merge that fails rejects the commit and changes no branch. The gate's regression
         check scores the tentative ``gate_branch`` here; failing it rejects the commit just the same.
@@ -31,13 +35,15 @@ from typing import Callable, Mapping, Sequence
 
 from sim.branches import MainBranches, Predictor, save_main
 from sim.commit import Commit, check_signature, expected_shapes, validate_commit
-from sim.commit_log import CommitLog
+from sim.commit_log import CommitLog, pending_held
 from sim.config import SimConfig
 from sim.gate import Gate, failure, log_fields
 from sim.model import Adapter, Foundation
 from sim.records import is_flat
 
 MAIN_DIR = "main"
+# the fields of a ``held`` record that are neither the commit's nor how it arrived (``MainState._hold``)
+HELD_FIELDS = frozenset({"event", "version", "staleness", "duplicate", "t_wall", "reason", "dir"})
 
 
 class MainState:
@@ -64,6 +70,7 @@ class MainState:
         self.history_strategy = history
         self.history: dict[int, Predictor] = {0: None}
         self.gate = Gate(cfg, foundation) if cfg.gate.checks else None
+        self.held: list[tuple[Commit, int, dict, dict]] = []   # (commit, staleness, extra, its held record)
 
     # -- receiving ------------------------------------------------------------------------
     def _reject(self, commit, reason: str, extra: dict | None = None) -> dict:
@@ -101,6 +108,12 @@ class MainState:
             return self._reject(commit, reason, extra)
         # Step 2: idempotency by id, then staleness.
         cid = commit.id
+        held = next((rec for c, _, _, rec in self.held if c.id == cid), None)
+        if held is not None:
+            if commit.content_hash() == held["hash"]:
+                return dict(held) | {"duplicate": True}
+            return self._reject(commit, f"duplicate commit id {cid} with different content (held at the gate's "
+                                        f"cold start)", extra)
         if cid in self.acks:
             if commit.content_hash() == self.acks[cid]["hash"]:
                 return self.acks[cid] | {"duplicate": True}
@@ -114,9 +127,15 @@ class MainState:
         limit = self.cfg.schedule.max_staleness
         if limit >= 0 and staleness > limit:
             return self._reject(commit, f"staleness {staleness} exceeds schedule.max_staleness {limit}", extra)
+        if self.gate is not None and self.gate.holds():
+            return self._hold(commit, staleness, extra)
+        return self._judge(commit, staleness, extra)
+
+    def _judge(self, commit, staleness: int, extra: dict | None, norm=None) -> dict:
+        """Steps 2b-4 of ``receive``; ``norm``: the commit's norm check when it was judged while held."""
         # Step 2b: the gate's checks that need no merge.
         t_gate = time.perf_counter()
-        checks = self.gate.precheck(commit) if self.gate is not None else []
+        checks = self.gate.precheck(commit, norm) if self.gate is not None else []
         gate_s = time.perf_counter() - t_gate
         if failure(checks):
             return self._reject(commit, failure(checks), (extra or {}) | log_fields(checks) | {"gate_s": gate_s})
@@ -144,6 +163,38 @@ class MainState:
             self.log.append(rec)
         self._apply(commit, ack, update, merges)
         return dict(ack)
+
+    # -- the gate's cold start ---------------------------------------------------------------
+    def _hold(self, commit: Commit, staleness: int, extra: dict | None) -> dict:
+        """Hold ``commit`` (its dir, then a ``held`` line); once the held ones have a ``Gate.quorum``, take them on
+        (``_release``) and return this commit's acknowledgement (``released``: how many), else its ``held`` record."""
+        g = self.cfg.gate
+        rec = {"event": "held", "version": self.version, "staleness": staleness, "duplicate": False,
+               "t_wall": time.time(), "reason": f"held at the gate's cold start: {len(self.gate.norms)} accepted, "
+                                                f"{len(self.held) + 1} held, too few to judge its norm against "
+                                                f"gate.min_history {g.min_history} others"} \
+            | commit.record() | (extra or {})
+        rec = self.log.append_held(commit, rec)
+        self._records.append(rec)
+        self.held.append((commit, staleness, dict(extra or {}), rec))
+        if not self.gate.quorum(len(self.held)):
+            return dict(rec)
+        acks = self._release()
+        return acks[-1] | {"released": len(acks)}
+
+    def _release(self) -> list[dict]:
+        """Judge the held commits' norms together (``Gate.held_norms``), then take each, in arrival order, through
+        steps 2b-4 with that norm check (its log record says ``held``); returns their acknowledgements."""
+        held, self.held = self.held, []
+        norms = self.gate.held_norms([c for c, _, _, _ in held]) if held else []
+        return [self._judge(c, staleness, extra | {"held": True}, norm)
+                for (c, staleness, extra, _), norm in zip(held, norms)]
+
+    def finish(self) -> list[dict]:
+        """Take on the commits a run ends holding (fewer than ``gate.min_history`` arrived in all: their norms pass
+        unjudged, the other checks run); the merge actor calls it before the final evaluation. Returns their
+        acknowledgements (none when nothing is held)."""
+        return self._release()
 
     def _apply(self, commit: Commit, ack: dict, update: dict, merges: list[dict]) -> None:
         if self.gate is not None:
@@ -263,6 +314,10 @@ class MainState:
             if on_apply is not None:
                 on_apply(state)
         state._records = records          # the log's own records (its merge records included), not the replay's
+        for rec in pending_held(records):   # still held at the gate's cold start when the log ends
+            commit = state.log.load_commit(rec)
+            arrival = {k: v for k, v in rec.items() if k not in HELD_FIELDS and k not in commit.record()}
+            state.held.append((commit, int(rec["staleness"]), arrival, rec))
         return state
 
     @classmethod

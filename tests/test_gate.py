@@ -327,8 +327,8 @@ def test_a_commit_the_gate_rejects_changes_no_branch(tmp_path, tiny_cfg, tiny_fo
                            gate=GateConfig(checks=("norm", "fit"), min_history=3, min_fit=MIN_FIT))
     meta = {i.id: (i.task, tuple(i.classes)) for i in tiny_cohort.institutions}
     state = MainState(tmp_path / "run", cfg, meta, tiny_foundation)
-    for c in honest[:4]:
-        assert state.receive(c)["event"] == "accepted"
+    acks = [state.receive(c) for c in honest[:4]]     # the first three held at the cold start, the fourth takes all on
+    assert [a["event"] for a in acks] == ["held", "held", "held", "accepted"] and acks[3]["released"] == 4
     before = {s: {k: v.clone() for k, v in p.weights.items()} for s, p in state.branches.snapshot().items()}
     scaled = dataclasses.replace(honest[4], adapter=attacks.attacked_update(honest[4].adapter, "scale",
                                                                             AttacksConfig(kind="scale", scale=10.0)),
@@ -341,6 +341,106 @@ def test_a_commit_the_gate_rejects_changes_no_branch(tmp_path, tiny_cfg, tiny_fo
     # the honest commit passes, with the figures in its log record
     ok = state.receive(honest[4])
     assert ok["event"] == "accepted" and "gate_norm" in ok and "gate_fit" in ok and ok["gate_s"] >= 0
+
+
+# ------------------------------------------------------------------------------------------
+# The cold start: commits held until gate.min_history can judge their norms
+# ------------------------------------------------------------------------------------------
+def cold_state(path, tiny_cfg, tiny_foundation, tiny_cohort, checks=("norm",), cold_start="hold") -> MainState:
+    cfg = tiny_cfg.replace(merge=dataclasses.replace(tiny_cfg.merge, strategies=("ties", "svd")),
+                           gate=GateConfig(checks=checks, min_history=3, cold_start=cold_start))
+    return MainState(path, cfg, {i.id: (i.task, tuple(i.classes)) for i in tiny_cohort.institutions}, tiny_foundation)
+
+
+def branch_weights(state: MainState) -> dict:
+    return {s: p.weights for s, p in state.branches.snapshot().items()}
+
+
+def same_weights(x: dict, y: dict) -> bool:
+    return x.keys() == y.keys() and all(x[s].keys() == y[s].keys() and all(torch.equal(x[s][k], y[s][k])
+                                                                           for k in x[s]) for s in x)
+
+
+def test_a_scaled_first_commit_is_held_and_rejected_at_the_cold_start(tmp_path, tiny_cfg, tiny_foundation,
+                                                                      tiny_cohort, honest):
+    # Prepare: the very first commit is scaled × 10 (attacks.start 0), then honest ones
+    scaled = dataclasses.replace(honest[0], adapter=attacks.attacked_update(honest[0].adapter, "scale",
+                                                                            AttacksConfig(kind="scale", scale=10.0)),
+                                 meta={"attack": "scale"})
+    stream = [scaled] + honest[1:5]
+    # Execute: through the norm check, holding at the cold start; and the honest commits alone, ungated
+    state = cold_state(tmp_path / "hold", tiny_cfg, tiny_foundation, tiny_cohort)
+    acks = []
+    for c in stream:
+        acks.append(state.receive(c))
+        if len(acks) < 4:     # held: merged into nothing yet
+            assert acks[-1]["event"] == "held" and state.version == 0
+            assert all(p is None for p in state.branches.snapshot().values())
+    alone = cold_state(tmp_path / "alone", tiny_cfg, tiny_foundation, tiny_cohort, checks=())
+    for c in honest[1:5]:
+        alone.receive(c)
+    # Assert: the fourth arrival (each of the four then has gate.min_history = 3 others) judged them and took them on
+    # in arrival order: the scaled one rejected by its norm, the honest ones accepted (their records say held)
+    assert [a["event"] for a in acks] == ["held", "held", "held", "accepted", "accepted"]
+    assert acks[3]["released"] == 4 and "released" not in acks[4]
+    log = [r for r in state.records() if r["event"] in ("accepted", "rejected")]
+    assert [(r["id"], r["event"], bool(r.get("held"))) for r in log] == \
+        [(scaled.id, "rejected", True)] + [(c.id, "accepted", True) for c in stream[1:4]] + [(stream[4].id, "accepted",
+                                                                                            False)]
+    assert log[0]["gate_failed"] == "norm" and "3 other commits held or accepted" in log[0]["reason"]
+    # by hand: each one's modified z-score against the log norms of the other three
+    logs = np.log([float(update_vector(c.adapter).norm()) for c in stream[:4]])
+    z = []
+    for i in range(4):
+        others = np.delete(logs, i)
+        med = np.median(others)
+        z.append((logs[i] - med) / max(1.4826 * np.median(np.abs(others - med)), 0.25))
+    assert [r["gate_norm"] for r in log[:4]] == pytest.approx(z) and z[0] > 3.5 and max(map(abs, z[1:])) <= 3.5
+    # ...and main is main of the honest commits alone, bit for bit
+    assert state.version == alone.version == 4
+    assert same_weights(branch_weights(state), branch_weights(alone))
+    # with cold_start: pass the scaled commit goes through unjudged, and main is not the honest one
+    passed = cold_state(tmp_path / "pass", tiny_cfg, tiny_foundation, tiny_cohort, cold_start="pass")
+    acks = [passed.receive(c) for c in stream]
+    assert all(a["event"] == "accepted" for a in acks) and np.isnan(acks[0]["gate_norm"])
+    assert not same_weights(branch_weights(passed), branch_weights(alone))
+
+
+def test_commits_held_at_the_cold_start_survive_a_restart(tmp_path, tiny_cfg, tiny_foundation, tiny_cohort, honest):
+    from sim.commit_log import pending_held, resume_point
+
+    # Prepare: three commits held, one delivered twice
+    state = cold_state(tmp_path / "run", tiny_cfg, tiny_foundation, tiny_cohort)
+    first = [state.receive(c, {"attempts": 1}) for c in honest[:3]]
+    again = state.receive(honest[0], {"attempts": 2})
+    assert [a["event"] for a in first] == ["held"] * 3 and again["duplicate"] and again["id"] == honest[0].id
+    held_records = state.log.read()
+    assert [r["id"] for r in pending_held(held_records)] == [c.id for c in honest[:3]]
+    # Execute: the merge actor restarts and rebuilds from the log; the fourth commit comes to the new one
+    restored = MainState.open(tmp_path / "run", state.cfg, state.institutions, tiny_foundation)
+    held = [(c.id, staleness, extra) for c, staleness, extra, _ in restored.held]
+    ack = restored.receive(honest[3])
+    # Assert: the held commits came back (content checked against the log's hash), with how they arrived, and the
+    # fourth took them on as an uninterrupted actor does
+    assert held == [(c.id, 0, {"attempts": 1}) for c in honest[:3]]
+    assert ack["event"] == "accepted" and ack["released"] == 4 and restored.version == 4
+    fresh = cold_state(tmp_path / "fresh", tiny_cfg, tiny_foundation, tiny_cohort)
+    for c in honest[:4]:
+        fresh.receive(c)
+    assert same_weights(branch_weights(restored), branch_weights(fresh))
+    assert pending_held(restored.log.read()) == []
+    # a resumed run counts held commits as handled, not to be trained again
+    schedule = build_schedule(state.cfg.schedule, len(tiny_cohort.institutions), state.cfg.seed)
+    assert {c.id for c in honest[:3]} <= resume_point(schedule, held_records)[0]
+
+
+def test_a_run_that_ends_holding_takes_its_commits_on_unjudged(tmp_path, tiny_cfg, tiny_foundation, tiny_cohort,
+                                                               honest):
+    state = cold_state(tmp_path / "run", tiny_cfg, tiny_foundation, tiny_cohort)
+    assert [state.receive(c)["event"] for c in honest[:2]] == ["held", "held"]
+    acks = state.finish()
+    assert [(a["id"], a["event"]) for a in acks] == [(honest[0].id, "accepted"), (honest[1].id, "accepted")]
+    assert all(np.isnan(a["gate_norm"]) for a in acks) and state.version == 2 and state.finish() == []
 
 
 @pytest.mark.parametrize("kind", ["scale", "sign_flip"])
