@@ -560,7 +560,8 @@ class GateConfig:
                              "judges; with fewer, cosine passes and norm follows gate.cold_start")
     cold_start: str = _f("hold", "norm, while fewer than gate.min_history commits are accepted: hold (arriving "
                                  "commits wait, merged into nothing, until each can be judged against gate.min_history "
-                                 "others, held or accepted; then they are taken on in arrival order) or pass (they pass the norm check unjudged)")
+                                 "others, held or accepted; then they are taken on in arrival order) or pass (they "
+                                 "pass the norm check unjudged)")
     min_cosine: float = _f(0.0, "cosine: smallest cosine similarity to the mean update of the task's accepted commits")
     max_cosine: float = _f(0.99, "duplicate: largest cosine similarity of the update to any accepted commit's (a "
                                  "copy with 1 % noise on its factors scores about 0.9999)")

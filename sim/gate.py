@@ -11,8 +11,8 @@ the reason in the log, and main does not change. The checks (``gate.checks``):
   ``min_history`` accepted commits is judged against all accepted commits. At the cold start, with fewer than
   that in all, there is nothing to judge against: ``gate.cold_start: hold`` (the default) holds the arriving commits
   (``MainState``: logged ``held``, merged into nothing) until each can be judged against ``min_history`` others
-  (accepted or held; ``held_norms``), then takes them on in arrival order; ``pass`` lets
-  them through unjudged (an attacker among the first commits is then never checked). Catches a scaled update.
+  (accepted or held; ``held_norms``), then takes them on in arrival order; ``pass`` lets them through unjudged (an
+  attacker among the first commits is then never checked). Catches a scaled update.
 * ``cosine`` — cosine similarity of the flattened ΔW to the mean update of the task's accepted commits must be at
   least ``min_cosine`` (FoolsGold's and FLTrust's signal, Fung et al. 2020, Cao et al. NDSS 2021; here against the
   task's consensus rather than a server's own update). Catches a sign-flipped update. Judges from ``min_history``
@@ -122,22 +122,22 @@ class Gate:
         return self.cfg.gate.checks
 
     # -- the checks that need no merge ------------------------------------------------------
-    def precheck(self, commit, norm: Check | None = None) -> list[Check]:
-        """``norm``, ``cosine``, ``duplicate`` and ``fit`` of ``commit`` (those configured), in that order; ``norm``:
-        its norm check when already judged (a commit held at the cold start, ``held_norms``)."""
+    def precheck(self, commit, held_norm: Check | None = None) -> list[Check]:
+        """``norm``, ``cosine``, ``duplicate`` and ``fit`` of ``commit`` (those configured), in that order;
+        ``held_norm``: its norm check when already judged (a commit held at the cold start, ``held_norms``)."""
         g, out = self.cfg.gate, []
         vector = self._vector(commit)
-        if "norm" in self.checks and norm is not None:
-            out.append(norm)
+        if "norm" in self.checks and held_norm is not None:
+            out.append(held_norm)
         elif "norm" in self.checks:
-            norm_ = float(vector.norm())
+            norm = float(vector.norm())
             own = [n for n, t in zip(self.norms, self.norm_tasks) if t == commit.task]
             history, scope = (own, f"task {commit.task}'s") if len(own) >= g.min_history else (self.norms, "all")
             if len(history) < g.min_history:
                 out.append(Check("norm", True, math.nan, f"{len(self.norms)} accepted norms, fewer than "
                                                          f"gate.min_history {g.min_history}"))
             else:
-                out.append(self._norm_check(norm_, history, f"{scope} accepted commits"))
+                out.append(self._norm_check(norm, history, f"{scope} accepted commits"))
         if "cosine" in self.checks:
             n = self.task_counts.get(commit.task, 0)
             if n < g.min_history:

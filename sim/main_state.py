@@ -131,11 +131,11 @@ class MainState:
             return self._hold(commit, staleness, extra)
         return self._judge(commit, staleness, extra)
 
-    def _judge(self, commit, staleness: int, extra: dict | None, norm=None) -> dict:
-        """Steps 2b-4 of ``receive``; ``norm``: the commit's norm check when it was judged while held."""
+    def _judge(self, commit, staleness: int, extra: dict | None, held_norm=None) -> dict:
+        """Steps 2b-4 of ``receive``; ``held_norm``: the commit's norm check when it was judged while held."""
         # Step 2b: the gate's checks that need no merge.
         t_gate = time.perf_counter()
-        checks = self.gate.precheck(commit, norm) if self.gate is not None else []
+        checks = self.gate.precheck(commit, held_norm) if self.gate is not None else []
         gate_s = time.perf_counter() - t_gate
         if failure(checks):
             return self._reject(commit, failure(checks), (extra or {}) | log_fields(checks) | {"gate_s": gate_s})
@@ -316,7 +316,8 @@ class MainState:
         state._records = records          # the log's own records (its merge records included), not the replay's
         for rec in pending_held(records):   # still held at the gate's cold start when the log ends
             commit = state.log.load_commit(rec)
-            arrival = {k: v for k, v in rec.items() if k not in HELD_FIELDS and k not in commit.record()}
+            own = commit.record()
+            arrival = {k: v for k, v in rec.items() if k not in HELD_FIELDS and k not in own}
             state.held.append((commit, int(rec["staleness"]), arrival, rec))
         return state
 
