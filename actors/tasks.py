@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import ray
 
-from sim.config import SimConfig, config_from_dict, config_hash, config_to_dict
+from sim.config import SimConfig, config_from_dict, config_to_dict
 
 
 def _releases_device_memory(fn):
@@ -63,17 +63,12 @@ def _setup(cfg: SimConfig):
     return load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
 
 
-@lru_cache(maxsize=2)
-def _cohort_cached(key: str, blob: str):
-    from sim.data import build_cohort
-
-    cfg = _config(blob)
-    return build_cohort(cfg.data, cfg.seed)
-
-
 def _cohort(blob: str):
+    """The cohort of ``blob``'s config, kept in this worker (``sim.data.cached_cohort``)."""
+    from sim.data import cached_cohort
+
     cfg = _config(blob)
-    return _cohort_cached(config_hash(cfg.data, cfg.seed), blob)
+    return cached_cohort(cfg.data, cfg.seed)
 
 
 @ray.remote(max_retries=2, num_returns=2)
@@ -120,11 +115,13 @@ def evaluate_task(cfg_blob: str, snapshot: dict, tasks: list[str], version: int)
     """Every strategy of ``snapshot`` on every task in ``tasks`` (``sim.evaluation.evaluate_snapshot``); under a
     backdoor attack each record also has ``asr``, the attack's success (``sim.attacks.attack_success``)."""
     from sim.evaluation import evaluate_snapshot
+    from sim.features import shared_store
 
     t0 = time.perf_counter()
     cfg = _config(cfg_blob)
     foundation, cohort = _setup(cfg), _cohort(cfg_blob)
-    records = evaluate_snapshot(foundation, snapshot, cohort, tasks, version)
+    records = evaluate_snapshot(foundation, snapshot, cohort, tasks, version,
+                                shared_store(cfg.runtime.feature_cache))
     if cfg.attacks.any and cfg.attacks.kind == "backdoor":     # the backdoor's success on every predictor
         from sim.attacks import attack_success
 
@@ -141,10 +138,12 @@ def individual_task(cfg_blob: str, adapters: dict, tasks: list[str] | None = Non
     """The ``individual`` references: each institution's latest adapter on its task's pooled test set
     (``individual``) and on its own test split (``individual_local``), on ``tasks`` (default: the adapters')."""
     from sim.evaluation import evaluate_individual
+    from sim.features import shared_store
 
     t0 = time.perf_counter()
     cfg = _config(cfg_blob)
-    records = evaluate_individual(_setup(cfg), adapters, _cohort(cfg_blob), tasks)
+    records = evaluate_individual(_setup(cfg), adapters, _cohort(cfg_blob), tasks,
+                                  shared_store(cfg.runtime.feature_cache))
     busy = time.perf_counter() - t0
     return [r | {"busy_s": busy / max(1, len(records))} for r in records]
 

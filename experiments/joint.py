@@ -119,12 +119,12 @@ def evaluate_joint(cfg: SimConfig, adapter, tasks: list[str] | None = None) -> l
     """Per-task records ``{task, acc, auc, n, infer_s}`` of the joint adapter (every task of the cohort by default)."""
     import torch
 
-    from sim.data import build_cohort
+    from sim.data import cached_cohort
     from sim.evaluation import evaluate_predictor
     from sim.model import load_foundation
 
     torch.set_num_threads(cfg.runtime.threads)
-    cohort = build_cohort(cfg.data, cfg.seed)
+    cohort = cached_cohort(cfg.data, cfg.seed)
     foundation = load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
     return evaluate_predictor(foundation, adapter, cohort, list(tasks or cohort.tasks))
 

@@ -67,10 +67,18 @@ def _show(value) -> object:
     return "+".join(map(str, value)) or "none" if isinstance(value, (list, tuple)) else value
 
 
-def trial_config(base: dict, point: dict, sweep_dir: Path) -> SimConfig:
-    """The config of one trial: the study's base with the point's values and the sweep's commit cache."""
+def feature_dir(sweep_dir: Path, source: str) -> Path:
+    """Where the run of point ``source`` keeps its test features for the communities built from its log."""
+    return sweep_dir / "feature_cache" / source
+
+
+def trial_config(base: dict, point: dict, sweep_dir: Path, features: str | None = None) -> SimConfig:
+    """The config of one trial: the study's base with the point's values and the sweep's commit cache; with
+    ``features`` (the name of a point whose run nested communities are built from) that run's feature cache."""
     cfg = apply_overrides(config_from_dict(base), [f"{k}={json.dumps(v)}" for k, v in point.items()])
-    return apply_overrides(cfg, [f"runtime.commit_cache={sweep_dir / 'commit_cache'}", "runtime.address=null"])
+    cache = [f"runtime.feature_cache={feature_dir(sweep_dir, features)}"] if features else []
+    return apply_overrides(cfg, [f"runtime.commit_cache={sweep_dir / 'commit_cache'}", "runtime.address=null",
+                                 *cache])
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,7 +94,8 @@ def trial(config: dict) -> None:
 
     sweep_dir = Path(config["sweep_dir"])
     point, name = config["point"]["values"], config["point"]["name"]
-    cfg = trial_config(config["base"], point, sweep_dir)
+    subsets = config["point"].get("subsets", [])
+    cfg = trial_config(config["base"], point, sweep_dir, features=name if subsets else None)
     run_dir = sweep_dir / "runs" / name
     t0 = time.time()
     attempt = {"point": name, "tune_trial_id": tune.get_context().get_trial_id(), "pid": os.getpid()}
@@ -102,10 +111,15 @@ def trial(config: dict) -> None:
     orders = config["point"].get("orders", config.get("orders", 0))      # a plan without per-point orders: all
     if orders and not (run_dir / "orders.parquet").is_file():
         replay_run(cfg, run_dir, orders, per_step=config.get("order_steps", False))
-    # Step 2b: the smaller communities nested in this one (scaling studies), built from its log on the pool.
-    subsets = config["point"].get("subsets", [])
+    # Step 2b: the smaller communities nested in this one (scaling studies), built from its log on the pool; the
+    # run kept its test features for them (``runtime.feature_cache``), dropped once they are built.
     if subsets:
         build_subsets(cfg, config["base"], run_dir, subsets, sweep_dir, config.get("order_steps", False))
+        shutil.rmtree(feature_dir(sweep_dir, name), ignore_errors=True)
+        try:
+            feature_dir(sweep_dir, name).parent.rmdir()        # the last one out removes the dir
+        except OSError:
+            pass
     # Step 3: flat metrics of the trial and its summary's numbers (``summary/...``); for the sweep's trackers
     # (``--log-to``) first the run's steps, each a report (``experiments.trackers.sweep_reports``).
     metrics = {"wall_s": summary["wall_s"], "trial_s": time.time() - t0,
@@ -136,8 +150,9 @@ def build_subsets(source_cfg: SimConfig, base: dict, source_dir: Path, subsets: 
     pg, own = worker_pool(source_cfg)
     try:
         ray.get([subset_task.options(**task_options(source_cfg, pg)).remote(
-            str(source_dir), json.dumps(config_to_dict(trial_config(base, p["values"], sweep_dir))), str(run_dir),
-            p["name"]) for p, run_dir in todo])
+            str(source_dir), json.dumps(config_to_dict(trial_config(base, p["values"], sweep_dir,
+                                                                    features=source_dir.name))),
+            str(run_dir), p["name"]) for p, run_dir in todo])
     finally:
         if own:
             ray.util.remove_placement_group(pg)
@@ -373,7 +388,8 @@ def joint_references(plan: dict, sweep_dir: Path) -> dict[str, dict]:
     for group in missing.values():
         trained = train_joint_many([cfgs[k] for k in group], sweep_dir / "joint" / "ray_train",
                                    name=group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}")
-        for key, (adapter, stats) in zip(group, trained):
+        # evaluated largest community first per seed and data: a nested one's cohort is then taken from it
+        for key, (adapter, stats) in sorted(zip(group, trained), key=lambda kt: _nesting_order(cfgs[kt[0]])):
             where = sweep_dir / "joint" / key
             records = evaluate_joint(cfgs[key], adapter)
             save_adapter(adapter, where)
@@ -386,6 +402,12 @@ def joint_references(plan: dict, sweep_dir: Path) -> dict[str, dict]:
         done[key] = {"acc": float(np.mean([r["acc"] for r in records])),
                      "auc": float(np.nanmean([r["auc"] for r in records]))}
     return {name: done[key] for name, key in keys.items()}
+
+
+def _nesting_order(cfg: SimConfig) -> tuple:
+    """Sort key: configs of the same seed and data but the community size together, the largest first."""
+    data = {k: v for k, v in config_to_dict(cfg.data).items() if k != "institutions"}
+    return cfg.seed, json.dumps(data, sort_keys=True, default=str), -cfg.data.institutions
 
 
 def config_columns(plan: dict, sweep_dir: Path) -> dict[str, str]:

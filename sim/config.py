@@ -438,6 +438,10 @@ class RuntimeConfig:
     commit_cache: str | None = _f(None, "directory of a content-addressed commit cache shared by runs: a "
                                         "contribution trained before with the same training-relevant config is "
                                         "loaded from it instead of retrained (sweeps set it); None = off")
+    feature_cache: str | None = _f(None, "directory where evaluations keep each adapter's features of each test "
+                                         "split (content-addressed), so a run built from this one's log (a "
+                                         "smaller nested community) reads them instead of recomputing them (the "
+                                         "scaling study sets it); None = in memory only")
     institutions_per_actor: int = _f(0, "institutions hosted by one actor process, each with its own private data, "
                                         "key and state (Flower's virtual clients); 0 = chosen from the community "
                                         "size: ceil(institutions / 2), i.e. at most 2 actors")

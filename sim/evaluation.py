@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sim.data import Cohort
+from sim.features import FeatureStore
 from sim.merge.base import base_reference
 from sim.metrics import accuracy, macro_auc, predict_proba
 from sim.model import Adapter, Foundation
@@ -36,33 +37,51 @@ def _warm_up(foundation: Foundation, x: np.ndarray) -> None:
         _WARM.add(id(foundation))
 
 
-def evaluate_predictor(foundation: Foundation, predictor, cohort: Cohort, tasks: Sequence[str]) -> list[dict]:
-    """``{task, acc, auc, n, infer_s}`` of one predictor (adapter, mixture or ``None`` = base) on each task."""
+def test_splits(cohort: Cohort, task: str) -> list[np.ndarray]:
+    """The images of each test split that ``task``'s pooled test set concatenates, in its order."""
+    return [inst.test.x for inst in cohort.institutions if inst.task == task]
+
+
+def evaluate_predictor(foundation: Foundation, predictor, cohort: Cohort, tasks: Sequence[str],
+                       store: FeatureStore | None = None) -> list[dict]:
+    """``{task, acc, auc, n, infer_s}`` of one predictor (adapter, mixture or ``None`` = base) on each task.
+
+    A mixture is scored split by split from its members' features (``sim.features``; ``store``: where they are
+    kept, default this process's in-memory store), so a community nested in a larger one reads the larger run's;
+    ``infer_s`` is then the forward passes' measured seconds, wherever they ran."""
+    from sim.features import mixture_task_proba, shared_store
+    from sim.merge.mixture import Mixture
+
     out = []
     if tasks:
         _warm_up(foundation, cohort.task_split(tasks[0], "test").x)
     for task in tasks:
         test, classes = cohort.task_split(task, "test"), cohort.task_classes[task]
         t0 = time.perf_counter()
-        proba = predict_proba(foundation, predictor, test.x, task, classes)
-        infer_s = time.perf_counter() - t0     # before the metrics: their first call imports scikit-learn
+        if isinstance(predictor, Mixture):
+            proba, infer_s = mixture_task_proba(foundation, store or shared_store(), predictor,
+                                                test_splits(cohort, task), task, classes)
+        else:
+            proba = predict_proba(foundation, predictor, test.x, task, classes)
+            infer_s = time.perf_counter() - t0     # before the metrics: their first call imports scikit-learn
         out.append({"task": task, "acc": accuracy(test.y, proba), "auc": macro_auc(test.y, proba), "n": len(test),
                     "infer_s": infer_s})
     return out
 
 
 def evaluate_snapshot(foundation: Foundation, snapshot: Mapping[str, object], cohort: Cohort, tasks: Sequence[str],
-                      version: int) -> list[dict]:
-    """Every strategy's predictor at main ``version`` on every task seen so far: one record per strategy × task."""
+                      version: int, store: FeatureStore | None = None) -> list[dict]:
+    """Every strategy's predictor at main ``version`` on every task seen so far: one record per strategy × task
+    (``store``: as in ``evaluate_predictor``)."""
     records = []
     for strategy, predictor in snapshot.items():
-        for rec in evaluate_predictor(foundation, predictor, cohort, tasks):
+        for rec in evaluate_predictor(foundation, predictor, cohort, tasks, store):
             records.append({"event": "eval", "version": version, "strategy": strategy} | rec)
     return records
 
 
 def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter], cohort: Cohort,
-                        tasks: Sequence[str] | None = None) -> list[dict]:
+                        tasks: Sequence[str] | None = None, store: FeatureStore | None = None) -> list[dict]:
     """The two individual references: one record per reference × task, ``strategy`` naming the reference.
 
     ``individual`` is like-for-like with ``base`` and every merge strategy: per task, each of the task's
@@ -81,7 +100,14 @@ def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter],
     model is ``base``), in both references, so every site of a task counts; ``n_sites`` and ``n_without_commit``
     record how many. ``tasks``: the tasks to score (default: those of ``adapters``, in first-seen order); a task
     no institution holds raises ``ValueError``.
+
+    Each model is scored split by split from its features (``sim.features``, ``store`` as in
+    ``evaluate_predictor``): the pooled set's splits are the sites' own, so the two references share them, and a
+    community nested in a larger one reads the larger run's; ``infer_s`` is the forward passes' measured seconds.
     """
+    from sim.features import model_proba, shared_store
+
+    store = store or shared_store()
     if tasks is None:
         by_id = {inst.id: inst.task for inst in cohort.institutions}
         tasks = list(dict.fromkeys(by_id[i] for i in adapters if i in by_id))
@@ -95,8 +121,10 @@ def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter],
         # a site without a commit is the foundation alone: with linear heads, the task's contributors' average head
         fallback = base_reference([adapters[i.id] for i in sites if i.id in adapters])
         models = [adapters.get(i.id, fallback) for i in sites]
-        pooled = [_score(foundation, m, test, task, cohort.task_classes[task]) for m in models]
-        local = [_score(foundation, m, i.test, task, cohort.task_classes[task]) for m, i in zip(models, sites)]
+        classes, splits = cohort.task_classes[task], [i.test.x for i in sites]
+        pooled = [_score(model_proba(foundation, store, m, splits, task, classes), test) for m in models]
+        local = [_score(model_proba(foundation, store, m, [i.test.x], task, classes), i.test)
+                 for m, i in zip(models, sites)]
         records.append({"strategy": "individual"} | common | _mean_scores(pooled)
                        | {"infer_s": float(np.mean([s[2] for s in pooled]))})   # one model's time on n images
         records.append({"strategy": "individual_local"} | common | _mean_scores(local)
@@ -104,12 +132,9 @@ def evaluate_individual(foundation: Foundation, adapters: Mapping[int, Adapter],
     return records
 
 
-def _score(foundation: Foundation, adapter: Adapter | None, split, task: str, classes: Sequence[str]
-           ) -> tuple[float, float, float]:
-    """``(acc, auc, seconds)`` of one model (``None`` = the foundation alone) on one split."""
-    t0 = time.perf_counter()
-    proba = predict_proba(foundation, adapter, split.x, task, classes)
-    seconds = time.perf_counter() - t0
+def _score(scored: tuple[np.ndarray, float], split) -> tuple[float, float, float]:
+    """``(acc, auc, seconds)`` of one model's ``(probabilities, seconds)`` on ``split``."""
+    proba, seconds = scored
     return accuracy(split.y, proba), macro_auc(split.y, proba), seconds
 
 

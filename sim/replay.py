@@ -155,52 +155,20 @@ def _step_recorder(steps: list[dict], evaluator: "ReplayEvaluator", commits: Seq
 
 
 class ReplayEvaluator:
-    """``evaluate_snapshot`` for many orders of the same commits: a mixture's per-adapter test probabilities do not
-    depend on the order (only its weights do), so they are computed once per adapter and task and combined with
-    each order's weights — in the same 256-image batches as ``sim.merge.mixture.mixture_proba``, so the numbers are
-    the ones a run's evaluation gives. Other predictors are evaluated as in a run, and a merged adapter that another
-    order already produced bit for bit (an order-invariant merge such as ``svd``, or the same prefix of two orders
-    scored per step) takes that evaluation's records instead of a second pass over the test sets."""
-
-    BATCH = 256
+    """``evaluate_snapshot`` for many orders of the same commits: a mixture's members' test features do not depend
+    on the order (only its weights do), so they are computed once per adapter and test split (``sim.features``,
+    the evaluator's own store) and each order's mixture is scored from them, split by split as a run's evaluation
+    scores it, so the numbers are the ones a run gives. Other predictors are evaluated as in a run, and a merged
+    adapter that another order already produced bit for bit (an order-invariant merge such as ``svd``, or the same
+    prefix of two orders scored per step) takes that evaluation's records instead of a second pass over the test
+    sets."""
 
     def __init__(self, foundation, cohort, tasks: Sequence[str]) -> None:
+        from sim.features import FeatureStore
+
         self.foundation, self.cohort, self.tasks = foundation, cohort, list(tasks)
-        self._probs: dict[tuple[int, str], tuple[object, list]] = {}     # (id(adapter), task) -> (adapter, chunks)
+        self.store = FeatureStore(max_bytes=2 << 30)
         self._adapter_records: dict[str, list[dict]] = {}      # Adapter.content_hash -> its records on self.tasks
-
-    def _adapter_chunks(self, adapter, task: str, head) -> list:
-        import torch
-
-        from sim.merge.mixture import _head_digest, adapter_features, adapter_probabilities
-
-        # the head is part of the key: a borrowed (average) head changes as the task's contributors arrive
-        key = (id(adapter), task, _head_digest(head))
-        if key not in self._probs:
-            x, classes = self.cohort.task_split(task, "test").x, self.cohort.task_classes[task]
-            chunks = []
-            with torch.inference_mode():
-                for start in range(0, len(x), self.BATCH):
-                    xb = self.foundation.normalize(torch.from_numpy(np.ascontiguousarray(x[start:start + self.BATCH])))
-                    feats = adapter_features(self.foundation, [adapter], xb)
-                    chunks.append(adapter_probabilities(self.foundation, feats, task, classes, head)[0])
-            self._probs[key] = (adapter, chunks)
-        return self._probs[key][1]
-
-    def _mixture_record(self, mix, task: str) -> dict:
-        import torch
-
-        from sim.merge.mixture import combine_probabilities
-        from sim.metrics import accuracy, macro_auc
-
-        t0 = time.perf_counter()
-        # each adapter with its own head of the task (``Mixture.member_heads``), as ``mixture_proba`` scores it
-        per_adapter = [self._adapter_chunks(a, task, h) for a, h in zip(mix.adapters, mix.member_heads(task))]
-        proba = torch.cat([combine_probabilities(torch.stack([c[j] for c in per_adapter]), mix.weights)
-                           for j in range(len(per_adapter[0]))]).cpu().numpy()
-        y = self.cohort.task_split(task, "test").y
-        return {"task": task, "acc": accuracy(y, proba), "auc": macro_auc(y, proba), "n": len(y),
-                "infer_s": time.perf_counter() - t0}
 
     def records(self, snapshot: dict, version: int) -> list[dict]:
         from sim.evaluation import evaluate_predictor
@@ -210,7 +178,7 @@ class ReplayEvaluator:
         out = []
         for strategy, predictor in snapshot.items():
             if isinstance(predictor, Mixture):
-                recs = [self._mixture_record(predictor, t) for t in self.tasks]
+                recs = evaluate_predictor(self.foundation, predictor, self.cohort, self.tasks, self.store)
             elif isinstance(predictor, Adapter):
                 key = predictor.content_hash()
                 if key not in self._adapter_records:
@@ -296,8 +264,9 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
     import torch
 
     from sim.config import config_to_dict
-    from sim.data import build_cohort
+    from sim.data import cached_cohort
     from sim.evaluation import evaluate_individual, evaluate_snapshot
+    from sim.features import shared_store
     from sim.main_state import MainState
     from sim.merge.base import base_reference
     from sim.model import load_foundation
@@ -334,9 +303,11 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     torch.set_num_threads(cfg.runtime.threads)
     foundation = foundation or load_foundation(cfg.model, cfg.data.img_size, cfg.runtime.device, cfg.runtime.precision)
-    cohort = cohort or build_cohort(cfg.data, cfg.seed)
+    cohort = cohort or cached_cohort(cfg.data, cfg.seed)
     meta = {i.id: (i.task, tuple(i.classes)) for i in cohort.institutions}
     state = MainState(run_dir, cfg, meta, foundation)
+    store = shared_store(cfg.runtime.feature_cache)      # the larger run's test features, when it kept them
+    counts = (store.read, store.computed, store.hits)
     evals: dict[int, list[dict]] = {}
     every = cfg.runtime.eval_every
     for commit in commits:
@@ -346,19 +317,24 @@ def replay_subset(source_dir: str | Path, cfg: SimConfig, out: str | Path, found
                              f"({ack.get('reason')})")
         if every and state.version % every == 0:
             evals[state.version] = evaluate_snapshot(foundation, state.branches.snapshot(), cohort,
-                                                     state.tasks_to_score(), state.version)
+                                                     state.tasks_to_score(), state.version, store)
     # Step 3: ``MergeActor.finish``: main on disk, the final evaluation, the references.
     version, tasks = state.version, state.tasks_to_score()
     state.save_main()
-    final = evals.get(version) or evaluate_snapshot(foundation, state.branches.snapshot(), cohort, tasks, version)
+    final = evals.get(version) or evaluate_snapshot(foundation, state.branches.snapshot(), cohort, tasks, version,
+                                                    store)
     latest = state.latest_adapters()
     base = evaluate_snapshot(foundation, {"base": base_reference(list(latest.values()))}, cohort, tasks, version)
-    individual = evaluate_individual(foundation, latest, cohort, tasks)
+    individual = evaluate_individual(foundation, latest, cohort, tasks, store)
     periodic = [r for v in sorted(evals) if v != version for r in evals[v]]
     evaluated = FinalEvaluation(periodic + final, base, individual, state.storage_bytes())
     extra = {"replayed_from": {"run_dir": str(source_dir.resolve()), "n_institutions": source.data.institutions,
                                "n_contributions": len(big.contributions)},
-             "institution_actors": {"actors": 0, "institutions_per_actor": 0}}
+             "institution_actors": {"actors": 0, "institutions_per_actor": 0},
+             # test features (an adapter on a split, ``sim.features``): read from the feature cache's dir,
+             # computed here, found in this process's memory (a worker that evaluated the larger run)
+             "features": {"read": store.read - counts[0], "computed": store.computed - counts[1],
+                          "in_memory": store.hits - counts[2]}}
     summary = summarise_run(cfg, run_id or run_dir.name, schedule, [], evaluated, state.records(),
                             time.time() - t0, 0.0, extra)
     return summary.write(run_dir)

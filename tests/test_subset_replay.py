@@ -33,9 +33,12 @@ def runs(ray_session, tiny_run_cfg, tmp_path_factory):
                                 runtime=r(tiny_run_cfg.runtime, eval_every=2))
     out = tmp_path_factory.mktemp("subset")
     big, small = nested(base, 6), nested(base, 4)
-    big_summary = run_simulation(big, out / "big", run_id="big")
+    keep = r(base.runtime, feature_cache=str(out / "features"))    # the big run keeps its test features
+    big_summary = run_simulation(big.replace(runtime=keep), out / "big", run_id="big")
     fresh = run_simulation(small, out / "fresh", run_id="fresh")
-    replayed = replay_subset(out / "big", small, out / "replayed", run_id="replayed")
+    # built from the big run's log and its test features (a fresh store: nothing of this process's memory)
+    replayed = replay_subset(out / "big", small.replace(runtime=r(keep, feature_cache=str(out / "features"))),
+                             out / "replayed", run_id="replayed")
     return out, big_summary, fresh, replayed, small
 
 
@@ -75,6 +78,13 @@ def test_a_replayed_subset_is_the_fresh_run_bit_for_bit(runs):
     # the replay says where it came from and trained nothing
     assert replayed["replayed_from"]["n_institutions"] == 6 and replayed["replayed_from"]["n_contributions"] == 6
     assert "replayed_from" not in fresh
+    # the mixture's members and the individual references were read from the big run's features, none computed:
+    # 4 adapters on the 4 sites' test splits, at versions 2 and 4 (a member of version 2 is one of version 4)
+    assert (replayed["features"]["read"], replayed["features"]["computed"]) == (16, 0)
+    mixture = {name: pd.read_parquet(out / name / "metrics.parquet").query("strategy == 'mixture' and version == 4")
+               for name in ("fresh", "replayed")}
+    # the inference they stand for is billed (the forward passes' stored seconds, ``tests/test_features.py``)
+    assert (mixture["replayed"].infer_s > 0).all() and len(mixture["replayed"]) == len(mixture["fresh"])
 
 
 def test_what_cannot_be_built_from_a_larger_log_is_named(runs, tmp_path):
@@ -95,3 +105,29 @@ def test_what_cannot_be_built_from_a_larger_log_is_named(runs, tmp_path):
     same = small.replace(merge=r(small.merge, strategies=("svd",)), runtime=r(small.runtime, eval_every=1),
                          train=r(small.train, joint=True))
     assert subset_mismatch(small, same) is None
+
+
+def test_a_nested_cohort_taken_from_a_kept_larger_one_is_the_built_one(tiny_cfg, monkeypatch):
+    """``cached_cohort`` takes a per_institution community from a kept larger one of the same data: every split of
+    every institution equals what ``build_cohort`` renders for the smaller community; a pool partition is built."""
+    import sim.data as data
+
+    monkeypatch.setattr(data, "_KEPT", type(data._KEPT)())
+    big = dataclasses.replace(tiny_cfg.data, institutions=6, partition="per_institution")
+    small = dataclasses.replace(big, institutions=4)
+    kept = data.cached_cohort(big, 3)
+    taken, built = data.cached_cohort(small, 3), data.build_cohort(small, 3)
+    assert taken.institutions[0] is kept.institutions[0]            # taken, not rendered again
+    assert taken.task_classes == built.task_classes and len(taken.institutions) == 4
+    for a, b in zip(taken.institutions, built.institutions, strict=True):
+        assert (a.id, a.task, a.site, a.classes) == (b.id, b.task, b.site, b.classes)
+        for split in ("train", "val", "test"):
+            np.testing.assert_array_equal(getattr(a, split).x, getattr(b, split).x)
+            np.testing.assert_array_equal(getattr(a, split).y, getattr(b, split).y)
+    assert data.cached_cohort(small, 4).institutions[0] is not kept.institutions[0]     # another seed: built
+    pooled = dataclasses.replace(big, partition="pool")
+    data.cached_cohort(pooled, 3)
+    assert data.cached_cohort(dataclasses.replace(pooled, institutions=4), 3).institutions[0] is not \
+        data.cached_cohort(pooled, 3).institutions[0]
+    with pytest.raises(ValueError, match="at least the number of tasks"):
+        data.cached_cohort(dataclasses.replace(big, institutions=1), 3)

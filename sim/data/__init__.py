@@ -8,6 +8,7 @@ deterministic from the seed; images are stored as uint8 ``(n, 3, S, S)`` and sca
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -148,6 +149,39 @@ def build_cohort(cfg, seed: int) -> Cohort:
         per_task_sites[t] = list(zip(*parts))
     classes = {p.name: p.classes for p in pools}
     return _shifted_cohort(cfg, seed, list(classes), classes, lambda t, site: per_task_sites[t][site])
+
+
+# This process's cohorts (``cached_cohort``): the last few built, by their data config and seed.
+_KEPT: "OrderedDict[str, tuple[str, int, Cohort]]" = OrderedDict()
+KEEP_COHORTS = 2
+
+
+def cached_cohort(cfg, seed: int) -> Cohort:
+    """``build_cohort``, kept in this process (the last ``KEEP_COHORTS``). Under ``data.partition:
+    per_institution`` a community nested in a kept larger one of the same data is taken from it: its first N
+    institutions *are* the N-institution community (``build_cohort``), so a scaling study's smaller communities
+    (their replays and evaluations) do not render or deal their sites again."""
+    import json
+
+    from sim.config import config_to_dict
+
+    fields = config_to_dict(cfg)
+    key = json.dumps([fields, seed], sort_keys=True, default=str)
+    family = json.dumps([{k: v for k, v in fields.items() if k != "institutions"}, seed], sort_keys=True, default=str)
+    if key in _KEPT:
+        _KEPT.move_to_end(key)
+        return _KEPT[key][2]
+    larger = [c for fam, n, c in _KEPT.values() if cfg.partition == "per_institution" and fam == family
+              and n >= cfg.institutions]
+    if larger:
+        _check_institutions(cfg, len(larger[0].task_classes))
+        cohort = Cohort(larger[0].institutions[:cfg.institutions], dict(larger[0].task_classes))
+    else:
+        cohort = build_cohort(cfg, seed)
+        _KEPT[key] = (family, cfg.institutions, cohort)      # a taken one is not kept: its larger one is
+        while len(_KEPT) > KEEP_COHORTS:
+            _KEPT.popitem(last=False)
+    return cohort
 
 
 def _task_pools(cfg, seed: int) -> list[TaskPool]:
