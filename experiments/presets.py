@@ -169,13 +169,23 @@ def _with(cfg: SimConfig, **sections: dict) -> SimConfig:
 STUDY_STRATEGIES = ("fusion", "mixture", "svd", "ties")
 
 
+# The scaling study's bounded proxy (``merge.proxy_images``): with every received image a stage's search scores
+# N distilled sets, so the sequential searches of a 50-institution run and of the communities built from its log
+# grow with N. Measured (``benchmarks/scale.py --sizes 10,50 --set merge.proxy_images=128``, README "Bounded
+# proxy"): 13.9 s a commit at N = 50 against 27 s unbounded and 11.0 s at N = 10.
+SCALING_PROXY_IMAGES = 128
+
+
 def scaling(smoke: bool = False) -> Study:
     """Accuracy and cost vs contributors (10-50; smoke 4, 8) × seeds, every strategy, with the joint reference.
     Each institution brings its own data (``data.partition: per_institution``, MedForge's setting: the first N of a
     larger community are the N-community, so more contributors means more data, not the same data split finer);
-    ``--set data.partition=pool`` runs the fixed-data control."""
-    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES}, train={"joint": True},
-                data={"partition": "per_institution"})
+    ``--set data.partition=pool`` runs the fixed-data control. The searches score a bounded proxy of 128
+    distilled images per stage (``merge.proxy_images``, each received set an equal stratified share, so the cost
+    of a commit stays flat in N; ``--set merge.proxy_images=0`` scores every image)."""
+    cfg = _with(_sized(SimConfig(), smoke), merge={"strategies": STUDY_STRATEGIES,
+                                                   "proxy_images": SCALING_PROXY_IMAGES},
+                train={"joint": True}, data={"partition": "per_institution"})
     grid = {"data.institutions": (4, 8) if smoke else (10, 20, 30, 40, 50), "seed": (0,) if smoke else (0, 1, 2)}
     return Study("scaling", cfg, grid, description=scaling.__doc__, x=CONTRIBUTORS, sections=(
         Section("Scaling with the number of contributors", "scaling", ("acc", "auc")),
